@@ -1,0 +1,197 @@
+"""Benchmark of the tiered store against baselines measured in the same run.
+
+    flock /tmp/folio-bench.lock python -m bench.store [--quick]
+
+Figures (ratio = store throughput / baseline throughput, higher is better):
+- disk_read_vs_memmap: `TieredStore.get_layer` of 256 random blocks with empty memory tiers
+  (so every entry comes from the zarr tier: chunk reads, crc32c checks) against a fancy-indexed
+  read of the same blocks from a numpy memmap of the same data. Both warm in the page cache.
+  Goal >= 0.5.
+- host_read_vs_index_select: `HostTier.get_stacked` of 256 random entries against
+  `torch.index_select` of the same rows from one preallocated tensor. Goal >= 0.8.
+- write_vs_dd: sustained put_blocks + flush (durable: syncfs/fsync) throughput against
+  `dd if=/dev/zero bs=4M conv=fdatasync` to the same file system. Goal >= 0.5.
+- index_recall_at_k, index_speedup_vs_exact, ...: from bench/store_index.py (`run(quick)`) when present.
+
+Writes bench/results/store.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from memory_store import StoreConfig, StoreLayout, TieredStore
+from memory_store.tiers import HostTier
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "store.json")
+GOALS = {"disk_read_vs_memmap": 0.5, "host_read_vs_index_select": 0.8, "write_vs_dd": 0.5}
+
+
+def best_of(fn, repeats: int) -> float:
+    fn()  # warm-up (page cache, allocator)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def dd_bandwidth(directory: str, mib: int) -> float:
+    """Bytes/s of a sequential, fdatasync'ed dd write into `directory`."""
+    target = os.path.join(directory, "dd.bin")
+    t0 = time.perf_counter()
+    out = subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=4M", f"count={mib // 4}", "conv=fdatasync"],
+                         capture_output=True, text=True, check=True)
+    elapsed = time.perf_counter() - t0
+    os.unlink(target)
+    m = re.search(r"copied, ([0-9.]+) s", out.stderr)
+    secs = float(m.group(1)) if m else elapsed
+    return mib * 2**20 / secs
+
+
+def make_data(layout: StoreLayout, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    L, H, T, D = layout.n_layers, layout.n_kv_heads, layout.block_len, layout.head_dim
+    k = torch.randn((n, L, H, T, D), generator=g)  # (N, L, H, T, D)
+    v = torch.randn((n, L, H, T, D), generator=g)
+    lm = torch.randn((n, L, H, D), generator=g)  # (N, L, H, D)
+    return k, v, lm
+
+
+def bench_disk_read(layout: StoreLayout, k, v, lm, work: str, batch: int, repeats: int) -> dict[str, float]:
+    path = os.path.join(work, "read_store")
+    cfg = StoreConfig(device="cpu", device_budget_bytes=0, host_budget_bytes=0, sync_mode="none")
+    with TieredStore.open(path, "w", layout=layout, config=cfg) as s:
+        for i in range(0, k.shape[0], 64):
+            s.put_blocks("doc", k[i:i + 64], v[i:i + 64], lm[i:i + 64])
+    np.save(os.path.join(work, "k.npy"), k.numpy())
+    np.save(os.path.join(work, "v.npy"), v.numpy())
+    os.sync()  # no background writeback of the setup competing with the timed reads
+    mk = np.load(os.path.join(work, "k.npy"), mmap_mode="r")
+    mv = np.load(os.path.join(work, "v.npy"), mmap_mode="r")
+    rng = np.random.default_rng(1)
+    ids = np.sort(rng.choice(k.shape[0], size=batch, replace=False))
+    layer = layout.n_layers - 1
+    nbytes = 2 * batch * layout.kv_shape[0] * layout.kv_shape[1] * layout.kv_shape[2] * layout.itemsize
+
+    def memmap_read():
+        return torch.from_numpy(mk[ids, layer]), torch.from_numpy(mv[ids, layer])  # (M, H, T, D) copies
+
+    with TieredStore.open(path, "r", config=cfg) as s:
+        got = s.get_layer(ids, layer)
+        assert torch.equal(got[0], k[ids, layer]) and torch.equal(got[1], v[ids, layer])
+        t_store = best_of(lambda: s.get_layer(ids, layer), repeats)
+    t_mm = best_of(memmap_read, repeats)
+    return {"disk_read_vs_memmap": t_mm / t_store, "disk_read_gbps": nbytes / t_store / 1e9,
+            "memmap_read_gbps": nbytes / t_mm / 1e9}
+
+
+def bench_host_read(layout: StoreLayout, n_entries: int, batch: int, repeats: int) -> dict[str, float]:
+    tier = HostTier(layout, n_entries * layout.block_bytes())
+    g = torch.Generator().manual_seed(2)
+    K = torch.randn((n_entries, *layout.kv_shape), generator=g)  # (E, H, T, D) the one preallocated tensor
+    V = torch.randn((n_entries, *layout.kv_shape), generator=g)
+    keys = [(i, 0) for i in range(n_entries)]
+    tier.put_many(keys, K, V)
+    rng = np.random.default_rng(3)
+    pick = rng.choice(n_entries, size=batch, replace=False)
+    pick_keys = [keys[i] for i in pick]
+    idx = torch.from_numpy(pick)
+    got = tier.get_stacked(pick_keys)
+    assert torch.equal(got[0], K[idx]) and torch.equal(got[1], V[idx])
+    t_tier = best_of(lambda: tier.get_stacked(pick_keys), repeats)
+    t_sel = best_of(lambda: (K.index_select(0, idx), V.index_select(0, idx)), repeats)
+    nbytes = batch * layout.block_bytes()
+    return {"host_read_vs_index_select": t_sel / t_tier, "host_read_gbps": nbytes / t_tier / 1e9,
+            "index_select_gbps": nbytes / t_sel / 1e9}
+
+
+def bench_write(layout: StoreLayout, k, v, lm, work: str, rounds: int) -> dict[str, float]:
+    path = os.path.join(work, "write_store")
+    cfg = StoreConfig(device="cpu", device_budget_bytes=64 << 20, host_budget_bytes=64 << 20)
+    n = k.shape[0]
+    nbytes = (k.nbytes + v.nbytes + lm.nbytes) * rounds
+    with TieredStore.open(path, "w", layout=layout, config=cfg) as s:
+        s.put_blocks("warm", k[:8], v[:8], lm[:8])
+        s.flush()
+        t0 = time.perf_counter()
+        for r in range(rounds):
+            for i in range(0, n, 32):
+                s.put_blocks(f"doc{r}", k[i:i + 32], v[i:i + 32], lm[i:i + 32])
+            s.flush()  # durable (syncfs / fsync) before the clock stops
+        t_store = time.perf_counter() - t0
+        sync_mode = s.disk.sync_mode
+    shutil.rmtree(path)
+    dd = dd_bandwidth(work, max(64, int(nbytes / 2**20) // 4 * 4))
+    store_bw = nbytes / t_store
+    return {"write_vs_dd": store_bw / dd, "write_mbps": store_bw / 1e6, "dd_mbps": dd / 1e6,
+            "write_sync_mode": sync_mode}
+
+
+def run(quick: bool, with_index: bool = True) -> dict:
+    layout = StoreLayout(n_layers=2, n_kv_heads=8, block_len=64, head_dim=128, dtype="float32")
+    n_blocks = 384 if quick else 1024
+    repeats = 5 if quick else 11
+    work = tempfile.mkdtemp(prefix="folio-bench-store-", dir=os.environ.get("FOLIO_BENCH_DIR", "/tmp"))
+    results: dict = {}
+    notes: list[str] = []
+    try:
+        k, v, lm = make_data(layout, n_blocks)
+        results.update(bench_disk_read(layout, k, v, lm, work, batch=256, repeats=repeats))
+        results.update(bench_host_read(layout, n_entries=n_blocks, batch=256, repeats=repeats))
+        results.update(bench_write(layout, k, v, lm, work, rounds=1 if quick else 2))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if not with_index:
+        notes.append("index figures skipped (--skip-index)")
+    else:
+        try:
+            from bench import store_index
+        except ImportError as e:
+            notes.append(f"index figures skipped: bench.store_index not importable ({e})")
+        else:
+            results.update(store_index.run(quick))
+    meta = {"command": "python -m bench.store" + (" --quick" if quick else "") + ("" if with_index else " --skip-index"),
+            "quick": quick,
+            "layout": layout.to_dict(), "blocks": n_blocks, "batch": 256, "machine": platform.platform(),
+            "cpus": os.cpu_count(), "python": sys.version.split()[0], "torch": torch.__version__, "notes": notes}
+    return {"figures": results, "goals": GOALS, "meta": meta}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smaller data, fewer repeats (under 60 s)")
+    ap.add_argument("--skip-index", action="store_true", help="leave out bench.store_index (the slow part)")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    out = run(args.quick, with_index=not args.skip_index)
+    out["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
+    print(f"{'figure':<34} {'value':>12} {'goal':>8}")
+    for name, val in out["figures"].items():
+        goal = GOALS.get(name)
+        shown = f"{val:12.3f}" if isinstance(val, float) else f"{val!s:>12}"
+        mark = "" if goal is None else ("  ok" if val >= goal else "  MISSED")
+        print(f"{name:<34} {shown} {'' if goal is None else f'>= {goal}':>8}{mark}")
+    for note in out["meta"]["notes"]:
+        print("note:", note)
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    with open(RESULTS, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"wrote {RESULTS} ({out['meta']['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Training benchmark: throughput of the DeepSpeed trainer against a plain PyTorch loop.
+
+    python -m bench.train [--quick]
+
+Every configuration trains the same model on the same windows (the tiny preset on
+passkey + stdlib, windows of 512, 4 lanes) in this process; the configurations
+alternate in rounds and each reports tokens/s from its median step time after warmup. Figures, each a ratio against a baseline measured
+in the same run:
+
+  tokens_per_s                         per configuration (padding excluded)
+  ds_zero0_vs_plain_step_time          DeepSpeed, ZeRO-0, no offload / plain torch AdamW loop
+  ds_zero2_offload_vs_plain_step_time  DeepSpeed, ZeRO-2, optimizer on CPU (the default
+                                       ds_config) / plain torch loop
+
+  step_time_retrieval_vs_none          train step with retrieval from the store / the
+                                       same step without (goal <= 1.3)
+Writes bench/results/train.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from train.config import TrainConfig, train_preset
+from train.data import DocumentMixer, build_source
+from train.loop import DSOptions, LanguageModelLoss, default_model_factory, lr_multiplier, train
+from train.windows import LaneBatcher
+
+RESULTS = Path(__file__).parent / "results" / "train.json"
+
+
+ROUNDS = {True: 2, False: 3}  # configurations alternate in rounds: a noisy spell hits all of them
+STEPS = {True: 8, False: 16}  # per configuration per round
+
+
+def _config(quick: bool, out: str) -> TrainConfig:
+    return train_preset("tiny-demo", max_steps=STEPS[quick], warmup_steps=2, save_every=0,
+                        eval_windows=0, out_dir=out)
+
+
+def plain_torch_step_times(tcfg: TrainConfig) -> tuple[list[float], list[int]]:
+    """The baseline: the same model and batches through a plain torch AdamW loop."""
+    torch.manual_seed(tcfg.seed)
+    mcfg = tcfg.model_config()
+    model = LanguageModelLoss(default_model_factory(mcfg))
+    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=(0.9, 0.95), weight_decay=tcfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(tcfg))
+    sources = [build_source(s, seed=tcfg.seed, synthetic_chars=tcfg.synthetic_chars) for s in tcfg.data]
+    batcher = LaneBatcher(DocumentMixer(sources, tcfg.data_weights, seed=tcfg.seed), lanes=tcfg.micro_batch,
+                          window=tcfg.window, block_len=mcfg.block_len)
+    times, tokens = [], []
+    for _ in range(tcfg.max_steps):
+        t0 = time.perf_counter()
+        batch = batcher.next_batch()
+        loss = model(batch.tokens, batch.targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        batcher.advance(batch)
+        times.append(time.perf_counter() - t0)
+        tokens.append(batch.n_tokens)
+    return times, tokens
+
+
+def deepspeed_step_times(tcfg: TrainConfig, ds: DSOptions) -> tuple[list[float], list[int]]:
+    """Step times of `folio train` with these DeepSpeed options (from its metrics)."""
+    from train.metrics import read_metrics
+
+    train(tcfg, ds=ds, progress=False)
+    recs = read_metrics(Path(tcfg.out_dir) / "metrics.jsonl")
+    return [r["step_time_s"] for r in recs], [r["tokens"] for r in recs]
+
+
+def measure_throughput(quick: bool, tmp: Path) -> dict[str, Any]:
+    """tokens/s of the plain loop, DeepSpeed ZeRO-0, and ZeRO-2 with CPU optimizer offload.
+
+    The three run one after the other, ROUNDS times; each figure is the median of the
+    step times after each run's first WARMUP steps, pooled over rounds.
+    """
+    warmup = 2
+    configs: dict[str, Callable[[TrainConfig], tuple[list[float], list[int]]]] = {
+        "plain_torch": plain_torch_step_times,
+        "ds_zero0": lambda c: deepspeed_step_times(c, DSOptions(zero_stage=0, offload="none")),
+        "ds_zero2_offload": lambda c: deepspeed_step_times(c, DSOptions()),  # the shipped ds_config
+    }
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    tokens: dict[str, list[int]] = {k: [] for k in configs}
+    per_round: dict[str, list[float]] = {k: [] for k in configs}
+    for r in range(ROUNDS[quick]):
+        for name, fn in configs.items():
+            t, n = fn(_config(quick, str(tmp / f"{name}-{r}")))
+            times[name].extend(t[warmup:])
+            tokens[name].extend(n[warmup:])
+            per_round[name].append(round(statistics.median(t[warmup:]), 5))
+    step = {k: statistics.median(v) for k, v in times.items()}
+    tok = {k: statistics.mean(v) for k, v in tokens.items()}
+    return {
+        "tokens_per_s": {k: round(tok[k] / step[k], 1) for k in configs},
+        "median_step_time_s": {k: round(step[k], 5) for k in configs},
+        "median_step_time_s_per_round": per_round,  # a round far off the others was disturbed
+        "ds_zero0_vs_plain_step_time": round(step["ds_zero0"] / step["plain_torch"], 3),
+        "ds_zero2_offload_vs_plain_step_time": round(step["ds_zero2_offload"] / step["plain_torch"], 3),
+    }
+
+
+def measure_retrieval(quick: bool, tmp: Path) -> dict[str, Any]:
+    """Train step with retrieval from the store / the same step without, same data.
+
+    Both run `folio train` (ZeRO-2, optimizer offloaded: the shipped ds_config) on
+    documents of several windows each, alternating in rounds; medians after warmup.
+    With retrieval every window from a document's second on searches the landmark index,
+    pulls top-k blocks per layer and KV head from the store, and attends over them.
+    """
+    warmup = 2
+    times: dict[str, list[float]] = {"none": [], "retrieval": []}
+    pulled: list[int] = []
+    for r in range(ROUNDS[quick]):
+        for name in times:
+            cfg = train_preset("tiny-demo", max_steps=STEPS[quick], warmup_steps=2, save_every=0,
+                               eval_windows=0, out_dir=str(tmp / f"retr-{name}-{r}"),
+                               synthetic_chars=(1500, 4000), retrieval=name == "retrieval")
+            train(cfg, ds=DSOptions(), progress=False)
+            from train.metrics import read_metrics
+
+            recs = read_metrics(Path(cfg.out_dir) / "metrics.jsonl")[warmup:]
+            times[name].extend(r_["step_time_s"] for r_ in recs)
+            if name == "retrieval":
+                pulled.extend(sum(r_["pulled_bytes"].values()) for r_ in recs)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "step_time_retrieval_vs_none": round(med["retrieval"] / med["none"], 3),
+        "median_step_time_s_retrieval": round(med["retrieval"], 5),
+        "median_step_time_s_no_retrieval": round(med["none"], 5),
+        "retrieval_bytes_pulled_per_step": int(statistics.mean(pulled)) if pulled else 0,
+    }
+
+
+# name -> function(quick, tmp dir) -> dict of figures
+MEASUREMENTS: dict[str, Callable[[bool, Path], dict[str, Any]]] = {
+    "throughput": measure_throughput,
+    "retrieval": measure_retrieval,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer steps (under 60 s)")
+    ap.add_argument("--out", default=str(RESULTS), help="where to write the JSON")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    cfg = _config(args.quick, "unused")
+    results: dict[str, Any] = {
+        "command": "python -m bench.train" + (" --quick" if args.quick else ""),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "cuda": torch.cuda.is_available(), "threads": torch.get_num_threads()},
+        "setup": {"model": cfg.model, "window": cfg.window, "micro_batch": cfg.micro_batch,
+                  "steps_per_round": cfg.max_steps, "rounds": ROUNDS[args.quick], "data": list(cfg.data)},
+    }
+    with tempfile.TemporaryDirectory(prefix="folio-bench-train-") as tmp:
+        for name, fn in MEASUREMENTS.items():
+            results.update(fn(args.quick, Path(tmp)))
+            print(f"[{name}] done after {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    results["wall_s"] = round(time.perf_counter() - t0, 1)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Model configuration: one validated dataclass and its presets.
+
+Presets are plain data (a dict of field values). `tiny` trains on a 2-core CPU in
+minutes, `small` is ~25M parameters, and `llama-1b` / `llama-7b` carry the shapes of
+Llama-style models; those two are for planning and are never built in tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ATTENTION_MODES = ("landmark", "causal")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"ModelConfig.{field}={value!r} is invalid: {allowed}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """Shapes and options of a decoder-only landmark transformer."""
+
+    vocab_size: int = 260
+    """Vocabulary size, special tokens included (the byte tokenizer uses 260)."""
+    d_model: int = 128
+    """Width of the residual stream."""
+    n_layers: int = 2
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Query heads per layer."""
+    n_kv_heads: int = 2
+    """Key/value heads per layer (grouped-query attention); divides n_heads."""
+    ffn_hidden: int = 352
+    """Hidden width of the SwiGLU feed-forward."""
+    max_seq_len: int = 512
+    """Training window in positions (landmarks included)."""
+    block_len: int = 64
+    """Positions per block; each block is block_len - 1 tokens then its landmark."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    attention: str = "landmark"
+    """'landmark' (grouped softmax, the paper's) or 'causal' (plain, a baseline)."""
+    tie_embeddings: bool = False
+    """Share the input embedding and the output projection."""
+    dtype: str = "float32"
+    """Parameter dtype: float32, bfloat16 or float16."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
+                     "ffn_hidden", "max_seq_len", "block_len"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                _fail(name, v, "must be a positive int")
+        if self.block_len < 2:
+            _fail("block_len", self.block_len, "must be >= 2 (at least one token and its landmark)")
+        if self.d_model % self.n_heads:
+            _fail("d_model", self.d_model, f"must be divisible by n_heads={self.n_heads}")
+        if self.n_kv_heads > self.n_heads or self.n_heads % self.n_kv_heads:
+            _fail("n_kv_heads", self.n_kv_heads, f"must divide n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            _fail("d_model", self.d_model, "d_model / n_heads must be even for RoPE")
+        if self.attention not in ATTENTION_MODES:
+            _fail("attention", self.attention, f"one of {ATTENTION_MODES}")
+        if self.dtype not in DTYPES:
+            _fail("dtype", self.dtype, f"one of {DTYPES}")
+        if not self.rope_theta > 0:
+            _fail("rope_theta", self.rope_theta, "must be > 0")
+        if not self.norm_eps > 0:
+            _fail("norm_eps", self.norm_eps, "must be > 0")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def landmarks(self) -> bool:
+        return self.attention == "landmark"
+
+    def num_params(self) -> int:
+        """Parameter count computed from the shapes (no model is built)."""
+        d, hd = self.d_model, self.head_dim
+        attn = d * self.n_heads * hd + 2 * d * self.n_kv_heads * hd + self.n_heads * hd * d
+        ffn = 3 * d * self.ffn_hidden
+        per_layer = attn + ffn + 2 * d
+        emb = self.vocab_size * d
+        head = 0 if self.tie_embeddings else self.vocab_size * d
+        return self.n_layers * per_layer + emb + head + d
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown fields {unknown}; allowed: {sorted(known)}")
+        return cls(**d)
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load_json(cls, path: str | Path) -> "ModelConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def fingerprint(self) -> str:
+        """A short stable hash of the fields that change what the KV store holds."""
+        import hashlib
+
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Trains on a 2-core CPU in minutes.
+    "tiny": dict(vocab_size=260, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                 ffn_hidden=352, max_seq_len=512, block_len=64),
+    # ~25M parameters.
+    "small": dict(vocab_size=260, d_model=512, n_layers=8, n_heads=8, n_kv_heads=4,
+                  ffn_hidden=1536, max_seq_len=1024, block_len=64),
+    # Shapes of Llama-style models, for planning; never built in tests.
+    "llama-1b": dict(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                     ffn_hidden=8192, max_seq_len=2048, block_len=64, rope_theta=500000.0,
+                     tie_embeddings=True, dtype="bfloat16"),
+    "llama-7b": dict(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                     ffn_hidden=11008, max_seq_len=2048, block_len=64, dtype="bfloat16"),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """Build a `ModelConfig` from a preset name, with field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"preset={name!r} does not exist; allowed: {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})

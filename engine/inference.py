@@ -1,0 +1,241 @@
+"""Retrieval-backed inference: ingest a long document into a store, then ask / generate.
+
+Chain: `ingest` (tokens -> landmarks -> chunked prefill through a `RetrievalMemory` that
+writes completed blocks to the store) and `generate` (prompt prefill through a memory
+that reads the store but writes nothing -> decode one token per step, retrieval at
+every step). The cost of an ingest chunk does not grow with the document: it sees its
+local window plus top-k retrieved blocks per layer and KV head.
+
+Resumable ingest: each stream's metadata in the store records the ordinary tokens of
+its unfinished last block ("tail") and how many tokens of each source were consumed,
+and is committed together with the blocks by `store.flush()`. Re-running an ingest of
+the same source continues where the flushed part ends.
+"""
+
+from __future__ import annotations
+
+import codecs
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import ModelConfig
+from engine.landmarks import insert_landmarks
+from engine.model import LandmarkTransformer
+from engine.retrieval import RetrievalConfig, RetrievalMemory
+from engine.tokenizer import ByteTokenizer
+
+TOKENIZER = ByteTokenizer()
+
+
+def store_layout_for(cfg: ModelConfig):
+    """The store layout a model reads and writes (shapes, dtype, fingerprint)."""
+    from memory_store import StoreLayout
+
+    return StoreLayout(n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, block_len=cfg.block_len,
+                       head_dim=cfg.head_dim, dtype=cfg.dtype, fingerprint=cfg.fingerprint())
+
+
+def open_store(where, cfg: ModelConfig, mode: str = "a", config=None):
+    """Open (or create) a store for this model; refuses a store of another model."""
+    from memory_store import TieredStore
+
+    return TieredStore.open(where, mode, layout=store_layout_for(cfg), config=config)
+
+
+@dataclass(slots=True)
+class IngestResult:
+    stream: str
+    tokens: int  # ordinary tokens ingested by this call
+    skipped: int  # tokens already ingested earlier (resume)
+    blocks_put: int
+    seconds: float
+    bytes_fetched: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, file=sys.stderr,
+                dynamic_ncols=True, leave=True)
+
+
+@torch.no_grad()
+def ingest(model: LandmarkTransformer, store, stream: str, tokens: Sequence[int] | torch.Tensor, *,
+           source: str | None = None, retrieval: RetrievalConfig | None = None,
+           flush_every: int = 16, progress: bool = False) -> IngestResult:
+    """Append ordinary `tokens` (no landmarks) to `stream`, prefilling in chunks.
+
+    source: a name for these tokens (e.g. a file path). If the stream's metadata says
+    n tokens of this source were already ingested, the first n are skipped (resume).
+    Every `flush_every` chunks the store is flushed with the stream's metadata, so a
+    crash loses at most that much work. Returns an `IngestResult`.
+    """
+    if not isinstance(stream, str) or not stream:
+        raise ValueError(f"stream={stream!r} is invalid: a non-empty name")
+    rc = retrieval or RetrievalConfig()
+    cfg = model.cfg
+    toks = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+    if toks.numel() and (int(toks.min()) < 0 or int(toks.max()) > 255):
+        raise ValueError("ingest takes ordinary byte tokens 0..255 (specials and landmarks are added here)")
+    meta = store.get_stream_meta(stream)
+    sources = dict(meta.get("sources", {}))
+    skip = int(sources.get(source, 0)) if source else 0
+    skip = min(skip, toks.numel())
+    new = toks[skip:]
+    tail = torch.as_tensor(meta.get("tail", []), dtype=torch.long)
+    t0 = time.perf_counter()
+    mem = RetrievalMemory(cfg, store, stream=stream, retrieval=rc, persist=True)
+    mem.resume_from_store()
+    seq = insert_landmarks(torch.cat([tail, new]), cfg.block_len, TOKENIZER.LANDMARK)  # starts at a block boundary
+    bar = _progress(new.numel(), f"ingest {stream}", progress)
+    done_pos = 0
+    chunks = 0
+    # chunks are aligned to multiples of chunk_len in stream positions, so a run resumed
+    # from a flush (always at a chunk end) processes exactly the chunks an uninterrupted run would
+    start_pos = mem.n_pos
+    first = rc.chunk_len - start_pos % rc.chunk_len
+    bounds = [0] + list(range(first, seq.numel(), rc.chunk_len)) + [seq.numel()]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b <= a:
+            continue
+        chunk = seq[a:b]
+        model(chunk[None].to(model.tok_emb.weight.device), memory=mem)
+        mem.end_chunk()
+        done_pos = a + chunk.numel()
+        chunks += 1
+        if bar is not None:
+            ord_done = done_pos - done_pos // cfg.block_len - tail.numel()
+            bar.n = max(0, min(new.numel(), ord_done))
+            moved = store.stats().get("bytes_moved", {})
+            bar.set_postfix_str(
+                f"blocks={len(store)} pulled {mem.stats.bytes_fetched / 2**20:.0f}MiB "
+                f"(from host {moved.get('host_to_device', 0) / 2**20:.0f}MiB, "
+                f"disk {moved.get('disk_to_device', 0) / 2**20:.0f}MiB)")
+            bar.refresh()
+        if chunks % flush_every == 0 or done_pos == seq.numel():
+            _commit(store, stream, meta, sources, source, seq, done_pos, cfg, skip, tail.numel())
+    if seq.numel() == 0:
+        _commit(store, stream, meta, sources, source, seq, 0, cfg, skip, tail.numel())
+    if bar is not None:
+        bar.close()
+    return IngestResult(stream=stream, tokens=new.numel(), skipped=skip, blocks_put=mem.stats.blocks_put,
+                        seconds=time.perf_counter() - t0, bytes_fetched=mem.stats.bytes_fetched)
+
+
+def _commit(store, stream, meta, sources, source, seq, done_pos, cfg, skip, n_tail_old):
+    """Record the unfinished block's tokens and source progress, then flush."""
+    L = cfg.block_len
+    complete = (done_pos // L) * L
+    tail = seq[complete:done_pos].tolist()  # ordinary tokens of the unfinished block
+    ord_done = done_pos - done_pos // L  # ordinary tokens processed (old tail included)
+    if source:
+        sources[source] = skip + max(0, ord_done - n_tail_old)
+    new_meta = {**meta, "tail": tail, "sources": sources,
+                "positions": int(store.stream_blocks(stream).shape[0]) * L + len(tail)}
+    store.set_stream_meta(stream, new_meta)
+    store.flush()
+
+
+@dataclass(kw_only=True, slots=True)
+class GenerateConfig:
+    """Decoding settings."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    """0 = greedy."""
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise ValueError(f"GenerateConfig.max_new_tokens={self.max_new_tokens!r}: must be an int >= 0")
+        if not self.temperature >= 0:
+            raise ValueError(f"GenerateConfig.temperature={self.temperature!r}: must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"GenerateConfig.top_p={self.top_p!r}: must be in (0, 1]")
+
+
+def _sample(logits: torch.Tensor, gc: GenerateConfig, gen: torch.Generator) -> int:
+    logits = logits.float()
+    logits[256:] = float("-inf")  # decode ordinary bytes only; landmarks are inserted, not sampled
+    if gc.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / gc.temperature, -1)
+    if gc.top_p < 1:
+        sp, si = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sp, 0) - sp < gc.top_p
+        probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
+        probs /= probs.sum()
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+@torch.no_grad()
+def generate(model: LandmarkTransformer, store, prompt: Sequence[int] | torch.Tensor, *,
+             streams: Sequence[str] | None = None, retrieval: RetrievalConfig | None = None,
+             gen: GenerateConfig | None = None, continue_stream: bool = True,
+             on_text: Callable[[str], None] | None = None) -> Iterator[int]:
+    """Decode after `prompt` (ordinary tokens), retrieving from `streams` at every step.
+
+    streams: None = every stream in the store. With exactly one stream and
+    continue_stream, the stream's unfinished tail is placed before the prompt, so a
+    question continues its document. Nothing is written to the store.
+    Yields token ids; `on_text` receives decoded text as it is produced (streaming).
+    """
+    gc = gen or GenerateConfig()
+    rc = retrieval or RetrievalConfig()
+    cfg = model.cfg
+    L = cfg.block_len
+    dev = model.tok_emb.weight.device
+    prompt = torch.as_tensor(prompt, dtype=torch.long).reshape(-1)
+    tail = []
+    if streams is not None and len(streams) == 1 and continue_stream:
+        tail = store.get_stream_meta(streams[0]).get("tail", [])
+    mem = RetrievalMemory(cfg, store, stream=None, retrieval=rc, persist=False, read_streams=streams)
+    seq = insert_landmarks(torch.cat([torch.as_tensor(tail, dtype=torch.long), prompt]), L, TOKENIZER.LANDMARK)
+    if seq.numel() == 0:
+        seq = torch.tensor([TOKENIZER.BOS])
+    logits = None
+    for a in range(0, seq.numel(), rc.chunk_len):
+        logits = model(seq[None, a:a + rc.chunk_len].to(dev), memory=mem)
+        mem.end_chunk()
+    rng = torch.Generator().manual_seed(gc.seed)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds split characters
+    decoded = ""
+    for _ in range(gc.max_new_tokens):
+        tok = _sample(logits[0, -1], gc, rng)
+        yield tok
+        piece = decoder.decode(bytes([tok]))
+        decoded += piece
+        if piece and on_text is not None:
+            on_text(piece)
+        if any(s and s in decoded for s in gc.stop):
+            return
+        step = [tok]
+        if (mem.n_pos + 1) % L == L - 1:  # the next slot is a landmark: insert it
+            step.append(TOKENIZER.LANDMARK)
+        logits = model(torch.tensor([step], device=dev), memory=mem)
+        mem.end_chunk()
+
+
+def ask(model: LandmarkTransformer, store, question: str, *, streams: Sequence[str] | None = None,
+        retrieval: RetrievalConfig | None = None, gen: GenerateConfig | None = None,
+        on_text: Callable[[str], None] | None = None) -> str:
+    """Answer `question` from what the store holds; returns the decoded answer."""
+    ids = list(generate(model, store, TOKENIZER.encode(question), streams=streams, retrieval=retrieval,
+                        gen=gen, on_text=on_text))
+    text = TOKENIZER.decode(ids)
+    for s in (gen.stop if gen else ()):
+        if s and s in text:
+            text = text[:text.index(s)]
+    return text

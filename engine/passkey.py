@@ -1,0 +1,178 @@
+"""Passkey retrieval evaluation (the Landmark Attention paper's test).
+
+Prompt: the paper's preamble, its filler sentences repeated, "The pass key is K.
+Remember it. K is the pass key." at a chosen depth, more filler, then
+"What is the pass key? The pass key is". The document part (everything before the
+question) is ingested into a store; the question is asked with retrieval, and the
+answer counts as correct when its first digits are the key.
+
+Baselines in the same run: the same model on the local window only (the last
+`max_seq_len` positions of the whole prompt, no store) and, up to `full_max_len`
+tokens, full landmark attention over the whole prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.inference import GenerateConfig, TOKENIZER, generate, ingest, open_store
+from engine.landmarks import insert_landmarks
+from engine.model import LandmarkTransformer
+from engine.retrieval import RetrievalConfig
+
+PREAMBLE = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
+            "memorize them. I will quiz you about the important information there. ")
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+QUESTION = "What is the pass key? The pass key is"
+
+
+def passkey_line(key: str) -> str:
+    return f"The pass key is {key}. Remember it. {key} is the pass key. "
+
+
+def build_passkey_prompt(n_tokens: int, depth: float, key: str) -> tuple[str, str]:
+    """(document, question) whose total length is about `n_tokens` byte tokens.
+
+    depth in [0, 1]: where the key line sits within the filler.
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth={depth} is invalid: must be in [0, 1]")
+    fixed = len(PREAMBLE) + len(passkey_line(key)) + len(QUESTION)
+    n_fill = max(0, (n_tokens - fixed) // len(FILLER))
+    before = int(round(n_fill * depth))
+    doc = PREAMBLE + FILLER * before + passkey_line(key) + FILLER * (n_fill - before)
+    return doc, QUESTION
+
+
+def parse_answer(text: str) -> str:
+    m = re.search(r"\d+", text)
+    return m.group(0) if m else ""
+
+
+@dataclass(kw_only=True, slots=True)
+class PasskeyConfig:
+    lengths: list[int] = field(default_factory=lambda: [512, 2048, 8192])
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
+    trials: int = 2
+    key_digits: int = 5
+    seed: int = 0
+    full_max_len: int = 8192
+    """Full-attention baseline up to this many tokens (it costs O(T^2))."""
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+
+    def __post_init__(self) -> None:
+        if not self.lengths or any((not isinstance(n, int)) or n < 64 for n in self.lengths):
+            raise ValueError(f"PasskeyConfig.lengths={self.lengths!r}: ints >= 64 required")
+        if not self.depths or any(not 0 <= d <= 1 for d in self.depths):
+            raise ValueError(f"PasskeyConfig.depths={self.depths!r}: values in [0, 1] required")
+        if self.trials < 1:
+            raise ValueError(f"PasskeyConfig.trials={self.trials}: must be >= 1")
+        if not 1 <= self.key_digits <= 12:
+            raise ValueError(f"PasskeyConfig.key_digits={self.key_digits}: allowed 1..12")
+
+
+def _greedy_digits(model, seq: torch.Tensor, n: int) -> str:
+    """Greedy-decode n tokens after a landmarked sequence with full (blockwise) attention."""
+    L = model.cfg.block_len
+    cache = model.new_cache(1, seq.numel() + 2 * n + 4)
+    logits = model(seq[None], cache=cache, impl="blockwise")
+    out = []
+    for _ in range(n):
+        lg = logits[0, -1].clone()
+        lg[256:] = float("-inf")
+        tok = int(lg.argmax())
+        out.append(tok)
+        step = [tok] + ([TOKENIZER.LANDMARK] if (cache.length + 1) % L == L - 1 else [])
+        logits = model(torch.tensor([step]), cache=cache, impl="blockwise")
+    return TOKENIZER.decode(out)
+
+
+@torch.no_grad()
+def run_passkey(model: LandmarkTransformer, pc: PasskeyConfig, *, progress: bool = True,
+                log=print) -> dict:
+    """Accuracy per (length, depth) for retrieval, local-window-only and full attention."""
+    rng = random.Random(pc.seed)
+    cfg = model.cfg
+    L, W = cfg.block_len, cfg.max_seq_len
+    rows = []
+    for n in pc.lengths:
+        for depth in pc.depths:
+            acc = {"retrieval": 0, "local": 0, "full": 0}
+            full_ok = n <= pc.full_max_len
+            t0 = time.perf_counter()
+            for _ in range(pc.trials):
+                key = str(rng.randrange(10 ** (pc.key_digits - 1), 10 ** pc.key_digits))
+                doc, q = build_passkey_prompt(n, depth, key)
+                with tempfile.TemporaryDirectory() as d:
+                    store = open_store(Path(d) / "store", cfg, "w")
+                    ingest(model, store, "doc", TOKENIZER.encode(doc), retrieval=pc.retrieval,
+                           progress=progress and n >= 100_000)
+                    ans = TOKENIZER.decode(generate(model, store, TOKENIZER.encode(q), streams=["doc"],
+                                                    retrieval=pc.retrieval,
+                                                    gen=GenerateConfig(max_new_tokens=pc.key_digits + 2)))
+                    store.close()
+                acc["retrieval"] += parse_answer(ans) == key
+                whole = insert_landmarks(TOKENIZER.encode(doc + q), L, TOKENIZER.LANDMARK)
+                # local window only: the last W positions, starting at a block boundary
+                start = max(0, whole.numel() - W + (whole.numel() % L))
+                start -= start % L
+                acc["local"] += parse_answer(_greedy_digits(model, whole[start:], pc.key_digits + 2)) == key
+                if full_ok:
+                    acc["full"] += parse_answer(_greedy_digits(model, whole, pc.key_digits + 2)) == key
+            row = {"length": n, "depth": depth, "trials": pc.trials,
+                   "retrieval": acc["retrieval"] / pc.trials, "local": acc["local"] / pc.trials,
+                   "full": acc["full"] / pc.trials if full_ok else None,
+                   "seconds": time.perf_counter() - t0}
+            rows.append(row)
+            if log:
+                full = "   -" if row["full"] is None else f"{row['full']:.2f}"
+                log(f"len {n:>9,d} depth {depth:.2f}: retrieval {row['retrieval']:.2f}  "
+                    f"local {row['local']:.2f}  full {full}  ({row['seconds']:.1f} s)")
+    return {"rows": rows, "config": {"lengths": pc.lengths, "depths": pc.depths, "trials": pc.trials,
+                                     "top_k": pc.retrieval.top_k, "positions": pc.retrieval.positions,
+                                     "window": W, "block_len": L}}
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'length':>10} {'depth':>6} {'retrieval':>10} {'local':>7} {'full':>6}"]
+    for r in result["rows"]:
+        full = "-" if r["full"] is None else f"{r['full']:.2f}"
+        lines.append(f"{r['length']:>10,d} {r['depth']:>6.2f} {r['retrieval']:>10.2f} "
+                     f"{r['local']:>7.2f} {full:>6}")
+    return "\n".join(lines)
+
+
+def write_outputs(result: dict, out_dir: str | Path) -> list[Path]:
+    """JSON and a heatmap PNG (retrieval and local-only accuracy per length x depth)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "passkey.json").write_text(json.dumps(result, indent=2) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({r["length"] for r in result["rows"]})
+    depths = sorted({r["depth"] for r in result["rows"]})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), constrained_layout=True)
+    for ax, key in zip(axes, ("retrieval", "local")):
+        grid = [[next(r[key] for r in result["rows"] if r["length"] == n and r["depth"] == d)
+                 for n in lengths] for d in depths]
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+        ax.set_xticks(range(len(lengths)), [f"{n:,}" for n in lengths], rotation=45, fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("key depth")
+        ax.set_title(f"passkey accuracy: {key}")
+    fig.colorbar(im, ax=axes, shrink=0.8)
+    fig.savefig(out / "passkey.png", dpi=120)
+    plt.close(fig)
+    return [out / "passkey.json", out / "passkey.png"]

@@ -1,0 +1,369 @@
+"""Retrieval attention: a query attends over [top-k stored blocks + its local window].
+
+One implementation, used by ingest, ask, generate and the trainer. A `RetrievalMemory`
+is passed to `LandmarkTransformer.forward(..., memory=mem)`; each layer then calls
+`mem.attend(layer, q, k, v)` with the chunk's PRE-RoPE queries and keys, and the memory:
+
+  1. searches the store's landmark index of that layer (per KV head) with the chunk's
+     queries and keeps the top-k blocks by landmark score, aggregated over the chunk's
+     queries by max (the paper's offload mode; exact: a block in the max-aggregated
+     top-k is in the per-query top-k of the query that attains its max), or per token;
+  2. fetches ONLY those blocks' K/V of that layer from the store (device tier hits,
+     misses promoted from host or disk);
+  3. rotates their keys to positions in a short prefix before the local window (the
+     paper's "stingy" positions) or to their true positions;
+  4. runs the grouped softmax over [retrieved blocks + local tokens]
+     (`landmark_attention_blockwise`), so landmark scores gate retrieved blocks exactly
+     as in training.
+
+After each chunk, `end_chunk()` puts every newly completed block (per-layer K before
+RoPE, V, and the landmark key = the pre-RoPE key at the block's last slot) into the
+store under the memory's stream and trims the local window to `local_blocks` complete
+blocks plus the unfinished one. Batch size is 1 (one stream per memory).
+
+Shapes: Hkv KV heads, G = H // Hkv, L block_len, D head dim, kk = top_k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from engine.attention import landmark_attention_blockwise
+from engine.config import ModelConfig
+from engine.model import apply_rope, rope_cos_sin
+
+POSITION_MODES = ("stingy", "true")
+SELECTION_MODES = ("chunk", "token")
+
+
+@dataclass(kw_only=True, slots=True)
+class RetrievalConfig:
+    """How queries pick and see stored blocks."""
+
+    top_k: int = 4
+    """Blocks retrieved per layer and KV head (0 = local window only)."""
+    local_blocks: int = 2
+    """Complete blocks kept in the local window (attended directly, never retrieved)."""
+    positions: str = "stingy"
+    """'stingy': retrieved blocks get positions in a short prefix before the local window;
+    'true': they keep their positions in the stream."""
+    selection: str = "chunk"
+    """'chunk': one choice per head for the whole chunk (max over its queries);
+    'token': every query chooses its own blocks (slower; for small inputs)."""
+    chunk_len: int = 256
+    """Positions (landmarks included) processed per forward during prefill."""
+
+    def __post_init__(self) -> None:
+        for name in ("top_k", "local_blocks"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"RetrievalConfig.{name}={v!r} is invalid: must be an int >= 0")
+        if not isinstance(self.chunk_len, int) or self.chunk_len < 1:
+            raise ValueError(f"RetrievalConfig.chunk_len={self.chunk_len!r} is invalid: must be an int >= 1")
+        if self.positions not in POSITION_MODES:
+            raise ValueError(f"RetrievalConfig.positions={self.positions!r} is invalid: one of {POSITION_MODES}")
+        if self.selection not in SELECTION_MODES:
+            raise ValueError(f"RetrievalConfig.selection={self.selection!r} is invalid: one of {SELECTION_MODES}")
+
+
+@dataclass(slots=True)
+class RetrievalStats:
+    blocks_fetched: int = 0
+    bytes_fetched: int = 0
+    searches: int = 0
+    blocks_put: int = 0
+    per_layer_blocks: list[int] = field(default_factory=list)
+    taken_bytes: int = 0
+
+    def take_fetched(self) -> int:
+        """Bytes fetched since the previous call (for per-step accounting)."""
+        n = self.bytes_fetched - self.taken_bytes
+        self.taken_bytes = self.bytes_fetched
+        return n
+
+
+class BatchMemory:
+    """One `RetrievalMemory` per batch row (each row its own stream): splits the batch."""
+
+    def __init__(self, memories: Sequence["RetrievalMemory"]):
+        self.memories = list(memories)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if q.shape[0] != len(self.memories):
+            raise ValueError(f"batch of {q.shape[0]} rows but {len(self.memories)} memories")
+        if any(m.rc.selection != "chunk" for m in self.memories):
+            return torch.cat([m.attend(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1])
+                              for b, m in enumerate(self.memories)], dim=0)
+        preps = [m.prepare_chunk(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1])
+                 for b, m in enumerate(self.memories)]
+        L = self.memories[0].L
+        if len({(p[1].shape, p[4]) for p in preps}) != 1:  # key axes differ: one call per row
+            return torch.cat([landmark_attention_blockwise(p[0], p[1], p[2], L, q_offset=p[4], kv_valid=p[3])
+                              for p in preps], dim=0).to(q.dtype)
+        valid = None
+        if any(p[3] is not None for p in preps):
+            valid = torch.cat([p[3] if p[3] is not None else torch.ones(p[1].shape[:3], dtype=torch.bool,
+                                                                         device=p[1].device)
+                               for p in preps], dim=0)  # (B, Hkv, S)
+        cat = lambda i: torch.cat([p[i] for p in preps], dim=0)  # noqa: E731
+        return landmark_attention_blockwise(cat(0), cat(1), cat(2), L, q_offset=preps[0][4],
+                                            kv_valid=valid).to(q.dtype)
+
+
+class RetrievalMemory:
+    """Local window + store-backed retrieval for one stream (batch size 1).
+
+    store: a `memory_store.TieredStore` whose layout matches the model.
+    stream: where completed blocks are written (persist=True) and, by default, the
+    only stream searched. read_streams: streams to search (None = all in the store).
+    persist: False keeps completed blocks in the local window instead of the store
+    (used for questions, so asking never changes what is stored).
+    """
+
+    def __init__(self, cfg: ModelConfig, store, *, stream: str | None,
+                 retrieval: RetrievalConfig | None = None, persist: bool = True,
+                 read_streams: Sequence[str] | None | str = "own"):
+        if not cfg.landmarks:
+            raise ValueError("retrieval needs a model with attention='landmark'")
+        lay = store.layout
+        want = (cfg.n_layers, cfg.n_kv_heads, cfg.block_len, cfg.head_dim)
+        have = (lay.n_layers, lay.n_kv_heads, lay.block_len, lay.head_dim)
+        if want != have:
+            raise ValueError(f"store layout (n_layers, n_kv_heads, block_len, head_dim)={have} does not "
+                             f"match the model's {want}")
+        if persist and not stream:
+            raise ValueError("persist=True needs a stream name to write blocks to")
+        self.cfg = cfg
+        self.store = store
+        self.stream = stream
+        self.rc = retrieval or RetrievalConfig()
+        self.persist = persist
+        self.read_streams = [stream] if read_streams == "own" else read_streams
+        self.L = cfg.block_len
+        self.dtype = store.layout.torch_dtype
+        self.device = store.device
+        Hkv, D = cfg.n_kv_heads, cfg.head_dim
+        empty = torch.zeros(1, Hkv, 0, D, device=self.device)
+        self.local_k = [empty] * cfg.n_layers  # (1, Hkv, n_local, D) pre-RoPE
+        self.local_v = [empty] * cfg.n_layers
+        self.local_ids: list[int | None] = []  # per complete local block: its store id (None: not stored)
+        self.local_start = 0  # stream position of the first local token
+        self.n_pos = 0  # stream positions processed so far
+        self._pending: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * cfg.n_layers
+        self.stats = RetrievalStats(per_layer_blocks=[0] * cfg.n_layers)
+
+    # -- state ---------------------------------------------------------------------------
+    def resume_from_store(self) -> None:
+        """Continue the memory's stream after its last stored block: load the last
+        `local_blocks` blocks into the local window and set positions after them."""
+        ids = self.store.stream_blocks(self.stream) if self.stream else np.empty(0, np.int64)
+        n = len(ids)
+        keep = ids[max(0, n - self.rc.local_blocks):]
+        self.n_pos = n * self.L
+        self.local_start = (n - len(keep)) * self.L
+        self.local_ids = [int(i) for i in keep]
+        for layer in range(self.cfg.n_layers):
+            if len(keep):
+                k, v = self.store.get_layer(keep, layer)  # (m, Hkv, L, D)
+                self.local_k[layer] = k.to(self.device).permute(1, 0, 2, 3).reshape(1, k.shape[1], -1, k.shape[3])
+                self.local_v[layer] = v.to(self.device).permute(1, 0, 2, 3).reshape(1, v.shape[1], -1, v.shape[3])
+
+    def _stored_local_ids(self) -> list[int]:
+        return [i for i in self.local_ids if i is not None]
+
+    # -- selection -----------------------------------------------------------------------
+    def _search_queries(self, q: torch.Tensor, q_local_pos: torch.Tensor) -> torch.Tensor:
+        """(1, H, T, D) pre-RoPE queries -> (T*G, Hkv, D) search vectors.
+
+        The index holds pre-RoPE landmark keys, so the query is rotated by the distance
+        it would have to a landmark just before the local window (RoPE scores depend only
+        on the distance): score = R(d) q . k_lm.
+        """
+        _, H, T, D = q.shape
+        Hkv, G = self.cfg.n_kv_heads, H // self.cfg.n_kv_heads
+        cos, sin = rope_cos_sin(q_local_pos + 1, D, self.cfg.rope_theta, q.dtype)
+        qs = apply_rope(q[0].float(), cos, sin)  # (H, T, D)
+        return qs.view(Hkv, G, T, D).permute(1, 2, 0, 3).reshape(G * T, Hkv, D)
+
+    def select(self, layer: int, q: torch.Tensor, q_local_pos: torch.Tensor) -> torch.Tensor:
+        """Top-k block ids per KV head for these queries: (Hkv, top_k) int64, -1 = none.
+
+        Always top_k wide (absent blocks first, masked in attention), so every memory with
+        the same config lays out the same key axis and a batch of them runs as one call.
+        Ids are sorted ascending (store order = stream order) so the prefix is chronological.
+        """
+        kk = self.rc.top_k
+        Hkv = self.cfg.n_kv_heads
+        out = torch.full((Hkv, kk), -1, dtype=torch.long)
+        if kk == 0 or len(self.store) == 0:
+            return out
+        exclude = self._stored_local_ids()
+        qs = self._search_queries(q, q_local_pos)
+        ids, scores = self.store.search(layer, qs, kk + len(exclude), streams=self.read_streams)
+        self.stats.searches += 1
+        ids, scores = ids.cpu(), scores.float().cpu()  # (n_q, Hkv, k')
+        if exclude:
+            drop = torch.isin(ids, torch.tensor(exclude, dtype=torch.long))
+            scores = scores.masked_fill(drop, float("-inf"))
+        scores = scores.masked_fill(ids < 0, float("-inf"))
+        for h in range(Hkv):
+            flat_ids, flat_sc = ids[:, h].reshape(-1), scores[:, h].reshape(-1)
+            keep = torch.isfinite(flat_sc)
+            if not keep.any():
+                continue
+            uniq, inv = torch.unique(flat_ids[keep], return_inverse=True)
+            best = torch.full((len(uniq),), float("-inf")).scatter_reduce(0, inv, flat_sc[keep], "amax")
+            n = min(kk, len(uniq))
+            top = torch.topk(best, n).indices
+            out[h, kk - n:] = torch.sort(uniq[top]).values  # padding first: real blocks abut the window
+        return out
+
+    # -- attention -----------------------------------------------------------------------
+    def _retrieved(self, layer: int, sel: torch.Tensor):
+        """Fetch and rotate the selected blocks of one layer.
+
+        sel (Hkv, kk). Returns k_rot, v (1, Hkv, kk*L, D), valid (1, Hkv, kk*L) bool.
+        """
+        Hkv, kk = sel.shape
+        L, D = self.L, self.cfg.head_dim
+        valid_blk = sel >= 0  # (Hkv, kk)
+        uniq = torch.unique(sel[valid_blk])
+        k_sel = torch.zeros(Hkv, kk, L, D, device=self.device)
+        v_sel = torch.zeros(Hkv, kk, L, D, device=self.device)
+        if len(uniq):
+            k, v = self.store.get_layer(uniq.tolist(), layer)  # (M, Hkv, L, D)
+            k, v = k.to(self.device).float(), v.to(self.device).float()
+            self.stats.blocks_fetched += len(uniq)
+            self.stats.per_layer_blocks[layer] += len(uniq)
+            self.stats.bytes_fetched += 2 * k.numel() * self.store.layout.itemsize
+            pos = torch.searchsorted(uniq, sel.clamp(min=0))  # (Hkv, kk) row in k
+            heads = torch.arange(Hkv)[:, None].expand(Hkv, kk)
+            k_sel = torch.where(valid_blk[..., None, None], k[pos, heads], k_sel)  # (Hkv, kk, L, D)
+            v_sel = torch.where(valid_blk[..., None, None], v[pos, heads], v_sel)
+        if self.rc.positions == "stingy":
+            p = torch.arange(kk * L, device=self.device)  # same prefix for every head
+            cos, sin = rope_cos_sin(p, D, self.cfg.rope_theta)
+        else:
+            ords = torch.zeros(Hkv, kk, dtype=torch.long)
+            if len(uniq):
+                _, o = self.store.block_meta(uniq.tolist())
+                ords_u = torch.as_tensor(o, dtype=torch.long)
+                ords = torch.where(valid_blk, ords_u[torch.searchsorted(uniq, sel.clamp(min=0))], ords)
+            p = (ords[..., None] * L + torch.arange(L)).reshape(Hkv, kk * L).to(self.device)
+            cos, sin = rope_cos_sin(p.reshape(-1), D, self.cfg.rope_theta)
+            cos, sin = cos.view(Hkv, kk * L, D), sin.view(Hkv, kk * L, D)
+        k_rot = apply_rope(k_sel.reshape(1, Hkv, kk * L, D), cos, sin)
+        valid = valid_blk[..., None].expand(Hkv, kk, L).reshape(1, Hkv, kk * L).to(self.device)
+        return k_rot, v_sel.reshape(1, Hkv, kk * L, D), valid
+
+    def _positions(self, kk: int, n: int, start_local: int) -> torch.Tensor:
+        """RoPE positions of n local-window entries starting at local index start_local."""
+        idx = torch.arange(start_local, start_local + n, device=self.device)
+        if self.rc.positions == "stingy":
+            return kk * self.L + idx
+        return self.local_start + idx
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One layer's attention for the chunk. q (1, H, T, D); k, v (1, Hkv, T, D), pre-RoPE.
+        Returns (1, H, T, D)."""
+        if q.shape[0] != 1:
+            raise ValueError(f"retrieval memory works on batch size 1, got {q.shape[0]}")
+        self._pending[layer] = (k, v)
+        k_loc = torch.cat([self.local_k[layer], k.float()], dim=2)  # (1, Hkv, n_loc, D)
+        v_loc = torch.cat([self.local_v[layer], v.float()], dim=2)
+        n_before, T = self.local_k[layer].shape[2], q.shape[2]
+        q_local = torch.arange(n_before, n_before + T)
+        if self.rc.selection == "token" and self.rc.top_k > 0:
+            outs = [self._attend_once(layer, q[:, :, t:t + 1], k_loc, v_loc, q_local[t:t + 1])
+                    for t in range(T)]
+            return torch.cat(outs, dim=2)
+        return self._attend_once(layer, q, k_loc, v_loc, q_local)
+
+    def prepare_chunk(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """`attend` up to the kernel call (chunk selection): for batching memories."""
+        self._pending[layer] = (k, v)
+        k_loc = torch.cat([self.local_k[layer], k.float()], dim=2)
+        v_loc = torch.cat([self.local_v[layer], v.float()], dim=2)
+        n_before, T = self.local_k[layer].shape[2], q.shape[2]
+        return self.prepare(layer, q, k_loc, v_loc, torch.arange(n_before, n_before + T))
+
+    def _attend_once(self, layer, q, k_loc, v_loc, q_local):
+        q_rot, k_all, v_all, valid, q_offset = self.prepare(layer, q, k_loc, v_loc, q_local)
+        return landmark_attention_blockwise(q_rot, k_all, v_all, self.L, q_offset=q_offset,
+                                            kv_valid=valid).to(q.dtype)
+
+    def prepare(self, layer, q, k_loc, v_loc, q_local):
+        """Select, fetch and rotate: the kernel's inputs for these queries.
+
+        Returns q_rot (1, H, T, D), k_all, v_all (1, Hkv, kk*L + n_loc, D), kv_valid
+        (1, Hkv, kk*L + n_loc) bool or None, and the queries' offset in the key axis.
+        """
+        n_loc, D = k_loc.shape[2], q.shape[3]
+        sel = self.select(layer, q, q_local)  # (Hkv, kk)
+        kk = sel.shape[1]
+        k_ret, v_ret, valid_ret = self._retrieved(layer, sel)
+        cos, sin = rope_cos_sin(self._positions(kk, n_loc, 0), D, self.cfg.rope_theta)
+        k_loc_rot = apply_rope(k_loc.float(), cos, sin)
+        qc, qs = cos[q_local[0]:q_local[-1] + 1], sin[q_local[0]:q_local[-1] + 1]
+        q_rot = apply_rope(q.float(), qc, qs)  # (1, H, T, D)
+        k_all = torch.cat([k_ret, k_loc_rot], dim=2)  # (1, Hkv, kk*L + n_loc, D)
+        v_all = torch.cat([v_ret, v_loc.float()], dim=2)
+        valid = None
+        if kk and not bool(valid_ret.all()):
+            valid = torch.cat([valid_ret, torch.ones(1, valid_ret.shape[1], n_loc, dtype=torch.bool,
+                                                     device=self.device)], dim=2)
+        return q_rot, k_all, v_all, valid, kk * self.L + int(q_local[0])
+
+    # -- after each forward -------------------------------------------------------------
+    def end_chunk(self) -> int:
+        """Commit the chunk just processed: extend the local window, put completed blocks
+        into the store (persist=True), trim the window. Returns the number of blocks put."""
+        if any(p is None for p in self._pending):
+            raise RuntimeError("end_chunk() called before every layer attended this chunk")
+        T = self._pending[0][0].shape[2]
+        for layer, (k, v) in enumerate(self._pending):
+            # detached: in training, a window's gradient stops at its own tokens (the store
+            # holds constants), so the graph never spans windows
+            self.local_k[layer] = torch.cat([self.local_k[layer], k.detach().to(self.device).float()], dim=2)
+            self.local_v[layer] = torch.cat([self.local_v[layer], v.detach().to(self.device).float()], dim=2)
+        self._pending = [None] * self.cfg.n_layers
+        self.n_pos += T
+        L = self.L
+        n_complete = self.local_k[0].shape[2] // L
+        new = n_complete - len(self.local_ids)
+        put = 0
+        if new > 0:
+            s0 = len(self.local_ids) * L
+            if self.persist:
+                k = torch.stack([lk[0, :, s0:s0 + new * L] for lk in self.local_k])  # (nl, Hkv, new*L, D)
+                v = torch.stack([lv[0, :, s0:s0 + new * L] for lv in self.local_v])
+                nl, Hkv, _, D = k.shape
+                k = k.view(nl, Hkv, new, L, D).permute(2, 0, 1, 3, 4).contiguous()  # (new, nl, Hkv, L, D)
+                v = v.view(nl, Hkv, new, L, D).permute(2, 0, 1, 3, 4).contiguous()
+                lm = k[:, :, :, L - 1].contiguous()  # (new, nl, Hkv, D) pre-RoPE landmark keys
+                dt = self.dtype
+                ids = self.store.put_blocks(self.stream, k.to(dt), v.to(dt), lm.to(dt))
+                self.local_ids.extend(int(i) for i in ids)
+                put = new
+                self.stats.blocks_put += new
+            else:
+                self.local_ids.extend([None] * new)
+        # trim: keep `local_blocks` complete stored blocks (+ the unfinished one)
+        drop = 0
+        while len(self.local_ids) - drop > self.rc.local_blocks and self.local_ids[drop] is not None:
+            drop += 1
+        if drop:
+            for layer in range(self.cfg.n_layers):
+                self.local_k[layer] = self.local_k[layer][:, :, drop * L:]
+                self.local_v[layer] = self.local_v[layer][:, :, drop * L:]
+            self.local_ids = self.local_ids[drop:]
+            self.local_start += drop * L
+        return put
+
+    def unfinished_positions(self) -> int:
+        """Positions of the current, not yet complete block."""
+        return self.n_pos % self.L

@@ -1,0 +1,25 @@
+"""memory_store: a tiered (device -> host -> zarr) persistent KV-block store behind a landmark index.
+
+Knows nothing of models. Entry points: `TieredStore.open(where, mode, layout=..., config=...)`,
+`StoreLayout`, `StoreConfig`, the tiers (`DeviceTier`, `HostTier`, `DiskTier`), `LRUPolicy`,
+`LandmarkIndex`, and the error hierarchy in `memory_store.errors`.
+"""
+
+from .disk import CommitRecord, DiskTier
+from .errors import (BudgetError, ClosedError, CorruptBlockError, FormatVersionError, InvalidArgumentError,
+                     LandmarkIndexError, LayoutMismatchError, ReadOnlyError, ShapeError, StoreError,
+                     StoreNotFoundError, UnknownBlockError, UnknownStreamError)
+from .eviction import EvictionPolicy, LRUPolicy
+from .index import LandmarkIndex
+from .layout import StoreLayout
+from .store import Block, StoreConfig, TieredStore
+from .tiers import DeviceTier, HostTier, MemoryTier, Tier
+
+__all__ = [
+    "TieredStore", "StoreConfig", "StoreLayout", "Block", "LandmarkIndex",
+    "Tier", "MemoryTier", "DeviceTier", "HostTier", "DiskTier", "CommitRecord",
+    "EvictionPolicy", "LRUPolicy",
+    "StoreError", "StoreNotFoundError", "LayoutMismatchError", "FormatVersionError", "ReadOnlyError", "ClosedError",
+    "UnknownBlockError", "UnknownStreamError", "CorruptBlockError", "InvalidArgumentError", "ShapeError",
+    "BudgetError", "LandmarkIndexError",
+]

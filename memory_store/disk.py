@@ -1,0 +1,627 @@
+"""DiskTier: the persistent tier, one zarr v3 group, and its commit record.
+
+On-disk layout (a plain zarr v3 group that zarr-python opens and reads on its own):
+
+    zarr.json               group; attributes["folio"] = {format, format_version, layout}
+    k/, v/                  (capacity, n_layers, n_kv_heads, block_len, head_dim), chunk (1, 1, H, T, D)
+    landmarks/              (capacity, n_layers, n_kv_heads, head_dim), chunk (1, L, H, D)
+    block_stream/           (capacity,) int32: stream code of each row
+    block_ordinal/          (capacity,) int64: ordinal of each row within its stream
+    commit.json             the commit record (below)
+    index/g<generation>/    the saved landmark index (derived; see store.py)
+
+Row r of every array is block id r: ids are never reused, so a row once written is
+never rewritten while it is visible. Every array uses the bytes codec followed by
+zarr's Crc32cCodec, one chunk per (block, layer), no sharding (sharding measured
+16-27x slower on the random-read path). bfloat16 is stored as its uint16 bits.
+Capacity grows by doubling (`resize`).
+
+Commit protocol (crash safety). Data rows are written first, anywhere beyond the
+committed row count; `make_durable()` then forces them to stable storage, and only
+then `commit()` replaces commit.json (the committed row count `n_rows`, the stream
+table with per-stream metadata, a generation number) in one atomic step: for a
+local directory a temp file that is fsynced, renamed over commit.json, and the
+directory fsynced; for any other zarr store a single-key put (as atomic as that
+store's puts). Readers trust rows < n_rows only, so a writer killed at any moment
+leaves either the old or the new commit, never a half-visible block. zarr's
+LocalStore writes each key through a temp file and a rename but never fsyncs;
+this tier therefore fsyncs itself: one `syncfs(2)` of the file system when libc
+has it (one call instead of one fsync per chunk and directory), else an fsync of
+every file written and of every directory above it.
+
+Fast paths. zarr's own indexing reads 256 random chunks at ~0.04x a numpy memmap
+here (per-chunk Python overhead in the codec pipeline), so chunk bytes are read and
+written directly: for a local directory with `readv`/`writev` into and out of the
+caller's buffers (the measured fastest on this machine: 0.7x memmap, against 0.35x
+for gathered `store.get` on zarr's event loop); for any other zarr store by
+gathering `store.get`/`store.set` on zarr's event loop. Either way the bytes are
+exactly what zarr itself writes (raw little-endian array bytes, then a 4-byte
+little-endian crc32c), and the crc is checked on every read: a mismatch raises
+CorruptBlockError naming the block and layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import crc32c
+import numpy as np
+import torch
+import zarr
+from zarr.abc.store import Store
+from zarr.codecs import Crc32cCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import LocalStore
+
+from .errors import (ClosedError, CorruptBlockError, FormatVersionError, LayoutMismatchError, ReadOnlyError,
+                     ShapeError, StoreError, StoreNotFoundError)
+from .layout import StoreLayout
+from .tiers import Entry, Key, Tier
+
+__all__ = ["DiskTier", "CommitRecord", "StreamRecord", "FORMAT_NAME", "FORMAT_VERSION", "COMMIT_KEY"]
+
+FORMAT_NAME = "folio-store"
+FORMAT_VERSION = 1
+COMMIT_KEY = "commit.json"
+INITIAL_CAPACITY = 64
+META_CHUNK = 4096  # rows per chunk of block_stream / block_ordinal
+_CRC = 4  # bytes of the crc32c trailer of every chunk
+_DATA_ARRAYS = ("k", "v", "landmarks", "block_stream", "block_ordinal")
+
+
+@dataclass(slots=True)
+class StreamRecord:
+    """One stream (document) in the commit record."""
+
+    name: str
+    alive: bool = True
+    n_blocks: int = 0  # blocks ever put = next ordinal
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class CommitRecord:
+    """What a reader may trust: rows < n_rows whose stream is alive."""
+
+    generation: int
+    n_rows: int
+    layout: StoreLayout
+    streams: list[StreamRecord]
+    writer_stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        d = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "generation": self.generation,
+             "n_rows": self.n_rows, "layout": self.layout.to_dict(),
+             "streams": [{"name": s.name, "alive": s.alive, "n_blocks": s.n_blocks, "meta": s.meta} for s in self.streams],
+             "writer_stats": self.writer_stats}
+        return json.dumps(d, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, where: str) -> CommitRecord:
+        try:
+            d = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise FormatVersionError(f"{where}: {COMMIT_KEY} is not valid JSON ({e})") from e
+        if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
+            raise FormatVersionError(f"{where}: {COMMIT_KEY} is not a {FORMAT_NAME!r} commit record")
+        if d.get("format_version") != FORMAT_VERSION:
+            raise FormatVersionError(f"{where}: store format version {d.get('format_version')!r}; "
+                                     f"this code reads version {FORMAT_VERSION}")
+        try:
+            return cls(generation=int(d["generation"]), n_rows=int(d["n_rows"]),
+                       layout=StoreLayout.from_dict(d["layout"]),
+                       streams=[StreamRecord(s["name"], bool(s["alive"]), int(s["n_blocks"]), dict(s["meta"]))
+                                for s in d["streams"]],
+                       writer_stats=dict(d.get("writer_stats", {})))
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatVersionError(f"{where}: {COMMIT_KEY} is malformed ({e!r})") from e
+
+
+def _load_syncfs():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNCFS = _load_syncfs()
+
+
+def _fsync_path(path: str, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_fully(fd: int, parts: Sequence[memoryview | bytes]) -> None:
+    total = sum(len(p) for p in parts)
+    n = os.writev(fd, parts)
+    if n != total:  # short write (rare on regular files): finish with plain writes
+        rest = memoryview(b"".join(bytes(p) for p in parts))[n:]
+        while rest:
+            rest = rest[os.write(fd, rest):]
+
+
+class DiskTier(Tier):
+    """The zarr v3 tier. Unbounded, persistent; see the module docstring for layout and protocol."""
+
+    name = "disk"
+
+    def __init__(self, store: Store, group: zarr.Group, layout: StoreLayout, *, read_only: bool,
+                 sync_mode: str = "auto", where: str = "") -> None:
+        if sync_mode not in ("auto", "syncfs", "fsync", "none"):
+            raise ValueError(f"DiskTier sync_mode={sync_mode!r}: expected 'auto', 'syncfs', 'fsync' or 'none'")
+        if sync_mode == "auto":
+            sync_mode = "syncfs" if _SYNCFS is not None else "fsync"
+        if sync_mode == "syncfs" and _SYNCFS is None:
+            raise ValueError("DiskTier sync_mode='syncfs': libc has no syncfs on this system")
+        self.store = store
+        self.group = group
+        self.layout = layout
+        self.where = where or str(store)
+        self.sync_mode = sync_mode
+        self._read_only = read_only
+        self._root: str | None = str(store.root) if isinstance(store, LocalStore) else None
+        self._arrays = {name: group[name] for name in _DATA_ARRAYS}
+        self._capacity = int(self._arrays["k"].shape[0])
+        self._unsynced: set[str] = set()  # local files written since the last make_durable (fsync mode)
+        self._proto = default_buffer_prototype()
+        self._closed = False
+
+    # -- opening ------------------------------------------------------------------
+    @classmethod
+    def open(cls, where: str | os.PathLike | Store, mode: str = "a", *, layout: StoreLayout | None = None,
+             sync_mode: str = "auto") -> tuple[DiskTier, CommitRecord]:
+        """Open or create the group; returns the tier and the current commit record.
+
+        mode "r": must exist; "a": open, or create when missing (layout required); "w": create, replacing
+        anything there. A stored layout other than `layout` raises LayoutMismatchError naming both.
+        """
+        if mode not in ("r", "a", "w"):
+            raise ValueError(f"store mode={mode!r}: expected 'r', 'a' or 'w'")
+        read_only = mode == "r"
+        if isinstance(where, Store):
+            store, label = where, str(where)
+        else:
+            path = Path(where)
+            label = str(path)
+            if read_only and not (path / "zarr.json").exists():
+                raise StoreNotFoundError(f"no Folio store at {label} (no zarr.json)")
+            store = LocalStore(path, read_only=read_only)
+        raw = None if mode == "w" else _get_bytes(store, COMMIT_KEY)
+        if raw is None and mode != "w":
+            group_meta = _get_bytes(store, "zarr.json")
+            if group_meta is not None and b'"folio"' not in group_meta:
+                raise FormatVersionError(f"{label}: a zarr group that is not a Folio store (no 'folio' attributes)")
+            if read_only:
+                raise StoreNotFoundError(f"no Folio store at {label} (no {COMMIT_KEY})")
+            # missing, or a creation that was interrupted before its first commit: (re)create
+        if raw is None:
+            if layout is None:
+                raise StoreNotFoundError(f"no Folio store at {label}; a layout is required to create one")
+            return cls._create(store, layout, label, sync_mode)
+        record = CommitRecord.from_json(raw, label)
+        if layout is not None and layout != record.layout:
+            raise LayoutMismatchError(
+                f"{label}: the store was written with layout [{record.layout.describe()}] but opened with "
+                f"[{layout.describe()}]", stored=record.layout, requested=layout)
+        try:
+            group = zarr.open_group(store, mode="r" if read_only else "r+", zarr_format=3)
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            raise FormatVersionError(f"{label}: cannot open the zarr group ({e})") from e
+        attrs = group.attrs.get("folio", {})
+        if attrs.get("format_version") != FORMAT_VERSION:
+            raise FormatVersionError(f"{label}: group format version {attrs.get('format_version')!r}; "
+                                     f"this code reads version {FORMAT_VERSION}")
+        missing = [name for name in _DATA_ARRAYS if name not in group]
+        if missing:
+            raise FormatVersionError(f"{label}: arrays {missing} are missing from the group")
+        tier = cls(store, group, record.layout, read_only=read_only, sync_mode=sync_mode, where=label)
+        return tier, record
+
+    @classmethod
+    def _create(cls, store: Store, layout: StoreLayout, label: str, sync_mode: str) -> tuple[DiskTier, CommitRecord]:
+        group = zarr.open_group(store, mode="w", zarr_format=3)
+        L, H, T, D = layout.n_layers, layout.n_kv_heads, layout.block_len, layout.head_dim
+        cap = INITIAL_CAPACITY
+        spec = {
+            "k": ((cap, L, H, T, D), (1, 1, H, T, D), layout.zarr_dtype),
+            "v": ((cap, L, H, T, D), (1, 1, H, T, D), layout.zarr_dtype),
+            "landmarks": ((cap, L, H, D), (1, L, H, D), layout.zarr_dtype),
+            "block_stream": ((cap,), (META_CHUNK,), "int32"),
+            "block_ordinal": ((cap,), (META_CHUNK,), "int64"),
+        }
+        for name, (shape, chunks, dtype) in spec.items():
+            group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=[Crc32cCodec()],
+                               fill_value=0 if name != "block_stream" else -1)
+        group.attrs["folio"] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "layout": layout.to_dict(),
+                                "note": "rows < commit.json n_rows whose stream is alive are valid blocks; "
+                                        "bfloat16 is stored as uint16 bits"}
+        tier = cls(store, group, layout, read_only=False, sync_mode=sync_mode, where=label)
+        record = CommitRecord(generation=0, n_rows=0, layout=layout, streams=[])
+        tier.make_durable()
+        tier.commit(record)
+        return tier, record
+
+    # -- capabilities -------------------------------------------------------------
+    @property
+    def persistent(self) -> bool:
+        return True
+
+    @property
+    def supports_writes(self) -> bool:
+        return not self._read_only
+
+    @property
+    def is_local(self) -> bool:
+        return self._root is not None
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"disk tier {self.where} is closed")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self._read_only:
+            raise ReadOnlyError(f"disk tier {self.where} was opened read-only")
+
+    # -- keys -----------------------------------------------------------------------
+    @staticmethod
+    def kv_key(name: str, row: int, layer: int) -> str:
+        return f"{name}/c/{row}/{layer}/0/0/0"
+
+    @staticmethod
+    def landmark_key(row: int) -> str:
+        return f"landmarks/c/{row}/0/0/0"
+
+    # -- raw chunk I/O ----------------------------------------------------------------
+    def _put_chunks(self, items: list[tuple[str, np.ndarray]]) -> None:
+        """Write each (key, contiguous array) as zarr's bytes codec + crc32c would."""
+        if self._root is not None:
+            for key, arr in items:
+                mv = memoryview(arr).cast("B")
+                crc = crc32c.crc32c(mv).to_bytes(_CRC, "little")
+                path = os.path.join(self._root, key)
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                except FileNotFoundError:
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    _write_fully(fd, [mv, crc])
+                finally:
+                    os.close(fd)
+                if self.sync_mode == "fsync":
+                    self._unsynced.add(path)
+            return
+        bufs = []
+        for key, arr in items:
+            mv = memoryview(arr).cast("B")
+            bufs.append((key, self._proto.buffer.from_bytes(bytes(mv) + crc32c.crc32c(mv).to_bytes(_CRC, "little"))))
+
+        async def put_all() -> None:
+            await asyncio.gather(*(self.store.set(key, buf) for key, buf in bufs))
+
+        sync(put_all())
+
+    def _get_chunks(self, items: list[tuple[str, np.ndarray, int, int]]) -> np.ndarray:
+        """Read each (key, destination row view, block id, layer) into the view, checking its crc.
+        Returns a bool mask of the chunks found. Raises CorruptBlockError."""
+        found = np.zeros(len(items), dtype=bool)
+        if self._root is not None:
+            crc = bytearray(_CRC + 1)  # one extra byte detects a chunk longer than expected
+            crc_mv = memoryview(crc)
+            for i, (key, dst, row, layer) in enumerate(items):
+                mv = memoryview(dst).cast("B")
+                try:
+                    fd = os.open(os.path.join(self._root, key), os.O_RDONLY)
+                except FileNotFoundError:
+                    continue
+                try:
+                    n = os.readv(fd, [mv, crc_mv])
+                finally:
+                    os.close(fd)
+                self._check_crc(key, mv, bytes(crc[:_CRC]), n - len(mv) - _CRC, row, layer)
+                found[i] = True
+            return found
+
+        async def get_all() -> list:
+            return await asyncio.gather(*(self.store.get(key, prototype=self._proto) for key, *_ in items))
+
+        for i, ((key, dst, row, layer), buf) in enumerate(zip(items, sync(get_all()), strict=True)):
+            if buf is None:
+                continue
+            raw = buf.as_numpy_array().view(np.uint8)
+            mv = memoryview(dst).cast("B")
+            size = len(mv)
+            extra = raw.shape[0] - size - _CRC
+            if extra == 0:
+                mv[:] = raw[:size].data
+            self._check_crc(key, mv, raw[size:].tobytes() if extra == 0 else b"", extra, row, layer)
+            found[i] = True
+        return found
+
+    @staticmethod
+    def _check_crc(key: str, data: memoryview, stored: bytes, extra: int, row: int, layer: int) -> None:
+        where = f"block {row}" + (f" layer {layer}" if layer >= 0 else " (landmarks)")
+        if extra != 0:
+            raise CorruptBlockError(f"{where}: chunk {key} has the wrong size ({'+' if extra > 0 else ''}{extra} bytes "
+                                    f"against the layout)", block_id=row, layer=layer if layer >= 0 else None)
+        want = int.from_bytes(stored, "little")
+        got = crc32c.crc32c(data)
+        if got != want:
+            raise CorruptBlockError(f"{where}: chunk {key} failed its crc32c check (stored {want:#010x}, computed "
+                                    f"{got:#010x})", block_id=row, layer=layer if layer >= 0 else None)
+
+    # -- bulk rows (the store's write-behind path) ------------------------------------
+    def ensure_capacity(self, n_rows: int) -> None:
+        """Grow every array (doubling) so rows < n_rows exist."""
+        self._check_writable()
+        if n_rows <= self._capacity:
+            return
+        cap = max(n_rows, self._capacity * 2)
+        for name, arr in self._arrays.items():
+            arr.resize((cap, *arr.shape[1:]))
+            if self._root is not None and self.sync_mode == "fsync":
+                self._unsynced.add(os.path.join(self._root, name, "zarr.json"))
+        self._capacity = cap
+
+    def write_rows(self, start: int, k: np.ndarray, v: np.ndarray, landmarks: np.ndarray,
+                   stream_codes: np.ndarray, ordinals: np.ndarray) -> None:
+        """Write rows [start, start + N): k, v (N, L, H, T, D), landmarks (N, L, H, D) in the storage dtype,
+        stream_codes (N,) int32, ordinals (N,) int64. Not durable until make_durable()."""
+        self._check_writable()
+        n = k.shape[0]
+        self.ensure_capacity(start + n)
+        items = []
+        for i in range(n):
+            row = start + i
+            for layer in range(self.layout.n_layers):
+                items.append((self.kv_key("k", row, layer), k[i, layer]))
+                items.append((self.kv_key("v", row, layer), v[i, layer]))
+            items.append((self.landmark_key(row), landmarks[i]))
+        self._put_chunks(items)
+        # small per-row metadata through zarr itself (read-modify-write of a partial chunk)
+        self._arrays["block_stream"][start:start + n] = stream_codes
+        self._arrays["block_ordinal"][start:start + n] = ordinals
+        if self._root is not None and self.sync_mode == "fsync":
+            for name in ("block_stream", "block_ordinal"):
+                for c in range(start // META_CHUNK, (start + n - 1) // META_CHUNK + 1):
+                    self._unsynced.add(os.path.join(self._root, name, "c", str(c)))
+
+    def read_layer_into(self, rows: np.ndarray, layer: int, out_k: np.ndarray, out_v: np.ndarray) -> np.ndarray:
+        """Read layer `layer` of `rows` into out_k, out_v (M, H, T, D) (storage dtype, C-contiguous).
+        Returns a bool mask of rows whose chunks exist. Raises CorruptBlockError."""
+        self._check_open()
+        items = []
+        for i, row in enumerate(rows.tolist()):
+            items.append((self.kv_key("k", row, layer), out_k[i], row, layer))
+            items.append((self.kv_key("v", row, layer), out_v[i], row, layer))
+        found = self._get_chunks(items)
+        return found[0::2] & found[1::2]
+
+    def read_landmarks(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Landmark keys of rows, (M, L, H, D) in the storage dtype, and the found mask."""
+        self._check_open()
+        out = np.empty((len(rows), *self.layout.landmark_shape), dtype=self.layout.zarr_dtype)
+        found = self._get_chunks([(self.landmark_key(r), out[i], r, -1) for i, r in enumerate(rows.tolist())])
+        return out, found
+
+    def read_row_meta(self, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """block_stream and block_ordinal of rows < n_rows (through zarr, crc-checked)."""
+        self._check_open()
+        try:
+            codes = np.asarray(self._arrays["block_stream"][:n_rows], dtype=np.int32)
+            ords = np.asarray(self._arrays["block_ordinal"][:n_rows], dtype=np.int64)
+        except ValueError as e:  # zarr's crc32c codec raises ValueError on a checksum mismatch
+            raise CorruptBlockError(f"{self.where}: the per-block metadata arrays are corrupt ({e})") from e
+        return codes, ords
+
+    def delete_rows(self, rows: Sequence[int]) -> None:
+        """Remove every chunk of those rows (after a commit that no longer covers them)."""
+        self._check_writable()
+        if self._root is not None:
+            for row in rows:
+                for name in ("k", "v"):
+                    shutil.rmtree(os.path.join(self._root, name, "c", str(row)), ignore_errors=True)
+                try:
+                    os.unlink(os.path.join(self._root, self.landmark_key(row)))
+                except FileNotFoundError:
+                    pass
+            return
+        keys = [self.kv_key(name, row, layer) for row in rows for name in ("k", "v")
+                for layer in range(self.layout.n_layers)] + [self.landmark_key(row) for row in rows]
+
+        async def delete_all() -> None:
+            await asyncio.gather(*(self.store.delete(key) for key in keys))
+
+        sync(delete_all())
+
+    # -- durability and the commit record ---------------------------------------------
+    def make_durable(self) -> None:
+        """Force every chunk written so far to stable storage (local directories; other stores: no-op)."""
+        self._check_writable()
+        if self._root is None or self.sync_mode == "none":
+            return
+        if self.sync_mode == "syncfs":
+            fd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                if _SYNCFS(fd) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"syncfs({self._root}) failed: {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            return
+        dirs: set[str] = set()
+        root = os.path.abspath(self._root)
+        for path in self._unsynced:
+            if os.path.exists(path):
+                _fsync_path(path)
+            d = os.path.dirname(os.path.abspath(path))
+            while d.startswith(root) and d not in dirs:
+                dirs.add(d)
+                d = os.path.dirname(d)
+        for d in dirs:
+            if os.path.isdir(d):
+                _fsync_path(d, directory=True)
+        self._unsynced.clear()
+
+    def read_commit(self) -> CommitRecord:
+        """The commit record as stored now."""
+        self._check_open()
+        raw = _get_bytes(self.store, COMMIT_KEY)
+        if raw is None:
+            raise FormatVersionError(f"{self.where}: {COMMIT_KEY} is missing")
+        return CommitRecord.from_json(raw, self.where)
+
+    def commit(self, record: CommitRecord) -> None:
+        """Atomically replace the commit record (call make_durable() first)."""
+        self._check_writable()
+        raw = record.to_json()
+        if self._root is None:
+            sync(self.store.set(COMMIT_KEY, self._proto.buffer.from_bytes(raw)))
+            return
+        final = os.path.join(self._root, COMMIT_KEY)
+        tmp = f"{final}.{uuid.uuid4().hex}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            _write_fully(fd, [raw])
+            if self.sync_mode != "none":
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+        if self.sync_mode != "none":
+            _fsync_path(self._root, directory=True)
+
+    # -- small blobs (the saved index) --------------------------------------------------
+    def write_blob(self, key: str, data: bytes) -> None:
+        self._check_writable()
+        sync(self.store.set(key, self._proto.buffer.from_bytes(data)))
+
+    def read_blob(self, key: str) -> bytes | None:
+        self._check_open()
+        return _get_bytes(self.store, key)
+
+    def list_dir(self, prefix: str) -> list[str]:
+        async def go() -> list[str]:
+            return [k async for k in self.store.list_dir(prefix)]
+
+        return sync(go())
+
+    def delete_prefix(self, prefix: str) -> None:
+        self._check_writable()
+        sync(self.store.delete_dir(prefix))
+
+    def size_bytes(self) -> int:
+        """Bytes the store occupies (every key)."""
+        if self._root is not None:
+            total = 0
+            for dirpath, _, files in os.walk(self._root):
+                for f in files:
+                    try:
+                        total += os.path.getsize(os.path.join(dirpath, f))
+                    except FileNotFoundError:
+                        pass
+            return total
+
+        async def go() -> int:
+            total = 0
+            async for key in self.store.list():
+                total += await self.store.getsize(key)
+            return total
+
+        return sync(go())
+
+    # -- the Tier interface -----------------------------------------------------------
+    def get(self, key: Key) -> Entry | None:
+        got = self.get_stacked([key])
+        return None if got is None else (got[0][0], got[1][0])
+
+    def get_stacked(self, keys: Sequence[Key]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        self._check_open()
+        m = len(keys)
+        out_k = np.empty((m, *self.layout.kv_shape), dtype=self.layout.zarr_dtype)  # (M, H, T, D)
+        out_v = np.empty_like(out_k)
+        items = []
+        for i, (row, layer) in enumerate(keys):
+            self._check_key(row, layer)
+            items.append((self.kv_key("k", row, layer), out_k[i], row, layer))
+            items.append((self.kv_key("v", row, layer), out_v[i], row, layer))
+        found = self._get_chunks(items)
+        if not found.all():
+            return None
+        return self.layout.from_storage(out_k), self.layout.from_storage(out_v)
+
+    def put(self, key: Key, k: torch.Tensor, v: torch.Tensor) -> None:
+        self._check_writable()
+        self._check_entry(k, v, batched=False)
+        row, layer = key
+        self._check_key(row, layer)
+        self.ensure_capacity(row + 1)
+        self._put_chunks([(self.kv_key("k", row, layer), self.layout.to_storage(k.detach().cpu().contiguous())),
+                          (self.kv_key("v", row, layer), self.layout.to_storage(v.detach().cpu().contiguous()))])
+
+    def delete(self, key: Key) -> bool:
+        self._check_writable()
+        there = self.contains(key)
+        row, layer = key
+        keys = [self.kv_key("k", row, layer), self.kv_key("v", row, layer)]
+
+        async def delete_both() -> None:
+            await asyncio.gather(*(self.store.delete(k) for k in keys))
+
+        sync(delete_both())
+        return there
+
+    def contains(self, key: Key) -> bool:
+        self._check_open()
+        row, layer = key
+        self._check_key(row, layer)
+
+        async def both() -> list[bool]:
+            return await asyncio.gather(self.store.exists(self.kv_key("k", row, layer)),
+                                        self.store.exists(self.kv_key("v", row, layer)))
+
+        return all(sync(both()))
+
+    def _check_key(self, row: int, layer: int) -> None:
+        if not (0 <= int(layer) < self.layout.n_layers) or int(row) < 0:
+            raise ShapeError(f"disk tier: key ({row}, {layer}) out of range (block id >= 0, "
+                             f"0 <= layer < {self.layout.n_layers})")
+
+    def flush(self) -> None:
+        if not self._read_only:
+            self.make_durable()
+
+    def close(self) -> None:
+        self._closed = True
+
+
+def _get_bytes(store: Store, key: str) -> bytes | None:
+    try:
+        buf = sync(store.get(key, prototype=default_buffer_prototype()))
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise StoreError(f"{store}: reading {key} failed ({e})") from e
+    return None if buf is None else buf.to_bytes()

@@ -1,0 +1,93 @@
+"""The memory_store error hierarchy: one root, one class per way things go wrong.
+
+Every error the store raises on purpose derives from `StoreError`, so callers can
+catch the whole family with one clause. Each message says what was wrong (the
+offending value and what was expected). None of these errors is raised after a
+partial mutation: a bad call leaves the stored data exactly as it was.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "StoreError",
+    "StoreNotFoundError",
+    "LayoutMismatchError",
+    "FormatVersionError",
+    "ReadOnlyError",
+    "ClosedError",
+    "UnknownBlockError",
+    "UnknownStreamError",
+    "CorruptBlockError",
+    "InvalidArgumentError",
+    "ShapeError",
+    "BudgetError",
+    "LandmarkIndexError",
+]
+
+
+class StoreError(Exception):
+    """Root of every error raised on purpose by memory_store."""
+
+
+class StoreNotFoundError(StoreError, FileNotFoundError):
+    """No Folio store at that place (and none may be created: mode "r", or mode "a" without a layout)."""
+
+
+class LayoutMismatchError(StoreError):
+    """A store was opened with a layout (or model fingerprint) other than the one it was written with."""
+
+    def __init__(self, message: str, *, stored: object = None, requested: object = None) -> None:
+        super().__init__(message)
+        self.stored = stored
+        self.requested = requested
+
+
+class FormatVersionError(StoreError):
+    """The on-disk format version is not one this code can read (or the files are not a Folio store)."""
+
+
+class ReadOnlyError(StoreError):
+    """A mutating call was made on a store opened with mode="r"."""
+
+
+class ClosedError(StoreError):
+    """A call was made on a store (or tier) after close()."""
+
+
+class UnknownBlockError(StoreError, KeyError):
+    """A block id that was never put, or was deleted."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownStreamError(StoreError, KeyError):
+    """A stream name that holds no blocks and has no metadata."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class CorruptBlockError(StoreError):
+    """A stored chunk failed its checksum (or could not be decoded). Names the block and layer."""
+
+    def __init__(self, message: str, *, block_id: int | None = None, layer: int | None = None) -> None:
+        super().__init__(message)
+        self.block_id = block_id
+        self.layer = layer
+
+
+class InvalidArgumentError(StoreError, ValueError):
+    """An argument is out of range or of the wrong kind (layer index, stream name, stream metadata, k)."""
+
+
+class ShapeError(InvalidArgumentError):
+    """A tensor argument has the wrong shape or dtype (a StoreError and a ValueError)."""
+
+
+class BudgetError(StoreError):
+    """A request cannot be satisfied within the configured byte budgets."""
+
+
+class LandmarkIndexError(StoreError):
+    """Misuse of the landmark index (bad ids, duplicate ids, bad key shapes, unreadable saved index)."""

@@ -1,0 +1,843 @@
+"""TieredStore: blocks in device -> host -> disk tiers behind a landmark index.
+
+Composition. A DeviceTier and a HostTier (memory, byte budgets, an eviction policy
+each) sit above a DiskTier (zarr v3, the source of truth). The caching unit is one
+(block_id, layer) entry, so a query at layer l moves only layer l of the selected
+blocks. The two memory tiers are exclusive: an entry lives in at most one of them.
+
+- Reads (`get_layer`) take each entry from the fastest tier holding it, then the
+  write-behind queue, then disk (one batched, crc-checked read), and promote every
+  entry not already on the device into the device tier. Room is made by the policy's
+  victims (LRU by default): device victims are demoted to the host tier, host victims
+  are dropped. Dropping is always safe: an entry is dropped from memory only when
+  it is on disk or still held by the write-behind queue, so eviction never loses the
+  only copy of an entry that is not yet durable.
+- Budgets hold for memory really allocated (slab slots), checked before every
+  insertion; a batch larger than a tier simply overflows to the next tier.
+- Writes (`put_blocks`) assign ids (= zarr rows, never reused), add the landmark
+  keys to the index, place the new entries in the device tier (overflow demoted as
+  above) and hand a CPU copy to a background writer thread (write-behind). The queue
+  is bounded (`write_queue_bytes`): a put waits when it is full. `flush()` waits for
+  the writer, makes the chunks durable and atomically replaces the commit record;
+  it returns once everything put so far is durable. With write_behind=False the put
+  writes its chunks itself (still committed only by flush()).
+- `prefetch(ids)` loads entries on a background thread into the device tier (host
+  overflow); a later get of them waits for that load rather than reading disk again.
+  On CUDA, host->device copies run from pinned memory on a side stream
+  (torch.cuda.Stream) and the consumer stream waits on it.
+- The index is derived. It is saved beside the data (keys index/g<generation>/...
+  through the zarr store) on close (or every flush with save_index="flush"), tagged
+  with the commit generation; on open it is loaded when its generation matches the
+  commit record, else rebuilt from the persisted landmark keys of the live blocks.
+- Readers (mode "r") see the commit record as of their open: rows < n_rows whose
+  stream is alive. A writer never rewrites a committed row, so many reader processes
+  can read while one writer appends. `delete_stream` is committed by the next flush;
+  its chunks are removed after that commit (a crash in between leaves unreachable
+  chunks, never a visible half-deleted stream).
+
+Thread safety: one re-entrant lock around every public method; the writer and
+prefetch threads take it only for bookkeeping, never while doing I/O.
+Shape letters: N blocks, M entries, L layers, H KV heads, T block_len, D head_dim.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import json
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from zarr.abc.store import Store
+
+from .disk import CommitRecord, DiskTier, StreamRecord
+from .errors import (ClosedError, CorruptBlockError, InvalidArgumentError, ReadOnlyError,
+                     ShapeError, StoreError, UnknownBlockError)
+from .eviction import make_policy
+from .index import LandmarkIndex
+from .layout import StoreLayout
+from .tiers import DeviceTier, HostTier, Key, MemoryTier
+
+__all__ = ["StoreConfig", "Block", "TieredStore"]
+
+_MiB = 1 << 20
+
+
+@dataclass(kw_only=True, slots=True)
+class StoreConfig:
+    """Budgets and behaviour of a TieredStore (not persisted: each open may choose its own)."""
+
+    device_budget_bytes: int = 512 * _MiB
+    """Most bytes the device tier allocates (0 disables the tier)."""
+    host_budget_bytes: int = 2048 * _MiB
+    """Most bytes the host tier allocates (0 disables the tier)."""
+    device: str = "auto"
+    """Where get_layer returns tensors and the device tier lives: "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:N"."""
+    write_behind: bool = True
+    """Write chunks on a background thread (True) or inside put_blocks (False)."""
+    write_queue_bytes: int = 256 * _MiB
+    """Most bytes of K/V waiting for the background writer; put_blocks waits beyond it."""
+    index_backend: str = "auto"
+    """LandmarkIndex backend ("auto", "exact", "flat", "ivf", "hnsw")."""
+    eviction: str = "lru"
+    """Eviction policy of the memory tiers (see eviction.POLICIES)."""
+    sync_mode: str = "auto"
+    """Durability of local directories: "auto" (syncfs if available, else fsync), "syncfs", "fsync", "none" (tests only)."""
+    save_index: str = "close"
+    """When to save the derived index: "close", "flush" (every commit) or "never" (always rebuilt on open)."""
+    latency_window: int = 10_000
+    """How many recent get latencies the percentiles are taken over."""
+
+    def __post_init__(self) -> None:
+        for name in ("device_budget_bytes", "host_budget_bytes", "write_queue_bytes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"StoreConfig.{name}={v!r}: expected an int >= 0")
+        if self.write_queue_bytes == 0:
+            raise ValueError("StoreConfig.write_queue_bytes=0: expected an int >= 1")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"StoreConfig.device={self.device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if self.sync_mode not in ("auto", "syncfs", "fsync", "none"):
+            raise ValueError(f"StoreConfig.sync_mode={self.sync_mode!r}: expected 'auto', 'syncfs', 'fsync' or 'none'")
+        if self.save_index not in ("close", "flush", "never"):
+            raise ValueError(f"StoreConfig.save_index={self.save_index!r}: expected 'close', 'flush' or 'never'")
+        make_policy(self.eviction)  # ValueError naming the allowed policies
+        if not isinstance(self.latency_window, int) or self.latency_window < 1:
+            raise ValueError(f"StoreConfig.latency_window={self.latency_window!r}: expected an int >= 1")
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        return torch.device(self.device)
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """One whole block, all layers."""
+
+    id: int
+    stream: str
+    ordinal: int
+    k: torch.Tensor  # (L, H, T, D)
+    v: torch.Tensor  # (L, H, T, D)
+    landmarks: torch.Tensor  # (L, H, D)
+
+
+@dataclass(slots=True)
+class _WriteJob:
+    seq: int
+    start: int
+    k: np.ndarray  # (N, L, H, T, D) storage dtype
+    v: np.ndarray  # (N, L, H, T, D)
+    landmarks: np.ndarray  # (N, L, H, D)
+    codes: np.ndarray  # (N,) int32
+    ordinals: np.ndarray  # (N,) int64
+
+    @property
+    def end(self) -> int:
+        return self.start + self.k.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes + self.landmarks.nbytes
+
+
+@dataclass(slots=True)
+class _Stats:
+    hits: dict[str, int] = field(default_factory=lambda: {"device": 0, "host": 0, "write_queue": 0, "disk": 0})
+    misses: dict[str, int] = field(default_factory=lambda: {"device": 0, "host": 0})
+    moved: dict[str, int] = field(default_factory=lambda: {"host_to_device": 0, "disk_to_device": 0,
+                                                           "device_to_host": 0, "to_disk": 0})
+    prefetched: int = 0
+    latencies: deque = field(default_factory=deque)
+
+
+class TieredStore:
+    """The store. Open with TieredStore.open(); see the module docstring for what it promises."""
+
+    # -- opening --------------------------------------------------------------------
+    def __init__(self, disk: DiskTier, record: CommitRecord, *, mode: str, config: StoreConfig) -> None:
+        self.layout: StoreLayout = record.layout
+        self.config = config
+        self.mode = mode
+        self.device: torch.device = config.resolve_device()
+        self._disk = disk
+        self._lock = threading.RLock()
+        self._cv = threading.Condition(self._lock)
+        self._closed = False
+        self._read_only = mode == "r"
+
+        self._device_tier = DeviceTier(self.layout, config.device_budget_bytes, device=self.device,
+                                       policy=make_policy(config.eviction))
+        self._host_tier = HostTier(self.layout, config.host_budget_bytes, pin_memory=self.device.type == "cuda",
+                                   policy=make_policy(config.eviction))
+        self._memory: list[MemoryTier] = [self._device_tier, self._host_tier]
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+        # committed state -> in-memory bookkeeping
+        n = record.n_rows
+        codes, ords = disk.read_row_meta(n)
+        self._generation = record.generation
+        self._streams: list[StreamRecord] = copy.deepcopy(record.streams)
+        self._stream_code: dict[str, int] = {s.name: c for c, s in enumerate(self._streams) if s.alive}
+        if n and (codes.min() < 0 or codes.max() >= len(self._streams)):
+            raise CorruptBlockError(f"{disk.where}: block_stream holds codes outside the {len(self._streams)} streams")
+        cap = max(64, n)
+        self._codes = np.full(cap, -1, dtype=np.int32)
+        self._ords = np.zeros(cap, dtype=np.int64)
+        self._alive = np.zeros(cap, dtype=bool)
+        self._codes[:n], self._ords[:n] = codes, ords
+        alive_codes = np.array([s.alive for s in self._streams] or [False], dtype=bool)
+        self._alive[:n] = alive_codes[codes] if n else False
+        self._stream_rows: dict[int, list[np.ndarray]] = {}
+        for code in self._stream_code.values():
+            rows = np.flatnonzero(codes == code).astype(np.int64)
+            self._stream_rows[code] = [rows[np.argsort(ords[rows], kind="stable")]]
+        self._next_id = n
+        self._dirty = False
+        self._pending_deletes: list[int] = []
+
+        # write-behind
+        self._jobs: deque[_WriteJob] = deque()
+        self._job_starts: list[int] = []
+        self._queued_bytes = 0
+        self._seq = 0
+        self._done_seq = 0
+        self._written_upto = n  # rows below are on disk (written, maybe not yet durable)
+        self._writer_error: BaseException | None = None
+        self._stopping = False
+        self._writer: threading.Thread | None = None
+        if not self._read_only and config.write_behind:
+            self._writer = threading.Thread(target=self._writer_loop, name="folio-store-writer", daemon=True)
+            self._writer.start()
+
+        self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="folio-store-prefetch")
+        self._inflight: dict[Key, Future] = {}
+        self._stats = _Stats(latencies=deque(maxlen=config.latency_window))
+
+        self.index_source = "new"
+        self.index: LandmarkIndex = self._load_index(record)
+
+    @classmethod
+    def open(cls, where: str | os.PathLike | Store, mode: str = "a", *, layout: StoreLayout | None = None,
+             config: StoreConfig | None = None) -> TieredStore:
+        """Open a store at a local path or in any zarr Store.
+
+        mode "r": read-only (must exist); "a": read/append, created when missing (layout required then);
+        "w": create, replacing what is there (layout required). A layout other than the stored one raises
+        LayoutMismatchError naming both; a missing store StoreNotFoundError; another format FormatVersionError.
+        """
+        if mode not in ("r", "a", "w"):
+            raise InvalidArgumentError(f"TieredStore.open mode={mode!r}: expected 'r', 'a' or 'w'")
+        if layout is not None and not isinstance(layout, StoreLayout):
+            raise InvalidArgumentError(f"TieredStore.open layout must be a StoreLayout, got {type(layout).__name__}")
+        config = config or StoreConfig()
+        disk, record = DiskTier.open(where, mode, layout=layout, sync_mode=config.sync_mode)
+        return cls(disk, record, mode=mode, config=config)
+
+    def __enter__(self) -> TieredStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- checks -------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"store {self._disk.where} is closed")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self._read_only:
+            raise ReadOnlyError(f"store {self._disk.where} was opened read-only (mode 'r')")
+        if self._writer_error is not None:
+            raise StoreError(f"store {self._disk.where}: the background writer failed: {self._writer_error!r}") \
+                from self._writer_error
+
+    def _check_layer(self, layer: int) -> int:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.layout.n_layers:
+            raise InvalidArgumentError(f"layer={layer!r}: expected an int in [0, {self.layout.n_layers})")
+        return int(layer)
+
+    def _as_ids(self, ids: Sequence[int] | torch.Tensor | np.ndarray | int) -> np.ndarray:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.detach().cpu().numpy()
+        arr = np.asarray(ids)
+        if arr.ndim > 1:
+            raise ShapeError(f"block ids must be a 1-D sequence, got shape {arr.shape}")
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise ShapeError(f"block ids must be integers, got dtype {arr.dtype}")
+        return arr.reshape(-1).astype(np.int64)
+
+    def _check_ids(self, ids: Sequence[int] | torch.Tensor | np.ndarray) -> np.ndarray:
+        rows = self._as_ids(ids)
+        inside = (rows >= 0) & (rows < self._next_id)
+        ok = inside.copy()
+        ok[inside] = self._alive[rows[inside]]
+        if not ok.all():
+            bad = rows[~ok][:8].tolist()
+            raise UnknownBlockError(f"unknown block ids {bad}{' ...' if (~ok).sum() > 8 else ''}: never put, "
+                                    f"deleted, or not committed when this store was opened")
+        return rows
+
+    def _check_tensor(self, name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise ShapeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ShapeError(f"{name} has shape {tuple(t.shape)}, expected {shape} "
+                             f"(N, n_layers, n_kv_heads{', block_len' if len(shape) == 5 else ''}, head_dim)")
+        if t.dtype != self.layout.torch_dtype:
+            raise ShapeError(f"{name} has dtype {t.dtype}, expected {self.layout.torch_dtype} (the store layout dtype)")
+
+    # -- writes ---------------------------------------------------------------------------
+    def put_blocks(self, stream: str, k: torch.Tensor, v: torch.Tensor, landmarks: torch.Tensor) -> np.ndarray:
+        """Append N blocks to `stream`; returns their new ids (N,) int64 (ordinals continue the stream's).
+
+        k, v: (N, L, H, T, D) and landmarks (N, L, H, D), all in the layout dtype, on any device.
+        Raises ShapeError, InvalidArgumentError (stream name), ReadOnlyError, ClosedError.
+        """
+        self._check_writable()
+        if not isinstance(stream, str) or not stream:
+            raise InvalidArgumentError(f"stream={stream!r}: expected a non-empty str")
+        L, H, T, D = self.layout.n_layers, self.layout.n_kv_heads, self.layout.block_len, self.layout.head_dim
+        n = k.shape[0] if isinstance(k, torch.Tensor) and k.dim() >= 1 else -1
+        self._check_tensor("k", k, (n, L, H, T, D))
+        self._check_tensor("v", v, (n, L, H, T, D))
+        self._check_tensor("landmarks", landmarks, (n, L, H, D))
+        if n == 0:
+            return np.empty(0, dtype=np.int64)
+        # CPU copies for the disk (the caller may reuse its tensors)
+        # (numpy copies: single-threaded, so they do not stall on a core held by the writer thread)
+        k_np, v_np, lm_np = (self.layout.to_storage(t.detach().to("cpu").contiguous()).copy() for t in (k, v, landmarks))
+        lm_cpu = self.layout.from_storage(lm_np)  # (N, L, H, D)
+        job_bytes = k_np.nbytes + v_np.nbytes + lm_np.nbytes
+        with self._cv:
+            self._check_writable()
+            while self._jobs and self._queued_bytes + job_bytes > self.config.write_queue_bytes:
+                self._cv.wait()  # back-pressure: the writer drains the queue
+                self._check_writable()
+            start = self._next_id
+            ids = np.arange(start, start + n, dtype=np.int64)
+            code = self._stream_code.get(stream)
+            new_stream = code is None
+            if new_stream:
+                code = len(self._streams)
+            first_ord = 0 if new_stream else self._streams[code].n_blocks
+            ords = np.arange(first_ord, first_ord + n, dtype=np.int64)
+            self.index.add(stream, ids, lm_cpu)  # validates before any state below changes
+            if new_stream:
+                self._streams.append(StreamRecord(stream))
+                self._stream_code[stream] = code
+                self._stream_rows[code] = []
+            self._streams[code].n_blocks += n
+            self._grow_rows(start + n)
+            self._codes[start:start + n], self._ords[start:start + n], self._alive[start:start + n] = code, ords, True
+            self._stream_rows[code].append(ids)
+            self._next_id = start + n
+            self._dirty = True
+            job = _WriteJob(self._seq + 1, start, k_np, v_np, lm_np, np.full(n, code, dtype=np.int32), ords)
+            self._seq += 1
+            if self._writer is not None:
+                self._jobs.append(job)
+                self._job_starts.append(job.start)
+                self._queued_bytes += job.nbytes
+                self._cv.notify_all()
+            else:
+                self._disk.write_rows(job.start, job.k, job.v, job.landmarks, job.codes, job.ordinals)
+                self._written_upto = job.end
+                self._done_seq = job.seq
+                self._stats.moved["to_disk"] += job.nbytes
+            # writes go to the device tier; only the newest entries that fit anywhere are worth placing
+            keep = self._device_tier.max_entries + self._host_tier.max_entries
+            if keep:
+                keys = [(int(r), layer) for r in ids for layer in range(L)]
+                kk = k.detach().reshape(n * L, H, T, D)  # (N*L, H, T, D), rows ordered (block, layer)
+                vv = v.detach().reshape(n * L, H, T, D)
+                self._admit(0, keys[-keep:], kk[-keep:], vv[-keep:], source="put")
+        return ids
+
+    def _grow_rows(self, n: int) -> None:
+        if n <= self._codes.shape[0]:
+            return
+        cap = max(n, 2 * self._codes.shape[0])
+        self._codes = np.concatenate([self._codes, np.full(cap - self._codes.shape[0], -1, np.int32)])
+        self._ords = np.concatenate([self._ords, np.zeros(cap - self._ords.shape[0], np.int64)])
+        self._alive = np.concatenate([self._alive, np.zeros(cap - self._alive.shape[0], bool)])
+
+    def _writer_loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._jobs and not self._stopping:
+                    self._cv.wait()
+                if not self._jobs:
+                    return
+                job = self._jobs[0]
+            try:
+                self._disk.write_rows(job.start, job.k, job.v, job.landmarks, job.codes, job.ordinals)
+            except Exception as e:  # surfaced to the caller by the next put/flush
+                with self._cv:
+                    self._writer_error = e
+                    self._cv.notify_all()
+                return
+            with self._cv:
+                self._jobs.popleft()
+                self._job_starts.pop(0)
+                self._queued_bytes -= job.nbytes
+                self._written_upto = job.end
+                self._done_seq = job.seq
+                self._stats.moved["to_disk"] += job.nbytes
+                self._cv.notify_all()
+
+    def flush(self) -> None:
+        """Return once every block, deletion and stream meta change made so far is durable and committed.
+        No-op on a read-only store."""
+        self._check_open()
+        if self._read_only:
+            return
+        with self._cv:
+            self._check_writable()
+            target = self._seq
+            while self._done_seq < target and self._writer_error is None:
+                self._cv.wait()
+            self._check_writable()
+            if not self._dirty:
+                return
+            self._disk.make_durable()
+            record = CommitRecord(generation=self._generation + 1, n_rows=self._next_id, layout=self.layout,
+                                  streams=copy.deepcopy(self._streams), writer_stats=self._stats_counters())
+            self._disk.commit(record)
+            self._generation = record.generation
+            self._dirty = False
+            if self._pending_deletes:
+                self._disk.delete_rows(self._pending_deletes)
+                self._pending_deletes = []
+            if self.config.save_index == "flush":
+                self._save_index()
+
+    def delete_stream(self, stream: str) -> int:
+        """Remove every block of `stream` from all tiers and the index (durable after the next flush).
+        Returns how many blocks were removed (0 for an unknown stream)."""
+        self._check_writable()
+        with self._lock:
+            code = self._stream_code.pop(stream, None)
+            if code is None:
+                return 0
+            parts = self._stream_rows.pop(code)
+            rows = np.concatenate(parts) if parts else np.empty(0, np.int64)
+            self._streams[code].alive = False
+            self._alive[rows] = False
+            for tier in self._memory:
+                tier.delete_many([(int(r), layer) for r in rows for layer in range(self.layout.n_layers)])
+            self.index.remove_stream(stream)
+            self._pending_deletes.extend(rows.tolist())
+            self._dirty = True
+            return int(rows.shape[0])
+
+    def set_stream_meta(self, stream: str, meta: dict) -> None:
+        """Replace the small JSON metadata of `stream` (persisted by flush). Creates the stream if new."""
+        self._check_writable()
+        if not isinstance(stream, str) or not stream:
+            raise InvalidArgumentError(f"stream={stream!r}: expected a non-empty str")
+        try:
+            meta = json.loads(json.dumps(meta))
+        except (TypeError, ValueError) as e:
+            raise InvalidArgumentError(f"stream meta of {stream!r} must be JSON-serialisable ({e})") from e
+        if not isinstance(meta, dict):
+            raise InvalidArgumentError(f"stream meta of {stream!r} must be a dict, got {type(meta).__name__}")
+        with self._lock:
+            code = self._stream_code.get(stream)
+            if code is None:
+                code = len(self._streams)
+                self._streams.append(StreamRecord(stream))
+                self._stream_code[stream] = code
+                self._stream_rows[code] = []
+            self._streams[code].meta = meta
+            self._dirty = True
+
+    # -- reads -----------------------------------------------------------------------------
+    def get_layer(self, ids: Sequence[int] | torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of `layer` for those blocks, (M, H, T, D) each on self.device, in the order given.
+        Promotes them to the device tier. Raises UnknownBlockError, CorruptBlockError, InvalidArgumentError."""
+        t0 = time.perf_counter()
+        self._check_open()
+        layer = self._check_layer(layer)
+        with self._lock:
+            rows = self._check_ids(ids)
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        self._wait_inflight([(int(r), layer) for r in uniq])
+        with self._lock:
+            self._check_open()
+            self._check_ids(uniq)  # a delete may have raced the wait
+            k, v = self._fetch(uniq, layer)
+        if not np.array_equal(uniq, rows):
+            inv = torch.from_numpy(inverse.reshape(-1)).to(k.device)
+            k, v = k.index_select(0, inv), v.index_select(0, inv)  # (M, H, T, D)
+        if self._copy_stream is not None:
+            torch.cuda.current_stream(self.device).synchronize()
+        self._stats.latencies.append(time.perf_counter() - t0)
+        return k, v
+
+    def get(self, block_id: int) -> Block | None:
+        """The whole block (all layers) or None when the id is unknown or deleted."""
+        self._check_open()
+        with self._lock:
+            bid = int(block_id)
+            if not (0 <= bid < self._next_id and self._alive[bid]):
+                return None
+            ks, vs = [], []
+            for layer in range(self.layout.n_layers):
+                k, v = self.get_layer([bid], layer)
+                ks.append(k[0])
+                vs.append(v[0])
+            ids_t = torch.tensor([bid], dtype=torch.int64)
+            lms = torch.stack([self.index.keys(layer, ids_t)[0] for layer in range(self.layout.n_layers)])  # (L, H, D)
+            name = self._streams[self._codes[bid]].name
+            return Block(bid, name, int(self._ords[bid]), torch.stack(ks), torch.stack(vs),
+                         lms.to(device=self.device, dtype=self.layout.torch_dtype))
+
+    def contains(self, block_id: int) -> bool:
+        """True when the block is live (put and not deleted)."""
+        self._check_open()
+        bid = int(block_id)
+        return 0 <= bid < self._next_id and bool(self._alive[bid])
+
+    def _fetch(self, rows: np.ndarray, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Assemble (M, H, T, D) K and V on the device from the fastest holders; promote. Lock held."""
+        L_shape = self.layout.kv_shape
+        m = rows.shape[0]
+        keys = [(int(r), layer) for r in rows]
+        dev_pos, host_pos, miss_pos = [], [], []
+        for i, key in enumerate(keys):
+            if self._device_tier.contains(key):
+                dev_pos.append(i)
+            elif self._host_tier.contains(key):
+                host_pos.append(i)
+            else:
+                miss_pos.append(i)
+        st = self._stats
+        st.hits["device"] += len(dev_pos)
+        st.misses["device"] += len(host_pos) + len(miss_pos)
+        st.hits["host"] += len(host_pos)
+        st.misses["host"] += len(miss_pos)
+        eb = self.layout.block_bytes()
+        sources = []  # (positions, (K, V)) from each holder
+        if dev_pos:
+            sources.append((dev_pos, self._device_tier.get_stacked([keys[i] for i in dev_pos])))
+        if host_pos:
+            sources.append((host_pos, self._host_tier.get_stacked([keys[i] for i in host_pos])))
+            st.moved["host_to_device"] += len(host_pos) * eb
+        if miss_pos:
+            sources.append((miss_pos, self._load(rows[miss_pos], layer)))
+            st.moved["disk_to_device"] += len(miss_pos) * eb
+        if len(sources) == 1:  # the common all-from-one-holder case: its tensors are the answer, no extra copy
+            out_k, out_v = (self._to_device(t) for t in sources[0][1])
+        else:
+            out_k = torch.empty((m, *L_shape), dtype=self.layout.torch_dtype, device=self.device)  # (M, H, T, D)
+            out_v = torch.empty_like(out_k)
+            for pos, (k, v) in sources:
+                idx = torch.tensor(pos, dtype=torch.long, device=self.device)
+                out_k.index_copy_(0, idx, self._to_device(k))
+                out_v.index_copy_(0, idx, self._to_device(v))
+        promote = sorted(host_pos + miss_pos)
+        room = self._device_tier.max_entries + self._host_tier.max_entries
+        promote = promote[-room:] if room else []  # entries beyond every budget would be dropped anyway
+        if promote:
+            pos = torch.tensor(promote, dtype=torch.long, device=self.device)
+            self._admit(0, [keys[i] for i in promote], out_k.index_select(0, pos), out_v.index_select(0, pos),
+                        source="get")
+        return out_k, out_v
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if t.device == self.device:
+            return t
+        if self._copy_stream is None or t.device.type != "cpu":
+            return t.to(self.device)
+        src = t if t.is_pinned() else t.pin_memory()
+        with torch.cuda.stream(self._copy_stream):
+            out = src.to(self.device, non_blocking=True)
+        torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
+        out.record_stream(torch.cuda.current_stream(self.device))
+        return out
+
+    def _host_buffer(self, m: int) -> tuple[torch.Tensor, np.ndarray]:
+        """A (M, H, T, D) CPU tensor (pinned on CUDA machines) and its numpy view in the storage dtype."""
+        if self._copy_stream is None:
+            # numpy, not torch.empty: numpy madvises large buffers for transparent huge pages, and first-touch
+            # page faults of a fresh 4 KiB-paged output measured ~2x the whole read time here
+            a = np.empty((m, *self.layout.kv_shape), dtype=self.layout.zarr_dtype)  # (M, H, T, D)
+            return self.layout.from_storage(a), a
+        t = torch.empty((m, *self.layout.kv_shape), dtype=self.layout.torch_dtype, pin_memory=True)
+        return t, self.layout.to_storage(t)
+
+    def _load(self, rows: np.ndarray, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Entries not in memory: from the write-behind queue or disk, as CPU tensors (M, H, T, D)."""
+        m = rows.shape[0]
+        kt, kn = self._host_buffer(m)
+        vt, vn = self._host_buffer(m)
+        on_disk = rows < self._written_upto
+        for i in np.flatnonzero(~on_disk).tolist():  # still queued for the writer
+            row = int(rows[i])
+            job = self._jobs[bisect.bisect_right(self._job_starts, row) - 1]
+            kn[i] = job.k[row - job.start, layer]
+            vn[i] = job.v[row - job.start, layer]
+            self._stats.hits["write_queue"] += 1
+        if on_disk.any():
+            if on_disk.all():
+                found = self._disk.read_layer_into(rows, layer, kn, vn)
+            else:
+                idx = np.flatnonzero(on_disk)
+                _, k2 = self._host_buffer(idx.shape[0])
+                _, v2 = self._host_buffer(idx.shape[0])
+                found = self._disk.read_layer_into(rows[idx], layer, k2, v2)
+                kn[idx], vn[idx] = k2, v2
+            if not found.all():
+                bad = rows[on_disk][~found][:8].tolist()
+                raise CorruptBlockError(f"blocks {bad} layer {layer}: committed but their chunks are missing from "
+                                        f"{self._disk.where}", block_id=bad[0], layer=layer)
+            self._stats.hits["disk"] += int(on_disk.sum())
+        return kt, vt
+
+    def _admit(self, level: int, keys: list[Key], k: torch.Tensor, v: torch.Tensor, *, source: str) -> None:
+        """Place entries in memory tier `level` (0 device, 1 host), demoting the policy's victims a level down.
+        Entries that fit nowhere are dropped: they are on disk or in the write-behind queue."""
+        if level >= len(self._memory) or not keys:
+            return
+        for tier in self._memory:  # the memory tiers are exclusive
+            for key in keys:
+                tier.delete(key)
+        tier = self._memory[level]
+        cap = tier.max_entries
+        over = max(0, len(keys) - cap)
+        older = (keys[:over], k[:over], v[:over])
+        keys, k, v = keys[over:], k[over:], v[over:]
+        need = len(keys) - tier.free_entries
+        if need > 0:
+            vkeys, vk, vv = tier.pop_victims(need)
+            if level == 0:
+                self._stats.moved["device_to_host"] += len(vkeys) * self.layout.block_bytes()
+            self._admit(level + 1, vkeys, vk, vv, source="demote")
+        if keys:
+            tier.put_many(keys, k, v)
+        if over:
+            self._admit(level + 1, *older, source=source)
+
+    # -- prefetch ----------------------------------------------------------------------------
+    def prefetch(self, ids: Sequence[int] | torch.Tensor, layer: int | None = None) -> None:
+        """Warm those blocks (one layer, or all) into memory in the background; returns at once.
+        A later get_layer of them waits for this load instead of reading disk."""
+        self._check_open()
+        layers = range(self.layout.n_layers) if layer is None else [self._check_layer(layer)]
+        with self._lock:
+            rows = np.unique(self._check_ids(ids))
+            for lay in layers:
+                todo = [int(r) for r in rows if (int(r), lay) not in self._inflight
+                        and not self._device_tier.contains((int(r), lay)) and not self._host_tier.contains((int(r), lay))]
+                if not todo:
+                    continue
+                fut: Future = Future()
+                for r in todo:
+                    self._inflight[(r, lay)] = fut
+                self._prefetcher.submit(self._prefetch_run, np.array(todo, dtype=np.int64), lay, fut)
+
+    def _prefetch_run(self, rows: np.ndarray, layer: int, fut: Future) -> None:
+        try:
+            with self._lock:
+                if self._closed:
+                    return
+                live = self._alive[rows] & (rows < self._written_upto)
+                queued = rows[~live & self._alive[rows]]
+                disk_rows = rows[live]
+                qk = self._load(queued, layer) if queued.size else None  # queue copies need the lock
+            if disk_rows.size:  # the slow part, outside the lock (written rows never change)
+                kt, kn = self._host_buffer(disk_rows.shape[0])
+                vt, vn = self._host_buffer(disk_rows.shape[0])
+                found = self._disk.read_layer_into(disk_rows, layer, kn, vn)
+            with self._lock:
+                if self._closed:
+                    return
+                batches = []
+                if qk is not None:
+                    batches.append((queued, qk[0], qk[1]))
+                if disk_rows.size:
+                    batches.append((disk_rows[found], kt[torch.from_numpy(found)], vt[torch.from_numpy(found)]))
+                    self._stats.hits["disk"] += int(found.sum())
+                    self._stats.moved["disk_to_device"] += int(found.sum()) * self.layout.block_bytes()
+                for rs, k, v in batches:
+                    keep = self._alive[rs]  # a delete may have raced the read
+                    keys = [(int(r), layer) for r in rs[keep]]
+                    if keys:
+                        sel = torch.from_numpy(keep)
+                        self._admit(0, keys, self._to_device(k[sel]), self._to_device(v[sel]), source="prefetch")
+                        self._stats.prefetched += len(keys)
+                if self._copy_stream is not None:
+                    self._copy_stream.synchronize()
+        except Exception as e:  # a failed prefetch only means the get reads disk itself (and raises there)
+            fut.set_exception(e)
+        else:
+            fut.set_result(None)
+        finally:
+            with self._lock:
+                for r in rows.tolist():
+                    if self._inflight.get((r, layer)) is fut:
+                        del self._inflight[(r, layer)]
+
+    def _wait_inflight(self, keys: list[Key]) -> None:
+        with self._lock:
+            futs = {id(f): f for key in keys if (f := self._inflight.get(key)) is not None}
+        for f in futs.values():
+            try:
+                f.result()
+            except StoreError:
+                pass  # the get below reads the entry itself and raises a precise error if it must
+
+    # -- metadata ------------------------------------------------------------------------------
+    def block_meta(self, ids: Sequence[int] | torch.Tensor) -> tuple[list[str], np.ndarray]:
+        """Stream names and ordinals (M,) int64 of those blocks. UnknownBlockError for unknown ids."""
+        self._check_open()
+        with self._lock:
+            rows = self._check_ids(ids)
+            return [self._streams[c].name for c in self._codes[rows].tolist()], self._ords[rows].copy()
+
+    def stream_blocks(self, stream: str) -> np.ndarray:
+        """Ids of `stream`'s blocks in ordinal order ((0,) for an unknown stream)."""
+        self._check_open()
+        with self._lock:
+            code = self._stream_code.get(stream)
+            parts = self._stream_rows.get(code, []) if code is not None else []
+            return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+    def streams(self) -> list[str]:
+        """Names of the live streams, in creation order."""
+        self._check_open()
+        with self._lock:
+            return [s.name for s in self._streams if s.alive]
+
+    def get_stream_meta(self, stream: str) -> dict:
+        """A copy of the stream's metadata ({} when none was set or the stream is unknown)."""
+        self._check_open()
+        with self._lock:
+            code = self._stream_code.get(stream)
+            return copy.deepcopy(self._streams[code].meta) if code is not None else {}
+
+    def __len__(self) -> int:
+        return int(self._alive[:self._next_id].sum())
+
+    @property
+    def generation(self) -> int:
+        """Generation of the last commit (flush) this store made or opened."""
+        return self._generation
+
+    @property
+    def disk(self) -> DiskTier:
+        return self._disk
+
+    @property
+    def tiers(self) -> list:
+        """[device, host, disk]."""
+        return [self._device_tier, self._host_tier, self._disk]
+
+    # -- search ---------------------------------------------------------------------------------
+    def search(self, layer: int, queries: torch.Tensor, k: int, streams: Sequence[str] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k blocks per query and KV head by landmark score; see LandmarkIndex.search."""
+        self._check_open()
+        return self.index.search(layer, queries, k, streams)
+
+    # -- the derived index -----------------------------------------------------------------------
+    def _save_index(self) -> None:
+        gen = self._generation
+        self.index.generation = gen
+        prefix = f"index/g{gen}"
+        self.index.save(lambda key, data: self._disk.write_blob(f"{prefix}/{key}", data))
+        for name in self._disk.list_dir("index"):
+            if name != f"g{gen}":
+                self._disk.delete_prefix(f"index/{name}")
+
+    def _load_index(self, record: CommitRecord) -> LandmarkIndex:
+        L, H, D = self.layout.n_layers, self.layout.n_kv_heads, self.layout.head_dim
+        live = int(self._alive[:self._next_id].sum())
+        idx = None
+        if self._next_id:
+            try:
+                idx = LandmarkIndex.load(lambda key: self._disk.read_blob(f"index/g{record.generation}/{key}"),
+                                         device=self.device)
+            except (StoreError, ValueError, OSError):
+                idx = None  # unreadable or half-deleted by a writer: it is derived, rebuild it
+            if idx is not None and (idx.generation != record.generation or len(idx) != live
+                                    or (idx.n_layers, idx.n_kv_heads, idx.head_dim) != (L, H, D)
+                                    or idx.backend != self.config.index_backend):
+                idx = None
+            if idx is not None:
+                self.index_source = "loaded"
+                return idx
+        idx = LandmarkIndex(L, H, D, backend=self.config.index_backend, device=self.device)
+        if self._next_id:
+            self.index_source = "rebuilt"
+            for name, code in self._stream_code.items():
+                rows = np.concatenate(self._stream_rows[code]) if self._stream_rows[code] else np.empty(0, np.int64)
+                for s in range(0, rows.shape[0], 4096):
+                    part = rows[s:s + 4096]
+                    lm, found = self._disk.read_landmarks(part)
+                    if not found.all():
+                        raise CorruptBlockError(f"block {int(part[~found][0])}: landmark chunk missing from "
+                                                f"{self._disk.where}", block_id=int(part[~found][0]))
+                    idx.add(name, part, self.layout.from_storage(lm).float())
+        idx.generation = record.generation
+        return idx
+
+    # -- stats and lifecycle ----------------------------------------------------------------------
+    def _stats_counters(self) -> dict:
+        st = self._stats
+        return {"hits": dict(st.hits), "misses": dict(st.misses), "bytes_moved": dict(st.moved),
+                "prefetched_entries": st.prefetched}
+
+    def stats(self) -> dict:
+        """Hits and misses per tier, bytes moved between tiers, get latency percentiles (ms), tier fill."""
+        with self._lock:
+            out = self._stats_counters()
+            lat = np.array(self._stats.latencies, dtype=np.float64) * 1e3
+            out["get_latency_ms"] = {f"p{q}": (float(np.percentile(lat, q)) if lat.size else None) for q in (50, 90, 99)}
+            out["get_latency_ms"]["count"] = int(lat.size)
+            out["tiers"] = {t.name: {"entries": len(t), "bytes": t.nbytes, "allocated_bytes": t.allocated_bytes,
+                                     "budget_bytes": t.budget_bytes, "device": str(t.device)} for t in self._memory}
+            out["blocks"] = len(self)
+            out["streams"] = len(self._stream_code)
+            out["generation"] = self._generation
+            out["queued_write_bytes"] = self._queued_bytes
+            out["index_source"] = self.index_source
+            return out
+
+    def close(self) -> None:
+        """Flush (when writable), save the index, stop the background threads. Idempotent."""
+        if self._closed:
+            return
+        try:
+            if not self._read_only and self._writer_error is None:
+                self.flush()
+                if self.config.save_index != "never" and self._next_id:
+                    with self._lock:
+                        self._save_index()
+        finally:
+            with self._cv:
+                self._stopping = True
+                self._cv.notify_all()
+            if self._writer is not None:
+                self._writer.join()
+            self._prefetcher.shutdown(wait=True)
+            with self._lock:
+                self._closed = True
+                for tier in self._memory:
+                    tier.close()
+                self._disk.close()
+
+    def __repr__(self) -> str:
+        return (f"TieredStore({self._disk.where!r}, mode={self.mode!r}, blocks={len(self)}, "
+                f"generation={self._generation}, device={self.device})")
+

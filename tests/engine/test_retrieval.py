@@ -1,0 +1,217 @@
+"""Retrieval attention, ingest, ask/generate, passkey harness and the engine CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from engine.attention import max_abs_diff
+from engine.config import preset
+from engine.inference import GenerateConfig, TOKENIZER, ask, generate, ingest, open_store
+from engine.landmarks import insert_landmarks
+from engine.model import LandmarkTransformer
+from engine.passkey import PasskeyConfig, build_passkey_prompt, parse_answer, run_passkey, write_outputs
+from engine.retrieval import RetrievalConfig, RetrievalMemory
+from memory_store import LayoutMismatchError, StoreConfig
+
+SMALL = StoreConfig(device_budget_bytes=1 << 20, host_budget_bytes=1 << 20, sync_mode="none")
+
+
+def _model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return LandmarkTransformer(preset("tiny", block_len=8, max_seq_len=64, **kw)).eval()
+
+
+def _mem_store(m, cfg=SMALL):
+    return open_store(zarr.storage.MemoryStore(), m.cfg, "w", config=cfg)
+
+
+@pytest.mark.parametrize("local_blocks,chunk", [(0, 5), (1, 16), (3, 13)])
+def test_ingest_with_all_blocks_and_true_positions_reproduces_full_forward(local_blocks, chunk):
+    """k >= stored blocks + true positions: chunked retrieval == full landmark attention."""
+    m = _model()
+    toks = insert_landmarks(torch.randint(0, 256, (90,), generator=torch.Generator().manual_seed(1)),
+                            8, TOKENIZER.LANDMARK)[None]  # (1, 102)
+    store = _mem_store(m)
+    mem = RetrievalMemory(m.cfg, store, stream="doc",
+                          retrieval=RetrievalConfig(top_k=100, local_blocks=local_blocks,
+                                                    positions="true", chunk_len=chunk))
+    with torch.no_grad():
+        full = m(toks, impl="blockwise")
+        parts = []
+        for a in range(0, toks.shape[1], chunk):
+            parts.append(m(toks[:, a:a + chunk], memory=mem))
+            mem.end_chunk()
+    out = torch.cat(parts, 1)
+    assert max_abs_diff(out, full) <= 1e-4, max_abs_diff(out, full)
+    assert len(store) == 102 // 8  # every completed block went to the store
+    assert mem.stats.blocks_fetched > 0
+
+
+def test_only_selected_blocks_are_fetched():
+    m = _model()
+    store = _mem_store(m)
+    toks = torch.randint(0, 256, (700,), generator=torch.Generator().manual_seed(2))
+    rc = RetrievalConfig(top_k=2, local_blocks=1, chunk_len=32)
+    ingest(m, store, "doc", toks, retrieval=rc)
+    n_blocks = len(store)
+    assert n_blocks == 800 // 8 or n_blocks == (700 + 700 // 7) // 8
+    mem = RetrievalMemory(m.cfg, store, stream=None, persist=False, read_streams=["doc"], retrieval=rc)
+    with torch.no_grad():
+        m(insert_landmarks(toks[:20], 8, TOKENIZER.LANDMARK)[None], memory=mem)
+    # per layer at most top_k * n_kv_heads distinct blocks, far fewer than stored
+    for per_layer in mem.stats.per_layer_blocks:
+        assert 1 <= per_layer <= rc.top_k * m.cfg.n_kv_heads < n_blocks
+
+
+def test_token_selection_matches_chunk_selection_for_single_query():
+    m = _model()
+    store = _mem_store(m)
+    ingest(m, store, "doc", torch.randint(0, 256, (300,)), retrieval=RetrievalConfig(chunk_len=32))
+    outs = []
+    for sel in ("chunk", "token"):
+        mem = RetrievalMemory(m.cfg, store, stream=None, persist=False,
+                              retrieval=RetrievalConfig(top_k=2, selection=sel), read_streams=None)
+        with torch.no_grad():
+            outs.append(m(torch.tensor([[5]]), memory=mem))
+    assert max_abs_diff(*outs) <= 1e-5
+
+
+def test_ingest_resume_equals_uninterrupted(tmp_path):
+    """A run stopped at a flush (a chunk end) and resumed stores what one run stores."""
+    m = _model()
+    toks = torch.randint(0, 256, (500,), generator=torch.Generator().manual_seed(3))
+    rc = RetrievalConfig(chunk_len=32)  # 32 positions = 28 tokens + 4 landmarks
+    a = open_store(tmp_path / "a", m.cfg, "a", config=SMALL)
+    ingest(m, a, "doc", toks[:280], source="f", retrieval=rc)  # as if killed after 10 chunks
+    a.close()
+    a = open_store(tmp_path / "a", m.cfg, "a", config=SMALL)  # another "process": reopen
+    r = ingest(m, a, "doc", toks, source="f", retrieval=rc)
+    assert r.skipped == 280 and r.tokens == 220
+    b = open_store(tmp_path / "b", m.cfg, "a", config=SMALL)
+    ingest(m, b, "doc", toks, source="f", retrieval=rc)
+    ia, ib = a.stream_blocks("doc"), b.stream_blocks("doc")
+    assert len(ia) == len(ib) and a.get_stream_meta("doc")["tail"] == b.get_stream_meta("doc")["tail"]
+    for x, y in zip(ia, ib):
+        assert max_abs_diff(a.get(int(x)).v, b.get(int(y)).v) <= 1e-5
+    again = ingest(m, a, "doc", toks, source="f", retrieval=rc)  # everything already there
+    assert again.tokens == 0 and len(a.stream_blocks("doc")) == len(ia)
+
+
+def test_ask_writes_nothing_and_is_deterministic():
+    m = _model()
+    store = _mem_store(m)
+    ingest(m, store, "doc", TOKENIZER.encode("some text " * 40))
+    n, gen_before = len(store), store.generation
+    a1 = ask(m, store, "question?", streams=["doc"], gen=GenerateConfig(max_new_tokens=12))
+    a2 = ask(m, store, "question?", streams=["doc"], gen=GenerateConfig(max_new_tokens=12))
+    assert a1 == a2 and len(store) == n and store.generation == gen_before
+
+
+def test_generate_sampling_stop_and_streaming():
+    m = _model()
+    store = _mem_store(m)
+    ingest(m, store, "doc", TOKENIZER.encode("abc " * 50))
+    pieces = []
+    ids = list(generate(m, store, TOKENIZER.encode("x"), streams=None,
+                        gen=GenerateConfig(max_new_tokens=30, temperature=1.0, top_p=0.9, seed=3),
+                        on_text=pieces.append))
+    assert 1 <= len(ids) <= 30 and all(0 <= i < 256 for i in ids)
+    streamed = "".join(pieces)
+    assert streamed and TOKENIZER.decode(ids).startswith(streamed)
+    stop = TOKENIZER.decode(ids[:2])
+    short = list(generate(m, store, TOKENIZER.encode("x"),
+                          gen=GenerateConfig(max_new_tokens=30, temperature=1.0, top_p=0.9, seed=3,
+                                             stop=(stop,))))
+    assert len(short) <= 2 + 1
+
+
+def test_bad_retrieval_configs_and_layout_mismatch(tmp_path):
+    with pytest.raises(ValueError, match="top_k"):
+        RetrievalConfig(top_k=-1)
+    with pytest.raises(ValueError, match="positions"):
+        RetrievalConfig(positions="near")
+    with pytest.raises(ValueError, match="top_p"):
+        GenerateConfig(top_p=0)
+    m = _model()
+    s = open_store(tmp_path / "s", m.cfg, "a", config=SMALL)
+    ingest(m, s, "doc", torch.randint(0, 256, (100,)))
+    s.close()
+    other = _model(n_layers=3)
+    with pytest.raises(LayoutMismatchError):
+        open_store(tmp_path / "s", other.cfg, "a", config=SMALL)
+    s = open_store(tmp_path / "s", m.cfg, "r", config=SMALL)  # still intact
+    assert len(s) == 100 * 8 // 7 // 8
+    with pytest.raises(ValueError, match="byte tokens"):
+        ingest(m, s, "doc", [300])
+
+
+def test_passkey_prompt_and_harness(tmp_path):
+    doc, q = build_passkey_prompt(2000, 0.5, "12345")
+    assert "The pass key is 12345. Remember it. 12345 is the pass key." in doc
+    assert q == "What is the pass key? The pass key is" and 1800 < len(doc) + len(q) <= 2000
+    assert parse_answer(" 12345. Remember") == "12345" and parse_answer("none") == ""
+    m = _model()
+    res = run_passkey(m, PasskeyConfig(lengths=[300, 600], depths=[0.0, 1.0], trials=1,
+                                       full_max_len=400), log=None)
+    assert len(res["rows"]) == 4
+    assert all(0.0 <= r["retrieval"] <= 1.0 for r in res["rows"])
+    assert [r["full"] is None for r in res["rows"]] == [False, False, True, True]
+    files = write_outputs(res, tmp_path)
+    assert json.loads(files[0].read_text())["rows"] == res["rows"] and files[1].stat().st_size > 1000
+
+
+def test_cli_ingest_ask_inspect_eval(tmp_path, capsys):
+    from train.cli import main
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The pass key is 777. " * 30)
+    store = str(tmp_path / "st")
+    assert main(["ingest", "--model", "random:tiny", "--store", store, str(doc), "--no-progress"]) == 0
+    assert "tokens ingested" in capsys.readouterr().out
+    assert main(["ingest", "--model", "random:tiny", "--store", store, str(doc), "--no-progress"]) == 0
+    assert "already there" in capsys.readouterr().out
+    assert main(["ask", "--model", "random:tiny", "--store", store, "--stream", "doc.txt",
+                 "What is the pass key?", "--max-tokens", "4"]) == 0
+    assert main(["store", "inspect", store]) == 0
+    assert "doc.txt" in capsys.readouterr().out
+    assert main(["ask", "--model", "random:tiny", "--store", store, "--stream", "nope", "q"]) == 2
+    assert main(["ingest", "--model", "random:tiny", "--store", store, str(tmp_path / "missing.txt")]) == 2
+    assert main(["eval", "passkey", "--model", "random:tiny", "--lengths", "300", "--depths", "0.5",
+                 "--trials", "1", "--out", str(tmp_path / "pk")]) == 0
+    assert (tmp_path / "pk" / "passkey.png").exists()
+    assert main(["eval", "passkey", "--model", "random:tiny", "--lengths", "3x"]) == 2
+    assert np.isfinite(1.0)
+
+
+def test_batch_memory_matches_row_by_row():
+    """Two streams in one batch (one kernel call) == each stream alone."""
+    from engine.retrieval import BatchMemory
+
+    m = _model()
+    g = torch.Generator().manual_seed(9)
+    docs = [insert_landmarks(torch.randint(0, 256, (112,), generator=g), 8, TOKENIZER.LANDMARK)
+            for _ in range(2)]  # 128 positions each: 2 windows of 64
+    rc = RetrievalConfig(top_k=2, local_blocks=0, chunk_len=64)
+
+    def run(batched):
+        store = _mem_store(m)
+        mems = [RetrievalMemory(m.cfg, store, stream=f"d{i}", retrieval=rc) for i in range(2)]
+        outs = []
+        with torch.no_grad():
+            for w in range(2):
+                x = torch.stack([d[w * 64:(w + 1) * 64] for d in docs])  # (2, 64)
+                if batched:
+                    outs.append(m(x, memory=BatchMemory(mems)))
+                else:
+                    outs.append(torch.cat([m(x[i:i + 1], memory=mems[i]) for i in range(2)]))
+                for mem in mems:
+                    mem.end_chunk()
+        return torch.cat(outs, 1), mems
+
+    a, mems = run(True)
+    b, _ = run(False)
+    assert max_abs_diff(a, b) <= 1e-5
+    assert all(mem.stats.blocks_fetched > 0 for mem in mems)

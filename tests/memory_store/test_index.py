@@ -1,0 +1,309 @@
+"""LandmarkIndex against a brute-force numpy reference, for every backend.
+
+The reference (`ref_topk`) is an independent numpy einsum + argsort; exact and flat
+must return identical ids, ivf and hnsw (with generous parameters) recall >= 0.9.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from memory_store.errors import (FormatVersionError, LandmarkIndexError, ShapeError, StoreError,
+                                 UnknownBlockError)
+from memory_store.index import AUTO_APPROX_BACKEND, LandmarkIndex
+from memory_store.index_backends import AnnParams, faiss_gpu_available
+
+L, H, D = 2, 3, 16
+BACKENDS = ["exact", "flat", "ivf", "hnsw", "auto"]
+
+
+def generous() -> AnnParams:
+    # small data: train ivf early and probe a quarter of the cells; wide hnsw beam
+    return AnnParams(ivf_min_train=256, ivf_probe_fraction=0.25, hnsw_m=16, hnsw_ef_construction=40,
+                     hnsw_ef_search=128)
+
+
+def make(backend: str, device: str = "cpu") -> LandmarkIndex:
+    # auto keeps its default threshold, so on this small data it searches exactly
+    return LandmarkIndex(L, H, D, backend=backend, device=device, params=generous())
+
+
+def data(n: int, seed: int) -> np.ndarray:
+    """Clustered keys (n, L, H, D), as landmark keys are."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((32, L, H, D)).astype(np.float32)
+    return centres[rng.integers(0, 32, n)] + 0.3 * rng.standard_normal((n, L, H, D)).astype(np.float32)
+
+
+def ref_topk(keys: np.ndarray, ids: np.ndarray, layer: int, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute force: keys (N, L, H, D), q (Q, H, D) -> ids, scores (Q, H, min(k, N))."""
+    s = np.einsum("qhd,nhd->qhn", q.astype(np.float64), keys[:, layer].astype(np.float64))  # (Q, H, N)
+    order = np.argsort(-s, axis=-1, kind="stable")[..., :k]
+    return ids[order], np.take_along_axis(s, order, -1)
+
+
+def recall(got: np.ndarray, want: np.ndarray) -> float:
+    k = want.shape[-1]
+    g, w = got.reshape(-1, got.shape[-1]), want.reshape(-1, k)
+    return float(np.mean([len(np.intersect1d(a[:k], b)) / k for a, b in zip(g, w)]))
+
+
+def filled(backend: str, n_a: int = 1200, n_b: int = 800, device: str = "cpu"):
+    keys = data(n_a + n_b, seed=1)
+    ids = np.random.default_rng(2).permutation(10 * (n_a + n_b))[: n_a + n_b].astype(np.int64)  # sparse, unordered ids
+    ix = make(backend, device)
+    ix.add("a", ids[:n_a], torch.from_numpy(keys[:n_a]))
+    ix.add("b", ids[n_a:], keys[n_a:])  # numpy keys accepted too
+    return ix, ids, keys
+
+
+def check_against_ref(ix, backend, keys, ids, layer, q, k):
+    got_ids, got_s = ix.search(layer, torch.from_numpy(q), k)
+    want_ids, want_s = ref_topk(keys, ids, layer, q, k)
+    assert got_ids.shape == (q.shape[0], H, k) and got_ids.dtype == torch.int64
+    assert got_s.shape == (q.shape[0], H, k) and got_s.dtype == torch.float32
+    s = got_s.numpy()
+    assert (np.diff(s, axis=-1) <= 1e-6).all(), "scores not sorted descending"
+    if backend in ("exact", "flat", "auto"):
+        diff = np.abs(s - want_s)
+        assert (got_ids.numpy() == want_ids).all(), f"ids differ; score max diff {diff.max():.2e} mean {diff.mean():.2e}"
+        assert np.allclose(s, want_s, atol=1e-4)
+    else:
+        r = recall(got_ids.numpy(), want_ids)
+        assert r >= 0.9, f"{backend} recall {r:.3f} < 0.9"
+        # the scores returned are the true inner products of the returned ids
+        key_of = {int(i): keys[j] for j, i in enumerate(ids)}
+        true = np.array([[[key_of[int(i)][layer, h] @ q[qi, h] for i in got_ids[qi, h].tolist()]
+                          for h in range(H)] for qi in range(q.shape[0])])
+        assert np.allclose(s, true, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_bruteforce(backend):
+    ix, ids, keys = filled(backend)
+    q = data(20, seed=3)[:, 1]  # (Q, H, D): queries from the key distribution
+    for layer in range(L):
+        check_against_ref(ix, backend, keys, ids, layer, q, k=10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stream_restriction_and_remove(backend):
+    ix, ids, keys = filled(backend)
+    q = data(12, seed=4)[:, 0]
+    n_a = 1200
+    got, _ = ix.search(0, torch.from_numpy(q), 5, streams=["b"])
+    want, _ = ref_topk(keys[n_a:], ids[n_a:], 0, q, 5)
+    assert set(got.numpy().ravel()) <= set(ids[n_a:].tolist())
+    assert recall(got.numpy(), want) >= (1.0 if backend in ("exact", "flat", "auto") else 0.9)
+    got, _ = ix.search(0, torch.from_numpy(q), 5, streams=["a", "nope"])  # unknown names add nothing
+    assert set(got.numpy().ravel()) <= set(ids[:n_a].tolist())
+    got, scores = ix.search(0, torch.from_numpy(q), 5, streams=["nope"])
+    assert (got == -1).all() and torch.isinf(scores).all()
+
+    assert ix.streams() == ["a", "b"]
+    assert (ix.stream_ids("a") == ids[:n_a]).all()
+    assert ix.remove_stream("a") == n_a
+    assert ix.remove_stream("a") == 0
+    assert len(ix) == len(ids) - n_a and ix.streams() == ["b"] and len(ix.stream_ids("a")) == 0
+    check_against_ref(ix, backend, keys[n_a:], ids[n_a:], 1, q, k=8)
+    with pytest.raises(UnknownBlockError):
+        ix.keys(0, torch.from_numpy(ids[:3]))
+    # keys of the survivors are intact after compaction
+    assert np.array_equal(ix.keys(1, torch.from_numpy(ids[n_a:][::7])).numpy(), keys[n_a:][::7, 1])
+    # a re-added stream is searchable again
+    ix.add("a", ids[:n_a], keys[:n_a])
+    check_against_ref(ix, backend, np.concatenate([keys[n_a:], keys[:n_a]]),
+                      np.concatenate([ids[n_a:], ids[:n_a]]), 0, q, k=8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_save_load_roundtrip(backend):
+    ix, ids, keys = filled(backend)
+    q = torch.from_numpy(data(9, seed=5)[:, 0])
+    before = ix.search(1, q, 6)  # builds faiss, so its state is saved too
+    ix.remove_stream("a")
+    before = ix.search(1, q, 6)
+    ix.generation = 7
+    files: dict[str, bytes] = {}
+    ix.save(files.__setitem__)
+    assert all(isinstance(v, bytes) for v in files.values())
+    back = LandmarkIndex.load(files.get)
+    assert back.generation == 7 and len(back) == len(ix) and back.streams() == ix.streams()
+    assert back.backend == backend
+    after = back.search(1, q, 6)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    assert np.array_equal(back.stream_ids("b"), ix.stream_ids("b"))
+    back.add("c", np.array([10**9], dtype=np.int64), keys[:1])  # still mutable after load
+    assert len(back) == len(ix) + 1
+    assert LandmarkIndex.load({}.get) is None
+
+
+def test_load_refuses_other_format():
+    ix, _, _ = filled("exact", 50, 50)
+    files: dict[str, bytes] = {}
+    ix.save(files.__setitem__)
+    files["meta.json"] = files["meta.json"].replace(b'"version": 1', b'"version": 99')
+    with pytest.raises(FormatVersionError):
+        LandmarkIndex.load(files.get)
+    files2: dict[str, bytes] = {}
+    ix.save(files2.__setitem__)
+    del files2["keys.npy"]
+    with pytest.raises(LandmarkIndexError, match="keys.npy"):
+        LandmarkIndex.load(files2.get)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padding_when_k_exceeds_candidates(backend):
+    ix = make(backend)
+    keys = data(5, seed=6)
+    ids = np.array([40, 10, 30, 20, 50], dtype=np.int64)
+    ix.add("s", ids, keys)
+    q = data(3, seed=7)[:, 0]
+    got, s = ix.search(0, torch.from_numpy(q), 8)
+    assert got.shape == (3, H, 8)
+    assert (got[..., 5:] == -1).all() and torch.isneginf(s[..., 5:]).all()
+    want, want_s = ref_topk(keys, ids, 0, q, 5)
+    assert (got[..., :5].numpy() == want).all()  # 5 keys: every backend is exact here
+    empty = make(backend)
+    got, s = empty.search(0, torch.from_numpy(q), 2)
+    assert (got == -1).all() and torch.isneginf(s).all()
+
+
+def snapshot(ix: LandmarkIndex):
+    q = torch.from_numpy(data(4, seed=8)[:, 0])
+    return len(ix), ix.streams(), [ix.stream_ids(s).tolist() for s in ix.streams()], ix.search(0, q, 7)
+
+
+def same(a, b) -> bool:
+    return a[:3] == b[:3] and torch.equal(a[3][0], b[3][0]) and torch.equal(a[3][1], b[3][1])
+
+
+@pytest.mark.parametrize("backend", ["exact", "ivf", "hnsw"])
+def test_bad_input_raises_and_changes_nothing(backend):
+    ix, ids, keys = filled(backend, 300, 300)
+    before = snapshot(ix)
+    good_keys = torch.from_numpy(data(2, seed=9))
+    new = np.array([10**8, 10**8 + 1], dtype=np.int64)
+    q = torch.zeros(2, H, D)
+    bad_calls = [
+        (ShapeError, lambda: ix.add("c", new.astype(np.int32), good_keys)),                # ids not int64
+        (ShapeError, lambda: ix.add("c", torch.from_numpy(new).float(), good_keys)),       # float ids
+        (ShapeError, lambda: ix.add("c", new.reshape(2, 1), good_keys)),                   # ids not 1-D
+        (ShapeError, lambda: ix.add("c", new, good_keys[:, :, :, :-1])),                   # wrong head_dim
+        (ShapeError, lambda: ix.add("c", new, good_keys[:1])),                             # N mismatch
+        (ShapeError, lambda: ix.add("c", new, good_keys.to(torch.int32))),                 # int keys
+        (LandmarkIndexError, lambda: ix.add("c", np.array([5, 5], dtype=np.int64), good_keys)),  # duplicate
+        (LandmarkIndexError, lambda: ix.add("c", np.array([ids[0], 10**8], dtype=np.int64), good_keys)),  # existing
+        (LandmarkIndexError, lambda: ix.add("c", np.array([-1, 10**8], dtype=np.int64), good_keys)),  # negative
+        (LandmarkIndexError, lambda: ix.add("c", new, good_keys * float("nan"))),          # non-finite
+        (LandmarkIndexError, lambda: ix.add("", new, good_keys)),                           # bad stream name
+        (LandmarkIndexError, lambda: ix.search(L, q, 3)),                                   # layer out of range
+        (LandmarkIndexError, lambda: ix.search(-1, q, 3)),
+        (LandmarkIndexError, lambda: ix.search(0, q, 0)),                                   # k < 1
+        (LandmarkIndexError, lambda: ix.search(0, q, 3, streams="a")),                      # str, not a sequence
+        (ShapeError, lambda: ix.search(0, q[:, :, :-1], 3)),                                # wrong head_dim
+        (ShapeError, lambda: ix.search(0, q[0], 3)),                                        # 2-D
+        (ShapeError, lambda: ix.search(0, q.to(torch.int64), 3)),                           # int queries
+        (ShapeError, lambda: ix.keys(0, torch.tensor([1, 2], dtype=torch.int32))),
+        (UnknownBlockError, lambda: ix.keys(0, torch.tensor([10**8]))),
+        (LandmarkIndexError, lambda: ix.keys(L, torch.from_numpy(ids[:2]))),
+    ]
+    for err, call in bad_calls:
+        with pytest.raises(err) as info:
+            call()
+        assert isinstance(info.value, StoreError) and str(info.value)
+        assert same(snapshot(ix), before), f"index changed after a bad call raising {info.value}"
+
+
+def test_auto_switches_at_threshold():
+    keys = data(600, seed=10)
+    ids = np.arange(600, dtype=np.int64)
+    ix = LandmarkIndex(L, H, D, backend="auto", exact_threshold=1000, params=generous())
+    ix.add("s", ids, keys)
+    ix.search(0, torch.from_numpy(keys[:2, 0]), 3)
+    assert not ix.describe()["faiss_built"]  # below the threshold: exact, faiss never built
+    ix.exact_threshold = 100
+    ix.search(0, torch.from_numpy(keys[:2, 0]), 3)
+    assert ix.describe()["faiss_built"]
+
+
+def test_ivf_untrained_falls_back_to_exact_then_trains():
+    ix = LandmarkIndex(L, H, D, backend="ivf", params=AnnParams(ivf_min_train=500, ivf_probe_fraction=0.5))
+    keys = data(1000, seed=11)
+    ids = np.arange(1000, dtype=np.int64)
+    ix.add("s", ids[:300], keys[:300])
+    q = data(5, seed=12)[:, 0]
+    got, _ = ix.search(0, torch.from_numpy(q), 4)
+    assert (got.numpy() == ref_topk(keys[:300], ids[:300], 0, q, 4)[0]).all()
+    assert not ix.describe()["faiss_built"]
+    ix.add("s", ids[300:], keys[300:])
+    got, _ = ix.search(0, torch.from_numpy(q), 4)
+    assert ix.describe()["faiss_built"] and ix.describe()["ivf_nlist"] >= 1
+    assert recall(got.numpy(), ref_topk(keys, ids, 0, q, 4)[0]) >= 0.9
+
+
+def test_keys_lookup_and_dtypes():
+    ix = make("exact")
+    keys = torch.from_numpy(data(10, seed=13)).to(torch.bfloat16)  # any float dtype, stored float32
+    ids = torch.arange(100, 110)
+    ix.add("s", ids, keys)
+    got = ix.keys(1, torch.tensor([107, 101]))
+    assert got.shape == (2, H, D) and got.dtype == torch.float32
+    assert torch.equal(got, keys[[7, 1], 1].float())
+    ids_out, _ = ix.search(0, keys[:2, 0].to(torch.float16), 1)  # half queries accepted
+    assert ids_out.dtype == torch.int64
+
+
+def test_many_small_adds_grow_capacity():
+    ix = make("flat")
+    keys = data(2100, seed=14)
+    for i in range(0, 2100, 300):
+        ix.add(f"s{i % 2}", np.arange(i, i + 300, dtype=np.int64), keys[i:i + 300])
+        ix.search(0, torch.from_numpy(keys[:1, 0]), 2)  # keep faiss built so later adds are incremental
+    check_against_ref(ix, "flat", keys, np.arange(2100, dtype=np.int64), 0, data(6, seed=15)[:, 1], 5)
+
+
+def _device_twin(device: str):
+    ix, ids, keys = filled("exact", device=device)
+    q = torch.from_numpy(data(7, seed=16)[:, 0]).to(device)
+    got, s = ix.search(1, q, 9, streams=["b", "a"])
+    assert got.device == q.device and s.device == q.device
+    want, _ = ref_topk(keys, ids, 1, q.cpu().numpy(), 9)
+    assert (got.cpu().numpy() == want).all()
+    if faiss_gpu_available() and device != "cpu":
+        ixf, _, _ = filled("ivf", device=device)
+        assert ixf.describe()["faiss_gpu"]
+        gf, _ = ixf.search(1, q, 9)
+        assert recall(gf.cpu().numpy(), want) >= 0.9
+
+
+def test_device_path_cpu_twin():
+    _device_twin("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_path_gpu():
+    _device_twin("cuda")
+
+
+def test_auto_falls_back_to_exact_when_measured_recall_is_low():
+    # random keys + a 2-wide hnsw beam / 1 of 64 ivf lists: recall far below 0.95, so auto
+    # must answer exactly whichever approximate backend it is set to use
+    rng = np.random.default_rng(17)
+    keys = rng.standard_normal((3000, L, H, D)).astype(np.float32)
+    ids = np.arange(3000, dtype=np.int64)
+    bad = AnnParams(hnsw_m=4, hnsw_ef_construction=8, hnsw_ef_search=2,
+                    ivf_nlist=64, ivf_nprobe=1, ivf_min_train=1000)
+    ix = LandmarkIndex(L, H, D, backend="auto", exact_threshold=100, params=bad)
+    ix.add("s", ids, keys)
+    q = rng.standard_normal((40, H, D)).astype(np.float32)
+    got, _ = ix.search(0, torch.from_numpy(q), 10)
+    assert ix.describe()["auto_recall"] < 0.95
+    assert (got.numpy() == ref_topk(keys, ids, 0, q, 10)[0]).all()
+    # the same graph searched directly is approximate, so the check above can fail
+    ix.backend = AUTO_APPROX_BACKEND
+    raw, _ = ix.search(0, torch.from_numpy(q), 10)
+    assert recall(raw.numpy(), ref_topk(keys, ids, 0, q, 10)[0]) < 0.95

@@ -1,0 +1,250 @@
+"""TieredStore: round trips, persistence, tiers and budgets, the derived index, prefetch, other zarr stores."""
+
+from __future__ import annotations
+
+import json
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+import zarr
+from _store_helpers import LAYOUT, make_blocks
+
+from memory_store import StoreConfig, StoreLayout, TieredStore
+from memory_store.disk import COMMIT_KEY
+
+EB = LAYOUT.block_bytes()
+
+
+def small_config(**kw) -> StoreConfig:
+    base = dict(device_budget_bytes=3 * EB, host_budget_bytes=5 * EB, sync_mode="none")
+    base.update(kw)
+    return StoreConfig(**base)
+
+
+def check_budgets(store: TieredStore) -> None:
+    for tier in store.tiers[:2]:
+        assert tier.nbytes <= tier.budget_bytes and tier.allocated_bytes <= tier.budget_bytes, tier.name
+    dev = set(store.tiers[0].keys())
+    assert not dev & set(store.tiers[1].keys()), "memory tiers must be exclusive"
+
+
+def test_put_get_every_layer_bit_exact(tmp_path):
+    k, v, lm = make_blocks(7, seed=1)
+    with TieredStore.open(tmp_path / "s", "a", layout=LAYOUT, config=small_config()) as s:
+        ids = s.put_blocks("doc", k[:4], v[:4], lm[:4])
+        ids2 = s.put_blocks("doc", k[4:], v[4:], lm[4:])
+        assert ids.tolist() == [0, 1, 2, 3] and ids2.tolist() == [4, 5, 6]
+        for layer in range(LAYOUT.n_layers):
+            order = [6, 0, 3, 3, 5]
+            K, V = s.get_layer(order, layer)
+            assert torch.equal(K, k[order, layer]) and torch.equal(V, v[order, layer])
+            check_budgets(s)
+        names, ords = s.block_meta([5, 1])
+        assert names == ["doc", "doc"] and ords.tolist() == [5, 1]
+        b = s.get(2)
+        assert b.stream == "doc" and b.ordinal == 2 and torch.equal(b.k, k[2]) and torch.equal(b.landmarks, lm[2])
+        assert s.get(99) is None and s.contains(6) and not s.contains(7)
+
+
+def test_reopen_has_every_flushed_block_and_meta(tmp_path):
+    k, v, lm = make_blocks(9, seed=2)
+    with TieredStore.open(tmp_path / "s", "w", layout=LAYOUT, config=small_config()) as s:
+        s.put_blocks("a", k[:5], v[:5], lm[:5])
+        s.put_blocks("b", k[5:], v[5:], lm[5:])
+        s.set_stream_meta("a", {"tail": [1, 2, 3], "n": 5})
+    with TieredStore.open(tmp_path / "s", "a", config=small_config()) as s:
+        assert s.index_source == "loaded"
+        assert s.streams() == ["a", "b"]
+        assert s.stream_blocks("b").tolist() == [5, 6, 7, 8]
+        assert s.get_stream_meta("a") == {"tail": [1, 2, 3], "n": 5}
+        K, V = s.get_layer(np.arange(9), 1)
+        assert torch.equal(K, k[:, 1]) and torch.equal(V, v[:, 1])
+        ids = s.put_blocks("a", k[:1], v[:1], lm[:1])  # ordinals continue after reopen
+        assert ids.tolist() == [9] and s.block_meta(ids)[1].tolist() == [5]
+
+
+def test_zarr_python_reads_the_store_on_its_own(tmp_path):
+    k, v, lm = make_blocks(3, seed=3)
+    with TieredStore.open(tmp_path / "s", "w", layout=LAYOUT, config=small_config()) as s:
+        s.put_blocks("doc", k, v, lm)
+    g = zarr.open_group(tmp_path / "s", mode="r")
+    assert np.array_equal(g["k"][:3], k.numpy()) and np.array_equal(g["v"][:3], v.numpy())
+    assert np.array_equal(g["landmarks"][:3], lm.numpy())
+    assert g["k"].chunks == (1, 1, LAYOUT.n_kv_heads, LAYOUT.block_len, LAYOUT.head_dim)
+    assert g.attrs["folio"]["layout"] == LAYOUT.to_dict()
+    assert json.loads((tmp_path / "s" / COMMIT_KEY).read_text())["n_rows"] == 3
+
+
+def test_unflushed_blocks_are_invisible_after_reopen(tmp_path):
+    k, v, lm = make_blocks(4, seed=4)
+    s = TieredStore.open(tmp_path / "s", "w", layout=LAYOUT, config=small_config())
+    s.put_blocks("doc", k[:2], v[:2], lm[:2])
+    s.flush()
+    s.put_blocks("doc", k[2:], v[2:], lm[2:])
+    s._stopping = True  # simulate a crash: never flushed, threads abandoned
+    with TieredStore.open(tmp_path / "s", "r", config=small_config()) as r:
+        assert len(r) == 2 and r.index_source == "rebuilt" and len(r.index) == 2
+        assert r.stream_blocks("doc").tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("device_entries,host_entries", [(0, 0), (1, 0), (0, 2), (3, 5), (40, 40)])
+def test_budgets_hold_and_reads_stay_exact(tmp_path, device_entries, host_entries):
+    k, v, lm = make_blocks(12, seed=5)
+    cfg = small_config(device_budget_bytes=device_entries * EB, host_budget_bytes=host_entries * EB + 3)
+    rng = np.random.default_rng(0)
+    with TieredStore.open(tmp_path / "s", "w", layout=LAYOUT, config=cfg) as s:
+        s.put_blocks("x", k, v, lm)
+        check_budgets(s)
+        for step in range(20):
+            ids = rng.choice(12, size=rng.integers(1, 8), replace=True)
+            layer = int(rng.integers(0, 2))
+            K, V = s.get_layer(ids, layer)
+            assert torch.equal(K, k[ids, layer]) and torch.equal(V, v[ids, layer])
+            check_budgets(s)
+            if step == 10:
+                s.flush()
+        st = s.stats()
+        assert st["tiers"]["device"]["bytes"] <= device_entries * EB
+        assert st["get_latency_ms"]["count"] == 20 and st["get_latency_ms"]["p50"] > 0
+
+
+def test_reads_hit_fastest_tier_and_promote(tmp_path):
+    k, v, lm = make_blocks(10, seed=6)
+    cfg = small_config(device_budget_bytes=4 * EB, host_budget_bytes=4 * EB)
+    with TieredStore.open(tmp_path / "s", "w", layout=LAYOUT, config=cfg) as s:
+        s.put_blocks("x", k, v, lm)
+        s.flush()
+        dev, host = s.tiers[0], s.tiers[1]
+        assert set(dev.keys()) == {(8, 0), (8, 1), (9, 0), (9, 1)}  # newest writes on the device
+        assert set(host.keys()) == {(6, 0), (6, 1), (7, 0), (7, 1)}  # demoted to host
+        before = s.stats()
+        s.get_layer([8], 0)
+        s.get_layer([6], 0)
+        s.get_layer([0], 0)
+        after = s.stats()
+        assert after["hits"]["device"] - before["hits"]["device"] == 1
+        assert after["hits"]["host"] - before["hits"]["host"] == 1
+        assert after["hits"]["disk"] - before["hits"]["disk"] == 1
+        assert dev.contains((6, 0)) and dev.contains((0, 0)) and not host.contains((6, 0))
+        s.get_layer([0], 0)
+        assert s.stats()["hits"]["device"] - after["hits"]["device"] == 1
+
+
+def test_delete_stream_removes_data_and_index(tmp_path):
+    k, v, lm = make_blocks(6, seed=7)
+    with TieredStore.open(tmp_path / "s", "w", layout=LAYOUT, config=small_config(save_index="flush")) as s:
+        s.put_blocks("keep", k[:3], v[:3], lm[:3])
+        s.put_blocks("gone", k[3:], v[3:], lm[3:])
+        s.flush()
+        assert s.delete_stream("gone") == 3 and s.delete_stream("gone") == 0
+        assert s.streams() == ["keep"] and not s.contains(4) and len(s.index) == 3
+        ids, _ = s.search(0, lm[4, 0].float().unsqueeze(0), k=6)
+        assert set(ids.flatten().tolist()) <= {0, 1, 2, -1}
+        s.flush()
+        assert not (tmp_path / "s" / "k" / "c" / "4").exists()  # chunks removed after the commit
+        s.put_blocks("gone", k[3:4], v[3:4], lm[3:4])  # a name can come back, as a new stream
+    with TieredStore.open(tmp_path / "s", "r") as r:
+        assert r.index_source == "loaded" and len(r.index) == 4
+        assert r.streams() == ["keep", "gone"] and r.stream_blocks("gone").tolist() == [6]
+        assert r.block_meta([6])[1].tolist() == [0]
+        K, _ = r.get_layer([0, 1, 2, 6], 0)
+        assert torch.equal(K, k[[0, 1, 2, 3], 0])
+
+
+def test_stale_or_missing_index_is_rebuilt(tmp_path):
+    k, v, lm = make_blocks(5, seed=8)
+    with TieredStore.open(tmp_path / "s", "w", layout=LAYOUT, config=small_config()) as s:
+        s.put_blocks("doc", k, v, lm)
+    q = torch.randn(3, LAYOUT.n_kv_heads, LAYOUT.head_dim)
+    with TieredStore.open(tmp_path / "s", "r") as r:
+        want = r.search(1, q, 3)
+    # stale: a later commit that did not save the index
+    with TieredStore.open(tmp_path / "s", "a", config=small_config(save_index="never")) as s:
+        s.set_stream_meta("doc", {"x": 1})
+    with TieredStore.open(tmp_path / "s", "r") as r:
+        assert r.index_source == "rebuilt"
+        got = r.search(1, q, 3)
+        assert torch.equal(got[0], want[0]) and torch.allclose(got[1], want[1])
+
+
+def test_prefetch_then_get_does_not_touch_disk(tmp_path):
+    k, v, lm = make_blocks(8, seed=9)
+    with TieredStore.open(tmp_path / "s", "w", layout=LAYOUT, config=small_config()) as s:
+        s.put_blocks("doc", k, v, lm)
+    cfg = small_config(device_budget_bytes=8 * EB, host_budget_bytes=8 * EB)
+    with TieredStore.open(tmp_path / "s", "r", config=cfg) as s:
+        s.prefetch([1, 2, 3], layer=1)
+        s.prefetch([1, 2, 3], layer=1)  # already in flight or warm: no second load
+        K, V = s.get_layer([3, 1, 2], 1)
+        st = s.stats()
+        assert st["hits"]["disk"] == 3 and st["prefetched_entries"] == 3 and st["hits"]["device"] == 3
+        assert torch.equal(K, k[[3, 1, 2], 1]) and torch.equal(V, v[[3, 1, 2], 1])
+        s.prefetch([5])  # all layers
+        K, _ = s.get_layer([5], 0)
+        assert torch.equal(K, k[[5], 0])
+
+
+def test_write_through_and_queue_reads(tmp_path):
+    k, v, lm = make_blocks(6, seed=10)
+    for wb in (False, True):
+        cfg = small_config(write_behind=wb, device_budget_bytes=0, host_budget_bytes=0)
+        with TieredStore.open(tmp_path / f"s{wb}", "w", layout=LAYOUT, config=cfg) as s:
+            s.put_blocks("doc", k, v, lm)  # nothing fits in memory: reads come from queue or disk
+            K, V = s.get_layer([5, 0], 1)
+            assert torch.equal(K, k[[5, 0], 1]) and torch.equal(V, v[[5, 0], 1])
+
+
+@pytest.mark.parametrize("kind", ["memory", "fsspec"])
+def test_other_zarr_stores(kind, tmp_path):
+    if kind == "memory":
+        store = zarr.storage.MemoryStore()
+    else:
+        fsspec.filesystem("memory").rm("/folio-test", recursive=True) if fsspec.filesystem("memory").exists(
+            "/folio-test") else None
+        store = zarr.storage.FsspecStore.from_url("memory:///folio-test")
+    k, v, lm = make_blocks(5, seed=11)
+    with TieredStore.open(store, "w", layout=LAYOUT, config=small_config()) as s:
+        s.put_blocks("doc", k, v, lm)
+        s.set_stream_meta("doc", {"n": 5})
+    with TieredStore.open(store, "r", layout=LAYOUT) as r:
+        assert r.index_source == "loaded" and r.get_stream_meta("doc") == {"n": 5}
+        K, V = r.get_layer([4, 2], 0)
+        assert torch.equal(K, k[[4, 2], 0]) and torch.equal(V, v[[4, 2], 0])
+    assert np.array_equal(zarr.open_group(store, mode="r")["v"][:5], v.numpy())
+
+
+def test_bfloat16_store(tmp_path):
+    lay = StoreLayout(n_layers=1, n_kv_heads=1, block_len=2, head_dim=4, dtype="bfloat16")
+    k, v, lm = make_blocks(3, seed=12, layout=lay)
+    with TieredStore.open(tmp_path / "s", "w", layout=lay, config=small_config()) as s:
+        s.put_blocks("doc", k, v, lm)
+    with TieredStore.open(tmp_path / "s", "r") as r:
+        K, V = r.get_layer([0, 1, 2], 0)
+        assert K.dtype == torch.bfloat16 and torch.equal(K, k[:, 0]) and torch.equal(V, v[:, 0])
+        assert torch.equal(r.get(1).landmarks, lm[1])
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="device_budget_bytes"):
+        StoreConfig(device_budget_bytes=-1)
+    with pytest.raises(ValueError, match="save_index"):
+        StoreConfig(save_index="sometimes")
+    with pytest.raises(ValueError, match="eviction"):
+        StoreConfig(eviction="fifo")
+    with pytest.raises(ValueError, match="dtype"):
+        StoreLayout(n_layers=1, n_kv_heads=1, block_len=1, head_dim=1, dtype="int8")
+
+
+def test_inspect_report(tmp_path):
+    from memory_store.inspect import inspect_store
+
+    k, v, lm = make_blocks(5, seed=13)
+    with TieredStore.open(tmp_path / "s", "w", layout=LAYOUT, config=small_config()) as s:
+        s.put_blocks("alpha", k[:3], v[:3], lm[:3])
+        s.put_blocks("beta", k[3:], v[3:], lm[3:])
+    report = inspect_store(tmp_path / "s")
+    assert LAYOUT.describe() in report and "on disk" in report and "p50" in report
+    assert any(line.split()[:2] == ["alpha", "3"] for line in report.splitlines())
+    assert any(line.split()[:2] == ["beta", "2"] for line in report.splitlines())

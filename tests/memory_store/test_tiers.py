@@ -1,0 +1,185 @@
+"""One conformance suite that every tier passes (subclassed per tier), plus the eviction policy."""
+
+from __future__ import annotations
+
+import fsspec
+import pytest
+import torch
+import zarr
+
+from memory_store.disk import DiskTier
+from memory_store.errors import BudgetError, ClosedError, ReadOnlyError, ShapeError
+from memory_store.eviction import LRUPolicy, make_policy
+from memory_store.layout import StoreLayout
+from memory_store.tiers import DeviceTier, HostTier, Tier
+
+from _store_helpers import LAYOUT
+
+BF16 = StoreLayout(n_layers=2, n_kv_heads=2, block_len=4, head_dim=8, dtype="bfloat16")
+
+
+def entry(seed: int, layout: StoreLayout = LAYOUT) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(layout.kv_shape, generator=g).to(layout.torch_dtype),
+            torch.randn(layout.kv_shape, generator=g).to(layout.torch_dtype))
+
+
+class TierConformance:
+    """Every tier: put/get bit-exact, a miss is None, contains/delete, batched forms, bad input, close."""
+
+    def make_tier(self, tmp_path, layout: StoreLayout = LAYOUT) -> Tier:
+        raise NotImplementedError
+
+    def test_roundtrip_bit_exact(self, tmp_path):
+        tier = self.make_tier(tmp_path)
+        k, v = entry(1)
+        tier.put((3, 1), k, v)
+        got = tier.get((3, 1))
+        assert got is not None
+        assert torch.equal(got[0].cpu(), k) and torch.equal(got[1].cpu(), v)
+
+    def test_bfloat16_roundtrip(self, tmp_path):
+        tier = self.make_tier(tmp_path, BF16)
+        k, v = entry(2, BF16)
+        tier.put((0, 0), k, v)
+        got = tier.get((0, 0))
+        assert got[0].dtype == torch.bfloat16 and torch.equal(got[0].cpu(), k) and torch.equal(got[1].cpu(), v)
+
+    def test_miss_is_none(self, tmp_path):
+        tier = self.make_tier(tmp_path)
+        assert tier.get((7, 0)) is None
+        assert not tier.contains((7, 0))
+        assert tier.get_many([(7, 0), (8, 1)]) == [None, None]
+        assert tier.get_stacked([(7, 0)]) is None
+
+    def test_contains_and_delete(self, tmp_path):
+        tier = self.make_tier(tmp_path)
+        tier.put((1, 0), *entry(3))
+        assert tier.contains((1, 0)) and not tier.contains((1, 1))
+        assert tier.delete((1, 0)) is True
+        assert tier.delete((1, 0)) is False
+        assert tier.get((1, 0)) is None
+
+    def test_overwrite(self, tmp_path):
+        tier = self.make_tier(tmp_path)
+        tier.put((1, 1), *entry(4))
+        k, v = entry(5)
+        tier.put((1, 1), k, v)
+        got = tier.get((1, 1))
+        assert torch.equal(got[0].cpu(), k) and torch.equal(got[1].cpu(), v)
+
+    def test_batched_forms(self, tmp_path):
+        tier = self.make_tier(tmp_path)
+        keys = [(i, i % 2) for i in range(5)]
+        ks = torch.stack([entry(10 + i)[0] for i in range(5)])  # (M, H, T, D)
+        vs = torch.stack([entry(10 + i)[1] for i in range(5)])
+        tier.put_many(keys, ks, vs)
+        k, v = tier.get_stacked(list(reversed(keys)))
+        assert torch.equal(k.cpu(), ks.flip(0)) and torch.equal(v.cpu(), vs.flip(0))
+        many = tier.get_many(keys + [(99, 0)])
+        assert many[-1] is None and all(torch.equal(m[0].cpu(), ks[i]) for i, m in enumerate(many[:-1]))
+        assert tier.contains_many(keys[:2] + [(99, 0)]) == [True, True, False]
+        assert tier.delete_many(keys[:2] + [(99, 0)]) == 2
+        assert tier.get((0, 0)) is None and tier.get((2, 0)) is not None
+
+    def test_bad_shape_and_dtype(self, tmp_path):
+        tier = self.make_tier(tmp_path)
+        k, v = entry(6)
+        with pytest.raises(ShapeError, match="shape"):
+            tier.put((0, 0), k[:, :2], v)
+        with pytest.raises(ShapeError, match="dtype"):
+            tier.put((0, 0), k.double(), v)
+        assert tier.get((0, 0)) is None  # nothing half-stored
+
+    def test_closed(self, tmp_path):
+        tier = self.make_tier(tmp_path)
+        tier.close()
+        with pytest.raises(ClosedError):
+            tier.get((0, 0))
+
+
+class MemoryTierConformance(TierConformance):
+    def test_budget_never_exceeded(self, tmp_path):
+        tier = self.make_tier(tmp_path)
+        cap = tier.max_entries
+        for i in range(cap):
+            tier.put((i, 0), *entry(i))
+            assert tier.nbytes <= tier.budget_bytes and tier.allocated_bytes <= tier.budget_bytes
+        with pytest.raises(BudgetError):
+            tier.put((cap, 0), *entry(0))
+        assert len(tier) == cap
+
+    def test_pop_victims_is_lru(self, tmp_path):
+        tier = self.make_tier(tmp_path)
+        for i in range(4):
+            tier.put((i, 0), *entry(i))
+        tier.get((0, 0))  # 0 becomes most recent
+        keys, k, _ = tier.pop_victims(2, exclude={(1, 0)})
+        assert keys == [(2, 0), (3, 0)]
+        assert torch.equal(k[0].cpu(), entry(2)[0])
+        assert not tier.contains((2, 0)) and tier.contains((1, 0))
+
+
+class TestDeviceTier(MemoryTierConformance):
+    def make_tier(self, tmp_path, layout=LAYOUT):
+        return DeviceTier(layout, 6 * layout.block_bytes() + 5)
+
+
+class TestHostTier(MemoryTierConformance):
+    def make_tier(self, tmp_path, layout=LAYOUT):
+        return HostTier(layout, 6 * layout.block_bytes())
+
+
+class DiskConformance(TierConformance):
+    def make_store(self, tmp_path):
+        raise NotImplementedError
+
+    def make_tier(self, tmp_path, layout=LAYOUT):
+        tier, record = DiskTier.open(self.make_store(tmp_path), "w", layout=layout, sync_mode="none")
+        assert record.n_rows == 0
+        return tier
+
+    def test_read_only_refuses_writes(self, tmp_path):
+        where = self.make_store(tmp_path)
+        tier, _ = DiskTier.open(where, "w", layout=LAYOUT, sync_mode="none")
+        tier.put((0, 0), *entry(1))
+        ro, _ = DiskTier.open(where if not isinstance(where, zarr.storage.LocalStore) else where.root, "r")
+        assert not ro.supports_writes
+        with pytest.raises(ReadOnlyError):
+            ro.put((1, 0), *entry(2))
+        assert torch.equal(ro.get((0, 0))[0], entry(1)[0])
+
+
+class TestDiskTierLocal(DiskConformance):
+    def make_store(self, tmp_path):
+        return zarr.storage.LocalStore(tmp_path / "store")
+
+
+class TestDiskTierMemoryStore(DiskConformance):
+    def make_store(self, tmp_path):
+        return zarr.storage.MemoryStore()
+
+
+class TestDiskTierFsspec(DiskConformance):
+    """An fsspec-backed zarr store (fsspec's memory filesystem) as the object-storage stand-in."""
+
+    def make_store(self, tmp_path):
+        fs = fsspec.filesystem("memory", asynchronous=False)
+        root = f"/folio-{tmp_path.name}"
+        return zarr.storage.FsspecStore.from_url(f"memory://{root}")
+
+
+def test_lru_policy_without_tensors():
+    p = LRUPolicy()
+    for key in "abcd":
+        p.insert(key)
+    p.touch("a")
+    p.touch("zz")  # unknown: ignored
+    assert list(p) == ["b", "c", "d", "a"] and len(p) == 4
+    assert p.victim() == "b" and p.victim(exclude={"b", "c"}) == "d"
+    p.remove("b")
+    p.insert("c")  # re-insert counts as use
+    assert list(p) == ["d", "a", "c"] and "b" not in p
+    assert p.victim(exclude={"a", "c", "d"}) is None
+    with pytest.raises(ValueError, match="lru"):
+        make_policy("mru")

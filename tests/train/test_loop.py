@@ -1,0 +1,157 @@
+"""The DeepSpeed training loop: exact resume, signals, checkpoints, export, errors before training."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+
+import pytest
+import torch
+
+from engine.checkpoint import load_model
+from train.checkpoint import export_from_checkpoint, find_checkpoint, load_exported, read_meta
+from train.config import train_preset
+from train.errors import CheckpointError, CheckpointMismatchError, DataError, DSConfigError
+from train.loop import DSOptions, train
+from train.metrics import read_metrics
+
+NO_OFFLOAD = DSOptions(offload="none")
+
+
+def _cfg(out, **kw):
+    # the smoke preset: 1 layer, d_model 64, windows of 128 positions, 2 lanes
+    return train_preset("smoke", out_dir=str(out), save_every=0, **kw)
+
+
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    steps = 8
+    full = train(_cfg(tmp_path / "a", max_steps=steps), ds=NO_OFFLOAD, progress=False)
+    assert len(full.losses) == steps and full.losses[-1] < full.losses[0]
+
+    def interrupt(step, record):
+        if step == steps // 2:
+            signal.raise_signal(signal.SIGINT)  # through the real handler
+
+    first = train(_cfg(tmp_path / "b", max_steps=steps), ds=NO_OFFLOAD, progress=False, on_step=interrupt)
+    assert first.stopped_by == "SIGINT" and first.step == steps // 2
+    assert first.checkpoint == find_checkpoint(tmp_path / "b") and first.checkpoint.name == "step00000004"
+    second = train(_cfg(tmp_path / "b", max_steps=steps), ds=NO_OFFLOAD, progress=False, resume=True)
+    assert second.step == steps and second.stopped_by is None
+    resumed = first.losses + second.losses
+    diff = max(abs(a - b) for a, b in zip(full.losses, resumed))
+    assert resumed == pytest.approx(full.losses, abs=1e-6), f"max diff {diff}"
+    # metrics.jsonl of the resumed run reads as one run; the loss curve is drawn
+    assert [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")] == list(range(1, steps + 1))
+    rec = read_metrics(tmp_path / "b" / "metrics.jsonl")[-1]
+    assert rec["pulled_bytes"] == {"device": 0, "host": 0, "disk": 0} and rec["tokens_per_s"] > 0
+    assert (tmp_path / "b" / "loss.png").stat().st_size > 1000
+    # the weights written with the checkpoint are the final ones of the uninterrupted run
+    _, wa = load_exported(find_checkpoint(tmp_path / "a"))
+    _, wb = load_exported(find_checkpoint(tmp_path / "b"))
+    assert wa.keys() == wb.keys()
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_export_round_trip_and_checkpoint_contents(tmp_path):
+    res = train(_cfg(tmp_path / "r", max_steps=2, eval_windows=3), ds=NO_OFFLOAD, progress=False)
+    assert res.eval_loss is not None and 0 < res.eval_loss < 2 * math.log(260)
+    meta = read_meta(res.checkpoint)
+    assert meta["step"] == 2 and meta["world_size"] == 1 and meta["precision"] == "fp32"
+    assert meta["ranks"][0]["data"]["lanes"]  # the data position travels with the checkpoint
+    out = export_from_checkpoint(tmp_path / "r", tmp_path / "export")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    cfg, state = load_exported(out)
+    assert cfg == _cfg(tmp_path).model_config()
+    model = load_model(out)  # the engine's loader reads the same files
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    tokens = torch.randint(0, 256, (1, 32))
+    assert model(tokens).shape == (1, 32, cfg.vocab_size)
+
+
+def test_cpu_optimizer_offload_trains_and_resumes(tmp_path):
+    """The default ds_config path: ZeRO-2 with DeepSpeed's CPU Adam (builds cpu_adam on first use)."""
+    ds = DSOptions()  # the shipped ds_config.json
+    a = train(_cfg(tmp_path / "o", max_steps=3), ds=ds, progress=False, stop_after=2)
+    assert a.stopped_by == "stop_after" and a.step == 2
+    b = train(_cfg(tmp_path / "o", max_steps=3), ds=ds, progress=False, resume=tmp_path / "o")
+    assert b.step == 3
+    assert "torch_adam" not in read_meta(b.checkpoint)["ds_config"]["optimizer"]["params"]
+
+
+def test_resume_from_another_model_shape_fails_before_training(tmp_path):
+    train(_cfg(tmp_path / "s", max_steps=1), ds=NO_OFFLOAD, progress=False)
+    other = _cfg(tmp_path / "s", max_steps=2, model_overrides={"n_layers": 2, "d_model": 64, "ffn_hidden": 128,
+                                                               "max_seq_len": 128, "block_len": 32})
+    with pytest.raises(CheckpointMismatchError, match=r"n_layers=1.*this run builds n_layers=2"):
+        train(other, ds=NO_OFFLOAD, progress=False, resume=True,
+              model_factory=lambda cfg: pytest.fail("a model was built"))
+
+
+def test_resume_without_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        train(_cfg(tmp_path / "x"), ds=NO_OFFLOAD, resume=tmp_path / "nothing")
+
+
+def _never(cfg):
+    pytest.fail("training started")
+
+
+def test_errors_before_any_training_starts(tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text("{not json")
+    with pytest.raises(DSConfigError, match="malformed JSON"):
+        train(_cfg(tmp_path / "e"), ds=DSOptions(config=bad), model_factory=_never)
+    with pytest.raises(DSConfigError, match="does not exist"):
+        train(_cfg(tmp_path / "e"), ds=DSOptions(config=tmp_path / "missing.json"), model_factory=_never)
+    with pytest.raises(DataError, match="does not exist"):
+        train(_cfg(tmp_path / "e", data=(str(tmp_path / "nope"),)), ds=NO_OFFLOAD, model_factory=_never)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no text"):
+        train(_cfg(tmp_path / "e", data=(str(tmp_path / "empty"),)), ds=NO_OFFLOAD, model_factory=_never)
+    contra = tmp_path / "ds2.json"
+    contra.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16}))
+    with pytest.raises(DSConfigError, match="16 contradicts TrainConfig.micro_batch=2"):
+        train(_cfg(tmp_path / "e"), ds=DSOptions(config=contra), model_factory=_never)
+    assert not (tmp_path / "e").exists()
+
+
+def test_zero3_with_parameter_offload_writes_full_weights(tmp_path):
+    res = train(_cfg(tmp_path / "z3", max_steps=1), ds=DSOptions(offload="param,optimizer"), progress=False)
+    assert read_meta(res.checkpoint)["ds_config"]["zero_optimization"]["stage"] == 3
+    model = load_model(export_from_checkpoint(res.checkpoint, tmp_path / "exp"))  # strict: full shapes
+    assert model.tok_emb.weight.shape == (260, 64)
+
+
+def test_retrieval_training_resumes_exactly_and_pulls_blocks(tmp_path):
+    """With retrieval from the store, a stopped-and-resumed run's losses equal one run's."""
+    steps = 10
+    kw = dict(max_steps=steps, retrieval=True, retrieval_top_k=2, synthetic_chars=(400, 1200))
+    full = train(_cfg(tmp_path / "a", **kw), ds=NO_OFFLOAD, progress=False)
+    recs = read_metrics(tmp_path / "a" / "metrics.jsonl")
+    pulled = sum(sum(r["pulled_bytes"].values()) for r in recs)
+    assert pulled > 0  # later windows retrieved earlier windows' blocks
+    # a block entry of the smoke model: 2 (K, V) x 2 kv heads x 32 positions x 32 dims x 4 bytes
+    assert pulled % (2 * 2 * 32 * 32 * 4) == 0
+
+    def interrupt(step, record):
+        if step == 5:
+            signal.raise_signal(signal.SIGINT)
+
+    first = train(_cfg(tmp_path / "b", **kw), ds=NO_OFFLOAD, progress=False, on_step=interrupt)
+    assert first.stopped_by == "SIGINT" and first.step == 5
+    second = train(_cfg(tmp_path / "b", **kw), ds=NO_OFFLOAD, progress=False, resume=True)
+    resumed = first.losses + second.losses
+    assert resumed == pytest.approx(full.losses, abs=1e-5), \
+        f"max diff {max(abs(a - b) for a, b in zip(full.losses, resumed))}"
+
+
+def test_retrieval_changes_the_loss_of_later_windows(tmp_path):
+    """The same data with and without retrieval: identical first step (nothing stored yet),
+    different later steps (later windows attend to retrieved blocks)."""
+    kw = dict(max_steps=4, synthetic_chars=(600, 1200))
+    plain = train(_cfg(tmp_path / "p", **kw), ds=NO_OFFLOAD, progress=False)
+    retr = train(_cfg(tmp_path / "r", retrieval=True, **kw), ds=NO_OFFLOAD, progress=False)
+    assert retr.losses[0] == pytest.approx(plain.losses[0], abs=1e-6)
+    assert any(abs(a - b) > 1e-4 for a, b in zip(retr.losses[1:], plain.losses[1:]))

@@ -1,0 +1,197 @@
+"""Training configuration: one validated dataclass and its presets.
+
+`TrainConfig` says what to train (a model preset plus overrides), on what (data
+sources, mixed by weight), how (window, batch, schedule) and where results go. Fields
+that DeepSpeed also has (micro-batch, accumulation, lr, clipping, precision) are filled
+into ds_config from here by `train/ds_engine.py`; ds_config may only agree with them.
+Presets are plain data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.config import PRESETS as MODEL_PRESETS
+from engine.config import ModelConfig, preset
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BUILTIN_SOURCES = ("passkey", "recall", "stdlib", "stdlib-heldout")
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"TrainConfig.{name}={value!r} is invalid: {allowed}")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """Everything a training run needs besides ds_config.json."""
+
+    model: str = "tiny"
+    """Model preset name (see `engine.config.PRESETS`)."""
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    """ModelConfig fields that replace the preset's (e.g. {"n_layers": 1})."""
+    data: tuple[str, ...] = ("passkey", "stdlib")
+    """Data sources: built-ins ('passkey', 'recall', 'stdlib', 'stdlib-heldout') or paths
+    to text files, folders of text files, or .jsonl files."""
+    data_weights: tuple[float, ...] | None = None
+    """Relative share of documents drawn from each source; None = equal."""
+    jsonl_field: str = "text"
+    """Field of each JSONL record that holds the document text."""
+    synthetic_chars: tuple[int, int] = (300, 1500)
+    """(min, max) length in characters of generated passkey / recall documents."""
+    window_len: int | None = None
+    """Positions per training window, landmarks included; a multiple of block_len.
+    None = the model's max_seq_len."""
+    micro_batch: int = 4
+    """Windows per forward pass per process (one document lane each)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    max_steps: int = 200
+    """Optimizer steps of the whole run (the lr schedule spans them)."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final lr as a fraction of the peak (cosine decay)."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+    precision: str = "auto"
+    """'auto' (bf16 on a GPU that supports it, else fp32), 'fp32', 'bf16' or 'fp16'."""
+    seed: int = 0
+    """Seeds model init and the data order."""
+    out_dir: str = "runs/default"
+    """Where checkpoints, metrics.jsonl and loss.png go."""
+    save_every: int = 100
+    """Checkpoint every N steps (also at the end and on SIGTERM/SIGINT); 0 = only those."""
+    keep_checkpoints: int = 2
+    """How many step checkpoints to keep (older ones are deleted); 0 = keep all."""
+    eval_windows: int = 0
+    """Windows of `eval_data` to evaluate the final model on (held-out loss); 0 = none."""
+    eval_data: str = "stdlib-heldout"
+    """Source of the held-out evaluation (a built-in name or a path)."""
+    retrieval: bool = False
+    """Retrieve earlier windows' blocks of the same document from the block store during
+    training (train/store_memory.py); False is the paper's plain-window training."""
+    retrieval_top_k: int = 4
+    """Blocks retrieved per layer and KV head when `retrieval` is on."""
+
+    def __post_init__(self) -> None:
+        if self.model not in MODEL_PRESETS:
+            _fail("model", self.model, f"one of {sorted(MODEL_PRESETS)}")
+        if not isinstance(self.model_overrides, dict):
+            _fail("model_overrides", self.model_overrides, "must be a dict of ModelConfig fields")
+        self.data = tuple(self.data)
+        if not self.data or not all(isinstance(d, str) and d for d in self.data):
+            _fail("data", self.data, "a non-empty list of built-in names or paths")
+        if self.data_weights is not None:
+            self.data_weights = tuple(float(w) for w in self.data_weights)
+            if len(self.data_weights) != len(self.data):
+                _fail("data_weights", self.data_weights, f"one weight per source ({len(self.data)})")
+            if any(w < 0 for w in self.data_weights) or sum(self.data_weights) <= 0:
+                _fail("data_weights", self.data_weights, "weights >= 0 with a positive sum")
+        if not isinstance(self.retrieval_top_k, int) or self.retrieval_top_k < 1:
+            _fail("retrieval_top_k", self.retrieval_top_k, "an int >= 1")
+        if not isinstance(self.eval_data, str) or not self.eval_data:
+            _fail("eval_data", self.eval_data, "a built-in name or a path")
+        if not self.jsonl_field:
+            _fail("jsonl_field", self.jsonl_field, "a non-empty field name")
+        self.synthetic_chars = tuple(self.synthetic_chars)
+        lo_hi = self.synthetic_chars
+        if len(lo_hi) != 2 or not 100 <= lo_hi[0] <= lo_hi[1]:
+            _fail("synthetic_chars", lo_hi, "(min, max) with 100 <= min <= max")
+        for name in ("micro_batch", "grad_accum", "max_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                _fail(name, v, "must be a positive int")
+        for name in ("warmup_steps", "save_every", "keep_checkpoints", "seed", "eval_windows"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                _fail(name, v, "must be an int >= 0")
+        if not self.lr > 0:
+            _fail("lr", self.lr, "must be > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            _fail("min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        if self.weight_decay < 0:
+            _fail("weight_decay", self.weight_decay, "must be >= 0")
+        if self.grad_clip < 0:
+            _fail("grad_clip", self.grad_clip, "must be >= 0 (0 disables)")
+        if self.precision not in PRECISIONS:
+            _fail("precision", self.precision, f"one of {PRECISIONS}")
+        mcfg = self.model_config()  # validates the overrides too
+        if self.window_len is not None:
+            w = self.window_len
+            if not isinstance(w, int) or w < mcfg.block_len or w % mcfg.block_len:
+                _fail("window_len", w, f"a positive multiple of block_len={mcfg.block_len}")
+            if w > mcfg.max_seq_len:
+                _fail("window_len", w, f"must be <= the model's max_seq_len={mcfg.max_seq_len}")
+        elif mcfg.max_seq_len % mcfg.block_len:
+            _fail("window_len", None,
+                  f"set it: max_seq_len={mcfg.max_seq_len} is not a multiple of block_len={mcfg.block_len}")
+
+    def model_config(self) -> ModelConfig:
+        """The ModelConfig this run trains (preset + overrides), validated."""
+        return preset(self.model, **self.model_overrides)
+
+    @property
+    def window(self) -> int:
+        """Positions per training window (landmarks included)."""
+        return self.window_len if self.window_len is not None else self.model_config().max_seq_len
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["data"] = list(self.data)
+        d["data_weights"] = None if self.data_weights is None else list(self.data_weights)
+        d["synthetic_chars"] = list(self.synthetic_chars)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown fields {unknown}; allowed: {sorted(known)}")
+        return cls(**d)
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load_json(cls, path: str | Path) -> "TrainConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    # The demo: the tiny model on passkey mixed with the stdlib corpus, a few minutes on 2 cores.
+    "tiny-demo": dict(model="tiny", data=("passkey", "stdlib"), micro_batch=4, max_steps=300,
+                      lr=3e-3, warmup_steps=20, save_every=100, eval_windows=32, out_dir="runs/demo"),
+    # Tests and smoke runs: a 1-layer model on short windows, seconds per run.
+    "smoke": dict(model="tiny", model_overrides={"n_layers": 1, "d_model": 64, "ffn_hidden": 128,
+                                                 "max_seq_len": 128, "block_len": 32},
+                  data=("passkey", "stdlib"), micro_batch=2, max_steps=8, warmup_steps=2,
+                  save_every=4, synthetic_chars=(150, 400), out_dir="runs/smoke"),
+    # Candidate settings for a passkey checkpoint (models/passkey-tiny/, not shipped yet: on
+    # 2 CPU cores 1500 steps did not learn to copy the key): a 4-layer tiny model on passkey
+    # documents of one window whose answer tokens weigh 20x in the loss, keys of 1..5 digits.
+    "passkey-tiny": dict(model="tiny", model_overrides={"n_layers": 4},
+                         data=("passkey:answer_weight=20,key_digits=1-5",), synthetic_chars=(150, 480),
+                         micro_batch=4, max_steps=2500, lr=2e-3, warmup_steps=100, min_lr_ratio=0.05,
+                         save_every=250, keep_checkpoints=0, seed=0, out_dir="runs/passkey-tiny"),
+    # The ~25M-parameter model on the stdlib corpus with passkey, for a GPU.
+    "small": dict(model="small", data=("passkey", "recall", "stdlib"), data_weights=(1.0, 1.0, 2.0),
+                  micro_batch=8, grad_accum=4, max_steps=5000, lr=1e-3, warmup_steps=200,
+                  synthetic_chars=(500, 8000), save_every=500, out_dir="runs/small"),
+}
+
+
+def train_preset(name: str, **overrides: Any) -> TrainConfig:
+    """Build a `TrainConfig` from a preset name, with field overrides."""
+    if name not in TRAIN_PRESETS:
+        raise ValueError(f"train preset={name!r} does not exist; allowed: {sorted(TRAIN_PRESETS)}")
+    return TrainConfig(**{**TRAIN_PRESETS[name], **overrides})

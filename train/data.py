@@ -1,0 +1,354 @@
+"""Document sources: text files and folders, JSONL, built-in generators, the stdlib corpus.
+
+A source is an endless, indexable sequence of documents: `document(i)` is a pure
+function of (seed, i), so a run can be resumed from a few integers and every process
+of a multi-process run sees the same order. File sources visit every document once per
+epoch in a seeded shuffled order. `DocumentMixer` picks which source the j-th document
+comes from, by weight, also as a pure function of (seed, j).
+
+The default real corpus is the Python standard library's own .py files, found at run
+time under `sysconfig.get_paths()["stdlib"]` (every machine with Python has them). A
+fixed 10% of its files (by a hash of their relative path) is held out: 'stdlib' trains
+on the rest, 'stdlib-heldout' is the evaluation split.
+
+Synthetic sources take options in their spec, `name:key=value,...`:
+
+- `answer_weight=N` (int >= 1): the answer tokens of each document (the passkey's
+  " K." after the question; the values recalled after each recall query) weigh N times
+  an ordinary token in the loss (`Document.answer_spans`, packed into the targets by
+  `train.windows`). The filler is predictable and would otherwise dominate the loss.
+- `key_digits=LO-HI` (passkey only): keys of LO..HI digits (digit count uniform), e.g.
+  `1-5` as in the evaluation's 5-digit keys; default: 1..50000 as in the paper.
+
+e.g. `--data passkey:answer_weight=16,key_digits=1-5`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import sysconfig
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from train.errors import DataError
+from train.tasks import passkey_prompt, recall_document
+
+_SNIFF_BYTES = 8192
+_HELDOUT_MOD = 10  # one file in ten is held out
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """One document: a stable name (for logs and store stream names) and its text."""
+
+    name: str
+    text: str
+    answer_spans: tuple[tuple[int, int], ...] = ()
+    """(start, end) character ranges of `text` whose tokens weigh `answer_weight` in the loss."""
+    answer_weight: int = 1
+    """Loss weight of the tokens in answer_spans (1 = an ordinary token)."""
+
+
+class DocumentSource(ABC):
+    """An endless sequence of documents, addressable by index."""
+
+    name: str
+
+    @abstractmethod
+    def document(self, i: int) -> Document:
+        """The i-th document (i >= 0). Same i, same seed -> same document."""
+
+
+_RECALL_ANSWER = re.compile(r"What does (\w{3}) hold\? \1 holds (\d+\.)")
+
+
+class SyntheticSource(DocumentSource):
+    """Generated passkey or associative-recall documents of a length in [min, max] chars.
+
+    answer_weight: loss weight of the answer tokens (1 = plain language modelling).
+    key_digits: (lo, hi) digit counts of passkeys; None = 1..50000 as in the paper.
+    """
+
+    KINDS = ("passkey", "recall")
+
+    def __init__(self, kind: str, *, seed: int, chars: tuple[int, int], answer_weight: int = 1,
+                 key_digits: tuple[int, int] | None = None) -> None:
+        if kind not in self.KINDS:
+            raise ValueError(f"kind={kind!r} is invalid: one of {self.KINDS}")
+        if not isinstance(answer_weight, int) or isinstance(answer_weight, bool) or answer_weight < 1:
+            raise ValueError(f"answer_weight={answer_weight!r} is invalid: an int >= 1")
+        if key_digits is not None and (kind != "passkey" or not 1 <= key_digits[0] <= key_digits[1] <= 12):
+            raise ValueError(f"key_digits={key_digits!r} is invalid: (lo, hi) with 1 <= lo <= hi <= 12, "
+                             f"passkey only")
+        self.kind, self.seed, self.chars = kind, seed, chars
+        self.answer_weight, self.key_digits = answer_weight, key_digits
+        # the name keys the data order, so the plain spec keeps the plain name
+        self.name = kind
+
+    def document(self, i: int) -> Document:
+        # A str seed is hashed with sha512 by `random`, so it is stable across processes.
+        rng = random.Random(f"{self.seed}:{self.kind}:{i}")
+        n = rng.randint(*self.chars)
+        if self.kind == "passkey":
+            prompt, answer = passkey_prompt(rng, n, key_digits=self.key_digits)
+            text = prompt + answer
+            spans: tuple[tuple[int, int], ...] = ((len(prompt), len(text)),)
+        else:
+            text = recall_document(rng, n)
+            spans = tuple(m.span(2) for m in _RECALL_ANSWER.finditer(text))
+        if self.answer_weight == 1:
+            spans = ()
+        return Document(f"{self.kind}#{i}", text, spans, self.answer_weight)
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    path: Path
+    label: str
+    offset: int = -1  # byte offset of a JSONL line; -1 = the whole file
+    lineno: int = 0
+
+
+def _looks_like_text(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(_SNIFF_BYTES)
+    if not head or b"\0" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # a multi-byte character cut by the sniff window is still text
+        return e.start >= len(head) - 3
+    return True
+
+
+class FileSource(DocumentSource):
+    """Documents from text files, folders of text files (recursive) and .jsonl files.
+
+    A text file is one document; each non-empty line of a .jsonl file is one document,
+    its text in `jsonl_field`. Folders are walked in sorted order, skipping hidden
+    entries, empty files and files that are not UTF-8 text. Raises DataError when a path
+    does not exist or nothing under it holds text.
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike], *, seed: int, jsonl_field: str = "text",
+                 name: str | None = None, root: Path | None = None,
+                 files: Sequence[Path] | None = None) -> None:
+        self.seed, self.jsonl_field = seed, jsonl_field
+        self.name = name or ",".join(str(p) for p in paths)
+        self._root = root
+        entries: list[_Entry] = []
+        if files is None:
+            files = []
+            for p in paths:
+                files.extend(self._expand(Path(p)))
+        for f in files:
+            if f.suffix == ".jsonl":
+                entries.extend(self._jsonl_entries(f))
+            elif f.stat().st_size > 0 and _looks_like_text(f):
+                entries.append(_Entry(f, self._label(f)))
+        if not entries:
+            raise DataError(f"data source {self.name!r} holds no text "
+                            f"(no non-empty UTF-8 text files or JSONL records found)")
+        self._entries = entries
+        self._perm_epoch = -1
+        self._perm: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _label(self, f: Path) -> str:
+        if self._root is not None:
+            return f.relative_to(self._root).as_posix()
+        return str(f)
+
+    @staticmethod
+    def _expand(p: Path) -> list[Path]:
+        if not p.exists():
+            raise DataError(f"data path {str(p)!r} does not exist")
+        if p.is_file():
+            return [p]
+        out: list[Path] = []
+        for dirpath, dirnames, filenames in os.walk(p):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            out.extend(Path(dirpath) / n for n in sorted(filenames) if not n.startswith("."))
+        return out
+
+    def _jsonl_entries(self, f: Path) -> list[_Entry]:
+        entries: list[_Entry] = []
+        offset = 0
+        with open(f, "rb") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if line.strip():
+                    entries.append(_Entry(f, f"{self._label(f)}:{lineno}", offset, lineno))
+                offset += len(line)
+        if entries:  # fail early on a file whose records lack the field
+            self._read(entries[0])
+        return entries
+
+    def _read(self, e: _Entry) -> str:
+        if e.offset < 0:
+            return e.path.read_bytes().decode("utf-8", errors="replace")
+        with open(e.path, "rb") as fh:
+            fh.seek(e.offset)
+            line = fh.readline()
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{e.path}:{e.lineno}: not valid JSON ({err.msg})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get(self.jsonl_field), str):
+            raise DataError(f"{e.path}:{e.lineno}: record has no string field "
+                            f"{self.jsonl_field!r} (set jsonl_field)")
+        return rec[self.jsonl_field]
+
+    def document(self, i: int) -> Document:
+        n = len(self._entries)
+        epoch, k = divmod(i, n)
+        if epoch != self._perm_epoch:
+            self._perm = list(range(n))
+            random.Random(f"{self.seed}:{self.name}:epoch{epoch}").shuffle(self._perm)
+            self._perm_epoch = epoch
+        e = self._entries[self._perm[k]]
+        return Document(f"{self.name}:{e.label}", self._read(e))
+
+
+def stdlib_dir() -> Path:
+    """The running interpreter's standard-library directory."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_files(split: str = "train") -> list[Path]:
+    """The standard library's .py files (no tests, no site-packages) of one split.
+
+    split: 'train' (about 90% of files) or 'heldout' (the rest, by a hash of the path
+    relative to the stdlib directory, so the split is the same on every machine).
+    """
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split={split!r} is invalid: 'train' or 'heldout'")
+    root = stdlib_dir()
+    if not root.is_dir():
+        raise DataError(f"the standard library directory {str(root)!r} does not exist")
+    skip = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+    out: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip and not d.startswith("."))
+        for n in sorted(filenames):
+            if n.endswith(".py"):
+                f = Path(dirpath) / n
+                rel = f.relative_to(root).as_posix()
+                held = zlib.crc32(rel.encode()) % _HELDOUT_MOD == 0
+                if held == (split == "heldout"):
+                    out.append(f)
+    return out
+
+
+def stdlib_source(split: str = "train", *, seed: int = 0) -> FileSource:
+    """The stdlib corpus as a FileSource ('stdlib' or 'stdlib-heldout')."""
+    name = "stdlib" if split == "train" else "stdlib-heldout"
+    return FileSource([], seed=seed, name=name, root=stdlib_dir(), files=stdlib_files(split))
+
+
+_SYNTHETIC_OPTIONS = ("answer_weight", "key_digits")
+
+
+def parse_synthetic_spec(spec: str) -> tuple[str, dict] | None:
+    """'passkey:answer_weight=16,key_digits=1-5' -> ('passkey', {...}); None if not synthetic.
+
+    Raises ValueError naming the spec for an unknown option or a malformed value.
+    """
+    kind, sep, opts = spec.partition(":")
+    if kind not in SyntheticSource.KINDS:
+        return None
+    out: dict = {}
+    for item in (opts.split(",") if sep else ()):
+        key, eq, raw = item.partition("=")
+        try:
+            if not eq or key not in _SYNTHETIC_OPTIONS:
+                raise ValueError
+            if key == "answer_weight":
+                out[key] = int(raw)
+            else:
+                lo, dash, hi = raw.partition("-")
+                out[key] = (int(lo), int(hi if dash else lo))
+        except ValueError:
+            raise ValueError(f"data source {spec!r}: option {item!r} is invalid; allowed "
+                             f"answer_weight=N (int >= 1), key_digits=LO-HI (passkey)") from None
+    return kind, out
+
+
+def build_source(spec: str, *, seed: int, jsonl_field: str = "text",
+                 synthetic_chars: tuple[int, int] = (300, 1500)) -> DocumentSource:
+    """One source from its spec: 'passkey', 'recall', 'stdlib', 'stdlib-heldout' or a path.
+
+    Synthetic specs take options, e.g. 'passkey:answer_weight=16,key_digits=1-5' (see
+    the module docstring). Built-in names win over a file of the same name; write
+    './passkey' for the file. Raises DataError for a path that does not exist or holds
+    no text, ValueError for a malformed synthetic option.
+    """
+    synthetic = parse_synthetic_spec(spec)
+    if synthetic is not None:
+        kind, opts = synthetic
+        return SyntheticSource(kind, seed=seed, chars=synthetic_chars, **opts)
+    if spec == "stdlib":
+        return stdlib_source("train", seed=seed)
+    if spec == "stdlib-heldout":
+        return stdlib_source("heldout", seed=seed)
+    return FileSource([spec], seed=seed, jsonl_field=jsonl_field)
+
+
+class DocumentMixer:
+    """Draws documents from several sources by weight, as a pure function of (seed, j).
+
+    Draw j goes to source `choice(j)`; the document taken is that source's next unused
+    index, so each file source is still walked epoch by epoch. With several processes,
+    process r takes draws j = r, r + W, r + 2W, ... and counts the others' draws too, so
+    processes never train the same draw. Its whole state is `state_dict()` (a few ints).
+    """
+
+    def __init__(self, sources: Sequence[DocumentSource], weights: Sequence[float] | None = None, *,
+                 seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        if not sources:
+            raise ValueError("DocumentMixer needs at least one source")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} is invalid for world_size={world_size}")
+        self.sources = list(sources)
+        self.weights = list(weights) if weights is not None else [1.0] * len(self.sources)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.next_draw = 0
+        self.counts = [0] * len(self.sources)
+
+    def _choice(self, j: int) -> int:
+        if len(self.sources) == 1:
+            return 0
+        rng = random.Random(f"{self.seed}:mix:{j}")
+        return rng.choices(range(len(self.sources)), weights=self.weights)[0]
+
+    def draw(self) -> tuple[int, int, int]:
+        """Take the next draw of this process: (draw index j, source index, local index)."""
+        while True:
+            j = self.next_draw
+            s = self._choice(j)
+            local = self.counts[s]
+            self.counts[s] += 1
+            self.next_draw += 1
+            if j % self.world_size == self.rank:
+                return j, s, local
+
+    def document(self, source: int, local: int) -> Document:
+        return self.sources[source].document(local)
+
+    def state_dict(self) -> dict:
+        return {"next_draw": self.next_draw, "counts": list(self.counts)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["counts"]) != len(self.sources):
+            raise ValueError(f"data state has {len(state['counts'])} sources, this run has "
+                             f"{len(self.sources)}: resume with the same data sources")
+        self.next_draw = int(state["next_draw"])
+        self.counts = [int(c) for c in state["counts"]]

@@ -1,0 +1,80 @@
+"""Retrieval in training: each lane's document keeps its earlier windows in the block store.
+
+`StoreWindowMemory` implements the `train.windows.WindowMemory` hooks with the engine's
+one retrieval attention (`engine.retrieval.RetrievalMemory`, the same code ingest and
+ask use):
+- a document starts: it gets a stream `doc<draw>` in this process's store;
+- before each step: every lane's queries retrieve, per layer and KV head, the top-k
+  blocks of that document's EARLIER windows and attend over [retrieved + window] with
+  the grouped softmax (the first window of a document sees only itself);
+- after the step: the window's completed blocks (K before RoPE, V, landmark keys;
+  detached, so gradients stay inside the window) are put under the stream;
+- the document ends: its stream is deleted;
+- a checkpoint: the store is flushed, so a resumed run retrieves exactly what an
+  uninterrupted one would.
+Only the selected blocks are moved to the device; `pulled_bytes()` says how many bytes
+came from each tier since the last call.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from engine.config import ModelConfig
+from engine.inference import open_store
+from engine.retrieval import BatchMemory, RetrievalConfig, RetrievalMemory
+from train.windows import DocumentState, WindowMemory
+
+
+class StoreWindowMemory(WindowMemory):
+    """Per-document store streams + retrieval attention for the training loop."""
+
+    def __init__(self, cfg: ModelConfig, store_dir: str | os.PathLike, *, top_k: int = 4,
+                 window: int = 512, store_config=None, fresh: bool = True):
+        from memory_store import StoreConfig
+
+        self.cfg = cfg
+        self.rc = RetrievalConfig(top_k=top_k, local_blocks=0, chunk_len=window)
+        # no fsync on the hot path: durability is asked for at checkpoints only
+        sc = store_config or StoreConfig(device_budget_bytes=256 << 20, host_budget_bytes=1 << 30)
+        Path(store_dir).parent.mkdir(parents=True, exist_ok=True)
+        self.store = open_store(str(store_dir), cfg, "w" if fresh else "a", config=sc)
+        self._fetched = 0
+        self._moved: dict[str, int] = dict(self.store.stats().get("bytes_moved", {}))
+
+    def begin_document(self, state: DocumentState) -> None:
+        mem = RetrievalMemory(self.cfg, self.store, stream=state.stream, retrieval=self.rc, persist=True)
+        if state.window > 0:  # resumed mid-document: its earlier windows are in the (flushed) store
+            mem.resume_from_store()
+        state.memory = mem
+
+    def for_step(self, states: list[DocumentState]) -> Any:
+        return BatchMemory([s.memory for s in states])
+
+    def after_window(self, state: DocumentState, window_index: int) -> None:
+        state.memory.end_chunk()
+
+    def end_document(self, state: DocumentState) -> None:
+        if state.memory is not None:
+            self._fetched += state.memory.stats.take_fetched()
+        self.store.delete_stream(state.stream)
+        state.memory = None
+
+    def checkpoint(self) -> None:
+        self.store.flush()
+
+    def close(self) -> None:
+        self.store.close()
+
+    def pulled_bytes(self, states: list[DocumentState] | None = None) -> dict[str, int]:
+        """Bytes of K/V moved to the device since the last call, by the tier they came from."""
+        moved = dict(self.store.stats().get("bytes_moved", {}))
+        d = {k: int(moved.get(k, 0)) - int(self._moved.get(k, 0)) for k in moved}
+        self._moved = moved
+        fetched = self._fetched + sum(s.memory.stats.take_fetched() for s in (states or [])
+                                      if s.memory is not None)
+        self._fetched = 0
+        host, disk = d.get("host_to_device", 0), d.get("disk_to_device", 0)
+        return {"device": max(0, fetched - host - disk), "host": host, "disk": disk}
