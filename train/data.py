@@ -20,6 +20,11 @@ Synthetic sources take options in their spec, `name:key=value,...`:
 - `key_digits=LO-HI` (passkey only): keys of LO..HI digits (digit count uniform), e.g.
   `1-5` as in the evaluation's 5-digit keys; default: 1..50000 as in the paper.
 
+The generators: `passkey` (the paper's task, varied filler), `recall` (key/value facts
+among filler, then queries), `repeat` (random words, then the same words again: a dense
+signal for the copy-from-context lookup a passkey answer needs; its answer span is the
+second copy).
+
 e.g. `--data passkey:answer_weight=16,key_digits=1-5`.
 """
 
@@ -37,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from train.errors import DataError
-from train.tasks import passkey_prompt, recall_document
+from train.tasks import passkey_prompt, recall_document, repeat_document
 
 _SNIFF_BYTES = 8192
 _HELDOUT_MOD = 10  # one file in ten is held out
@@ -69,13 +74,13 @@ _RECALL_ANSWER = re.compile(r"What does (\w{3}) hold\? \1 holds (\d+\.)")
 
 
 class SyntheticSource(DocumentSource):
-    """Generated passkey or associative-recall documents of a length in [min, max] chars.
+    """Generated passkey, associative-recall or repeat documents of [min, max] chars.
 
     answer_weight: loss weight of the answer tokens (1 = plain language modelling).
     key_digits: (lo, hi) digit counts of passkeys; None = 1..50000 as in the paper.
     """
 
-    KINDS = ("passkey", "recall")
+    KINDS = ("passkey", "recall", "repeat")
 
     def __init__(self, kind: str, *, seed: int, chars: tuple[int, int], answer_weight: int = 1,
                  key_digits: tuple[int, int] | None = None) -> None:
@@ -99,6 +104,9 @@ class SyntheticSource(DocumentSource):
             prompt, answer = passkey_prompt(rng, n, key_digits=self.key_digits)
             text = prompt + answer
             spans: tuple[tuple[int, int], ...] = ((len(prompt), len(text)),)
+        elif self.kind == "repeat":
+            text, span = repeat_document(rng, n)
+            spans = (span,)
         else:
             text = recall_document(rng, n)
             spans = tuple(m.span(2) for m in _RECALL_ANSWER.finditer(text))
@@ -284,7 +292,7 @@ def parse_synthetic_spec(spec: str) -> tuple[str, dict] | None:
 
 def build_source(spec: str, *, seed: int, jsonl_field: str = "text",
                  synthetic_chars: tuple[int, int] = (300, 1500)) -> DocumentSource:
-    """One source from its spec: 'passkey', 'recall', 'stdlib', 'stdlib-heldout' or a path.
+    """One source from its spec: 'passkey', 'recall', 'repeat', 'stdlib', 'stdlib-heldout' or a path.
 
     Synthetic specs take options, e.g. 'passkey:answer_weight=16,key_digits=1-5' (see
     the module docstring). Built-in names win over a file of the same name; write

@@ -139,3 +139,28 @@ def recall_document(rng: random.Random, n_chars: int, *, n_queries: int = 4) -> 
     for i in rng.sample(range(n_facts), min(n_queries, n_facts)):
         parts.append(f"What does {keys[i]} hold? {keys[i]} holds {values[i]}.")
     return " ".join(parts)
+
+
+_REPEAT_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+REPEAT_CUE = " Once more: "
+
+
+def repeat_document(rng: random.Random, n_chars: int) -> tuple[str, tuple[int, int]]:
+    """A copy task: random words, then the same words again after a cue.
+
+    "Copy this: kq3 zt 81x ... Once more: kq3 zt 81x ..." — every character of the
+    second copy is predictable only by finding where the same text came before (an
+    induction lookup, the skill a passkey answer needs), so this gives a dense signal
+    for it; the first copy is incompressible noise. Returns (text, (start, end)) where
+    the span is the second copy (its answer, for `answer_weight`).
+    """
+    half = max(8, (n_chars - 24) // 2)
+    words: list[str] = []
+    total = 0
+    while total < half:
+        w = "".join(rng.choice(_REPEAT_ALPHABET) for _ in range(rng.randint(2, 5)))
+        words.append(w)
+        total += len(w) + 1
+    body = " ".join(words) + "."
+    head = "Copy this: " + body + REPEAT_CUE
+    return head + body, (len(head), len(head) + len(body))

@@ -40,6 +40,21 @@ def test_recall_document_answers_match_facts():
         assert facts[k] == v
 
 
+def test_repeat_document_answer_is_the_second_copy():
+    from train.data import build_source
+
+    src = build_source("repeat:answer_weight=3", seed=2, synthetic_chars=(100, 300))
+    for i in range(20):
+        doc = src.document(i)
+        assert 100 - 30 <= len(doc.text) <= 300 + 30, len(doc.text)
+        (a, b), = doc.answer_spans
+        first = doc.text[len("Copy this: "): a - len(" Once more: ")]
+        assert doc.text[a:b] == first and doc.text[:a].endswith(" Once more: ") and b == len(doc.text)
+        assert doc.answer_weight == 3
+    assert src.document(4).text == build_source("repeat", seed=2, synthetic_chars=(100, 300)).document(4).text
+    assert src.document(4).text != src.document(5).text
+
+
 def test_synthetic_source_is_a_pure_function_of_seed_and_index():
     a = SyntheticSource("passkey", seed=5, chars=(300, 600))
     b = SyntheticSource("passkey", seed=5, chars=(300, 600))
