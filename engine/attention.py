@@ -297,13 +297,14 @@ class _VectorizedLandmark(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, block_len, q_offset, scale, q_chunk):
+    def forward(ctx, q, k, v, kv_valid, block_len, q_offset, scale, q_chunk):
         B, H, T, D = q.shape
         Hkv, S = k.shape[1], k.shape[2]
         G, L = H // Hkv, block_len
         cd = _compute_dtype(q.dtype)
         Sp = -(-S // L) * L
         kp, vp = _pad_keys(k, Sp, cd), _pad_keys(v, Sp, cd)  # (B, Hkv, Sp, D)
+        kvp = None if kv_valid is None else F.pad(kv_valid, (0, Sp - S), value=False)
         q5 = q.reshape(B, Hkv, G, T, D)
         out = torch.empty(B, Hkv, G, T, D, dtype=cd, device=q.device)
         keep = any(ctx.needs_input_grad[:3])
@@ -317,22 +318,26 @@ class _VectorizedLandmark(torch.autograd.Function):
             qc = (q5[:, :, :, t0:t1].to(cd) * scale).reshape(B * Hkv, G * C, D)
             x = torch.bmm(qc, kp[:, :, :Kc].flatten(0, 1).transpose(-1, -2))  # (B*Hkv, G*C, Kc)
             x6 = x.view(B, Hkv, G, C, nb, L)
-            s_lm, m, ssum = _exp_blocks(x6, q_pos, q_offset + t0, 0, L, None, shift)
+            kv6 = None if kvp is None else kvp[..., :Kc].reshape(B, Hkv, 1, 1, nb, L)
+            s_lm, m, ssum = _exp_blocks(x6, q_pos, q_offset + t0, 0, L, kv6, shift)
             earlier, own = _block_positions(q_pos, nb, L)
+            if kv6 is not None:  # a block counts only if its landmark and a token are present
+                earlier = earlier & kv6[..., L - 1] & (ssum > 0)
             g = torch.softmax(_group0_logits(s_lm, m, ssum, earlier, own), -1)  # (B, Hkv, G, C, nb)
             x6.mul_((g / ssum.clamp_(min=TINY)).unsqueeze(-1))  # x is now P
             out[:, :, :, t0:t1] = torch.bmm(x, vp[:, :, :Kc].flatten(0, 1)).view(B, Hkv, G, C, D)
             if keep:
-                saved += [x, g]
+                saved += [x, g] if kv6 is None else [x, g, earlier]
         ctx.save_for_backward(q, kp, vp, out, *saved)
-        ctx.cfg = (block_len, q_offset, scale, q_chunk, S, k.dtype, v.dtype)
+        ctx.cfg = (block_len, q_offset, scale, q_chunk, S, k.dtype, v.dtype, kvp is not None)
         return out.view(B, H, T, D).to(q.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out):
         q, kp, vp, out, *saved = ctx.saved_tensors
-        block_len, q_offset, scale, q_chunk, S, k_dtype, v_dtype = ctx.cfg
+        block_len, q_offset, scale, q_chunk, S, k_dtype, v_dtype, masked = ctx.cfg
+        per = 3 if masked else 2  # saved tensors per chunk: P, g (, earlier)
         B, H, T, D = q.shape
         Hkv = kp.shape[1]
         G, L = H // Hkv, block_len
@@ -343,14 +348,16 @@ class _VectorizedLandmark(torch.autograd.Function):
         dq = torch.empty(B, Hkv, G, T, D, dtype=cd, device=q.device)
         k3, v3 = kp.flatten(0, 1), vp.flatten(0, 1)  # (B*Hkv, Sp, D)
         dk, dv = torch.zeros_like(k3), torch.zeros_like(v3)
-        dp_buf = torch.empty(saved[-2].numel(), dtype=cd, device=q.device)  # the largest tile
+        dp_buf = torch.empty(saved[-per].numel(), dtype=cd, device=q.device)  # the largest tile
         for n, (t0, t1) in enumerate(_chunks(T, q_chunk)):
             C = t1 - t0
-            p, g = saved[2 * n], saved[2 * n + 1]  # (B*Hkv, G*C, Kc), (B, Hkv, G, C, nb)
+            p, g = saved[per * n], saved[per * n + 1]  # (B*Hkv, G*C, Kc), (B, Hkv, G, C, nb)
             Kc = p.shape[-1]
             nb = Kc // L
             q_pos = q_offset + torch.arange(t0, t1, device=q.device)
             earlier, own = _block_positions(q_pos, nb, L)
+            if masked:
+                earlier = saved[per * n + 2]
             qc = (q5[:, :, :, t0:t1].to(cd) * scale).reshape(B * Hkv, G * C, D)
             doc = do5[:, :, :, t0:t1].reshape(B * Hkv, G * C, D)
             dp = torch.bmm(doc, v3[:, :Kc].transpose(-1, -2),
@@ -363,22 +370,32 @@ class _VectorizedLandmark(torch.autograd.Function):
         dq.mul_(scale)
         dk, dv = dk.view_as(kp)[:, :, :S], dv.view_as(vp)[:, :, :S]
         return (dq.view(B, H, T, D).to(q.dtype), dk.to(k_dtype), dv.to(v_dtype),
-                None, None, None, None)
+                None, None, None, None, None)
+
+
+def _check_kv_valid(kv_valid: torch.Tensor | None, B: int, Hkv: int, S: int) -> None:
+    if kv_valid is not None and (kv_valid.dtype != torch.bool or kv_valid.shape != (B, Hkv, S)):
+        raise ValueError(f"kv_valid must be (B={B}, Hkv={Hkv}, S={S}) bool, got "
+                         f"{tuple(kv_valid.shape)} {kv_valid.dtype}")
 
 
 def landmark_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_len: int,
-                       *, q_offset: int = 0, scale: float | None = None) -> torch.Tensor:
+                       *, q_offset: int = 0, scale: float | None = None,
+                       kv_valid: torch.Tensor | None = None) -> torch.Tensor:
     """Grouped-softmax attention over a window, vectorized per chunk of query rows.
 
     q (B, H, T, D); k, v (B, Hkv, S, D) with the key axis starting at a block boundary;
     query i sits at key position q_offset + i. Returns (B, H, T, D) in q's dtype
     (computes in float32, or float64 for float64 inputs). Memory is O(B * H * T * S)
     (the weights are kept for the backward): use `landmark_attention_blockwise` for
-    long sequences. Raises ValueError on inconsistent shapes or arguments.
+    long sequences. kv_valid: optional (B, Hkv, S) bool, False for keys of an absent
+    (padded) block, as in `landmark_attention_blockwise`. Raises ValueError on
+    inconsistent shapes or arguments.
     """
     B, H, T, D, Hkv, S = _check_qkv(q, k, v, block_len, q_offset)
+    _check_kv_valid(kv_valid, B, Hkv, S)
     scale = D ** -0.5 if scale is None else scale
-    return _VectorizedLandmark.apply(q, k, v, block_len, q_offset, scale, VECTORIZED_Q_CHUNK)
+    return _VectorizedLandmark.apply(q, k, v, kv_valid, block_len, q_offset, scale, VECTORIZED_Q_CHUNK)
 
 
 # ---------------------------------------------------------------------------------------
@@ -517,9 +534,7 @@ def landmark_attention_blockwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         raise ValueError(f"k_chunk={k_chunk} must be a multiple of block_len={block_len}")
     if q_chunk < 1:
         raise ValueError(f"q_chunk={q_chunk} must be >= 1")
-    if kv_valid is not None and kv_valid.shape != (B, Hkv, S):
-        raise ValueError(f"kv_valid must be (B={B}, Hkv={Hkv}, S={S}) bool, got "
-                         f"{tuple(kv_valid.shape)}")
+    _check_kv_valid(kv_valid, B, Hkv, S)
     scale = D ** -0.5 if scale is None else scale
     return _BlockwiseLandmark.apply(q, k, v, kv_valid, block_len, q_offset, scale,
                                     q_chunk, k_chunk)

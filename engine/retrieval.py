@@ -13,7 +13,8 @@ is passed to `LandmarkTransformer.forward(..., memory=mem)`; each layer then cal
   3. rotates their keys to positions in a short prefix before the local window (the
      paper's "stingy" positions) or to their true positions;
   4. runs the grouped softmax over [retrieved blocks + local tokens]
-     (`landmark_attention_blockwise`), so landmark scores gate retrieved blocks exactly
+     (`landmark_attention_blockwise`, or the vectorized kernel with `kernel="vectorized"`,
+     which training uses), so landmark scores gate retrieved blocks exactly
      as in training.
 
 After each chunk, `end_chunk()` puts every newly completed block (per-layer K before
@@ -32,12 +33,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from engine.attention import landmark_attention_blockwise
+from engine.attention import landmark_attention, landmark_attention_blockwise
 from engine.config import ModelConfig
 from engine.model import apply_rope, rope_cos_sin
 
 POSITION_MODES = ("stingy", "true")
 SELECTION_MODES = ("chunk", "token")
+KERNELS = ("blockwise", "vectorized")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -56,6 +58,10 @@ class RetrievalConfig:
     'token': every query chooses its own blocks (slower; for small inputs)."""
     chunk_len: int = 256
     """Positions (landmarks included) processed per forward during prefill."""
+    kernel: str = "blockwise"
+    """Attention implementation over [retrieved + local]: 'blockwise' (memory linear in the
+    keys; inference) or 'vectorized' (keeps the weights for the backward, faster for the
+    short windows of training)."""
 
     def __post_init__(self) -> None:
         for name in ("top_k", "local_blocks"):
@@ -68,6 +74,13 @@ class RetrievalConfig:
             raise ValueError(f"RetrievalConfig.positions={self.positions!r} is invalid: one of {POSITION_MODES}")
         if self.selection not in SELECTION_MODES:
             raise ValueError(f"RetrievalConfig.selection={self.selection!r} is invalid: one of {SELECTION_MODES}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"RetrievalConfig.kernel={self.kernel!r} is invalid: one of {KERNELS}")
+
+    def attention(self, q, k, v, block_len: int, *, q_offset: int, kv_valid):
+        """The configured kernel on [retrieved + local] keys."""
+        fn = landmark_attention if self.kernel == "vectorized" else landmark_attention_blockwise
+        return fn(q, k, v, block_len, q_offset=q_offset, kv_valid=kv_valid)
 
 
 @dataclass(slots=True)
@@ -100,9 +113,9 @@ class BatchMemory:
                               for b, m in enumerate(self.memories)], dim=0)
         preps = [m.prepare_chunk(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1])
                  for b, m in enumerate(self.memories)]
-        L = self.memories[0].L
+        L, rc = self.memories[0].L, self.memories[0].rc
         if len({(p[1].shape, p[4]) for p in preps}) != 1:  # key axes differ: one call per row
-            return torch.cat([landmark_attention_blockwise(p[0], p[1], p[2], L, q_offset=p[4], kv_valid=p[3])
+            return torch.cat([rc.attention(p[0], p[1], p[2], L, q_offset=p[4], kv_valid=p[3])
                               for p in preps], dim=0).to(q.dtype)
         valid = None
         if any(p[3] is not None for p in preps):
@@ -110,8 +123,7 @@ class BatchMemory:
                                                                          device=p[1].device)
                                for p in preps], dim=0)  # (B, Hkv, S)
         cat = lambda i: torch.cat([p[i] for p in preps], dim=0)  # noqa: E731
-        return landmark_attention_blockwise(cat(0), cat(1), cat(2), L, q_offset=preps[0][4],
-                                            kv_valid=valid).to(q.dtype)
+        return rc.attention(cat(0), cat(1), cat(2), L, q_offset=preps[0][4], kv_valid=valid).to(q.dtype)
 
 
 class RetrievalMemory:
@@ -293,8 +305,7 @@ class RetrievalMemory:
 
     def _attend_once(self, layer, q, k_loc, v_loc, q_local):
         q_rot, k_all, v_all, valid, q_offset = self.prepare(layer, q, k_loc, v_loc, q_local)
-        return landmark_attention_blockwise(q_rot, k_all, v_all, self.L, q_offset=q_offset,
-                                            kv_valid=valid).to(q.dtype)
+        return self.rc.attention(q_rot, k_all, v_all, self.L, q_offset=q_offset, kv_valid=valid).to(q.dtype)
 
     def prepare(self, layer, q, k_loc, v_loc, q_local):
         """Select, fetch and rotate: the kernel's inputs for these queries.

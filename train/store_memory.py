@@ -36,7 +36,7 @@ class StoreWindowMemory(WindowMemory):
         from memory_store import StoreConfig
 
         self.cfg = cfg
-        self.rc = RetrievalConfig(top_k=top_k, local_blocks=0, chunk_len=window)
+        self.rc = RetrievalConfig(top_k=top_k, local_blocks=0, chunk_len=window, kernel="vectorized")
         # no fsync on the hot path: durability is asked for at checkpoints only
         sc = store_config or StoreConfig(device_budget_bytes=256 << 20, host_budget_bytes=1 << 30)
         Path(store_dir).parent.mkdir(parents=True, exist_ok=True)

@@ -146,6 +146,48 @@ def test_blockwise_kv_valid_drops_whole_blocks(exp_path):
     assert (out - ref).abs().max() <= TOL, _report("out", out, ref)
 
 
+@pytest.mark.parametrize("impl", ["vectorized", "blockwise"])
+def test_kv_valid_outputs_and_grads_equal_deleting_the_blocks(exp_path, impl):
+    """Per batch row and KV head, different blocks absent (as retrieval pads them): outputs
+    and gradients equal the reference on the keys with those blocks deleted; the absent
+    keys get zero gradient."""
+    B, H, Hkv, T, D, L = 2, 4, 2, 7, 8, 4
+    S = 5 * L + T  # 5 stored blocks, then the window
+    q, k, v = _inputs(B, H, Hkv, T, D, S, seed=11)
+    valid = torch.ones(B, Hkv, S, dtype=torch.bool)
+    absent = {(0, 0): [1], (0, 1): [0, 3], (1, 0): [], (1, 1): [2, 4]}
+    for (b, h), blocks in absent.items():
+        for blk in blocks:
+            valid[b, h, blk * L:(blk + 1) * L] = False
+    fn = landmark_attention if impl == "vectorized" else landmark_attention_blockwise
+    out = fn(q, k, v, L, q_offset=5 * L, kv_valid=valid)
+    g_out = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), g_out)
+    for b in range(B):
+        for h in range(Hkv):
+            keep = valid[b, h].nonzero().squeeze(1)
+            qs = q[b:b + 1, h * 2:(h + 1) * 2].detach().requires_grad_(True)
+            ks = k[b:b + 1, h:h + 1, keep].detach().requires_grad_(True)
+            vs = v[b:b + 1, h:h + 1, keep].detach().requires_grad_(True)
+            ref = landmark_attention_reference(qs, ks, vs, L, q_offset=len(keep) - T)
+            rq, rk, rv = torch.autograd.grad(ref, (qs, ks, vs), g_out[b:b + 1, h * 2:(h + 1) * 2].double())
+            assert (out[b:b + 1, h * 2:(h + 1) * 2] - ref).abs().max() <= TOL, (b, h)
+            assert (dq[b:b + 1, h * 2:(h + 1) * 2] - rq).abs().max() <= TOL, (b, h)
+            assert (dk[b:b + 1, h:h + 1, keep] - rk).abs().max() <= TOL, (b, h)
+            assert (dv[b:b + 1, h:h + 1, keep] - rv).abs().max() <= TOL, (b, h)
+            gone = (~valid[b, h]).nonzero().squeeze(1)
+            assert bool((dk[b, h, gone] == 0).all()) and bool((dv[b, h, gone] == 0).all())
+
+
+def test_kv_valid_must_be_bool_of_the_key_shape():
+    q, k, v = _inputs(1, 2, 1, 4, 4, 8, seed=0)
+    for fn in (landmark_attention, landmark_attention_blockwise):
+        with pytest.raises(ValueError, match="kv_valid"):
+            fn(q, k, v, 4, q_offset=4, kv_valid=torch.ones(1, 1, 7, dtype=torch.bool))
+        with pytest.raises(ValueError, match="kv_valid"):
+            fn(q, k, v, 4, q_offset=4, kv_valid=torch.ones(1, 1, 8))
+
+
 def test_causal_attention_matches_manual():
     q, k, v = _inputs(2, 4, 2, 10, 8, 10, seed=7)
     out = causal_attention(q, k, v)

@@ -28,8 +28,9 @@ def _mem_store(m, cfg=SMALL):
     return open_store(zarr.storage.MemoryStore(), m.cfg, "w", config=cfg)
 
 
+@pytest.mark.parametrize("kernel", ["blockwise", "vectorized"])
 @pytest.mark.parametrize("local_blocks,chunk", [(0, 5), (1, 16), (3, 13)])
-def test_ingest_with_all_blocks_and_true_positions_reproduces_full_forward(local_blocks, chunk):
+def test_ingest_with_all_blocks_and_true_positions_reproduces_full_forward(local_blocks, chunk, kernel):
     """k >= stored blocks + true positions: chunked retrieval == full landmark attention."""
     m = _model()
     toks = insert_landmarks(torch.randint(0, 256, (90,), generator=torch.Generator().manual_seed(1)),
@@ -37,7 +38,7 @@ def test_ingest_with_all_blocks_and_true_positions_reproduces_full_forward(local
     store = _mem_store(m)
     mem = RetrievalMemory(m.cfg, store, stream="doc",
                           retrieval=RetrievalConfig(top_k=100, local_blocks=local_blocks,
-                                                    positions="true", chunk_len=chunk))
+                                                    positions="true", chunk_len=chunk, kernel=kernel))
     with torch.no_grad():
         full = m(toks, impl="blockwise")
         parts = []
@@ -133,6 +134,8 @@ def test_bad_retrieval_configs_and_layout_mismatch(tmp_path):
         RetrievalConfig(top_k=-1)
     with pytest.raises(ValueError, match="positions"):
         RetrievalConfig(positions="near")
+    with pytest.raises(ValueError, match="kernel"):
+        RetrievalConfig(kernel="fused")
     with pytest.raises(ValueError, match="top_p"):
         GenerateConfig(top_p=0)
     m = _model()
@@ -186,7 +189,8 @@ def test_cli_ingest_ask_inspect_eval(tmp_path, capsys):
     assert np.isfinite(1.0)
 
 
-def test_batch_memory_matches_row_by_row():
+@pytest.mark.parametrize("kernel", ["blockwise", "vectorized"])
+def test_batch_memory_matches_row_by_row(kernel):
     """Two streams in one batch (one kernel call) == each stream alone."""
     from engine.retrieval import BatchMemory
 
@@ -194,7 +198,7 @@ def test_batch_memory_matches_row_by_row():
     g = torch.Generator().manual_seed(9)
     docs = [insert_landmarks(torch.randint(0, 256, (112,), generator=g), 8, TOKENIZER.LANDMARK)
             for _ in range(2)]  # 128 positions each: 2 windows of 64
-    rc = RetrievalConfig(top_k=2, local_blocks=0, chunk_len=64)
+    rc = RetrievalConfig(top_k=2, local_blocks=0, chunk_len=64, kernel=kernel)
 
     def run(batched):
         store = _mem_store(m)
