@@ -1,0 +1,302 @@
+"""Inference benchmark: retrieval decode and ingest against their baselines, same run.
+
+    python -m bench.inference [--quick]
+
+The model is the tiny preset, randomly initialised (seed 0): costs do not depend on the
+weights. Documents are random printable bytes. Every context length runs in its own
+child process (a clean peak-RSS reading), which ingests the document into a fresh
+store with fixed tier budgets (device 64 MiB, host 256 MiB, the rest on disk), then
+decodes with retrieval through `engine.inference.generate` (the time between two
+yielded tokens is one decode step: index search, fetch of the top-k blocks per layer
+and KV head, attention over [retrieved + local window]).
+
+Figures (each against a baseline measured in the same run):
+
+  decode_speedup_vs_full_64k   per-token decode time with full landmark attention over a
+                               64k-token KV cache (implementation 3, the cache filled with
+                               random keys and values: the time does not depend on them)
+                               / retrieval decode with 64k tokens in the store
+  decode_growth_4k_to_1m       retrieval decode time per token at 1M tokens of context /
+                               at 4k (goal <= 1.5; --quick: 4k -> 64k, named so)
+  ingest_store_overhead        `ingest` into the tiered store (zarr on disk, write-behind,
+                               landmark index, a durable flush every 16 chunks) / the same
+                               `ingest` with the store replaced by a plain in-RAM list of
+                               block tensors searched exactly with torch (no tiers, no
+                               disk, no index structure): the same chunked prefill, the
+                               same retrieval attention, the store disabled (goal <= 1.15)
+  peak_rss_mb_{16k,256k,1m}    peak RSS (VmHWM) of the child that ingested and decoded
+                               that context (goal: flat, 1M within 10% of 16k;
+                               --quick: 16k and 64k)
+
+Writes bench/results/inference.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BUDGETS = dict(device_budget_bytes=64 << 20, host_budget_bytes=256 << 20)
+DECODE_STEPS = 24
+QUESTION = "What is the pass key? The pass key is"
+
+
+def _model():
+    from engine.config import preset
+    from engine.model import LandmarkTransformer
+
+    torch.manual_seed(0)
+    return LandmarkTransformer(preset("tiny")).eval()
+
+
+def _document(n: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(32, 127, (n,), generator=g)
+
+
+def _store_config(**kw):
+    from memory_store import StoreConfig
+
+    return StoreConfig(device="cpu", **{**BUDGETS, **kw})
+
+
+def _retrieval():
+    from engine.retrieval import RetrievalConfig
+
+    return RetrievalConfig()  # the defaults users get: top-4, 2 local blocks, chunks of 256
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+def retrieval_decode_times(model, store, stream: str, steps: int) -> list[float]:
+    """Seconds per decode step of `generate` over `stream`, after the question's prefill."""
+    from engine.inference import GenerateConfig, generate
+    from engine.tokenizer import ByteTokenizer
+
+    prompt = ByteTokenizer().encode(QUESTION)
+    it = generate(model, store, prompt, streams=[stream], retrieval=_retrieval(),
+                  gen=GenerateConfig(max_new_tokens=steps + 1))
+    times = []
+    with torch.no_grad():
+        next(it)  # the prefill of the question
+        t = time.perf_counter()
+        for _ in it:
+            now = time.perf_counter()
+            times.append(now - t)
+            t = now
+    return times
+
+
+def child(context: int) -> dict[str, Any]:
+    """Ingest `context` tokens into a fresh store, then decode; runs in its own process."""
+    from engine.inference import ingest, open_store
+
+    torch.set_num_threads(int(os.environ.get("FOLIO_BENCH_THREADS", torch.get_num_threads())))
+    model = _model()
+    doc = _document(context)
+    with tempfile.TemporaryDirectory() as d, torch.no_grad():
+        store = open_store(os.path.join(d, "store"), model.cfg, "w", config=_store_config())
+        t0 = time.perf_counter()
+        ingest(model, store, "doc", doc, retrieval=_retrieval())
+        ingest_s = time.perf_counter() - t0
+        times = retrieval_decode_times(model, store, "doc", DECODE_STEPS)
+        blocks = len(store)
+        store.close()
+    return {"context": context, "ingest_s": ingest_s, "ingest_tokens_per_s": context / ingest_s,
+            "decode_step_s": statistics.median(times), "decode_steps": len(times),
+            "blocks": blocks, "peak_rss_bytes": _peak_rss_bytes()}
+
+
+def run_child(context: int) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-m", "bench.inference", "--child", str(context)],
+                          capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child for context {context} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def full_attention_decode_times(model, context: int, steps: int) -> list[float]:
+    """Per-token decode with the whole context in a KV cache (landmark attention, impl 3)."""
+    from engine.kv_cache import KVCache
+
+    cfg = model.cfg
+    cache = KVCache(cfg.n_layers, 1, cfg.n_kv_heads, cfg.head_dim, context + steps + 1)
+    g = torch.Generator().manual_seed(2)
+    for layer in cache.layers:
+        for t in (layer.k, layer.k_rot, layer.v):
+            t[:, :, :context] = torch.randn(t[:, :, :context].shape, generator=g)
+    cache.length = context
+    tok = torch.tensor([[65]])
+    times = []
+    with torch.no_grad():
+        for _ in range(steps):
+            t = time.perf_counter()
+            model(tok, cache=cache)
+            times.append(time.perf_counter() - t)
+    return times[2:]  # the first calls allocate
+
+
+class InRamBlocks:
+    """The store disabled: completed blocks kept as plain tensors, searched exactly.
+
+    Implements the part of the TieredStore interface that `ingest` and
+    `RetrievalMemory` use, with nothing behind it: no tiers, budgets, disk, checksums,
+    write-behind queue or index structure; search is one matmul over the landmark keys.
+    """
+
+    def __init__(self, layout):
+        self.layout, self.device = layout, torch.device("cpu")
+        self.k: list[torch.Tensor] = []  # per block (nl, Hkv, L, D)
+        self.v: list[torch.Tensor] = []
+        self.lm: list[torch.Tensor] = []  # per block (nl, Hkv, D)
+        self.meta: dict[str, dict] = {}
+        self._lm_cat: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.k)
+
+    def put_blocks(self, stream, k, v, landmarks):
+        start = len(self.k)
+        self.k.extend(k.unbind(0))
+        self.v.extend(v.unbind(0))
+        self.lm.extend(landmarks.unbind(0))
+        self._lm_cat = None
+        return np.arange(start, len(self.k), dtype=np.int64)
+
+    def search(self, layer, queries, k, streams=None):
+        if self._lm_cat is None:
+            self._lm_cat = torch.stack(self.lm)  # (N, nl, Hkv, D)
+        keys = self._lm_cat[:, layer].float()  # (N, Hkv, D)
+        scores = torch.einsum("qhd,nhd->qhn", queries.float(), keys)  # (nq, Hkv, N)
+        kk = min(k, keys.shape[0])
+        sc, ids = scores.topk(kk, dim=-1)
+        if kk < k:
+            pad = k - kk
+            ids = torch.cat([ids, torch.full((*ids.shape[:2], pad), -1, dtype=ids.dtype)], -1)
+            sc = torch.cat([sc, torch.full((*sc.shape[:2], pad), float("-inf"))], -1)
+        return ids, sc
+
+    def get_layer(self, ids, layer):
+        ids = [int(i) for i in ids]
+        return (torch.stack([self.k[i][layer] for i in ids]), torch.stack([self.v[i][layer] for i in ids]))
+
+    def block_meta(self, ids):
+        ids = [int(i) for i in ids]
+        return ["doc"] * len(ids), np.asarray(ids, dtype=np.int64)
+
+    def stream_blocks(self, stream):
+        return np.arange(len(self.k), dtype=np.int64)
+
+    def get_stream_meta(self, stream):
+        return dict(self.meta.get(stream, {}))
+
+    def set_stream_meta(self, stream, meta):
+        self.meta[stream] = dict(meta)
+
+    def flush(self):
+        pass
+
+    def stats(self):
+        return {}
+
+
+def ingest_overhead(model, context: int, rounds: int) -> dict[str, Any]:
+    from engine.inference import ingest, open_store, store_layout_for
+
+    doc = _document(context, seed=3)
+    t_store, t_ram = [], []
+    with torch.no_grad():
+        for r in range(rounds):
+            with tempfile.TemporaryDirectory() as d:
+                store = open_store(os.path.join(d, "store"), model.cfg, "w", config=_store_config())
+                t = time.perf_counter()
+                ingest(model, store, "doc", doc, retrieval=_retrieval())
+                store.close()  # the write-behind queue drains and the index is saved: part of the cost
+                t_store.append(time.perf_counter() - t)
+            ram = InRamBlocks(store_layout_for(model.cfg))
+            t = time.perf_counter()
+            ingest(model, ram, "doc", doc, retrieval=_retrieval())
+            t_ram.append(time.perf_counter() - t)
+    return {"ingest_store_overhead": round(statistics.median(t_store) / statistics.median(t_ram), 3),
+            "ingest_context": context, "ingest_store_s": [round(x, 3) for x in t_store],
+            "ingest_in_ram_s": [round(x, 3) for x in t_ram]}
+
+
+def run(quick: bool) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    model = _model()
+    res: dict[str, Any] = {"command": "python -m bench.inference" + (" --quick" if quick else "")}
+    contexts = (4096, 16384, 65536) if quick else (4096, 16384, 65536, 262144, 1048576)
+    kids = {}
+    for n in contexts:
+        kids[n] = run_child(n)
+        k = kids[n]
+        print(f"  context {n:>9,}: ingest {k['ingest_tokens_per_s']:,.0f} tok/s, decode "
+              f"{1e3 * k['decode_step_s']:.1f} ms/token, peak RSS {k['peak_rss_bytes'] / 2**20:.0f} MiB",
+              flush=True)
+    full = statistics.median(full_attention_decode_times(model, 65536, 12))
+    res["full_attention_decode_step_s_64k"] = round(full, 5)
+    res["retrieval_decode_step_s"] = {str(n): round(k["decode_step_s"], 5) for n, k in kids.items()}
+    res["decode_speedup_vs_full_64k"] = round(full / kids[65536]["decode_step_s"], 2)
+    top = contexts[-1]
+    name = "decode_growth_4k_to_1m" if top == 1048576 else f"decode_growth_4k_to_{top // 1024}k"
+    res[name] = round(kids[top]["decode_step_s"] / kids[4096]["decode_step_s"], 3)
+    for n in (16384, 262144, 1048576) if not quick else (16384, 65536):
+        label = "1m" if n == 1048576 else f"{n // 1024}k"
+        res[f"peak_rss_mb_{label}"] = round(kids[n]["peak_rss_bytes"] / 2**20, 1)
+    res["ingest_tokens_per_s"] = {str(n): round(k["ingest_tokens_per_s"]) for n, k in kids.items()}
+    res.update(ingest_overhead(model, 16384 if quick else 65536, rounds=2 if quick else 3))
+    res["tier_budgets"] = {k: v for k, v in BUDGETS.items()}
+    res["machine"] = {"platform": platform.platform(), "torch": torch.__version__,
+                      "threads": torch.get_num_threads(), "quick": quick}
+    res["wall_s"] = round(time.perf_counter() - t0, 1)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.inference", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="contexts up to 64k (under a minute)")
+    ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=str(RESULTS / "inference.json"))
+    args = ap.parse_args(argv)
+    if args.child is not None:
+        print(json.dumps(child(args.child)))
+        return 0
+    res = run(args.quick)
+    print(f"{'figure':45s} value")
+    for k, v in res.items():
+        if isinstance(v, (int, float)) and k != "wall_s":
+            print(f"{k:45s} {v}")
+    print("goals: decode_speedup_vs_full_64k >= 10, decode_growth <= 1.5, ingest_store_overhead <= 1.15, "
+          "peak RSS flat")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(res, f, indent=2)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out} ({res['wall_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
