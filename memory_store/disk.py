@@ -5,6 +5,8 @@ On-disk layout (a plain zarr v3 group that zarr-python opens and reads on its ow
     zarr.json               group; attributes["folio"] = {format, format_version, layout}
     k/, v/                  (capacity, n_layers, n_kv_heads, block_len, head_dim), chunk (1, 1, H, T, D)
     landmarks/              (capacity, n_layers, n_kv_heads, head_dim), chunk (1, L, H, D)
+                            chunk keys use zarr's "." separator (k/c.<row>.<layer>.0.0.0): one
+                            directory per array, so writing a block creates files, not directories
     block_stream/           (capacity,) int32: stream code of each row
     block_ordinal/          (capacity,) int64: ordinal of each row within its stream
     commit.json             the commit record (below)
@@ -14,7 +16,10 @@ Row r of every array is block id r: ids are never reused, so a row once written 
 never rewritten while it is visible. Every array uses the bytes codec followed by
 zarr's Crc32cCodec, one chunk per (block, layer), no sharding (sharding measured
 16-27x slower on the random-read path). bfloat16 is stored as its uint16 bits.
-Capacity grows by doubling (`resize`).
+Capacity grows by doubling (`resize`). The per-row metadata (block_stream,
+block_ordinal) written with a batch of rows is buffered and written through zarr once
+per `make_durable()`, before the sync: rows are invisible until the commit that
+follows, so nothing can read them earlier.
 
 Commit protocol (crash safety). Data rows are written first, anywhere beyond the
 committed row count; `make_durable()` then forces them to stable storage, and only
@@ -46,7 +51,7 @@ import asyncio
 import ctypes
 import json
 import os
-import shutil
+import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -71,7 +76,7 @@ from .tiers import Entry, Key, Tier
 __all__ = ["DiskTier", "CommitRecord", "StreamRecord", "FORMAT_NAME", "FORMAT_VERSION", "COMMIT_KEY"]
 
 FORMAT_NAME = "folio-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: "." chunk keys
 COMMIT_KEY = "commit.json"
 INITIAL_CAPACITY = 64
 META_CHUNK = 4096  # rows per chunk of block_stream / block_ordinal
@@ -180,6 +185,8 @@ class DiskTier(Tier):
         self._arrays = {name: group[name] for name in _DATA_ARRAYS}
         self._capacity = int(self._arrays["k"].shape[0])
         self._unsynced: set[str] = set()  # local files written since the last make_durable (fsync mode)
+        self._meta_pending: list[tuple[int, np.ndarray, np.ndarray]] = []  # (start, codes, ordinals)
+        self._meta_lock = threading.Lock()
         self._proto = default_buffer_prototype()
         self._closed = False
 
@@ -248,7 +255,8 @@ class DiskTier(Tier):
         }
         for name, (shape, chunks, dtype) in spec.items():
             group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=[Crc32cCodec()],
-                               fill_value=0 if name != "block_stream" else -1)
+                               fill_value=0 if name != "block_stream" else -1,
+                               chunk_key_encoding={"name": "default", "separator": "."})
         group.attrs["folio"] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "layout": layout.to_dict(),
                                 "note": "rows < commit.json n_rows whose stream is alive are valid blocks; "
                                         "bfloat16 is stored as uint16 bits"}
@@ -287,11 +295,11 @@ class DiskTier(Tier):
     # -- keys -----------------------------------------------------------------------
     @staticmethod
     def kv_key(name: str, row: int, layer: int) -> str:
-        return f"{name}/c/{row}/{layer}/0/0/0"
+        return f"{name}/c.{row}.{layer}.0.0.0"
 
     @staticmethod
     def landmark_key(row: int) -> str:
-        return f"landmarks/c/{row}/0/0/0"
+        return f"landmarks/c.{row}.0.0.0"
 
     # -- raw chunk I/O ----------------------------------------------------------------
     def _put_chunks(self, items: list[tuple[str, np.ndarray]]) -> None:
@@ -303,7 +311,7 @@ class DiskTier(Tier):
                 path = os.path.join(self._root, key)
                 try:
                     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                except FileNotFoundError:
+                except FileNotFoundError:  # the array's directory (first chunk of the array)
                     os.makedirs(os.path.dirname(path), exist_ok=True)
                     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 try:
@@ -400,13 +408,34 @@ class DiskTier(Tier):
                 items.append((self.kv_key("v", row, layer), v[i, layer]))
             items.append((self.landmark_key(row), landmarks[i]))
         self._put_chunks(items)
-        # small per-row metadata through zarr itself (read-modify-write of a partial chunk)
-        self._arrays["block_stream"][start:start + n] = stream_codes
-        self._arrays["block_ordinal"][start:start + n] = ordinals
-        if self._root is not None and self.sync_mode == "fsync":
-            for name in ("block_stream", "block_ordinal"):
-                for c in range(start // META_CHUNK, (start + n - 1) // META_CHUNK + 1):
-                    self._unsynced.add(os.path.join(self._root, name, "c", str(c)))
+        # the small per-row metadata goes through zarr at the next make_durable (one
+        # read-modify-write per metadata chunk instead of one per batch of rows)
+        with self._meta_lock:
+            self._meta_pending.append((start, np.array(stream_codes, dtype=np.int32, copy=True),
+                                       np.array(ordinals, dtype=np.int64, copy=True)))
+
+    def _write_pending_meta(self) -> None:
+        """Write buffered block_stream / block_ordinal rows, coalescing contiguous runs."""
+        with self._meta_lock:
+            pending, self._meta_pending = self._meta_pending, []
+        if not pending:
+            return
+        pending.sort(key=lambda t: t[0])
+        runs: list[list] = []
+        for start, codes, ords in pending:
+            if runs and runs[-1][0] + len(runs[-1][1]) == start:
+                runs[-1][1] = np.concatenate([runs[-1][1], codes])
+                runs[-1][2] = np.concatenate([runs[-1][2], ords])
+            else:
+                runs.append([start, codes, ords])
+        for start, codes, ords in runs:
+            n = len(codes)
+            self._arrays["block_stream"][start:start + n] = codes
+            self._arrays["block_ordinal"][start:start + n] = ords
+            if self._root is not None and self.sync_mode == "fsync":
+                for name in ("block_stream", "block_ordinal"):
+                    for c in range(start // META_CHUNK, (start + n - 1) // META_CHUNK + 1):
+                        self._unsynced.add(os.path.join(self._root, name, f"c.{c}"))
 
     def read_layer_into(self, rows: np.ndarray, layer: int, out_k: np.ndarray, out_v: np.ndarray) -> np.ndarray:
         """Read layer `layer` of `rows` into out_k, out_v (M, H, T, D) (storage dtype, C-contiguous).
@@ -429,6 +458,8 @@ class DiskTier(Tier):
     def read_row_meta(self, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
         """block_stream and block_ordinal of rows < n_rows (through zarr, crc-checked)."""
         self._check_open()
+        if not self._read_only:
+            self._write_pending_meta()
         try:
             codes = np.asarray(self._arrays["block_stream"][:n_rows], dtype=np.int32)
             ords = np.asarray(self._arrays["block_ordinal"][:n_rows], dtype=np.int64)
@@ -441,12 +472,13 @@ class DiskTier(Tier):
         self._check_writable()
         if self._root is not None:
             for row in rows:
-                for name in ("k", "v"):
-                    shutil.rmtree(os.path.join(self._root, name, "c", str(row)), ignore_errors=True)
-                try:
-                    os.unlink(os.path.join(self._root, self.landmark_key(row)))
-                except FileNotFoundError:
-                    pass
+                keys = [self.kv_key(name, row, layer) for name in ("k", "v")
+                        for layer in range(self.layout.n_layers)] + [self.landmark_key(row)]
+                for key in keys:
+                    try:
+                        os.unlink(os.path.join(self._root, key))
+                    except FileNotFoundError:
+                        pass
             return
         keys = [self.kv_key(name, row, layer) for row in rows for name in ("k", "v")
                 for layer in range(self.layout.n_layers)] + [self.landmark_key(row) for row in rows]
@@ -460,6 +492,7 @@ class DiskTier(Tier):
     def make_durable(self) -> None:
         """Force every chunk written so far to stable storage (local directories; other stores: no-op)."""
         self._check_writable()
+        self._write_pending_meta()
         if self._root is None or self.sync_mode == "none":
             return
         if self.sync_mode == "syncfs":

@@ -122,7 +122,7 @@ def test_version_mismatch_and_not_a_store(tmp_path, store):
 
 def test_corrupted_chunk_is_detected_and_named(tmp_path, store):
     store.close()
-    chunk = tmp_path / "s" / "v" / "c" / "4" / "1" / "0" / "0" / "0"
+    chunk = tmp_path / "s" / "v" / "c.4.1.0.0.0"
     raw = bytearray(chunk.read_bytes())
     raw[10] ^= 0x40
     chunk.write_bytes(bytes(raw))
