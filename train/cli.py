@@ -64,6 +64,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="set any TrainConfig field (repeatable)")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                    help="continue from the newest checkpoint of --out, or of PATH")
+    p.add_argument("--init-from", metavar="DIR",
+                   help="start from the weights of an exported model (same model config)")
     p.add_argument("--stop-after", type=int, metavar="N",
                    help="stop (with a checkpoint) after step N of the schedule")
     p.add_argument("--ds-config", help="DeepSpeed config (default ./ds_config.json or the repository's)")
@@ -87,7 +89,7 @@ def train_config_from_args(args: argparse.Namespace):  # -> TrainConfig
              "jsonl_field": args.jsonl_field, "max_steps": args.steps, "micro_batch": args.micro_batch,
              "grad_accum": args.grad_accum, "lr": args.lr, "window_len": args.window,
              "precision": args.precision, "seed": args.seed, "out_dir": args.out,
-             "save_every": args.save_every}
+             "save_every": args.save_every, "init_from": args.init_from}
     fields.update({k: v for k, v in named.items() if v is not None})
     if args.data and args.data_weights is None:
         fields.setdefault("data_weights", None)  # the preset's weights belong to its own sources

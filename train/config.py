@@ -81,6 +81,10 @@ class TrainConfig:
     training (train/store_memory.py); False is the paper's plain-window training."""
     retrieval_top_k: int = 4
     """Blocks retrieved per layer and KV head when `retrieval` is on."""
+    init_from: str | None = None
+    """An exported model directory (model.safetensors + config.json) whose weights start
+    the run (fine-tuning, or a second stage of a curriculum); its config must equal the
+    run's model config. None = random init from `seed`."""
 
     def __post_init__(self) -> None:
         if self.model not in MODEL_PRESETS:
@@ -98,6 +102,8 @@ class TrainConfig:
                 _fail("data_weights", self.data_weights, "weights >= 0 with a positive sum")
         if not isinstance(self.retrieval_top_k, int) or self.retrieval_top_k < 1:
             _fail("retrieval_top_k", self.retrieval_top_k, "an int >= 1")
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
+            _fail("init_from", self.init_from, "None or the path of an exported model directory")
         if not isinstance(self.eval_data, str) or not self.eval_data:
             _fail("eval_data", self.eval_data, "a built-in name or a path")
         if not self.jsonl_field:

@@ -217,6 +217,20 @@ class _StopFlag:
         self._old.clear()
 
 
+def _init_state(path: str, mcfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Weights of the exported model at `path`; refuses one of another model config."""
+    from train.errors import CheckpointMismatchError
+
+    theirs, state = load_exported(path)
+    mine, other = mcfg.to_dict(), theirs.to_dict()
+    diff = sorted(k for k in set(mine) | set(other) if mine.get(k) != other.get(k))
+    if diff:
+        raise CheckpointMismatchError(
+            f"init_from={path!r}: that model has " + ", ".join(f"{k}={other.get(k)!r}" for k in diff)
+            + "; this run's model has " + ", ".join(f"{k}={mine.get(k)!r}" for k in diff))
+    return state
+
+
 def train(tcfg: TrainConfig, *, ds: DSOptions | None = None, resume: str | os.PathLike | bool | None = None,
           model_factory: ModelFactory | None = None, memory: WindowMemory | None = None,
           stop_after: int | None = None, progress: bool = True,
@@ -251,6 +265,7 @@ def train(tcfg: TrainConfig, *, ds: DSOptions | None = None, resume: str | os.Pa
         meta = check_model_matches(step_dir, mcfg)
         _check_resume_config(meta, tcfg, step_dir, world_size)
     factory = model_factory or default_model_factory
+    init_state = _init_state(tcfg.init_from, mcfg) if tcfg.init_from and step_dir is None else None
     eval_source = (build_source(tcfg.eval_data, seed=tcfg.seed, jsonl_field=tcfg.jsonl_field,
                                 synthetic_chars=tcfg.synthetic_chars) if tcfg.eval_windows else None)
 
@@ -259,7 +274,10 @@ def train(tcfg: TrainConfig, *, ds: DSOptions | None = None, resume: str | os.Pa
         stop = _StopFlag()
         try:
             _seed_all(tcfg.seed)
-            model = LanguageModelLoss(factory(mcfg))
+            net = factory(mcfg)
+            if init_state is not None:
+                net.load_state_dict(init_state, strict=not mcfg.tie_embeddings)
+            model = LanguageModelLoss(net)
             engine = ds_engine.initialize(model, ds_cfg, env, lr_lambda=lr_multiplier(tcfg), verbose=ds.verbose)
             mixer = DocumentMixer(sources, tcfg.data_weights, seed=tcfg.seed, rank=env.rank,
                                   world_size=env.world_size)

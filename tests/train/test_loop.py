@@ -155,3 +155,21 @@ def test_retrieval_changes_the_loss_of_later_windows(tmp_path):
     retr = train(_cfg(tmp_path / "r", retrieval=True, **kw), ds=NO_OFFLOAD, progress=False)
     assert retr.losses[0] == pytest.approx(plain.losses[0], abs=1e-6)
     assert any(abs(a - b) > 1e-4 for a, b in zip(retr.losses[1:], plain.losses[1:]))
+
+
+def test_init_from_starts_at_the_exported_weights_and_refuses_another_model(tmp_path):
+    from train.checkpoint import export_from_checkpoint
+    from train.errors import CheckpointMismatchError
+
+    first = train(_cfg(tmp_path / "a", max_steps=6), ds=NO_OFFLOAD, progress=False)
+    exported = export_from_checkpoint(first.checkpoint, tmp_path / "export")
+    fresh = train(_cfg(tmp_path / "b", max_steps=1), ds=NO_OFFLOAD, progress=False)
+    tuned = train(_cfg(tmp_path / "c", max_steps=1, init_from=str(exported)), ds=NO_OFFLOAD, progress=False)
+    # the first step of the tuned run starts where the 6-step run ended, not at a random init
+    assert tuned.losses[0] < fresh.losses[0] - 0.05, (tuned.losses, fresh.losses)
+    other = train_preset("smoke", out_dir=str(tmp_path / "d"), save_every=0, init_from=str(exported),
+                         model_overrides={"n_layers": 2, "d_model": 64, "ffn_hidden": 128,
+                                          "max_seq_len": 128, "block_len": 32})
+    with pytest.raises(CheckpointMismatchError, match="n_layers"):
+        train(other, ds=NO_OFFLOAD, progress=False)
+    assert not (tmp_path / "d" / "checkpoints").exists()  # refused before any training
