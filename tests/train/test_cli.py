@@ -85,3 +85,22 @@ def test_sigterm_checkpoints_and_exits_143(tmp_path):
     assert "stopped by SIGTERM" in stdout and "--resume" in stdout
     meta = read_meta(find_checkpoint(out))
     assert meta["step"] >= 2 and meta["step"] == metrics.read_text().count("\n")
+
+
+def test_the_shipped_checkpoints_documented_commands_still_train(tmp_path):
+    """models/passkey-tiny/README.md's two commands, shortened: stage 1 (stopped early, as
+    the documented run stops at step 1250), export, stage 2 from that export with retrieval."""
+    from train.metrics import read_metrics
+
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+    common = ["--no-progress", "--offload", "none"]
+    assert main(["train", "--preset", "passkey-tiny", "--steps", "40", "--stop-after", "6", "--out", str(s1),
+                 *common]) == 0
+    losses = [r["loss"] for r in read_metrics(s1 / "metrics.jsonl")]
+    assert len(losses) == 6 and all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.2, losses
+    assert main(["export", str(s1), "--out", str(s1 / "export")]) == 0
+    assert main(["train", "--preset", "passkey-tiny-long", "--init-from", str(s1 / "export"), "--steps", "3",
+                 "--micro-batch", "4", "--out", str(s2), *common]) == 0
+    recs = read_metrics(s2 / "metrics.jsonl")
+    assert len(recs) == 3 and all(r["loss"] == r["loss"] for r in recs)  # finite
+    assert sum(sum(r["pulled_bytes"].values()) for r in recs) > 0  # stage 2 retrieves from the store
