@@ -164,7 +164,8 @@ def write_outputs(result: dict, out_dir: str | Path) -> list[Path]:
     depths = sorted({r["depth"] for r in result["rows"]})
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), constrained_layout=True)
     for ax, key in zip(axes, ("retrieval", "local")):
-        grid = [[next(r[key] for r in result["rows"] if r["length"] == n and r["depth"] == d)
+        # a cell the run did not evaluate (e.g. one depth only at the longest length) stays blank
+        grid = [[next((r[key] for r in result["rows"] if r["length"] == n and r["depth"] == d), float("nan"))
                  for n in lengths] for d in depths]
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
         ax.set_xticks(range(len(lengths)), [f"{n:,}" for n in lengths], rotation=45, fontsize=7)
