@@ -215,7 +215,11 @@ class RetrievalMemory:
             return out
         exclude = self._stored_local_ids()
         qs = self._search_queries(q, q_local_pos)
-        ids, scores = self.store.search(layer, qs, kk + len(exclude), streams=self.read_streams)
+        if self.rc.selection == "chunk" and hasattr(self.store, "search_max"):
+            # max over the chunk's queries inside the index: one matmul per call, no per-query top-k
+            ids, scores = self.store.search_max(layer, qs, kk + len(exclude), streams=self.read_streams)
+        else:
+            ids, scores = self.store.search(layer, qs, kk + len(exclude), streams=self.read_streams)
         self.stats.searches += 1
         ids, scores = ids.cpu(), scores.float().cpu()  # (n_q, Hkv, k')
         if exclude:

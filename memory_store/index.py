@@ -334,6 +334,70 @@ class LandmarkIndex:
             out_scores[..., :k_eff] = scores_t
             return out_ids.to(queries.device), out_scores.to(queries.device)
 
+    def search_max(self, layer: int, queries: torch.Tensor, k: int,
+                   streams: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k blocks per KV head by their best score over ALL the queries (max-aggregated).
+
+        The same blocks as taking each query's top-k and keeping, per head, the k distinct
+        ids with the highest max score (a block in the aggregated top-k is in the top-k of
+        the query attaining its max), without a per-query top-k over every key: exact
+        search reduces the (queries x keys) scores with a max, so its cost per call grows
+        with the keys by one matmul only. Returns ids (1, H, k) int64 padded with -1 and
+        scores (1, H, k) float32 padded with -inf, sorted by descending score.
+        """
+        with self._lock:
+            if not isinstance(queries, torch.Tensor) or queries.ndim != 3 or queries.shape[0] == 0:
+                return self._aggregate(*self.search(layer, queries, k, streams), k)
+            rows = None
+            m = self._n
+            if streams is not None:
+                if isinstance(streams, (str, bytes)):
+                    raise LandmarkIndexError(f"search: streams={streams!r}, expected None or a sequence of str")
+                codes = [self._stream_code[s] for s in set(streams) if s in self._stream_code]
+                if len(codes) < len(self._stream_code):
+                    rows = np.nonzero(np.isin(self._codes[: self._n], codes))[0]
+                    m = len(rows)
+            if m == 0 or self._use_faiss(m) or not isinstance(k, (int, np.integer)) or k < 1:
+                return self._aggregate(*self.search(layer, queries, k, streams), k)
+            self.search(layer, queries[:1], 1, streams)  # validates layer, shapes and dtypes
+            keys = self._keys[layer, :, : self._n]  # (H, N, D)
+            if self._ids_dev is None:
+                self._ids_dev = torch.from_numpy(self._ids[: self._n].copy()).to(self.device)
+            ids = self._ids_dev
+            if rows is not None:
+                rows_t = torch.from_numpy(rows).to(self.device)
+                keys, ids = keys.index_select(1, rows_t), ids.index_select(0, rows_t)
+            q = queries.detach().to(self.device, torch.float32)  # (Q, H, D)
+            chunk = max(int(k), _SCORE_CHUNK_ELEMS // max(1, q.shape[0] * self.n_kv_heads))
+            best = torch.empty(self.n_kv_heads, m, dtype=torch.float32, device=self.device)
+            for start in range(0, m, chunk):
+                s = torch.einsum("qhd,hnd->hqn", q, keys[:, start:start + chunk])  # (H, Q, C)
+                best[:, start:start + s.shape[-1]] = s.amax(dim=1)
+            k_eff = min(int(k), m)
+            top_s, top_i = best.topk(k_eff, dim=-1)  # (H, k')
+            out_ids = torch.full((1, self.n_kv_heads, int(k)), -1, dtype=torch.int64, device=self.device)
+            out_s = torch.full((1, self.n_kv_heads, int(k)), float("-inf"), dtype=torch.float32, device=self.device)
+            out_ids[0, :, :k_eff], out_s[0, :, :k_eff] = ids[top_i], top_s
+            return out_ids.to(queries.device), out_s.to(queries.device)
+
+    @staticmethod
+    def _aggregate(ids: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-query results (Q, H, k') -> per head the k distinct ids with the best max score."""
+        H = ids.shape[1]
+        out_ids = torch.full((1, H, k), -1, dtype=torch.int64)
+        out_s = torch.full((1, H, k), float("-inf"), dtype=torch.float32)
+        for h in range(H):
+            fi, fs = ids[:, h].reshape(-1).cpu(), scores[:, h].reshape(-1).float().cpu()
+            keep = (fi >= 0) & torch.isfinite(fs)
+            if not keep.any():
+                continue
+            uniq, inv = torch.unique(fi[keep], return_inverse=True)
+            best = torch.full((len(uniq),), float("-inf")).scatter_reduce(0, inv, fs[keep], "amax")
+            n = min(k, len(uniq))
+            top_s, top = torch.topk(best, n)
+            out_ids[0, h, :n], out_s[0, h, :n] = uniq[top], top_s
+        return out_ids.to(ids.device), out_s.to(ids.device)
+
     def _use_faiss(self, m: int) -> bool:
         """Whether a search over m keys goes through faiss (building/updating it first)."""
         if self._faiss is None or (self.backend == "auto" and m <= self.exact_threshold):

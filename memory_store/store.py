@@ -750,6 +750,12 @@ class TieredStore:
         self._check_open()
         return self.index.search(layer, queries, k, streams)
 
+    def search_max(self, layer: int, queries: torch.Tensor, k: int, streams: Sequence[str] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k blocks per KV head by their best score over all queries; see LandmarkIndex.search_max."""
+        self._check_open()
+        return self.index.search_max(layer, queries, k, streams)
+
     # -- the derived index -----------------------------------------------------------------------
     def _save_index(self) -> None:
         gen = self._generation

@@ -307,3 +307,26 @@ def test_auto_falls_back_to_exact_when_measured_recall_is_low():
     ix.backend = AUTO_APPROX_BACKEND
     raw, _ = ix.search(0, torch.from_numpy(q), 10)
     assert recall(raw.numpy(), ref_topk(keys, ids, 0, q, 10)[0]) < 0.95
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_search_max_equals_aggregating_per_query_results(backend):
+    """search_max == per-query top-k, then per head the k distinct ids with the best max score."""
+    ix, ids, keys = filled(backend)
+    q = torch.from_numpy(data(24, seed=8)[:, 1])
+    for streams in (None, ["b"]):
+        for layer in range(L):
+            got_i, got_s = ix.search_max(layer, q, 6, streams=streams)
+            assert got_i.shape == (1, H, 6) and got_s.shape == (1, H, 6)
+            if backend in ("exact", "flat", "auto"):
+                # exact: the true per-head max over queries of every allowed key, top 6
+                allowed = np.arange(len(ids)) if streams is None else np.arange(1200, len(ids))
+                for h in range(H):
+                    best = (keys[allowed, layer, h] @ q[:, h].numpy().T).max(axis=1)  # (M,)
+                    order = np.argsort(-best)[:6]
+                    assert set(got_i[0, h].tolist()) == set(ids[allowed][order].tolist())
+                    assert np.allclose(got_s[0, h].numpy(), best[order], atol=1e-4)
+            want_i, _ = ix._aggregate(*ix.search(layer, q, 6, streams=streams), 6)
+            assert got_i.tolist() == want_i.tolist() or backend not in ("exact", "flat", "auto")
+    got_i, got_s = ix.search_max(0, q, 5, streams=["nope"])
+    assert (got_i == -1).all() and torch.isinf(got_s).all()
