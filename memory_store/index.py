@@ -293,30 +293,12 @@ class LandmarkIndex:
         on bad input.
         """
         with self._lock:
-            self._check_layer(layer)
-            if not isinstance(queries, torch.Tensor):
-                raise ShapeError(f"search: queries of type {type(queries).__name__}, expected torch.Tensor")
-            if not queries.is_floating_point():
-                raise ShapeError(f"search: queries dtype {queries.dtype}, expected a float dtype")
-            if queries.ndim != 3 or tuple(queries.shape[1:]) != (self.n_kv_heads, self.head_dim):
-                raise ShapeError(f"search: queries shape {tuple(queries.shape)}, expected (n_q, n_kv_heads, head_dim)="
-                                 f"(n_q, {self.n_kv_heads}, {self.head_dim})")
-            if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-                raise LandmarkIndexError(f"search: k={k!r}, expected an int >= 1")
-            if isinstance(streams, (str, bytes)) or (streams is not None and not all(isinstance(s, str) for s in streams)):
-                raise LandmarkIndexError(f"search: streams={streams!r}, expected None or a sequence of str")
+            self._check_search(layer, queries, k, streams)
             k = int(k)
             n_q = queries.shape[0]
             out_ids = torch.full((n_q, self.n_kv_heads, k), -1, dtype=torch.int64)  # (Q, H, K)
             out_scores = torch.full((n_q, self.n_kv_heads, k), float("-inf"), dtype=torch.float32)  # (Q, H, K)
-
-            rows = None  # None = every row
-            m = self._n
-            if streams is not None:
-                codes = [self._stream_code[s] for s in set(streams) if s in self._stream_code]
-                if len(codes) < len(self._stream_code):
-                    rows = np.nonzero(np.isin(self._codes[: self._n], codes))[0]
-                    m = len(rows)
+            rows, m = self._stream_rows(streams)
             if m == 0 or n_q == 0:
                 return out_ids.to(queries.device), out_scores.to(queries.device)
             k_eff = min(k, m)
@@ -346,27 +328,11 @@ class LandmarkIndex:
         scores (1, H, k) float32 padded with -inf, sorted by descending score.
         """
         with self._lock:
-            if not isinstance(queries, torch.Tensor) or queries.ndim != 3 or queries.shape[0] == 0:
-                return self._aggregate(*self.search(layer, queries, k, streams), k)
-            rows = None
-            m = self._n
-            if streams is not None:
-                if isinstance(streams, (str, bytes)):
-                    raise LandmarkIndexError(f"search: streams={streams!r}, expected None or a sequence of str")
-                codes = [self._stream_code[s] for s in set(streams) if s in self._stream_code]
-                if len(codes) < len(self._stream_code):
-                    rows = np.nonzero(np.isin(self._codes[: self._n], codes))[0]
-                    m = len(rows)
-            if m == 0 or self._use_faiss(m) or not isinstance(k, (int, np.integer)) or k < 1:
-                return self._aggregate(*self.search(layer, queries, k, streams), k)
-            self.search(layer, queries[:1], 1, streams)  # validates layer, shapes and dtypes
-            keys = self._keys[layer, :, : self._n]  # (H, N, D)
-            if self._ids_dev is None:
-                self._ids_dev = torch.from_numpy(self._ids[: self._n].copy()).to(self.device)
-            ids = self._ids_dev
-            if rows is not None:
-                rows_t = torch.from_numpy(rows).to(self.device)
-                keys, ids = keys.index_select(1, rows_t), ids.index_select(0, rows_t)
+            self._check_search(layer, queries, k, streams)
+            rows, m = self._stream_rows(streams)
+            if m == 0 or queries.shape[0] == 0 or self._use_faiss(m):
+                return self._aggregate(*self.search(layer, queries, k, streams), int(k))
+            keys, ids = self._exact_keys(layer, rows)
             q = queries.detach().to(self.device, torch.float32)  # (Q, H, D)
             chunk = max(int(k), _SCORE_CHUNK_ELEMS // max(1, q.shape[0] * self.n_kv_heads))
             best = torch.empty(self.n_kv_heads, m, dtype=torch.float32, device=self.device)
@@ -398,6 +364,41 @@ class LandmarkIndex:
             out_ids[0, h, :n], out_s[0, h, :n] = uniq[top], top_s
         return out_ids.to(ids.device), out_s.to(ids.device)
 
+    def _check_search(self, layer: int, queries: object, k: object, streams: object) -> None:
+        """The argument checks of `search` and `search_max` (ShapeError / LandmarkIndexError)."""
+        self._check_layer(layer)
+        if not isinstance(queries, torch.Tensor):
+            raise ShapeError(f"search: queries of type {type(queries).__name__}, expected torch.Tensor")
+        if not queries.is_floating_point():
+            raise ShapeError(f"search: queries dtype {queries.dtype}, expected a float dtype")
+        if queries.ndim != 3 or tuple(queries.shape[1:]) != (self.n_kv_heads, self.head_dim):
+            raise ShapeError(f"search: queries shape {tuple(queries.shape)}, expected (n_q, n_kv_heads, head_dim)="
+                             f"(n_q, {self.n_kv_heads}, {self.head_dim})")
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+            raise LandmarkIndexError(f"search: k={k!r}, expected an int >= 1")
+        if isinstance(streams, (str, bytes)) or (streams is not None and not all(isinstance(s, str) for s in streams)):
+            raise LandmarkIndexError(f"search: streams={streams!r}, expected None or a sequence of str")
+
+    def _stream_rows(self, streams: Sequence[str] | None) -> tuple[np.ndarray | None, int]:
+        """(rows of those streams or None for every row, number of rows searched)."""
+        if streams is not None:
+            codes = [self._stream_code[s] for s in set(streams) if s in self._stream_code]
+            if len(codes) < len(self._stream_code):
+                rows = np.nonzero(np.isin(self._codes[: self._n], codes))[0]
+                return rows, len(rows)
+        return None, self._n
+
+    def _exact_keys(self, layer: int, rows: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Landmark keys (H, M, D) of `layer` and their ids (M,) on the device, restricted to rows."""
+        keys = self._keys[layer, :, : self._n]  # (H, N, D)
+        if self._ids_dev is None:
+            self._ids_dev = torch.from_numpy(self._ids[: self._n].copy()).to(self.device)
+        ids = self._ids_dev  # (N,)
+        if rows is not None:
+            rows_t = torch.from_numpy(rows).to(self.device)
+            keys, ids = keys.index_select(1, rows_t), ids.index_select(0, rows_t)
+        return keys, ids
+
     def _use_faiss(self, m: int) -> bool:
         """Whether a search over m keys goes through faiss (building/updating it first)."""
         if self._faiss is None or (self.backend == "auto" and m <= self.exact_threshold):
@@ -428,14 +429,7 @@ class LandmarkIndex:
     def _exact_search(self, layer: int, queries: torch.Tensor, k: int,
                       rows: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-k on the device: ids (Q, H, k) int64 and scores (Q, H, k) float32."""
-        keys = self._keys[layer, :, : self._n]  # (H, N, D)
-        if self._ids_dev is None:
-            self._ids_dev = torch.from_numpy(self._ids[: self._n].copy()).to(self.device)
-        ids = self._ids_dev  # (N,)
-        if rows is not None:
-            rows_t = torch.from_numpy(rows).to(self.device)
-            keys = keys.index_select(1, rows_t)  # (H, M, D)
-            ids = ids.index_select(0, rows_t)  # (M,)
+        keys, ids = self._exact_keys(layer, rows)
         q = queries.detach().to(self.device, torch.float32)  # (Q, H, D)
         n_q, m = q.shape[0], keys.shape[1]
         chunk = max(k, _SCORE_CHUNK_ELEMS // max(1, n_q * self.n_kv_heads))
