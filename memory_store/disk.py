@@ -183,7 +183,9 @@ class DiskTier(Tier):
         self._read_only = read_only
         self._root: str | None = str(store.root) if isinstance(store, LocalStore) else None
         self._arrays = {name: group[name] for name in _DATA_ARRAYS}
-        self._capacity = int(self._arrays["k"].shape[0])
+        # a writer killed inside ensure_capacity leaves some arrays grown and others not:
+        # the capacity is the shortest, so the next growth reaches every array
+        self._capacity = min(int(a.shape[0]) for a in self._arrays.values())
         self._unsynced: set[str] = set()  # local files written since the last make_durable (fsync mode)
         self._meta_pending: list[tuple[int, np.ndarray, np.ndarray]] = []  # (start, codes, ordinals)
         self._meta_lock = threading.Lock()
@@ -388,6 +390,8 @@ class DiskTier(Tier):
             return
         cap = max(n_rows, self._capacity * 2)
         for name, arr in self._arrays.items():
+            if arr.shape[0] >= cap:  # grown by a writer killed mid-way: never shrink (it drops chunks)
+                continue
             arr.resize((cap, *arr.shape[1:]))
             if self._root is not None and self.sync_mode == "fsync":
                 self._unsynced.add(os.path.join(self._root, name, "zarr.json"))
