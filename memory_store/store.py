@@ -487,20 +487,27 @@ class TieredStore:
     def get(self, block_id: int) -> Block | None:
         """The whole block (all layers) or None when the id is unknown or deleted."""
         self._check_open()
-        with self._lock:
-            bid = int(block_id)
-            if not (0 <= bid < self._next_id and self._alive[bid]):
-                return None
-            ks, vs = [], []
+        bid = int(block_id)
+        if not self.contains(bid):
+            return None
+        # get_layer waits for in-flight prefetches, which need the lock: it must not be held here
+        ks, vs = [], []
+        try:
             for layer in range(self.layout.n_layers):
                 k, v = self.get_layer([bid], layer)
                 ks.append(k[0])
                 vs.append(v[0])
+        except UnknownBlockError:
+            return None  # deleted by another thread meanwhile
+        with self._lock:
+            if not self._alive[bid]:
+                return None
             ids_t = torch.tensor([bid], dtype=torch.int64)
             lms = torch.stack([self.index.keys(layer, ids_t)[0] for layer in range(self.layout.n_layers)])  # (L, H, D)
             name = self._streams[self._codes[bid]].name
-            return Block(bid, name, int(self._ords[bid]), torch.stack(ks), torch.stack(vs),
-                         lms.to(device=self.device, dtype=self.layout.torch_dtype))
+            ordinal = int(self._ords[bid])
+        return Block(bid, name, ordinal, torch.stack(ks), torch.stack(vs),
+                     lms.to(device=self.device, dtype=self.layout.torch_dtype))
 
     def contains(self, block_id: int) -> bool:
         """True when the block is live (put and not deleted)."""
@@ -689,6 +696,8 @@ class TieredStore:
                         del self._inflight[(r, layer)]
 
     def _wait_inflight(self, keys: list[Key]) -> None:
+        if self._lock._is_owned():  # the prefetch thread needs the lock to finish: waiting here would deadlock
+            raise RuntimeError("TieredStore: waiting for a prefetch while holding the store lock")
         with self._lock:
             futs = {id(f): f for key in keys if (f := self._inflight.get(key)) is not None}
         for f in futs.values():

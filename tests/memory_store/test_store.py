@@ -187,6 +187,32 @@ def test_prefetch_then_get_does_not_touch_disk(tmp_path):
         assert torch.equal(K, k[[5], 0])
 
 
+def test_get_whole_block_while_a_prefetch_is_reading_does_not_deadlock(tmp_path):
+    # Regression: get() once held the store lock while waiting for the prefetch, which needs that lock to finish.
+    import threading
+    import time
+
+    k, v, lm = make_blocks(4, seed=11)
+    with TieredStore.open(tmp_path / "s", "w", layout=LAYOUT, config=small_config()) as s:
+        s.put_blocks("doc", k, v, lm)
+    cfg = small_config(device_budget_bytes=8 * EB, host_budget_bytes=8 * EB)
+    with TieredStore.open(tmp_path / "s", "r", config=cfg) as s:
+        slow_read = s.disk.read_layer_into
+
+        def read_slowly(*a, **kw):
+            time.sleep(0.3)  # the prefetch is mid-read, outside the lock, when get() starts
+            return slow_read(*a, **kw)
+
+        s.disk.read_layer_into = read_slowly
+        s.prefetch([2])
+        got = []
+        t = threading.Thread(target=lambda: got.append(s.get(2)), daemon=True)
+        t.start()
+        t.join(timeout=30)
+        assert not t.is_alive(), "get() deadlocked against the prefetch thread"
+        assert torch.equal(got[0].k, k[2]) and torch.equal(got[0].v, v[2])
+
+
 def test_write_through_and_queue_reads(tmp_path):
     k, v, lm = make_blocks(6, seed=10)
     for wb in (False, True):
