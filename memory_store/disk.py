@@ -434,6 +434,10 @@ class DiskTier(Tier):
                 runs.append([start, codes, ords])
         for start, codes, ords in runs:
             n = len(codes)
+            for name in ("block_stream", "block_ordinal"):
+                if self._arrays[name].shape[0] < start + n:  # zarr clips slices silently: never let it drop rows
+                    raise StoreError(f"{self.where}: {name} holds {self._arrays[name].shape[0]} rows, "
+                                     f"cannot write rows up to {start + n} (ensure_capacity was skipped)")
             self._arrays["block_stream"][start:start + n] = codes
             self._arrays["block_ordinal"][start:start + n] = ords
             if self._root is not None and self.sync_mode == "fsync":

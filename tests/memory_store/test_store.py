@@ -275,3 +275,24 @@ def test_inspect_report(tmp_path):
     assert LAYOUT.describe() in report and "on disk" in report and "p50" in report
     assert any(line.split()[:2] == ["alpha", "3"] for line in report.splitlines())
     assert any(line.split()[:2] == ["beta", "2"] for line in report.splitlines())
+
+
+def test_reopen_after_a_writer_died_inside_ensure_capacity(tmp_path):
+    # A writer SIGKILLed between resizing the K/V arrays and the row-metadata arrays leaves them of
+    # different lengths; the next writer must grow the short ones, not silently clip their rows.
+    k, v, lm = make_blocks(80, seed=12)
+    with TieredStore.open(tmp_path / "s", "w", layout=LAYOUT, config=small_config()) as s:
+        s.put_blocks("doc", k[:60], v[:60], lm[:60])
+    root = zarr.open_group(str(tmp_path / "s"), mode="r+")
+    short = int(root["block_stream"].shape[0])
+    for name in ("k", "v", "landmarks"):  # the half-finished growth
+        arr = root[name]
+        arr.resize((2 * short, *arr.shape[1:]))
+    with TieredStore.open(tmp_path / "s", "a", config=small_config()) as s:
+        s.put_blocks("doc", k[60:], v[60:], lm[60:])  # rows past the short arrays' end
+    with TieredStore.open(tmp_path / "s", "r", config=small_config()) as s:
+        assert len(s) == 80 and s.stream_blocks("doc").tolist() == list(range(80))
+        names, ords = s.block_meta(list(range(80)))
+        assert set(names) == {"doc"} and ords.tolist() == list(range(80))
+        K, _ = s.get_layer([79, 3], 1)
+        assert torch.equal(K, k[[79, 3], 1])
