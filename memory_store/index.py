@@ -55,6 +55,7 @@ DEFAULT_EXACT_THRESHOLD = 65_536
 FORMAT_NAME = "folio-landmark-index"
 FORMAT_VERSION = 1
 _SCORE_CHUNK_ELEMS = 1 << 24  # exact search: at most 16M scores (64 MB) alive per chunk
+_MAX_CHUNK_ELEMS = 1 << 20  # search_max: 1M scores (4 MB) per key tile (cache-sized; GPUs do not mind)
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:
@@ -333,12 +334,14 @@ class LandmarkIndex:
             if m == 0 or queries.shape[0] == 0 or self._use_faiss(m):
                 return self._aggregate(*self.search(layer, queries, k, streams), int(k))
             keys, ids = self._exact_keys(layer, rows)
-            q = queries.detach().to(self.device, torch.float32)  # (Q, H, D)
-            chunk = max(int(k), _SCORE_CHUNK_ELEMS // max(1, q.shape[0] * self.n_kv_heads))
+            qt = queries.detach().to(self.device, torch.float32).permute(1, 2, 0).contiguous()  # (H, D, Q)
+            # key tiles small enough that the (H, C, Q) scores stay in cache for the max: ~4x
+            # faster on CPU than one big matmul followed by a strided reduction
+            chunk = max(64, _MAX_CHUNK_ELEMS // max(1, qt.shape[2] * self.n_kv_heads))
             best = torch.empty(self.n_kv_heads, m, dtype=torch.float32, device=self.device)
             for start in range(0, m, chunk):
-                s = torch.einsum("qhd,hnd->hqn", q, keys[:, start:start + chunk])  # (H, Q, C)
-                best[:, start:start + s.shape[-1]] = s.amax(dim=1)
+                s = torch.bmm(keys[:, start:start + chunk], qt)  # (H, C, Q)
+                best[:, start:start + s.shape[1]] = s.amax(dim=2)
             k_eff = min(int(k), m)
             top_s, top_i = best.topk(k_eff, dim=-1)  # (H, k')
             out_ids = torch.full((1, self.n_kv_heads, int(k)), -1, dtype=torch.int64, device=self.device)
