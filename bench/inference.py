@@ -22,9 +22,10 @@ Figures (each against a baseline measured in the same run):
   ingest_store_overhead        `ingest` into the tiered store (zarr on disk, write-behind,
                                landmark index, a durable flush every 16 chunks) / the same
                                `ingest` with the store replaced by a plain in-RAM list of
-                               block tensors searched exactly with torch (no tiers, no
-                               disk, no index structure): the same chunked prefill, the
-                               same retrieval attention, the store disabled (goal <= 1.15)
+                               block tensors searched by the same exact search code (no
+                               tiers, no disk, no write-behind, no persistence): the same
+                               chunked prefill, the same retrieval attention, the store
+                               disabled (goal <= 1.15)
   peak_rss_mb_{16k,256k,1m}    peak RSS (VmHWM) of the child that ingested and decoded
                                that context (goal: flat, 1M within 10% of 16k;
                                --quick: 16k and 64k)
@@ -157,20 +158,23 @@ def full_attention_decode_times(model, context: int, steps: int) -> list[float]:
 
 
 class InRamBlocks:
-    """The store disabled: completed blocks kept as plain tensors, searched exactly.
+    """The store disabled: completed blocks kept as plain tensors in RAM.
 
     Implements the part of the TieredStore interface that `ingest` and
     `RetrievalMemory` use, with nothing behind it: no tiers, budgets, disk, checksums,
-    write-behind queue or index structure; search is one matmul over the landmark keys.
+    write-behind queue or index persistence. Search is the store's own exact search code
+    (a `LandmarkIndex` with backend "exact": the landmark keys in one tensor, scored with
+    a matmul), so the ratio isolates what the store adds, not a different search.
     """
 
     def __init__(self, layout):
+        from memory_store.index import LandmarkIndex
+
         self.layout, self.device = layout, torch.device("cpu")
         self.k: list[torch.Tensor] = []  # per block (nl, Hkv, L, D)
         self.v: list[torch.Tensor] = []
-        self.lm: list[torch.Tensor] = []  # per block (nl, Hkv, D)
         self.meta: dict[str, dict] = {}
-        self._lm_cat: torch.Tensor | None = None
+        self.index = LandmarkIndex(layout.n_layers, layout.n_kv_heads, layout.head_dim, backend="exact")
 
     def __len__(self) -> int:
         return len(self.k)
@@ -179,22 +183,15 @@ class InRamBlocks:
         start = len(self.k)
         self.k.extend(k.unbind(0))
         self.v.extend(v.unbind(0))
-        self.lm.extend(landmarks.unbind(0))
-        self._lm_cat = None
-        return np.arange(start, len(self.k), dtype=np.int64)
+        ids = np.arange(start, len(self.k), dtype=np.int64)
+        self.index.add(stream, ids, landmarks)
+        return ids
 
     def search(self, layer, queries, k, streams=None):
-        if self._lm_cat is None:
-            self._lm_cat = torch.stack(self.lm)  # (N, nl, Hkv, D)
-        keys = self._lm_cat[:, layer].float()  # (N, Hkv, D)
-        scores = torch.einsum("qhd,nhd->qhn", queries.float(), keys)  # (nq, Hkv, N)
-        kk = min(k, keys.shape[0])
-        sc, ids = scores.topk(kk, dim=-1)
-        if kk < k:
-            pad = k - kk
-            ids = torch.cat([ids, torch.full((*ids.shape[:2], pad), -1, dtype=ids.dtype)], -1)
-            sc = torch.cat([sc, torch.full((*sc.shape[:2], pad), float("-inf"))], -1)
-        return ids, sc
+        return self.index.search(layer, queries, k, streams=streams)
+
+    def search_max(self, layer, queries, k, streams=None):
+        return self.index.search_max(layer, queries, k, streams=streams)
 
     def get_layer(self, ids, layer):
         ids = [int(i) for i in ids]

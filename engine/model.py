@@ -25,14 +25,38 @@ from engine.kv_cache import KVCache
 IMPLS = ("auto", "vectorized", "blockwise", "sdpa")
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
-                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables for the given positions: each (T, head_dim)."""
+_ROPE_CACHE_MAX = 16384  # positions below this come from a cached table (identical values)
+_rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _rope_compute(positions: torch.Tensor, head_dim: int, theta: float,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device,
                                          dtype=torch.float64) / head_dim))  # (D/2,)
     ang = positions.to(torch.float64)[:, None] * inv[None, :]  # (T, D/2)
     ang = torch.cat([ang, ang], dim=-1)  # (T, D)
     return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables for the given positions: each (T, head_dim).
+
+    Small non-negative integer positions (the local window, stingy prefixes, training
+    windows) are gathered from a per-(head_dim, theta, dtype, device) table computed the
+    same way, so the values are bit-identical to computing them directly."""
+    if (positions.numel() and not positions.is_floating_point() and not positions.requires_grad
+            and positions.device.type == "cpu"):
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo >= 0 and hi < _ROPE_CACHE_MAX:
+            key = (head_dim, float(theta), dtype, positions.device)
+            tab = _rope_tables.get(key)
+            if tab is None:
+                tab = _rope_compute(torch.arange(_ROPE_CACHE_MAX, device=positions.device), head_dim, theta, dtype)
+                _rope_tables[key] = tab
+            idx = positions.reshape(-1)
+            return tab[0].index_select(0, idx), tab[1].index_select(0, idx)
+    return _rope_compute(positions, head_dim, theta, dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ import torch
 from engine.attention import landmark_attention, landmark_attention_blockwise
 from engine.config import ModelConfig
 from engine.model import apply_rope, rope_cos_sin
+from memory_store.index import aggregate_max
 
 POSITION_MODES = ("stingy", "true")
 SELECTION_MODES = ("chunk", "token")
@@ -215,27 +216,24 @@ class RetrievalMemory:
             return out
         exclude = self._stored_local_ids()
         qs = self._search_queries(q, q_local_pos)
+        k_search = kk + len(exclude)  # the local window's stored blocks may take slots: ask for more
         if self.rc.selection == "chunk" and hasattr(self.store, "search_max"):
             # max over the chunk's queries inside the index: one matmul per call, no per-query top-k
-            ids, scores = self.store.search_max(layer, qs, kk + len(exclude), streams=self.read_streams)
+            ids, scores = self.store.search_max(layer, qs, k_search, streams=self.read_streams)
         else:
-            ids, scores = self.store.search(layer, qs, kk + len(exclude), streams=self.read_streams)
+            ids, scores = self.store.search(layer, qs, k_search, streams=self.read_streams)
         self.stats.searches += 1
-        ids, scores = ids.cpu(), scores.float().cpu()  # (n_q, Hkv, k')
+        ids, scores = ids.cpu(), scores.float().cpu()  # (n_q, Hkv, k'); n_q = 1 from search_max
         if exclude:
-            drop = torch.isin(ids, torch.tensor(exclude, dtype=torch.long))
-            scores = scores.masked_fill(drop, float("-inf"))
-        scores = scores.masked_fill(ids < 0, float("-inf"))
-        for h in range(Hkv):
-            flat_ids, flat_sc = ids[:, h].reshape(-1), scores[:, h].reshape(-1)
-            keep = torch.isfinite(flat_sc)
-            if not keep.any():
-                continue
-            uniq, inv = torch.unique(flat_ids[keep], return_inverse=True)
-            best = torch.full((len(uniq),), float("-inf")).scatter_reduce(0, inv, flat_sc[keep], "amax")
-            n = min(kk, len(uniq))
-            top = torch.topk(best, n).indices
-            out[h, kk - n:] = torch.sort(uniq[top]).values  # padding first: real blocks abut the window
+            scores = scores.masked_fill(torch.isin(ids, torch.tensor(exclude, dtype=torch.long)), float("-inf"))
+        if ids.shape[0] > 1:  # per-query results: per head the distinct ids with the best max score
+            ids, scores = aggregate_max(ids, scores, k_search)
+        ids, scores = ids[0], scores[0]  # (Hkv, k'), distinct per head
+        n = min(kk, ids.shape[1])
+        top_s, top_i = scores.topk(n, dim=-1)  # (Hkv, n)
+        chosen = ids.gather(1, top_i).masked_fill(~torch.isfinite(top_s), -1)
+        # ascending ids (store order = stream order), absent (-1) first: real blocks abut the window
+        out[:, kk - n:] = torch.sort(chosen, dim=-1).values
         return out
 
     # -- attention -----------------------------------------------------------------------

@@ -32,7 +32,7 @@ import torch
 from .errors import FormatVersionError, LandmarkIndexError, ShapeError, UnknownBlockError
 from .index_backends import FAISS_BACKENDS, AnnParams, FaissBackend
 
-__all__ = ["LandmarkIndex", "AnnParams", "BACKENDS", "AUTO_APPROX_BACKEND", "DEFAULT_EXACT_THRESHOLD"]
+__all__ = ["LandmarkIndex", "aggregate_max", "AnnParams", "BACKENDS", "AUTO_APPROX_BACKEND", "DEFAULT_EXACT_THRESHOLD"]
 
 BACKENDS = ("auto", "exact") + FAISS_BACKENDS
 
@@ -69,6 +69,26 @@ def _npy_load(b: bytes, what: str) -> np.ndarray:
         return np.load(io.BytesIO(b), allow_pickle=False)
     except ValueError as e:  # bad header / object arrays
         raise LandmarkIndexError(f"saved landmark index: {what} is not a readable .npy array ({e})") from e
+
+
+def aggregate_max(ids: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query results (Q, H, k') -> per head the k distinct ids with the best max score over the
+    queries: ids (1, H, k) padded with -1 and scores (1, H, k) padded with -inf, by descending score.
+    Entries with id < 0 or a non-finite score are ignored."""
+    H = ids.shape[1]
+    out_ids = torch.full((1, H, k), -1, dtype=torch.int64)
+    out_s = torch.full((1, H, k), float("-inf"), dtype=torch.float32)
+    for h in range(H):
+        fi, fs = ids[:, h].reshape(-1).cpu(), scores[:, h].reshape(-1).float().cpu()
+        keep = (fi >= 0) & torch.isfinite(fs)
+        if not keep.any():
+            continue
+        uniq, inv = torch.unique(fi[keep], return_inverse=True)
+        best = torch.full((len(uniq),), float("-inf")).scatter_reduce(0, inv, fs[keep], "amax")
+        n = min(k, len(uniq))
+        top_s, top = torch.topk(best, n)
+        out_ids[0, h, :n], out_s[0, h, :n] = uniq[top], top_s
+    return out_ids.to(ids.device), out_s.to(ids.device)
 
 
 class LandmarkIndex:
@@ -351,21 +371,7 @@ class LandmarkIndex:
 
     @staticmethod
     def _aggregate(ids: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-query results (Q, H, k') -> per head the k distinct ids with the best max score."""
-        H = ids.shape[1]
-        out_ids = torch.full((1, H, k), -1, dtype=torch.int64)
-        out_s = torch.full((1, H, k), float("-inf"), dtype=torch.float32)
-        for h in range(H):
-            fi, fs = ids[:, h].reshape(-1).cpu(), scores[:, h].reshape(-1).float().cpu()
-            keep = (fi >= 0) & torch.isfinite(fs)
-            if not keep.any():
-                continue
-            uniq, inv = torch.unique(fi[keep], return_inverse=True)
-            best = torch.full((len(uniq),), float("-inf")).scatter_reduce(0, inv, fs[keep], "amax")
-            n = min(k, len(uniq))
-            top_s, top = torch.topk(best, n)
-            out_ids[0, h, :n], out_s[0, h, :n] = uniq[top], top_s
-        return out_ids.to(ids.device), out_s.to(ids.device)
+        return aggregate_max(ids, scores, k)
 
     def _check_search(self, layer: int, queries: object, k: object, streams: object) -> None:
         """The argument checks of `search` and `search_max` (ShapeError / LandmarkIndexError)."""

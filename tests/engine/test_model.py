@@ -137,3 +137,15 @@ def test_training_step_reduces_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_rope_table_cache_is_bit_identical_to_direct_computation():
+    from engine.model import _ROPE_CACHE_MAX, _rope_compute, rope_cos_sin
+
+    cases = (torch.arange(0, 300), torch.tensor([5, 0, _ROPE_CACHE_MAX - 1]),  # cached
+             torch.arange(_ROPE_CACHE_MAX - 2, _ROPE_CACHE_MAX + 3), torch.tensor([-1, 4]))  # computed
+    for pos in cases:
+        for dt in (torch.float32, torch.float64, torch.bfloat16):
+            got, want = rope_cos_sin(pos, 32, 10000.0, dt), _rope_compute(pos, 32, 10000.0, dt)
+            assert got[0].dtype == dt and got[0].shape == (pos.numel(), 32)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
