@@ -286,14 +286,14 @@ def index_capacity(n: int) -> int:
 def kv_store_disk_bytes(model: ModelConfig, context: int, elem: int) -> int:
     """Size on disk of the store for `context` tokens of one stream (memory_store/disk.py layout).
 
-    Per block: per layer a K and a V chunk (Hkv, bl, hd) in the compute dtype, each with a
-    4-byte crc32c; the landmark keys (L, Hkv, hd) in the compute dtype + crc; its stream
+    Per block: per layer one chunk holding K and V (2, Hkv, bl, hd) in the compute dtype and
+    a 4-byte crc32c; the landmark keys (L, Hkv, hd) in the compute dtype + crc; its stream
     code (int32) and ordinal (int64). The index saved on close adds the float32 keys and
     the int64 id and int32 code of every block.
     """
     nb = n_blocks(context, model.block_len)
     L = model.n_layers
-    per_block = L * (block_entry_bytes(model, elem) + 2 * 4) \
+    per_block = L * (block_entry_bytes(model, elem) + 4) \
         + L * model.n_kv_heads * model.head_dim * elem + 4 + 12 + landmark_key_bytes(model) + 12
     return nb * per_block
 

@@ -115,7 +115,7 @@ def train_config_dict(model: ModelConfig, name: str | None, s: PlanSettings) -> 
     base, overrides = model_ref(model, name)
     return {"model": base, "model_overrides": overrides, "window_len": s.window,
             "micro_batch": s.micro_batch, "grad_accum": s.grad_accum, "precision": s.precision,
-            "retrieval": False}  # not wired in the trainer yet (see train_command)
+            "retrieval": s.top_k > 0, "retrieval_top_k": max(1, s.top_k)}
 
 
 def train_command(model: ModelConfig, name: str | None, s: PlanSettings, ds_path: str | Path) -> str:
@@ -125,8 +125,10 @@ def train_command(model: ModelConfig, name: str | None, s: PlanSettings, ds_path
     parts += [f"--model-set {k}={v}" for k, v in sorted(overrides.items())]
     parts += [f"--micro-batch {s.micro_batch}", f"--grad-accum {s.grad_accum}", f"--window {s.window}",
               f"--precision {s.precision}", f"--ds-config {ds_path}"]
-    # retrieval in training is not wired in train/loop.py yet (it refuses retrieval=True);
-    # the plan budgets for it, the command leaves it off until it lands
+    # the plan budgets top_k retrieved blocks per layer and KV head (0: plain-window training)
+    parts += [f"--set retrieval={'true' if s.top_k > 0 else 'false'}"]
+    if s.top_k > 0:
+        parts += [f"--set retrieval_top_k={s.top_k}"]
     return " ".join(parts)
 
 

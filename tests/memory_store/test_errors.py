@@ -122,9 +122,9 @@ def test_version_mismatch_and_not_a_store(tmp_path, store):
 
 def test_corrupted_chunk_is_detected_and_named(tmp_path, store):
     store.close()
-    chunk = tmp_path / "s" / "v" / "c.4.1.0.0.0"
+    chunk = tmp_path / "s" / "kv" / "c.4.1.0.0.0.0"  # K then V of block 4, layer 1
     raw = bytearray(chunk.read_bytes())
-    raw[10] ^= 0x40
+    raw[len(raw) // 2 + 10] ^= 0x40  # a bit of V
     chunk.write_bytes(bytes(raw))
     with TieredStore.open(tmp_path / "s", "r", config=CFG) as r:
         with pytest.raises(CorruptBlockError, match="block 4 layer 1") as e:

@@ -70,9 +70,9 @@ def test_zarr_python_reads_the_store_on_its_own(tmp_path):
     with TieredStore.open(tmp_path / "s", "w", layout=LAYOUT, config=small_config()) as s:
         s.put_blocks("doc", k, v, lm)
     g = zarr.open_group(tmp_path / "s", mode="r")
-    assert np.array_equal(g["k"][:3], k.numpy()) and np.array_equal(g["v"][:3], v.numpy())
+    assert np.array_equal(g["kv"][:3, :, 0], k.numpy()) and np.array_equal(g["kv"][:3, :, 1], v.numpy())
     assert np.array_equal(g["landmarks"][:3], lm.numpy())
-    assert g["k"].chunks == (1, 1, LAYOUT.n_kv_heads, LAYOUT.block_len, LAYOUT.head_dim)
+    assert g["kv"].chunks == (1, 1, 2, LAYOUT.n_kv_heads, LAYOUT.block_len, LAYOUT.head_dim)
     assert g.attrs["folio"]["layout"] == LAYOUT.to_dict()
     assert json.loads((tmp_path / "s" / COMMIT_KEY).read_text())["n_rows"] == 3
 
@@ -144,7 +144,7 @@ def test_delete_stream_removes_data_and_index(tmp_path):
         assert set(ids.flatten().tolist()) <= {0, 1, 2, -1}
         s.flush()
         assert not list((tmp_path / "s").glob("*/c.4.*"))  # chunks removed after the commit
-        assert list((tmp_path / "s").glob("k/c.0.*"))  # (the pattern does match live blocks)
+        assert list((tmp_path / "s").glob("kv/c.0.*"))  # (the pattern does match live blocks)
         s.put_blocks("gone", k[3:4], v[3:4], lm[3:4])  # a name can come back, as a new stream
     with TieredStore.open(tmp_path / "s", "r") as r:
         assert r.index_source == "loaded" and len(r.index) == 4
@@ -239,7 +239,7 @@ def test_other_zarr_stores(kind, tmp_path):
         assert r.index_source == "loaded" and r.get_stream_meta("doc") == {"n": 5}
         K, V = r.get_layer([4, 2], 0)
         assert torch.equal(K, k[[4, 2], 0]) and torch.equal(V, v[[4, 2], 0])
-    assert np.array_equal(zarr.open_group(store, mode="r")["v"][:5], v.numpy())
+    assert np.array_equal(zarr.open_group(store, mode="r")["kv"][:5, :, 1], v.numpy())
 
 
 def test_bfloat16_store(tmp_path):
@@ -285,7 +285,7 @@ def test_reopen_after_a_writer_died_inside_ensure_capacity(tmp_path):
         s.put_blocks("doc", k[:60], v[:60], lm[:60])
     root = zarr.open_group(str(tmp_path / "s"), mode="r+")
     short = int(root["block_stream"].shape[0])
-    for name in ("k", "v", "landmarks"):  # the half-finished growth
+    for name in ("kv", "landmarks"):  # the half-finished growth
         arr = root[name]
         arr.resize((2 * short, *arr.shape[1:]))
     with TieredStore.open(tmp_path / "s", "a", config=small_config()) as s:

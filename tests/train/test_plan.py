@@ -68,13 +68,13 @@ def test_hand_model_states_fp32_no_zero_has_no_shadow_copy():
 
 
 def test_hand_kv_store_on_disk():
-    # 9 tokens, 3 per block -> 3 blocks; per block and layer a K and a V chunk of 1 head * 4 pos
-    # * 4 dims * 2 B = 32 B, each + a 4-byte crc: 72, times 2 layers; landmark keys 2 layers * 1 head
+    # 9 tokens, 3 per block -> 3 blocks; per block and layer one chunk of K and V, each 1 head * 4 pos
+    # * 4 dims * 2 B = 32 B, + a 4-byte crc: 68, times 2 layers; landmark keys 2 layers * 1 head
     # * 4 dims * 2 B + crc = 20; stream code + ordinal 12; the saved index: float32 keys 32 + id and code 12
-    assert kv_store_disk_bytes(HAND, 9, 2) == 3 * (2 * 72 + 20 + 12 + 44)
+    assert kv_store_disk_bytes(HAND, 9, 2) == 3 * (2 * 68 + 20 + 12 + 44)
     s = PlanSettings(mode="infer", window=8, top_k=2, chunk=4, device_tier_bytes=100, host_tier_bytes=300)
     c = _by_name(estimate(HAND, s, 9).components)
-    assert c["KV store"].disk == 660
+    assert c["KV store"].disk == 636
     # the index allocates 1024 rows at first: float32 keys + int64 id + int32 stream code each
     assert c["landmark index"].host == 1024 * (32 + 8 + 4)
     assert (c["store tiers"].device, c["store tiers"].host) == (100, 300)
