@@ -89,6 +89,7 @@ class RetrievalStats:
     blocks_fetched: int = 0
     bytes_fetched: int = 0
     searches: int = 0
+    reused: int = 0  # layer selections equal to the previous one: nothing fetched
     blocks_put: int = 0
     per_layer_blocks: list[int] = field(default_factory=list)
     taken_bytes: int = 0
@@ -167,6 +168,10 @@ class RetrievalMemory:
         self.local_start = 0  # stream position of the first local token
         self.n_pos = 0  # stream positions processed so far
         self._pending: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * cfg.n_layers
+        # per layer, the last selection and its fetched, rotated blocks: consecutive decode steps
+        # (and chunks) often select the same blocks, which then are not fetched again. Safe:
+        # stored blocks never change and ids are never reused.
+        self._ret_memo: list[tuple[torch.Tensor, tuple] | None] = [None] * cfg.n_layers
         self.stats = RetrievalStats(per_layer_blocks=[0] * cfg.n_layers)
 
     # -- state ---------------------------------------------------------------------------
@@ -242,6 +247,15 @@ class RetrievalMemory:
 
         sel (Hkv, kk). Returns k_rot, v (1, Hkv, kk*L, D), valid (1, Hkv, kk*L) bool.
         """
+        memo = self._ret_memo[layer]
+        if memo is not None and memo[0].shape == sel.shape and torch.equal(memo[0], sel):
+            self.stats.reused += 1
+            return memo[1]
+        out = self._fetch_rotated(layer, sel)
+        self._ret_memo[layer] = (sel.clone(), out)
+        return out
+
+    def _fetch_rotated(self, layer: int, sel: torch.Tensor):
         Hkv, kk = sel.shape
         L, D = self.L, self.cfg.head_dim
         valid_blk = sel >= 0  # (Hkv, kk)

@@ -67,6 +67,32 @@ def test_only_selected_blocks_are_fetched():
         assert 1 <= per_layer <= rc.top_k * m.cfg.n_kv_heads < n_blocks
 
 
+def test_a_repeated_selection_is_not_fetched_again_and_a_new_one_is():
+    m = _model()
+    store = _mem_store(m)
+    ingest(m, store, "doc", torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(3)),
+           retrieval=RetrievalConfig(top_k=2, local_blocks=1, chunk_len=32))
+    mem = RetrievalMemory(m.cfg, store, stream=None, persist=False, read_streams=["doc"],
+                          retrieval=RetrievalConfig(top_k=2))
+    calls = []
+    real = store.get_layer
+    store.get_layer = lambda ids, layer: calls.append((list(ids), layer)) or real(ids, layer)
+    Hkv = m.cfg.n_kv_heads
+    a = torch.tensor([[0, 3]] * Hkv)
+    b = torch.tensor([[1, 3]] * Hkv)
+    first = mem._retrieved(0, a)
+    again = mem._retrieved(0, a.clone())
+    assert len(calls) == 1 and mem.stats.reused == 1
+    assert all(torch.equal(x, y) for x, y in zip(first, again))
+    other = mem._retrieved(0, b)  # a different selection is fetched
+    assert len(calls) == 2 and calls[-1][0] == [1, 3]
+    fresh = RetrievalMemory(m.cfg, store, stream=None, persist=False, read_streams=["doc"],
+                            retrieval=RetrievalConfig(top_k=2))._retrieved(0, b)
+    assert all(torch.equal(x, y) for x, y in zip(other, fresh))
+    mem._retrieved(1, a)  # per layer: layer 1 has no memo of its own yet
+    assert len(calls) == 4 and calls[-1] == ([0, 3], 1)  # (the 3rd call was the fresh memory's)
+
+
 def test_token_selection_matches_chunk_selection_for_single_query():
     m = _model()
     store = _mem_store(m)
