@@ -66,7 +66,7 @@ def _model():
 
 def _document(n: int, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(32, 127, (n,), generator=g)
+    return torch.randint(32, 127, (n,), generator=g).to(torch.uint8)  # a byte document: 1 byte per token
 
 
 def _store_config(**kw):

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.config import ModelConfig
@@ -84,7 +85,10 @@ def ingest(model: LandmarkTransformer, store, stream: str, tokens: Sequence[int]
         raise ValueError(f"stream={stream!r} is invalid: a non-empty name")
     rc = retrieval or RetrievalConfig()
     cfg = model.cfg
-    toks = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+    toks = tokens if isinstance(tokens, torch.Tensor) else torch.as_tensor(np.asarray(tokens))
+    toks = toks.reshape(-1)  # kept in the caller's dtype: a 1M-token uint8 document stays 1 MB
+    if toks.numel() and (toks.is_floating_point() or toks.is_complex()):
+        raise ValueError(f"ingest takes integer byte tokens 0..255, got dtype {toks.dtype}")
     if toks.numel() and (int(toks.min()) < 0 or int(toks.max()) > 255):
         raise ValueError("ingest takes ordinary byte tokens 0..255 (specials and landmarks are added here)")
     meta = store.get_stream_meta(stream)
@@ -96,7 +100,7 @@ def ingest(model: LandmarkTransformer, store, stream: str, tokens: Sequence[int]
     t0 = time.perf_counter()
     mem = RetrievalMemory(cfg, store, stream=stream, retrieval=rc, persist=True)
     mem.resume_from_store()
-    seq = insert_landmarks(torch.cat([tail, new]), cfg.block_len, TOKENIZER.LANDMARK)  # starts at a block boundary
+    seq = _LandmarkedStream(tail, new, cfg.block_len, TOKENIZER.LANDMARK)  # starts at a block boundary
     bar = _progress(new.numel(), f"ingest {stream}", progress)
     done_pos = 0
     chunks = 0
@@ -108,7 +112,7 @@ def ingest(model: LandmarkTransformer, store, stream: str, tokens: Sequence[int]
     for a, b in zip(bounds[:-1], bounds[1:]):
         if b <= a:
             continue
-        chunk = seq[a:b]
+        chunk = seq.slice(a, b)
         model(chunk[None].to(model.tok_emb.weight.device), memory=mem)
         mem.end_chunk()
         done_pos = a + chunk.numel()
@@ -130,6 +134,56 @@ def ingest(model: LandmarkTransformer, store, stream: str, tokens: Sequence[int]
         bar.close()
     return IngestResult(stream=stream, tokens=new.numel(), skipped=skip, blocks_put=mem.stats.blocks_put,
                         seconds=time.perf_counter() - t0, bytes_fetched=mem.stats.bytes_fetched)
+
+
+class _LandmarkedStream:
+    """`insert_landmarks(cat([tail, new]))`, made a piece at a time: slices are read in
+    increasing order, and only the positions from the block holding the last slice's start
+    on are kept, so the memory does not grow with the document (a 1M-token document as
+    int64 with landmarks would be ~8.5 MB, and ~40 MB of temporaries to build it)."""
+
+    PIECE_BLOCKS = 256  # blocks landmarked per piece
+
+    def __init__(self, tail: torch.Tensor, new: torch.Tensor, block_len: int, landmark: int):
+        self.tail, self.new, self.L, self.landmark = tail, new, block_len, landmark
+        n_ord = tail.numel() + new.numel()
+        self._numel = n_ord + n_ord // (block_len - 1)
+        self._piece_ord = self.PIECE_BLOCKS * (block_len - 1)  # ordinary tokens per piece
+        self._buf = torch.empty(0, dtype=torch.long)
+        self._buf_start = 0  # stream position (in this sequence) of _buf[0]
+        self._next_ord = 0  # ordinary tokens (tail included) landmarked so far
+
+    def numel(self) -> int:
+        return self._numel
+
+    def _ordinary(self, a: int, b: int) -> torch.Tensor:
+        """Ordinary tokens [a, b) of cat([tail, new]) as int64."""
+        nt = self.tail.numel()
+        parts = []
+        if a < nt:
+            parts.append(self.tail[a:min(b, nt)])
+        if b > nt:
+            parts.append(self.new[max(a - nt, 0):b - nt].to(torch.long))
+        return torch.cat(parts) if len(parts) > 1 else parts[0].to(torch.long)
+
+    def slice(self, a: int, b: int) -> torch.Tensor:
+        """Positions [a, b); a never decreases below the block of an earlier slice's start."""
+        if a < self._buf_start:
+            raise ValueError(f"_LandmarkedStream: position {a} was already released")
+        keep = (a // self.L) * self.L  # _commit reads the unfinished block from its start
+        if keep > self._buf_start:
+            self._buf = self._buf[keep - self._buf_start:]
+            self._buf_start = keep
+        n_ord = self.tail.numel() + self.new.numel()
+        while self._buf_start + self._buf.numel() < b and self._next_ord < n_ord:
+            hi = min(n_ord, self._next_ord + self._piece_ord)  # pieces start at block boundaries
+            piece = insert_landmarks(self._ordinary(self._next_ord, hi), self.L, self.landmark)
+            self._buf = torch.cat([self._buf, piece])
+            self._next_ord = hi
+        return self._buf[a - self._buf_start:b - self._buf_start]
+
+    def __getitem__(self, sl: slice) -> torch.Tensor:
+        return self.slice(sl.start, sl.stop)
 
 
 def _commit(store, stream, meta, sources, source, seq, done_pos, cfg, skip, n_tail_old):

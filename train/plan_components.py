@@ -277,10 +277,14 @@ def landmark_key_bytes(model: ModelConfig) -> int:
 
 
 def index_capacity(n: int) -> int:
-    """Rows memory_store.index.LandmarkIndex allocates for n keys: 1024, doubled as it fills."""
+    """Rows memory_store.index.LandmarkIndex allocates for n keys (added a few at a time): 1024,
+    then 1.5x as it fills."""
     if n <= 0:
         return 0
-    return INDEX_MIN_ROWS << max(0, math.ceil(math.log2(n / INDEX_MIN_ROWS)))
+    cap = INDEX_MIN_ROWS
+    while cap < n:
+        cap += cap // 2
+    return cap
 
 
 def kv_store_disk_bytes(model: ModelConfig, context: int, elem: int) -> int:

@@ -245,3 +245,24 @@ def test_batch_memory_matches_row_by_row(kernel):
     b, _ = run(False)
     assert max_abs_diff(a, b) <= 1e-5
     assert all(mem.stats.blocks_fetched > 0 for mem in mems)
+
+
+@pytest.mark.parametrize("n_tail,n_new,chunk", [(0, 0, 5), (3, 1, 4), (0, 200, 13), (5, 333, 7), (6, 90, 64)])
+def test_landmarked_stream_pieces_equal_landmarking_everything(n_tail, n_new, chunk, monkeypatch):
+    from engine.inference import _LandmarkedStream
+
+    monkeypatch.setattr(_LandmarkedStream, "PIECE_BLOCKS", 3)  # many pieces, chunks straddling them
+    g = torch.Generator().manual_seed(n_new)
+    tail = torch.randint(0, 256, (n_tail,), generator=g)
+    new = torch.randint(0, 256, (n_new,), generator=g).to(torch.uint8)  # any integer dtype
+    want = insert_landmarks(torch.cat([tail, new.long()]), 8, TOKENIZER.LANDMARK)
+    s = _LandmarkedStream(tail, new, 8, TOKENIZER.LANDMARK)
+    assert s.numel() == want.numel()
+    got = [s.slice(a, min(a + chunk, s.numel())) for a in range(0, s.numel(), chunk)]
+    assert torch.equal(torch.cat(got) if got else torch.empty(0, dtype=torch.long), want)
+    assert all(g.dtype == torch.long for g in got)
+    if s.numel() > 20:  # the unfinished block of the last slice is still readable (ingest's _commit)
+        end = s.numel()
+        assert torch.equal(s[(end // 8) * 8:end], want[(end // 8) * 8:end])
+        with pytest.raises(ValueError, match="already released"):
+            s.slice(0, 1)

@@ -413,10 +413,20 @@ def test_vectorized_chunk_matches_the_kernel():
     assert vectorized_chunks(300, 364, 64) == [(128, 192), (128, 320), (44, 384)]
 
 
-def test_index_capacity_doubles_from_1024_rows():
+def test_index_capacity_follows_the_index_growth():
+    import numpy as np
+    import torch
+
+    from memory_store.index import LandmarkIndex
     from train.plan_components import index_capacity
 
-    assert [index_capacity(n) for n in (0, 1, 1024, 1025, 5000)] == [0, 1024, 1024, 2048, 8192]
+    assert [index_capacity(n) for n in (0, 1, 1024, 1025, 1537, 5000)] == [0, 1024, 1024, 1536, 2304, 5184]
+    ix = LandmarkIndex(1, 1, 4, backend="exact")
+    n = 0
+    for step in [3] * 400 + [64] * 60:  # blocks arrive a few at a time, as from put_blocks
+        ix.add("s", np.arange(n, n + step), torch.zeros(step, 1, 1, 4))
+        n += step
+        assert ix._keys.shape[2] == index_capacity(n), n
 
 
 def test_measure_inference_ingest_and_ask(tmp_path):
