@@ -186,6 +186,28 @@ class _LandmarkedStream:
         return self.slice(sl.start, sl.stop)
 
 
+def _trim_heap() -> None:
+    """Give freed C-heap pages back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    Ingest's temporaries (search scores, fetched blocks, write buffers) are freed but glibc keeps
+    the pages, and their sizes shift as the store grows, so without this the process RSS crept
+    up ~6 KB per stored block (306 -> 408 MiB over a 1M-token ingest with fixed tier budgets)."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
 def _commit(store, stream, meta, sources, source, seq, done_pos, cfg, skip, n_tail_old):
     """Record the unfinished block's tokens and source progress, then flush."""
     L = cfg.block_len
@@ -198,6 +220,7 @@ def _commit(store, stream, meta, sources, source, seq, done_pos, cfg, skip, n_ta
                 "positions": int(store.stream_blocks(stream).shape[0]) * L + len(tail)}
     store.set_stream_meta(stream, new_meta)
     store.flush()
+    _trim_heap()
 
 
 @dataclass(kw_only=True, slots=True)
