@@ -16,6 +16,9 @@ from typing import Any
 TIERS = ("device", "host", "disk")
 
 
+_TIER_LABEL = {"device": "dev", "host": "host", "disk": "disk"}
+
+
 def _human_bytes(n: float) -> str:
     for unit in ("B", "K", "M", "G"):
         if abs(n) < 1024 or unit == "G":
@@ -70,7 +73,7 @@ class Progress:
         pulled = record.get("pulled_bytes", {})
         self.bar.set_postfix_str(
             f"loss={record['loss']:.4f} tok/s={record['tokens_per_s']:.0f} pulled "
-            + "/".join(f"{t[0]}:{_human_bytes(pulled.get(t, 0))}" for t in TIERS), refresh=False)
+            + " ".join(f"{_TIER_LABEL.get(t, t)}:{_human_bytes(pulled.get(t, 0))}" for t in TIERS), refresh=False)
         self.bar.update(1)
 
     def close(self) -> None:
