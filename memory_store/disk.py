@@ -562,9 +562,19 @@ class DiskTier(Tier):
             _fsync_path(self._root, directory=True)
 
     # -- small blobs (the saved index) --------------------------------------------------
-    def write_blob(self, key: str, data: bytes) -> None:
+    def write_blob(self, key: str, data: bytes | bytearray) -> None:
         self._check_writable()
-        sync(self.store.set(key, self._proto.buffer.from_bytes(data)))
+        if self._root is not None:  # straight to a file (zarr's buffer would copy the bytes again)
+            path = os.path.join(self._root, key)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+            if self.sync_mode == "fsync":
+                self._unsynced.add(path)
+            return
+        sync(self.store.set(key, self._proto.buffer.from_bytes(bytes(data))))
 
     def read_blob(self, key: str) -> bytes | None:
         self._check_open()
