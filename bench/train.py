@@ -46,8 +46,9 @@ STEPS = {True: 8, False: 16}  # per configuration per round
 
 
 def _config(quick: bool, out: str) -> TrainConfig:
+    # plain windows (no store): the baseline loop below has no retrieval either
     return train_preset("tiny-demo", max_steps=STEPS[quick], warmup_steps=2, save_every=0,
-                        eval_windows=0, out_dir=out)
+                        eval_windows=0, retrieval=False, out_dir=out)
 
 
 def plain_torch_step_times(tcfg: TrainConfig) -> tuple[list[float], list[int]]:
