@@ -296,3 +296,29 @@ def test_reopen_after_a_writer_died_inside_ensure_capacity(tmp_path):
         assert set(names) == {"doc"} and ords.tolist() == list(range(80))
         K, _ = s.get_layer([79, 3], 1)
         assert torch.equal(K, k[[79, 3], 1])
+
+
+def test_parallel_batched_disk_read_is_bit_exact_and_still_detects_corruption(tmp_path, monkeypatch):
+    import memory_store.disk as disk_mod
+    from memory_store.errors import CorruptBlockError
+
+    monkeypatch.setattr(disk_mod, "_PARALLEL_READ_BYTES", 1)  # every batch of >= 2 chunks per thread
+    monkeypatch.setenv("FOLIO_READ_THREADS", "3")
+    k, v, lm = make_blocks(12, seed=13)
+    cfg = small_config(device_budget_bytes=0, host_budget_bytes=0)
+    with TieredStore.open(tmp_path / "s", "w", layout=LAYOUT, config=cfg) as s:
+        s.put_blocks("doc", k, v, lm)
+    order = [11, 0, 5, 3, 7, 2, 9, 1, 10]
+    with TieredStore.open(tmp_path / "s", "r", config=cfg) as s:
+        for layer in range(LAYOUT.n_layers):
+            K, V = s.get_layer(order, layer)
+            assert torch.equal(K, k[order, layer]) and torch.equal(V, v[order, layer])
+    chunk = tmp_path / "s" / "kv" / "c.9.1.0.0.0.0"
+    raw = bytearray(chunk.read_bytes())
+    raw[5] ^= 0x01
+    chunk.write_bytes(bytes(raw))
+    with TieredStore.open(tmp_path / "s", "r", config=cfg) as s:
+        with pytest.raises(CorruptBlockError, match="block 9 layer 1"):
+            s.get_layer(order, 1)
+        K, _ = s.get_layer(order, 0)  # the other layer is intact
+        assert torch.equal(K, k[order, 0])
