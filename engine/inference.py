@@ -146,8 +146,8 @@ class _LandmarkedStream:
 
     def __init__(self, tail: torch.Tensor, new: torch.Tensor, block_len: int, landmark: int):
         self.tail, self.new, self.L, self.landmark = tail, new, block_len, landmark
-        n_ord = tail.numel() + new.numel()
-        self._numel = n_ord + n_ord // (block_len - 1)
+        self._n_ord = tail.numel() + new.numel()  # ordinary tokens, tail included
+        self._numel = self._n_ord + self._n_ord // (block_len - 1)
         self._piece_ord = self.PIECE_BLOCKS * (block_len - 1)  # ordinary tokens per piece
         self._buf = torch.empty(0, dtype=torch.long)
         self._buf_start = 0  # stream position (in this sequence) of _buf[0]
@@ -174,9 +174,8 @@ class _LandmarkedStream:
         if keep > self._buf_start:
             self._buf = self._buf[keep - self._buf_start:]
             self._buf_start = keep
-        n_ord = self.tail.numel() + self.new.numel()
-        while self._buf_start + self._buf.numel() < b and self._next_ord < n_ord:
-            hi = min(n_ord, self._next_ord + self._piece_ord)  # pieces start at block boundaries
+        while self._buf_start + self._buf.numel() < b and self._next_ord < self._n_ord:
+            hi = min(self._n_ord, self._next_ord + self._piece_ord)  # pieces start at block boundaries
             piece = insert_landmarks(self._ordinary(self._next_ord, hi), self.L, self.landmark)
             self._buf = torch.cat([self._buf, piece])
             self._next_ord = hi

@@ -360,7 +360,7 @@ class LandmarkIndex:
             self._check_search(layer, queries, k, streams)
             rows, m = self._stream_rows(streams)
             if m == 0 or queries.shape[0] == 0 or self._use_faiss(m):
-                return self._aggregate(*self.search(layer, queries, k, streams), int(k))
+                return aggregate_max(*self.search(layer, queries, k, streams), int(k))
             keys, ids = self._exact_keys(layer, rows)
             qt = queries.detach().to(self.device, torch.float32).permute(1, 2, 0).contiguous()  # (H, D, Q)
             # key tiles small enough that the (H, C, Q) scores stay in cache for the max: ~4x
@@ -376,10 +376,6 @@ class LandmarkIndex:
             out_s = torch.full((1, self.n_kv_heads, int(k)), float("-inf"), dtype=torch.float32, device=self.device)
             out_ids[0, :, :k_eff], out_s[0, :, :k_eff] = ids[top_i], top_s
             return out_ids.to(queries.device), out_s.to(queries.device)
-
-    @staticmethod
-    def _aggregate(ids: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return aggregate_max(ids, scores, k)
 
     def _check_search(self, layer: int, queries: object, k: object, streams: object) -> None:
         """The argument checks of `search` and `search_max` (ShapeError / LandmarkIndexError)."""

@@ -12,7 +12,7 @@ import torch
 
 from memory_store.errors import (FormatVersionError, LandmarkIndexError, ShapeError, StoreError,
                                  UnknownBlockError)
-from memory_store.index import AUTO_APPROX_BACKEND, LandmarkIndex
+from memory_store.index import AUTO_APPROX_BACKEND, LandmarkIndex, aggregate_max
 from memory_store.index_backends import AnnParams, faiss_gpu_available
 
 L, H, D = 2, 3, 16
@@ -329,7 +329,7 @@ def test_search_max_equals_aggregating_per_query_results(backend, tiled, monkeyp
                     order = np.argsort(-best)[:6]
                     assert set(got_i[0, h].tolist()) == set(ids[allowed][order].tolist())
                     assert np.allclose(got_s[0, h].numpy(), best[order], atol=1e-4)
-            want_i, _ = ix._aggregate(*ix.search(layer, q, 6, streams=streams), 6)
+            want_i, _ = aggregate_max(*ix.search(layer, q, 6, streams=streams), 6)
             assert got_i.tolist() == want_i.tolist() or backend not in ("exact", "flat", "auto")
     got_i, got_s = ix.search_max(0, q, 5, streams=["nope"])
     assert (got_i == -1).all() and torch.isinf(got_s).all()

@@ -23,6 +23,14 @@ def small_config(**kw) -> StoreConfig:
     return StoreConfig(**base)
 
 
+def written_store(path, n: int, seed: int, config: StoreConfig | None = None):
+    """Put n seeded blocks into a new store at `path` (stream "doc") and close it; returns k, v, lm."""
+    k, v, lm = make_blocks(n, seed=seed)
+    with TieredStore.open(path, "w", layout=LAYOUT, config=config or small_config()) as s:
+        s.put_blocks("doc", k, v, lm)
+    return k, v, lm
+
+
 def check_budgets(store: TieredStore) -> None:
     for tier in store.tiers[:2]:
         assert tier.nbytes <= tier.budget_bytes and tier.allocated_bytes <= tier.budget_bytes, tier.name
@@ -171,9 +179,7 @@ def test_stale_or_missing_index_is_rebuilt(tmp_path):
 
 
 def test_prefetch_then_get_does_not_touch_disk(tmp_path):
-    k, v, lm = make_blocks(8, seed=9)
-    with TieredStore.open(tmp_path / "s", "w", layout=LAYOUT, config=small_config()) as s:
-        s.put_blocks("doc", k, v, lm)
+    k, v, lm = written_store(tmp_path / "s", 8, seed=9)
     cfg = small_config(device_budget_bytes=8 * EB, host_budget_bytes=8 * EB)
     with TieredStore.open(tmp_path / "s", "r", config=cfg) as s:
         s.prefetch([1, 2, 3], layer=1)
@@ -192,9 +198,7 @@ def test_get_whole_block_while_a_prefetch_is_reading_does_not_deadlock(tmp_path)
     import threading
     import time
 
-    k, v, lm = make_blocks(4, seed=11)
-    with TieredStore.open(tmp_path / "s", "w", layout=LAYOUT, config=small_config()) as s:
-        s.put_blocks("doc", k, v, lm)
+    k, v, lm = written_store(tmp_path / "s", 4, seed=11)
     cfg = small_config(device_budget_bytes=8 * EB, host_budget_bytes=8 * EB)
     with TieredStore.open(tmp_path / "s", "r", config=cfg) as s:
         slow_read = s.disk.read_layer_into
@@ -304,10 +308,8 @@ def test_parallel_batched_disk_read_is_bit_exact_and_still_detects_corruption(tm
 
     monkeypatch.setattr(disk_mod, "_PARALLEL_READ_BYTES", 1)  # every batch of >= 2 chunks per thread
     monkeypatch.setenv("FOLIO_READ_THREADS", "3")
-    k, v, lm = make_blocks(12, seed=13)
     cfg = small_config(device_budget_bytes=0, host_budget_bytes=0)
-    with TieredStore.open(tmp_path / "s", "w", layout=LAYOUT, config=cfg) as s:
-        s.put_blocks("doc", k, v, lm)
+    k, v, lm = written_store(tmp_path / "s", 12, seed=13, config=cfg)
     order = [11, 0, 5, 3, 7, 2, 9, 1, 10]
     with TieredStore.open(tmp_path / "s", "r", config=cfg) as s:
         for layer in range(LAYOUT.n_layers):
