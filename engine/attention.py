@@ -513,6 +513,21 @@ def _key_tiles(end: int, k_chunk: int, L: int) -> list[tuple[int, int]]:
     return _chunks(-(-end // L) * L, k_chunk)
 
 
+BLOCKWISE_K_CHUNK = 512  # key columns per tile when the key axis is long
+BLOCKWISE_ONE_TILE_MAX = 1024  # key axes up to this (padded) length run as one tile
+
+
+def default_k_chunk(n_keys: int, block_len: int) -> int:
+    """The blockwise kernel's default key tile: the whole key axis (padded to whole blocks)
+    when it is at most BLOCKWISE_ONE_TILE_MAX positions — retrieval and training shapes
+    (top-k blocks + a window of a few hundred): 20-40% faster than two tiles, forward and
+    backward, per bench runs on CPU — else BLOCKWISE_K_CHUNK (rounded down to whole blocks)."""
+    padded = -(-n_keys // block_len) * block_len
+    if padded <= BLOCKWISE_ONE_TILE_MAX:
+        return max(block_len, padded)
+    return max(block_len, (BLOCKWISE_K_CHUNK // block_len) * block_len)
+
+
 def landmark_attention_blockwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  block_len: int, *, q_offset: int = 0,
                                  scale: float | None = None,
@@ -529,7 +544,7 @@ def landmark_attention_blockwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     """
     B, H, T, D, Hkv, S = _check_qkv(q, k, v, block_len, q_offset)
     if k_chunk is None:
-        k_chunk = max(block_len, (512 // block_len) * block_len)
+        k_chunk = default_k_chunk(S, block_len)
     if k_chunk % block_len:
         raise ValueError(f"k_chunk={k_chunk} must be a multiple of block_len={block_len}")
     if q_chunk < 1:
@@ -566,5 +581,5 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 __all__ = [
     "landmark_attention_reference", "landmark_attention", "landmark_attention_blockwise",
-    "causal_attention", "grouped_scores", "max_abs_diff",
+    "causal_attention", "grouped_scores", "max_abs_diff", "default_k_chunk",
 ]

@@ -79,6 +79,8 @@ def add_engine_commands(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--store", required=True, help="store path (created if missing)")
     p.add_argument("--stream", help="stream name (default: the file's name)")
     p.add_argument("files", nargs="+", help="text files")
+    p.add_argument("--flush-interval", type=float, default=5.0,
+                   help="seconds between durable commits (a crash loses at most about this much; default 5)")
     p.add_argument("--no-progress", action="store_true")
     _retrieval_args(p)
     p.set_defaults(func=_cmd_ingest)
@@ -128,7 +130,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
                 raise ValueError(f"{f}: file holds no text")
             stream = args.stream or path.name
             r = ingest(model, store, stream, TOKENIZER.encode(text), source=str(path.resolve()),
-                       retrieval=rc, progress=not args.no_progress)
+                       retrieval=rc, flush_interval_s=args.flush_interval, progress=not args.no_progress)
             print(f"{f} -> stream {stream!r}: {r.tokens:,} tokens ingested"
                   + (f" ({r.skipped:,} already there)" if r.skipped else "")
                   + f", {r.blocks_put} blocks, {r.tokens_per_s:,.0f} tok/s, "

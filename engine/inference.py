@@ -73,14 +73,23 @@ def _progress(total: int, desc: str, enabled: bool):
 @torch.no_grad()
 def ingest(model: LandmarkTransformer, store, stream: str, tokens: Sequence[int] | torch.Tensor, *,
            source: str | None = None, retrieval: RetrievalConfig | None = None,
-           flush_every: int = 16, progress: bool = False) -> IngestResult:
+           flush_interval_s: float = 5.0, flush_every: int | None = None,
+           progress: bool = False) -> IngestResult:
     """Append ordinary `tokens` (no landmarks) to `stream`, prefilling in chunks.
 
     source: a name for these tokens (e.g. a file path). If the stream's metadata says
     n tokens of this source were already ingested, the first n are skipped (resume).
-    Every `flush_every` chunks the store is flushed with the stream's metadata, so a
-    crash loses at most that much work. Returns an `IngestResult`.
+    The store is flushed with the stream's metadata (a durable commit) at the first chunk
+    end `flush_interval_s` seconds after the last one (and after every `flush_every`
+    chunks when that is set), and at the end: a crash loses at most about that much work,
+    and a re-run resumes from the last commit. Between commits the store's background
+    writer keeps writing, so the prefill does not wait on the disk. Returns an `IngestResult`.
     """
+    if not flush_interval_s > 0:
+        raise ValueError(f"flush_interval_s={flush_interval_s!r}: expected seconds > 0")
+    if flush_every is not None and (isinstance(flush_every, bool) or not isinstance(flush_every, int)
+                                    or flush_every < 1):
+        raise ValueError(f"flush_every={flush_every!r}: expected None or an int >= 1 (chunks)")
     if not isinstance(stream, str) or not stream:
         raise ValueError(f"stream={stream!r} is invalid: a non-empty name")
     rc = retrieval or RetrievalConfig()
@@ -103,7 +112,8 @@ def ingest(model: LandmarkTransformer, store, stream: str, tokens: Sequence[int]
     seq = _LandmarkedStream(tail, new, cfg.block_len, TOKENIZER.LANDMARK)  # starts at a block boundary
     bar = _progress(new.numel(), f"ingest {stream}", progress)
     done_pos = 0
-    chunks = 0
+    chunks = since_flush = 0
+    last_flush = time.perf_counter()
     # chunks are aligned to multiples of chunk_len in stream positions, so a run resumed
     # from a flush (always at a chunk end) processes exactly the chunks an uninterrupted run would
     start_pos = mem.n_pos
@@ -126,8 +136,13 @@ def ingest(model: LandmarkTransformer, store, stream: str, tokens: Sequence[int]
                 f"(from host {moved.get('host_to_device', 0) / 2**20:.0f}MiB, "
                 f"disk {moved.get('disk_to_device', 0) / 2**20:.0f}MiB)")
             bar.refresh()
-        if chunks % flush_every == 0 or done_pos == seq.numel():
+        since_flush += 1
+        if (done_pos == seq.numel() or time.perf_counter() - last_flush >= flush_interval_s
+                or (flush_every is not None and since_flush >= flush_every)):
             _commit(store, stream, meta, sources, source, seq, done_pos, cfg, skip, tail.numel())
+            last_flush, since_flush = time.perf_counter(), 0
+        elif chunks % _TRIM_EVERY == 0:
+            _trim_heap()
     if seq.numel() == 0:
         _commit(store, stream, meta, sources, source, seq, 0, cfg, skip, tail.numel())
     if bar is not None:
@@ -205,6 +220,7 @@ def _trim_heap() -> None:
 
 
 _MALLOC_TRIM = None
+_TRIM_EVERY = 16  # chunks between heap trims when no commit (which trims too) happened
 
 
 def _commit(store, stream, meta, sources, source, seq, done_pos, cfg, skip, n_tail_old):

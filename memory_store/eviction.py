@@ -46,7 +46,8 @@ class EvictionPolicy(ABC):
 
     @abstractmethod
     def __iter__(self) -> Iterator[Hashable]:
-        """Keys from the next victim to the last."""
+        """Keys from the next victim to the last, lazily: the caller takes what it needs and
+        changes the policy only after it stops iterating."""
 
 
 class LRUPolicy(EvictionPolicy):
@@ -79,7 +80,7 @@ class LRUPolicy(EvictionPolicy):
         return key in self._order
 
     def __iter__(self) -> Iterator[Hashable]:
-        return iter(list(self._order))
+        return iter(self._order)
 
 
 POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRUPolicy}

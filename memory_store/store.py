@@ -196,6 +196,7 @@ class TieredStore:
         self._codes[:n], self._ords[:n] = codes, ords
         alive_codes = np.array([s.alive for s in self._streams] or [False], dtype=bool)
         self._alive[:n] = alive_codes[codes] if n else False
+        self._n_alive = int(self._alive[:n].sum())  # live blocks (len(store)), kept in step with _alive
         self._stream_rows: dict[int, list[np.ndarray]] = {}
         for code in self._stream_code.values():
             rows = np.flatnonzero(codes == code).astype(np.int64)
@@ -339,6 +340,7 @@ class TieredStore:
             self._streams[code].n_blocks += n
             self._grow_rows(start + n)
             self._codes[start:start + n], self._ords[start:start + n], self._alive[start:start + n] = code, ords, True
+            self._n_alive += n
             self._stream_rows[code].append(ids)
             self._next_id = start + n
             self._dirty = True
@@ -372,6 +374,16 @@ class TieredStore:
         self._alive = np.concatenate([self._alive, np.zeros(cap - self._alive.shape[0], bool)])
 
     def _writer_loop(self) -> None:
+        try:
+            self._write_jobs()
+        except BaseException as e:  # never die silently: put/flush would wait on it forever
+            with self._cv:
+                if self._writer_error is None:
+                    self._writer_error = e
+                self._cv.notify_all()
+            raise
+
+    def _write_jobs(self) -> None:
         while True:
             with self._cv:
                 while not self._jobs and not self._stopping:
@@ -432,6 +444,7 @@ class TieredStore:
             parts = self._stream_rows.pop(code)
             rows = np.concatenate(parts) if parts else np.empty(0, np.int64)
             self._streams[code].alive = False
+            self._n_alive -= int(self._alive[rows].sum())
             self._alive[rows] = False
             for tier in self._memory:
                 tier.delete_many([(int(r), layer) for r in rows for layer in range(self.layout.n_layers)])
@@ -736,7 +749,7 @@ class TieredStore:
             return copy.deepcopy(self._streams[code].meta) if code is not None else {}
 
     def __len__(self) -> int:
-        return int(self._alive[:self._next_id].sum())
+        return self._n_alive
 
     @property
     def generation(self) -> int:

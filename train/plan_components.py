@@ -53,7 +53,8 @@ at its worst moment, not summed (`layer_transient_bytes`): the loss's gradients
 B*T*V*(c + 4) while everything is saved; then, once the head's saved tensors are gone, a
 layer's SwiGLU phase (2*B*T*F*c) or its attention phase (dq, dO, dk, dv, delta in float32
 plus the score tiles: vectorized, dP of a chunk and the previous chunk's dS; blockwise,
-a 256 x 512 tile's scores and dP and the previous tile's dS; minus the SwiGLU, ffn-norm
+a tile's scores and dP and the previous tile's dS (256 rows x the whole key axis up to 1024
+positions, else 512); minus the SwiGLU, ffn-norm
 and wo inputs already freed).
 
     no checkpointing:  L * layer_saved + head_saved + max(head transient, layer transient - head_saved)
@@ -112,8 +113,18 @@ SUB_GROUP_SIZE = 100_000_000                # ZeRO-3 optimizer sub-group (elemen
 
 VECTORIZED_Q_CHUNK = 128
 """Query rows per chunk of engine.attention.landmark_attention (a test keeps them equal)."""
-BLOCKWISE_Q_CHUNK, BLOCKWISE_K_CHUNK = 256, 512
-"""landmark_attention_blockwise's default tile (k_chunk rounded down to whole blocks)."""
+BLOCKWISE_Q_CHUNK, BLOCKWISE_K_CHUNK, BLOCKWISE_ONE_TILE_MAX = 256, 512, 1024
+"""landmark_attention_blockwise's default tile: query rows, then key columns — the whole key
+axis (whole blocks) when it is at most BLOCKWISE_ONE_TILE_MAX, else k_chunk rounded down to
+whole blocks (engine.attention.default_k_chunk; a test keeps them equal)."""
+
+
+def blockwise_k_chunk(keys: int, bl: int) -> int:
+    """The kernel's default key-tile width for a key axis of `keys` positions."""
+    padded = -(-keys // bl) * bl
+    if padded <= BLOCKWISE_ONE_TILE_MAX:
+        return max(bl, padded)
+    return max(bl, (BLOCKWISE_K_CHUNK // bl) * bl)
 
 EXACT_THRESHOLD_BLOCKS = 65_536
 INDEX_MIN_ROWS = 1024
@@ -410,8 +421,7 @@ def vectorized_chunks(T: int, keys: int, block_len: int, q_chunk: int = VECTORIZ
 def blockwise_tile(model: ModelConfig, rows: int, keys: int) -> tuple[int, int]:
     """(query rows, key columns) of one tile of the blockwise kernel (its defaults)."""
     bl = model.block_len
-    k_chunk = max(bl, (BLOCKWISE_K_CHUNK // bl) * bl)
-    return min(rows, BLOCKWISE_Q_CHUNK), min(k_chunk, -(-keys // bl) * bl)
+    return min(rows, BLOCKWISE_Q_CHUNK), min(blockwise_k_chunk(keys, bl), -(-keys // bl) * bl)
 
 
 def layer_saved_bytes(model: ModelConfig, s: PlanSettings, keys: int) -> int:
@@ -440,7 +450,7 @@ def blockwise_tiles(model: ModelConfig, rows: int, keys: int) -> list[int]:
     up to its last row, in tiles of k_chunk (whole blocks) columns.
     """
     bl = model.block_len
-    k_chunk = max(bl, (BLOCKWISE_K_CHUNK // bl) * bl)
+    k_chunk = blockwise_k_chunk(keys, bl)
     q0, out = keys - rows, []
     for t0 in range(0, rows, BLOCKWISE_Q_CHUNK):
         t1 = min(t0 + BLOCKWISE_Q_CHUNK, rows)
@@ -506,8 +516,9 @@ def infer_activation_bytes(model: ModelConfig, s: PlanSettings, stored_blocks: i
     engine/retrieval.py's attend for one layer holds q, k, v of the chunk (c); the local
     window and the chunk concatenated, rotated, and joined to the retrieved blocks:
     K, V over S = k*bl + W keys, about 4 copies in float32; the rotated queries, the
-    kernel's output and accumulator (C*d float32 each) and its score tile plus one
-    temporary of the tile (H x q_chunk x k_chunk, float32). The SwiGLU phase holds three
+    kernel's output and accumulator (C*d float32 each) and its score tile (H x q_chunk x
+    k_chunk, float32; without grad every pass over it is in place) and the tile's causal
+    mask (q_chunk x k_chunk bool). The SwiGLU phase holds three
     (C, F) tensors; the head the (C, V) logits. Plus the residual stream and its update.
     """
     B, c, a, bl = s.micro_batch, compute_bytes(s), attention_compute_bytes(s), model.block_len
@@ -516,7 +527,7 @@ def infer_activation_bytes(model: ModelConfig, s: PlanSettings, stored_blocks: i
     C = min(s.chunk, s.window)
     S = min(s.top_k, stored_blocks) * bl + s.window
     qc, kw = blockwise_tile(model, C, S)
-    attn = C * (d + 2 * kv) * c + 4 * S * kv * a + 3 * C * d * a + 2 * H * qc * kw * a
+    attn = C * (d + 2 * kv) * c + 4 * S * kv * a + 3 * C * d * a + H * qc * kw * a + qc * kw
     phase = max(attn, 3 * C * F * c, C * V * c)
     return B * (phase + 2 * C * d * c)
 

@@ -309,14 +309,15 @@ def test_auto_falls_back_to_exact_when_measured_recall_is_low():
     assert recall(raw.numpy(), ref_topk(keys, ids, 0, q, 10)[0]) < 0.95
 
 
+@pytest.mark.parametrize("n_q", [24, 3], ids=["many-queries", "decode-few-queries"])
 @pytest.mark.parametrize("tiled", [False, True], ids=["one-tile", "64-key-tiles"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_search_max_equals_aggregating_per_query_results(backend, tiled, monkeypatch):
+def test_search_max_equals_aggregating_per_query_results(backend, tiled, n_q, monkeypatch):
     """search_max == per-query top-k, then per head the k distinct ids with the best max score."""
     if tiled:  # the exact path scores key tiles of 64 (a tile boundary inside every stream)
         monkeypatch.setattr("memory_store.index._MAX_CHUNK_ELEMS", 1)
     ix, ids, keys = filled(backend)
-    q = torch.from_numpy(data(24, seed=8)[:, 1])
+    q = torch.from_numpy(data(n_q, seed=8)[:, 1])
     for streams in (None, ["b"]):
         for layer in range(L):
             got_i, got_s = ix.search_max(layer, q, 6, streams=streams)

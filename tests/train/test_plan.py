@@ -413,6 +413,18 @@ def test_vectorized_chunk_matches_the_kernel():
     assert vectorized_chunks(300, 364, 64) == [(128, 192), (128, 320), (44, 384)]
 
 
+def test_blockwise_tile_matches_the_kernel():
+    from engine import attention
+
+    from train.plan_components import BLOCKWISE_K_CHUNK, BLOCKWISE_ONE_TILE_MAX, blockwise_k_chunk
+
+    assert (BLOCKWISE_K_CHUNK, BLOCKWISE_ONE_TILE_MAX) == (attention.BLOCKWISE_K_CHUNK, attention.BLOCKWISE_ONE_TILE_MAX)
+    for keys in (1, 63, 64, 640, 768, 1000, 1024, 1025, 4096, 70_000):
+        for bl in (16, 64, 100):
+            assert blockwise_k_chunk(keys, bl) == attention.default_k_chunk(keys, bl), (keys, bl)
+    assert attention.default_k_chunk(768, 64) == 768 and attention.default_k_chunk(1088, 64) == 512
+
+
 def test_index_capacity_follows_the_index_growth():
     import numpy as np
     import torch
