@@ -288,6 +288,41 @@ def _pad_keys(t: torch.Tensor, Sp: int, dtype: torch.dtype) -> torch.Tensor:
     return F.pad(t, (0, 0, 0, Sp - t.shape[2])) if Sp != t.shape[2] else t.contiguous()
 
 
+def _prepare_kv_valid(kv_valid: torch.Tensor | None, kp: torch.Tensor, vp: torch.Tensor, L: int):
+    """-> (kp, vp, kvp, present) for a key-validity mask.
+
+    When every block is either wholly valid or wholly absent (how retrieval pads: absent
+    blocks, never absent single keys), the absent blocks' keys and values are zeroed (new
+    tensors) and `present` (B, Hkv, 1, 1, nb) bool only removes them from group 0: their
+    weight g is then 0, so their P, dK and dV are exactly 0, with no pass over the score
+    tiles (the per-key path below masks each tile three times: ~25% of a training step's
+    attention). Positions past S are counted valid here: no row ever sees them.
+    Otherwise kvp is the (B, Hkv, Sp) mask padded with False, applied key by key, and
+    present is None. Without a mask both are None.
+    """
+    if kv_valid is None:
+        return kp, vp, None, None
+    B, Hkv, S = kv_valid.shape
+    Sp = kp.shape[2]
+    keys = F.pad(kv_valid, (0, Sp - S), value=True).view(B, Hkv, Sp // L, L)
+    present = keys.all(-1)  # (B, Hkv, nb)
+    if torch.equal(present, keys.any(-1)):
+        on = keys.reshape(B, Hkv, Sp, 1)
+        return kp.masked_fill(~on, 0.0), vp.masked_fill(~on, 0.0), None, present[:, :, None, None]
+    return kp, vp, F.pad(kv_valid, (0, Sp - S), value=False), None
+
+
+def _earlier_present(earlier: torch.Tensor, kv6: torch.Tensor | None, ssum: torch.Tensor,
+                     present: torch.Tensor | None, b0: int, b1: int) -> torch.Tensor:
+    """Restrict `earlier` to blocks that exist: per key (kv6: landmark and a token present)
+    or per whole block (present, blocks b0..b1 of the key axis)."""
+    if kv6 is not None:  # a block counts only if its landmark and a token are present
+        return earlier & kv6[..., -1] & (ssum > 0)
+    if present is not None:
+        return earlier & present[..., b0:b1]
+    return earlier
+
+
 class _VectorizedLandmark(torch.autograd.Function):
     """Query row chunks, each against all keys up to its last row (causal skipping).
 
@@ -304,7 +339,8 @@ class _VectorizedLandmark(torch.autograd.Function):
         cd = _compute_dtype(q.dtype)
         Sp = -(-S // L) * L
         kp, vp = _pad_keys(k, Sp, cd), _pad_keys(v, Sp, cd)  # (B, Hkv, Sp, D)
-        kvp = None if kv_valid is None else F.pad(kv_valid, (0, Sp - S), value=False)
+        kp, vp, kvp, present = _prepare_kv_valid(kv_valid, kp, vp, L)
+        masked = kv_valid is not None
         q5 = q.reshape(B, Hkv, G, T, D)
         out = torch.empty(B, Hkv, G, T, D, dtype=cd, device=q.device)
         keep = any(ctx.needs_input_grad[:3])
@@ -321,15 +357,14 @@ class _VectorizedLandmark(torch.autograd.Function):
             kv6 = None if kvp is None else kvp[..., :Kc].reshape(B, Hkv, 1, 1, nb, L)
             s_lm, m, ssum = _exp_blocks(x6, q_pos, q_offset + t0, 0, L, kv6, shift)
             earlier, own = _block_positions(q_pos, nb, L)
-            if kv6 is not None:  # a block counts only if its landmark and a token are present
-                earlier = earlier & kv6[..., L - 1] & (ssum > 0)
+            earlier = _earlier_present(earlier, kv6, ssum, present, 0, nb)
             g = torch.softmax(_group0_logits(s_lm, m, ssum, earlier, own), -1)  # (B, Hkv, G, C, nb)
             x6.mul_((g / ssum.clamp_(min=TINY)).unsqueeze(-1))  # x is now P
             out[:, :, :, t0:t1] = torch.bmm(x, vp[:, :, :Kc].flatten(0, 1)).view(B, Hkv, G, C, D)
             if keep:
-                saved += [x, g] if kv6 is None else [x, g, earlier]
+                saved += [x, g, earlier] if masked else [x, g]
         ctx.save_for_backward(q, kp, vp, out, *saved)
-        ctx.cfg = (block_len, q_offset, scale, q_chunk, S, k.dtype, v.dtype, kvp is not None)
+        ctx.cfg = (block_len, q_offset, scale, q_chunk, S, k.dtype, v.dtype, masked)
         return out.view(B, H, T, D).to(q.dtype)
 
     @staticmethod
@@ -421,7 +456,7 @@ class _BlockwiseLandmark(torch.autograd.Function):
         cd = _compute_dtype(q.dtype)
         Sp = -(-S // L) * L
         kp, vp = _pad_keys(k, Sp, cd), _pad_keys(v, Sp, cd)  # (B, Hkv, Sp, D)
-        kvp = None if kv_valid is None else F.pad(kv_valid, (0, Sp - S), value=False)
+        kp, vp, kvp, present = _prepare_kv_valid(kv_valid, kp, vp, L)
         q5 = q.reshape(B, Hkv, G, T, D)
         out = torch.empty(B, Hkv, G, T, D, dtype=cd, device=q.device)
         lse = torch.empty(B, Hkv, G, T, dtype=cd, device=q.device)
@@ -441,8 +476,7 @@ class _BlockwiseLandmark(torch.autograd.Function):
                 kv6 = None if kvp is None else kvp[..., k0:k1].reshape(B, Hkv, 1, 1, nb, L)
                 s_lm, m, ssum = _exp_blocks(x6, q_pos, q_offset + t0, k0, L, kv6, shift)
                 earlier, own = earlier_c[:, k0 // L: k1 // L], own_c[:, k0 // L: k1 // L]
-                if kv6 is not None:  # a block counts only if its landmark and a token are present
-                    earlier = earlier & kv6[..., L - 1] & (ssum > 0)
+                earlier = _earlier_present(earlier, kv6, ssum, present, k0 // L, k1 // L)
                 a0 = _group0_logits(s_lm, m, ssum, earlier, own)
                 m_new = torch.maximum(m_run, a0.amax(-1))  # (B, Hkv, G, C)
                 m_safe = m_new.nan_to_num(neginf=0.0)  # rows with nothing allowed so far
@@ -456,14 +490,14 @@ class _BlockwiseLandmark(torch.autograd.Function):
             o = acc.view(B, Hkv, G, C, D) / l_run.unsqueeze(-1)
             out[:, :, :, t0:t1] = o
             lse[:, :, :, t0:t1] = m_run + l_run.log()
-        ctx.save_for_backward(q, kp, vp, out, lse, kvp)
+        ctx.save_for_backward(q, kp, vp, out, lse, kvp, present)
         ctx.cfg = (block_len, q_offset, scale, q_chunk, k_chunk, S, k.dtype, v.dtype, shift)
         return out.view(B, H, T, D).to(q.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out):
-        q, kp, vp, out, lse, kvp = ctx.saved_tensors
+        q, kp, vp, out, lse, kvp, present = ctx.saved_tensors
         block_len, q_offset, scale, q_chunk, k_chunk, S, k_dtype, v_dtype, shift = ctx.cfg
         B, H, T, D = q.shape
         Hkv = kp.shape[1]
@@ -491,8 +525,7 @@ class _BlockwiseLandmark(torch.autograd.Function):
                 kv6 = None if kvp is None else kvp[..., k0:k1].reshape(B, Hkv, 1, 1, nb, L)
                 s_lm, m, ssum = _exp_blocks(x6, q_pos, q_offset + t0, k0, L, kv6, shift)
                 earlier, own = earlier_c[:, k0 // L: k1 // L], own_c[:, k0 // L: k1 // L]
-                if kv6 is not None:
-                    earlier = earlier & kv6[..., L - 1] & (ssum > 0)
+                earlier = _earlier_present(earlier, kv6, ssum, present, k0 // L, k1 // L)
                 a0 = _group0_logits(s_lm, m, ssum, earlier, own)
                 g = (a0 - lse_c).exp_()  # group-0 weights (B, Hkv, G, C, nb)
                 x6.mul_((g / ssum.clamp_(min=TINY)).unsqueeze(-1))  # x is now P

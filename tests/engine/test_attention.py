@@ -179,6 +179,52 @@ def test_kv_valid_outputs_and_grads_equal_deleting_the_blocks(exp_path, impl):
             assert bool((dk[b, h, gone] == 0).all()) and bool((dv[b, h, gone] == 0).all())
 
 
+@pytest.mark.parametrize("impl", ["vectorized", "blockwise"])
+def test_absent_blocks_holding_huge_values_change_nothing(exp_path, impl):
+    """Whole absent blocks are dropped without masking the score tiles: whatever their
+    keys and values hold (here 1e6), the output and the other gradients equal the clean run."""
+    B, H, Hkv, T, D, L = 2, 4, 2, 6, 8, 4
+    S = 4 * L + T
+    q, k, v = _inputs(B, H, Hkv, T, D, S, seed=12)
+    valid = torch.ones(B, Hkv, S, dtype=torch.bool)
+    valid[0, 1, L:3 * L] = False
+    valid[1, 0, :L] = False
+    fn = landmark_attention if impl == "vectorized" else landmark_attention_blockwise
+    k2, v2 = k.detach().clone(), v.detach().clone()
+    k2[~valid], v2[~valid] = 1e6, -1e6
+    k2.requires_grad_(True), v2.requires_grad_(True)
+    out1 = fn(q, k, v, L, q_offset=4 * L, kv_valid=valid)
+    out2 = fn(q, k2, v2, L, q_offset=4 * L, kv_valid=valid)
+    assert torch.isfinite(out2).all() and (out1 - out2).abs().max() <= TOL
+    g = torch.randn_like(out1)
+    g1 = torch.autograd.grad(out1, (q, k, v), g)
+    g2 = torch.autograd.grad(out2, (q, k2, v2), g)
+    for a, b in zip(g1, g2):
+        assert torch.isfinite(b).all() and (a - b).abs().max() <= TOL
+
+
+def test_kv_valid_within_a_block_masks_single_keys_in_both_kernels(exp_path):
+    """A mask that drops single keys (not whole blocks) takes the per-key path: both
+    kernels agree, forward and backward, and a masked key gets no weight."""
+    B, H, Hkv, T, D, L = 1, 2, 1, 6, 8, 4
+    S = 3 * L + T
+    q, k, v = _inputs(B, H, Hkv, T, D, S, seed=13)
+    valid = torch.ones(B, Hkv, S, dtype=torch.bool)
+    valid[0, 0, 1] = False  # one ordinary key of block 0
+    valid[0, 0, L:2 * L] = False  # and all of block 1
+    outs, grads = [], []
+    for fn in (landmark_attention, landmark_attention_blockwise):
+        out = fn(q, k, v, L, q_offset=3 * L, kv_valid=valid)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+    assert (outs[0] - outs[1]).abs().max() <= TOL
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() <= TOL
+    v2 = v.detach().clone()
+    v2[0, 0, 1] += 100.0  # the masked key's value must not matter
+    assert (landmark_attention(q, k, v2, L, q_offset=3 * L, kv_valid=valid) - outs[0]).abs().max() <= TOL
+
+
 def test_kv_valid_must_be_bool_of_the_key_shape():
     q, k, v = _inputs(1, 2, 1, 4, 4, 8, seed=0)
     for fn in (landmark_attention, landmark_attention_blockwise):
