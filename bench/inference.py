@@ -20,7 +20,7 @@ Figures (each against a baseline measured in the same run):
   decode_growth_4k_to_1m       retrieval decode time per token at 1M tokens of context /
                                at 4k (goal <= 1.5; --quick: 4k -> 64k, named so)
   ingest_store_overhead        `ingest` into the tiered store (zarr on disk, write-behind,
-                               landmark index, a durable flush every 16 chunks) / the same
+                               landmark index, a durable commit every 5 s and at the end) / the same
                                `ingest` with the store replaced by a plain in-RAM list of
                                block tensors searched by the same exact search code (no
                                tiers, no disk, no write-behind, no persistence): the same

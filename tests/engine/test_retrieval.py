@@ -127,6 +127,32 @@ def test_ingest_resume_equals_uninterrupted(tmp_path):
     assert again.tokens == 0 and len(a.stream_blocks("doc")) == len(ia)
 
 
+def test_ingest_commits_on_its_schedule(tmp_path, monkeypatch):
+    """A commit (generation + 1) every `flush_every` chunks, or when `flush_interval_s` has
+    passed, and one at the end; bad schedules are refused before anything is written."""
+    m = _model()
+    toks = torch.randint(0, 256, (280,), generator=torch.Generator().manual_seed(4))
+    rc = RetrievalConfig(chunk_len=32)  # 10 chunks
+    store = open_store(tmp_path / "a", m.cfg, "a", config=SMALL)
+    g0 = store.generation
+    ingest(m, store, "doc", toks, retrieval=rc, flush_every=3)
+    assert store.generation - g0 == 4  # after chunks 3, 6, 9 and the last
+    g1 = store.generation
+    ingest(m, store, "doc2", toks, retrieval=rc)  # 5 s default: the end only
+    assert store.generation - g1 == 1
+    clock = iter(range(0, 10_000, 10))  # every reading 10 s after the previous one
+    monkeypatch.setattr("engine.inference.time.perf_counter", lambda: float(next(clock)))
+    g2 = store.generation
+    ingest(m, store, "doc3", toks, retrieval=rc, flush_interval_s=5.0)
+    assert store.generation - g2 == 10  # every chunk end is past the interval
+    for bad in (dict(flush_interval_s=0), dict(flush_interval_s=-1.0), dict(flush_every=0),
+                dict(flush_every=2.5)):
+        with pytest.raises(ValueError, match="flush"):
+            ingest(m, store, "doc4", toks, retrieval=rc, **bad)
+    assert "doc4" not in store.streams()
+    store.close()
+
+
 def test_ask_writes_nothing_and_is_deterministic():
     m = _model()
     store = _mem_store(m)
