@@ -78,7 +78,7 @@ def _store_config(**kw):
 def _retrieval():
     from engine.retrieval import RetrievalConfig
 
-    return RetrievalConfig()  # the defaults users get: top-4, 2 local blocks, chunks of 256
+    return RetrievalConfig()  # the defaults users get: top-4, 2 local blocks, chunks of window - 2 blocks (384)
 
 
 def _peak_rss_bytes() -> int:

@@ -42,7 +42,9 @@ def _retrieval_args(p: argparse.ArgumentParser) -> None:
                    help="positions of retrieved blocks (default stingy: a short prefix)")
     p.add_argument("--selection", choices=("chunk", "token"), default="chunk",
                    help="one choice per chunk (max over its queries) or per token")
-    p.add_argument("--chunk", type=int, default=256, help="prefill chunk in positions (default 256)")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="prefill chunk in positions (default: the model's window minus the local blocks, "
+                        "384 for a 512-position window)")
     p.add_argument("--device-budget", default="512MiB", help="device tier budget (e.g. 512MiB)")
     p.add_argument("--host-budget", default="2GiB", help="host tier budget (e.g. 2GiB)")
 

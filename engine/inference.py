@@ -117,8 +117,9 @@ def ingest(model: LandmarkTransformer, store, stream: str, tokens: Sequence[int]
     # chunks are aligned to multiples of chunk_len in stream positions, so a run resumed
     # from a flush (always at a chunk end) processes exactly the chunks an uninterrupted run would
     start_pos = mem.n_pos
-    first = rc.chunk_len - start_pos % rc.chunk_len
-    bounds = [0] + list(range(first, seq.numel(), rc.chunk_len)) + [seq.numel()]
+    chunk_len = rc.chunk_for(cfg)
+    first = chunk_len - start_pos % chunk_len
+    bounds = [0] + list(range(first, seq.numel(), chunk_len)) + [seq.numel()]
     for a, b in zip(bounds[:-1], bounds[1:]):
         if b <= a:
             continue
@@ -298,8 +299,9 @@ def generate(model: LandmarkTransformer, store, prompt: Sequence[int] | torch.Te
     if seq.numel() == 0:
         seq = torch.tensor([TOKENIZER.BOS])
     logits = None
-    for a in range(0, seq.numel(), rc.chunk_len):
-        logits = model(seq[None, a:a + rc.chunk_len].to(dev), memory=mem)
+    chunk_len = rc.chunk_for(cfg)
+    for a in range(0, seq.numel(), chunk_len):
+        logits = model(seq[None, a:a + chunk_len].to(dev), memory=mem)
         mem.end_chunk()
     rng = torch.Generator().manual_seed(gc.seed)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds split characters

@@ -57,8 +57,11 @@ class RetrievalConfig:
     selection: str = "chunk"
     """'chunk': one choice per head for the whole chunk (max over its queries);
     'token': every query chooses its own blocks (slower; for small inputs)."""
-    chunk_len: int = 256
-    """Positions (landmarks included) processed per forward during prefill."""
+    chunk_len: int | None = None
+    """Positions (landmarks included) processed per forward during prefill. None: the model's
+    window minus the local blocks (384 for a 512-position window and 2 blocks of 64), so the
+    last query of a chunk sees exactly one training window of local positions; at least one
+    block. See `chunk_for`."""
     kernel: str = "blockwise"
     """Attention implementation over [retrieved + local]: 'blockwise' (memory linear in the
     keys; inference) or 'vectorized' (keeps the weights for the backward, faster for the
@@ -69,14 +72,22 @@ class RetrievalConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"RetrievalConfig.{name}={v!r} is invalid: must be an int >= 0")
-        if not isinstance(self.chunk_len, int) or self.chunk_len < 1:
-            raise ValueError(f"RetrievalConfig.chunk_len={self.chunk_len!r} is invalid: must be an int >= 1")
+        if self.chunk_len is not None and (not isinstance(self.chunk_len, int) or isinstance(self.chunk_len, bool)
+                                           or self.chunk_len < 1):
+            raise ValueError(f"RetrievalConfig.chunk_len={self.chunk_len!r} is invalid: must be None (auto) or an int >= 1")
         if self.positions not in POSITION_MODES:
             raise ValueError(f"RetrievalConfig.positions={self.positions!r} is invalid: one of {POSITION_MODES}")
         if self.selection not in SELECTION_MODES:
             raise ValueError(f"RetrievalConfig.selection={self.selection!r} is invalid: one of {SELECTION_MODES}")
         if self.kernel not in KERNELS:
             raise ValueError(f"RetrievalConfig.kernel={self.kernel!r} is invalid: one of {KERNELS}")
+
+    def chunk_for(self, cfg) -> int:
+        """The prefill chunk for a model config: chunk_len, or (None) max(block_len,
+        max_seq_len - local_blocks * block_len)."""
+        if self.chunk_len is not None:
+            return self.chunk_len
+        return max(cfg.block_len, cfg.max_seq_len - self.local_blocks * cfg.block_len)
 
     def attention(self, q, k, v, block_len: int, *, q_offset: int, kv_valid):
         """The configured kernel on [retrieved + local] keys."""

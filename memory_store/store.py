@@ -84,6 +84,9 @@ class StoreConfig:
     """Write chunks on a background thread (True) or inside put_blocks (False)."""
     write_queue_bytes: int = 256 * _MiB
     """Most bytes of K/V waiting for the background writer; put_blocks waits beyond it."""
+    writer_nice: int = 10
+    """Niceness the background writer thread adds to itself (Linux; 0 keeps the process's):
+    writing behind then takes the cores that compute leaves idle instead of stalling it."""
     index_backend: str = "auto"
     """LandmarkIndex backend ("auto", "exact", "flat", "ivf", "hnsw")."""
     eviction: str = "lru"
@@ -96,6 +99,8 @@ class StoreConfig:
     """How many recent get latencies the percentiles are taken over."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.writer_nice, bool) or not isinstance(self.writer_nice, int) or not 0 <= self.writer_nice <= 19:
+            raise ValueError(f"StoreConfig.writer_nice={self.writer_nice!r}: expected an int in [0, 19]")
         for name in ("device_budget_bytes", "host_budget_bytes", "write_queue_bytes"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -374,6 +379,12 @@ class TieredStore:
         self._alive = np.concatenate([self._alive, np.zeros(cap - self._alive.shape[0], bool)])
 
     def _writer_loop(self) -> None:
+        if self.config.writer_nice and hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+            try:  # on Linux a thread's priority is its own (PRIO_PROCESS with the thread id)
+                tid = threading.get_native_id()
+                os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + self.config.writer_nice)
+            except OSError:
+                pass  # not allowed here: write at the process's priority
         try:
             self._write_jobs()
         except BaseException as e:  # never die silently: put/flush would wait on it forever

@@ -127,6 +127,17 @@ def test_ingest_resume_equals_uninterrupted(tmp_path):
     assert again.tokens == 0 and len(a.stream_blocks("doc")) == len(ia)
 
 
+def test_default_chunk_is_the_window_minus_the_local_blocks():
+    cfg = preset("tiny", max_seq_len=512, block_len=64)
+    assert RetrievalConfig().chunk_for(cfg) == 512 - 2 * 64
+    assert RetrievalConfig(local_blocks=0).chunk_for(cfg) == 512
+    assert RetrievalConfig(local_blocks=20).chunk_for(cfg) == 64  # never below one block
+    assert RetrievalConfig(chunk_len=100).chunk_for(cfg) == 100
+    for bad in (0, -5, 2.0, True):
+        with pytest.raises(ValueError, match="chunk_len"):
+            RetrievalConfig(chunk_len=bad)
+
+
 def test_ingest_commits_on_its_schedule(tmp_path, monkeypatch):
     """A commit (generation + 1) every `flush_every` chunks, or when `flush_interval_s` has
     passed, and one at the end; bad schedules are refused before anything is written."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import fsspec
 import numpy as np
@@ -54,6 +55,27 @@ def test_put_get_every_layer_bit_exact(tmp_path):
         b = s.get(2)
         assert b.stream == "doc" and b.ordinal == 2 and torch.equal(b.k, k[2]) and torch.equal(b.landmarks, lm[2])
         assert s.get(99) is None and s.contains(6) and not s.contains(7)
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="thread priorities: POSIX only")
+def test_the_background_writer_runs_niced_and_bad_niceness_is_refused(tmp_path):
+    import time
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    k, v, lm = make_blocks(2, seed=1)
+    with TieredStore.open(tmp_path / "s", "a", layout=LAYOUT, config=small_config()) as s:
+        s.put_blocks("doc", k, v, lm)
+        s.flush()  # the writer has run
+        tid = s._writer.native_id
+        for _ in range(100):  # its first act: lower its own priority
+            if os.getpriority(os.PRIO_PROCESS, tid) != base:
+                break
+            time.sleep(0.01)
+        assert os.getpriority(os.PRIO_PROCESS, tid) == min(19, base + 10)
+        assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the caller's thread is untouched
+    for bad in (-1, 20, 2.0, True):
+        with pytest.raises(ValueError, match="writer_nice"):
+            StoreConfig(writer_nice=bad)
 
 
 def test_reopen_has_every_flushed_block_and_meta(tmp_path):
