@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -63,7 +64,8 @@ def test_the_background_writer_runs_niced_and_bad_niceness_is_refused(tmp_path):
 
     base = os.getpriority(os.PRIO_PROCESS, 0)
     k, v, lm = make_blocks(2, seed=1)
-    with TieredStore.open(tmp_path / "s", "a", layout=LAYOUT, config=small_config()) as s:
+    cfg = dataclasses.replace(small_config(), writer_nice=10)
+    with TieredStore.open(tmp_path / "s", "a", layout=LAYOUT, config=cfg) as s:
         s.put_blocks("doc", k, v, lm)
         s.flush()  # the writer has run
         tid = s._writer.native_id
