@@ -18,11 +18,14 @@ copy of each index (`faiss.index_cpu_to_gpu`), refreshed lazily after mutation;
 the CPU index stays the truth (it is what gets serialised). Stream-restricted
 searches use IDSelectors, which faiss GPU does not support, so they run on CPU.
 
-Threads. torch and the faiss-cpu wheel each bundle their own OpenMP runtime, and
-faiss its own OpenBLAS; two thread pools spinning on the same cores slowed or hung
-runs on small machines. faiss therefore runs single-threaded unless the environment
-variable FOLIO_FAISS_THREADS asks for more (set it on large machines where index
-build time matters; the exact search, which is torch, is unaffected).
+Threads. faiss runs its calls with FOLIO_FAISS_THREADS OpenMP threads (default 1: two
+busy thread pools on the same cores slowed or hung runs on small machines; set it
+higher on large machines where index build time matters). torch and faiss can end up
+on ONE OpenMP runtime in a process, where faiss's thread setting is torch's too: an
+import-time `omp_set_num_threads(1)` silently made every torch op in any process that
+imported memory_store single-threaded (training with retrieval ran ~2x slower than
+without for that reason alone). So the setting is made around each faiss call only,
+and torch's own thread count is put back after it (`_faiss_threads_scope`).
 
 Shape letters: N keys, L layers, H KV heads, D head_dim, Q queries, K top-k.
 """
@@ -31,10 +34,13 @@ from __future__ import annotations
 
 import math
 import os
+import functools
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
+import torch
 
 from .errors import LandmarkIndexError
 
@@ -54,7 +60,28 @@ def _faiss_threads() -> int:
     return n
 
 
-faiss.omp_set_num_threads(_faiss_threads())
+@contextmanager
+def _faiss_threads_scope():
+    """Run a faiss call with FOLIO_FAISS_THREADS OpenMP threads, then give torch back its
+    own thread count (one OpenMP runtime may serve both libraries)."""
+    torch_threads = torch.get_num_threads()
+    faiss.omp_set_num_threads(_faiss_threads())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
+def _in_faiss_threads(fn):
+    """Decorator: the whole call runs inside `_faiss_threads_scope`."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _faiss_threads_scope():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+_faiss_threads()  # a malformed FOLIO_FAISS_THREADS fails at import, as it always did
 
 
 def faiss_gpu_available() -> bool:
@@ -150,6 +177,7 @@ class FaissBackend:
         """False while an ivf index waits for enough keys to be trained (search exactly meanwhile)."""
         return self._indexes is not None
 
+    @_in_faiss_threads
     def rebuild(self, ids: np.ndarray, keys: np.ndarray) -> None:
         """Build every per-(layer, head) index from scratch from all live rows.
 
@@ -193,6 +221,7 @@ class FaissBackend:
         return False
 
     # -- mutation -------------------------------------------------------------------
+    @_in_faiss_threads
     def add(self, ids: np.ndarray, keys: np.ndarray) -> None:
         """ids (M,) int64 new; keys (L, H, M, D) float32."""
         if self._indexes is None:
@@ -202,6 +231,7 @@ class FaissBackend:
             layer, head = divmod(slot, self.n_kv_heads)
             index.add_with_ids(np.ascontiguousarray(keys[layer, head]), ids)
 
+    @_in_faiss_threads
     def remove(self, ids: np.ndarray) -> None:
         """Drop these ids from every index (hnsw: mark them deleted)."""
         if self._indexes is None or len(ids) == 0:
@@ -245,6 +275,7 @@ class FaissBackend:
                 self._gpu[slot] = (gpu, None)
         return self._gpu[slot]
 
+    @_in_faiss_threads
     def search(self, layer: int, queries: np.ndarray, k: int,
                allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """queries (Q, H, D) float32; allowed: ids to restrict to (None = all live).

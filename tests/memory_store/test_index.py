@@ -334,3 +334,26 @@ def test_search_max_equals_aggregating_per_query_results(backend, tiled, n_q, mo
             assert got_i.tolist() == want_i.tolist() or backend not in ("exact", "flat", "auto")
     got_i, got_s = ix.search_max(0, q, 5, streams=["nope"])
     assert (got_i == -1).all() and torch.isinf(got_s).all()
+
+
+def test_faiss_never_changes_torchs_thread_count():
+    """faiss and torch may share one OpenMP runtime: importing the store and running faiss
+    calls must leave torch's thread count as it was (an import-time
+    omp_set_num_threads(1) once made every torch op in the process single-threaded)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np, torch\n"
+        "torch.set_num_threads(3)\n"
+        "import memory_store\n"
+        "from memory_store.index import LandmarkIndex\n"
+        "a = torch.get_num_threads()\n"
+        "ix = LandmarkIndex(1, 1, 8, backend='flat')\n"
+        "ix.add('s', np.arange(100), torch.randn(100, 1, 1, 8))\n"
+        "ix.search(0, torch.randn(3, 1, 8), 4)\n"
+        "print(a, torch.get_num_threads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["3", "3"], out.stdout
