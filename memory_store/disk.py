@@ -76,12 +76,15 @@ from zarr.storage import LocalStore
 from .errors import (ClosedError, CorruptBlockError, FormatVersionError, LayoutMismatchError, ReadOnlyError,
                      ShapeError, StoreError, StoreNotFoundError)
 from .layout import StoreLayout
+from .shards import ShardSet
 from .tiers import Entry, Key, Tier
 
 __all__ = ["DiskTier", "CommitRecord", "StreamRecord", "FORMAT_NAME", "FORMAT_VERSION", "COMMIT_KEY"]
 
 FORMAT_NAME = "folio-store"
-FORMAT_VERSION = 3  # 2: "." chunk keys; 3: K and V in one "kv" array (one file per block and layer)
+FORMAT_VERSION = 4  # 2: "." chunk keys; 3: K and V in one "kv" array; 4: local stores shard kv and landmarks
+READABLE_VERSIONS = (3, 4)  # a version-3 store (one file per chunk) is read and appended to as it is
+ROWS_PER_SHARD = 256  # rows (blocks) per shard file of a local store
 COMMIT_KEY = "commit.json"
 INITIAL_CAPACITY = 64
 META_CHUNK = 4096  # rows per chunk of block_stream / block_ordinal
@@ -108,12 +111,14 @@ class CommitRecord:
     layout: StoreLayout
     streams: list[StreamRecord]
     writer_stats: dict[str, Any] = field(default_factory=dict)
+    shards: dict[str, dict[int, int]] = field(default_factory=dict)  # array -> shard number -> committed length
 
     def to_json(self) -> bytes:
         d = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "generation": self.generation,
              "n_rows": self.n_rows, "layout": self.layout.to_dict(),
              "streams": [{"name": s.name, "alive": s.alive, "n_blocks": s.n_blocks, "meta": s.meta} for s in self.streams],
-             "writer_stats": self.writer_stats}
+             "writer_stats": self.writer_stats,
+             "shards": {name: {str(no): n for no, n in sorted(lengths.items())} for name, lengths in self.shards.items()}}
         return json.dumps(d, sort_keys=True).encode()
 
     @classmethod
@@ -124,15 +129,17 @@ class CommitRecord:
             raise FormatVersionError(f"{where}: {COMMIT_KEY} is not valid JSON ({e})") from e
         if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
             raise FormatVersionError(f"{where}: {COMMIT_KEY} is not a {FORMAT_NAME!r} commit record")
-        if d.get("format_version") != FORMAT_VERSION:
+        if d.get("format_version") not in READABLE_VERSIONS:
             raise FormatVersionError(f"{where}: store format version {d.get('format_version')!r}; "
-                                     f"this code reads version {FORMAT_VERSION}")
+                                     f"this code reads versions {list(READABLE_VERSIONS)}")
         try:
             return cls(generation=int(d["generation"]), n_rows=int(d["n_rows"]),
                        layout=StoreLayout.from_dict(d["layout"]),
                        streams=[StreamRecord(s["name"], bool(s["alive"]), int(s["n_blocks"]), dict(s["meta"]))
                                 for s in d["streams"]],
-                       writer_stats=dict(d.get("writer_stats", {})))
+                       writer_stats=dict(d.get("writer_stats", {})),
+                       shards={str(name): {int(no): int(n) for no, n in lengths.items()}
+                               for name, lengths in d.get("shards", {}).items()})
         except (KeyError, TypeError, ValueError) as e:
             raise FormatVersionError(f"{where}: {COMMIT_KEY} is malformed ({e!r})") from e
 
@@ -201,7 +208,7 @@ class DiskTier(Tier):
     name = "disk"
 
     def __init__(self, store: Store, group: zarr.Group, layout: StoreLayout, *, read_only: bool,
-                 sync_mode: str = "auto", where: str = "") -> None:
+                 sync_mode: str = "auto", where: str = "", record: CommitRecord | None = None) -> None:
         if sync_mode not in ("auto", "syncfs", "fsync", "none"):
             raise ValueError(f"DiskTier sync_mode={sync_mode!r}: expected 'auto', 'syncfs', 'fsync' or 'none'")
         if sync_mode == "auto":
@@ -224,16 +231,37 @@ class DiskTier(Tier):
         self._meta_lock = threading.Lock()
         self._proto = default_buffer_prototype()
         self._closed = False
+        self._shards: dict[str, ShardSet] = {}
+        if self._arrays["kv"].shards is not None:
+            if self._root is None:
+                raise FormatVersionError(f"{self.where}: a sharded (local) Folio store opens only from a local "
+                                         f"directory path or zarr LocalStore")
+            L, H, T, D = layout.n_layers, layout.n_kv_heads, layout.block_len, layout.head_dim
+            lengths = record.shards if record is not None else {}
+            geometry = {"kv": (".0.0.0.0.0", L, 2 * H * T * D * layout.itemsize),
+                        "landmarks": (".0.0.0", 1, L * H * D * layout.itemsize)}
+            for name, (suffix, per_row, nbytes) in geometry.items():
+                sset = ShardSet(os.path.join(self._root, name), name, suffix, self._arrays[name].shards[0], per_row,
+                                nbytes, lengths.get(name, {}), writable=not read_only)
+                if not read_only:
+                    sset.recover()  # what a killed writer left past the last commit
+                sset.set_rows_seen(record.n_rows if record is not None else 0)
+                self._shards[name] = sset
 
     # -- opening ------------------------------------------------------------------
     @classmethod
     def open(cls, where: str | os.PathLike | Store, mode: str = "a", *, layout: StoreLayout | None = None,
-             sync_mode: str = "auto") -> tuple[DiskTier, CommitRecord]:
+             sync_mode: str = "auto", shard_rows: int | None = ROWS_PER_SHARD) -> tuple[DiskTier, CommitRecord]:
         """Open or create the group; returns the tier and the current commit record.
 
         mode "r": must exist; "a": open, or create when missing (layout required); "w": create, replacing
         anything there. A stored layout other than `layout` raises LayoutMismatchError naming both.
+        shard_rows (creation of a local store only): rows per shard file, or None for one file per
+        chunk (format 3's layout; slower to write, see shards.py).
         """
+        if shard_rows is not None and (isinstance(shard_rows, bool) or not isinstance(shard_rows, int)
+                                       or shard_rows < 1):
+            raise ValueError(f"shard_rows={shard_rows!r}: expected an int >= 1 or None")
         if mode not in ("r", "a", "w"):
             raise ValueError(f"store mode={mode!r}: expected 'r', 'a' or 'w'")
         read_only = mode == "r"
@@ -256,7 +284,7 @@ class DiskTier(Tier):
         if raw is None:
             if layout is None:
                 raise StoreNotFoundError(f"no Folio store at {label}; a layout is required to create one")
-            return cls._create(store, layout, label, sync_mode)
+            return cls._create(store, layout, label, sync_mode, shard_rows)
         record = CommitRecord.from_json(raw, label)
         if layout is not None and layout != record.layout:
             raise LayoutMismatchError(
@@ -267,36 +295,42 @@ class DiskTier(Tier):
         except (FileNotFoundError, ValueError, KeyError) as e:
             raise FormatVersionError(f"{label}: cannot open the zarr group ({e})") from e
         attrs = group.attrs.get("folio", {})
-        if attrs.get("format_version") != FORMAT_VERSION:
+        if attrs.get("format_version") not in READABLE_VERSIONS:
             raise FormatVersionError(f"{label}: group format version {attrs.get('format_version')!r}; "
-                                     f"this code reads version {FORMAT_VERSION} (versions before 3 kept K "
+                                     f"this code reads versions {list(READABLE_VERSIONS)} (versions before 3 kept K "
                                      f"and V in separate arrays; re-ingest the documents with this version)")
         missing = [name for name in _DATA_ARRAYS if name not in group]
         if missing:
             raise FormatVersionError(f"{label}: arrays {missing} are missing from the group")
-        tier = cls(store, group, record.layout, read_only=read_only, sync_mode=sync_mode, where=label)
+        tier = cls(store, group, record.layout, read_only=read_only, sync_mode=sync_mode, where=label, record=record)
         return tier, record
 
     @classmethod
-    def _create(cls, store: Store, layout: StoreLayout, label: str, sync_mode: str) -> tuple[DiskTier, CommitRecord]:
+    def _create(cls, store: Store, layout: StoreLayout, label: str, sync_mode: str,
+                shard_rows: int | None = ROWS_PER_SHARD) -> tuple[DiskTier, CommitRecord]:
         group = zarr.open_group(store, mode="w", zarr_format=3)
         L, H, T, D = layout.n_layers, layout.n_kv_heads, layout.block_len, layout.head_dim
-        cap = INITIAL_CAPACITY
+        # a local directory shards kv and landmarks (appends into open files; see shards.py); any other
+        # zarr store keeps one object per chunk (an object store has no append, and no file-creation cost)
+        local = isinstance(store, LocalStore) and shard_rows is not None
+        S = shard_rows or 1
+        cap = max(S, INITIAL_CAPACITY) if local else INITIAL_CAPACITY
         spec = {
-            "kv": ((cap, L, 2, H, T, D), (1, 1, 2, H, T, D), layout.zarr_dtype),
-            "landmarks": ((cap, L, H, D), (1, L, H, D), layout.zarr_dtype),
-            "block_stream": ((cap,), (META_CHUNK,), "int32"),
-            "block_ordinal": ((cap,), (META_CHUNK,), "int64"),
+            "kv": ((cap, L, 2, H, T, D), (1, 1, 2, H, T, D), layout.zarr_dtype, (S, L, 2, H, T, D)),
+            "landmarks": ((cap, L, H, D), (1, L, H, D), layout.zarr_dtype, (S, L, H, D)),
+            "block_stream": ((cap,), (META_CHUNK,), "int32", None),
+            "block_ordinal": ((cap,), (META_CHUNK,), "int64", None),
         }
-        for name, (shape, chunks, dtype) in spec.items():
+        for name, (shape, chunks, dtype, shards) in spec.items():
             group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=[Crc32cCodec()],
+                               shards=shards if local else None,
                                fill_value=0 if name != "block_stream" else -1,
                                chunk_key_encoding={"name": "default", "separator": "."})
         group.attrs["folio"] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "layout": layout.to_dict(),
                                 "note": "rows < commit.json n_rows whose stream is alive are valid blocks; "
                                         "bfloat16 is stored as uint16 bits"}
-        tier = cls(store, group, layout, read_only=False, sync_mode=sync_mode, where=label)
         record = CommitRecord(generation=0, n_rows=0, layout=layout, streams=[])
+        tier = cls(store, group, layout, read_only=False, sync_mode=sync_mode, where=label, record=record)
         tier.make_durable()
         tier.commit(record)
         return tier, record
@@ -465,6 +499,14 @@ class DiskTier(Tier):
         self._check_writable()
         n = k.shape[0]
         self.ensure_capacity(start + n)
+        if self._shards:
+            self._shards["kv"].write([(start + i, layer, (_bytes_of(k[i, layer]), _bytes_of(v[i, layer])))
+                                      for i in range(n) for layer in range(self.layout.n_layers)])
+            self._shards["landmarks"].write([(start + i, 0, (_bytes_of(landmarks[i]),)) for i in range(n)])
+            with self._meta_lock:
+                self._meta_pending.append((start, np.array(stream_codes, dtype=np.int32, copy=True),
+                                           np.array(ordinals, dtype=np.int64, copy=True)))
+            return
         items = []
         for i in range(n):
             row = start + i
@@ -509,6 +551,11 @@ class DiskTier(Tier):
         """Read layer `layer` of `rows` into out_k, out_v (M, H, T, D) (storage dtype, C-contiguous).
         Returns a bool mask of rows whose chunks exist. Raises CorruptBlockError."""
         self._check_open()
+        if self._shards:
+            found = np.zeros(len(rows), dtype=bool)
+            self._shards["kv"].read_into([(row, layer, (_bytes_of(out_k[i]), _bytes_of(out_v[i])))
+                                          for i, row in enumerate(rows.tolist())], found, 0, len(rows))
+            return found
         items = [(self.kv_key(row, layer), [out_k[i], out_v[i]], row, layer) for i, row in enumerate(rows.tolist())]
         return self._get_chunks(items)
 
@@ -516,6 +563,11 @@ class DiskTier(Tier):
         """Landmark keys of rows, (M, L, H, D) in the storage dtype, and the found mask."""
         self._check_open()
         out = np.empty((len(rows), *self.layout.landmark_shape), dtype=self.layout.zarr_dtype)
+        if self._shards:
+            found = np.zeros(len(rows), dtype=bool)
+            self._shards["landmarks"].read_into([(r, 0, (_bytes_of(out[i]),)) for i, r in enumerate(rows.tolist())],
+                                                found, 0, len(rows))
+            return out, found
         found = self._get_chunks([(self.landmark_key(r), [out[i]], r, -1) for i, r in enumerate(rows.tolist())])
         return out, found
 
@@ -534,6 +586,10 @@ class DiskTier(Tier):
     def delete_rows(self, rows: Sequence[int]) -> None:
         """Remove every chunk of those rows (after a commit that no longer covers them)."""
         self._check_writable()
+        if self._shards:
+            for sset in self._shards.values():
+                sset.delete_rows(rows)
+            return
         if self._root is not None:
             for row in rows:
                 keys = [self.kv_key(row, layer) for layer in range(self.layout.n_layers)] + [self.landmark_key(row)]
@@ -556,8 +612,14 @@ class DiskTier(Tier):
         """Force every chunk written so far to stable storage (local directories; other stores: no-op)."""
         self._check_writable()
         self._write_pending_meta()
+        sealed: list[tuple[list[int], list[str]]] = [sset.seal() for sset in self._shards.values()]
         if self._root is None or self.sync_mode == "none":
             return
+        if self.sync_mode == "fsync":
+            for fds, created in sealed:
+                for fd in fds:
+                    os.fsync(fd)
+                self._unsynced.update(created)  # their directory entries (fsynced below with the rest)
         if self.sync_mode == "syncfs":
             fd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY)
             try:
@@ -592,6 +654,8 @@ class DiskTier(Tier):
     def commit(self, record: CommitRecord) -> None:
         """Atomically replace the commit record (call make_durable() first)."""
         self._check_writable()
+        if self._shards:
+            record.shards = {name: sset.lengths() for name, sset in self._shards.items()}
         raw = record.to_json()
         if self._root is None:
             sync(self.store.set(COMMIT_KEY, self._proto.buffer.from_bytes(raw)))
@@ -668,11 +732,15 @@ class DiskTier(Tier):
         m = len(keys)
         out_k = np.empty((m, *self.layout.kv_shape), dtype=self.layout.zarr_dtype)  # (M, H, T, D)
         out_v = np.empty_like(out_k)
-        items = []
-        for i, (row, layer) in enumerate(keys):
+        for row, layer in keys:
             self._check_key(row, layer)
-            items.append((self.kv_key(row, layer), [out_k[i], out_v[i]], row, layer))
-        found = self._get_chunks(items)
+        if self._shards:
+            found = np.zeros(m, dtype=bool)
+            self._shards["kv"].read_into([(int(row), int(layer), (_bytes_of(out_k[i]), _bytes_of(out_v[i])))
+                                          for i, (row, layer) in enumerate(keys)], found, 0, m)
+        else:
+            found = self._get_chunks([(self.kv_key(row, layer), [out_k[i], out_v[i]], row, layer)
+                                      for i, (row, layer) in enumerate(keys)])
         if not found.all():
             return None
         return self.layout.from_storage(out_k), self.layout.from_storage(out_v)
@@ -683,13 +751,20 @@ class DiskTier(Tier):
         row, layer = key
         self._check_key(row, layer)
         self.ensure_capacity(row + 1)
-        self._put_chunks([(self.kv_key(row, layer), [self.layout.to_storage(k.detach().cpu().contiguous()),
-                                                      self.layout.to_storage(v.detach().cpu().contiguous())])])
+        kn = self.layout.to_storage(k.detach().cpu().contiguous())
+        vn = self.layout.to_storage(v.detach().cpu().contiguous())
+        if self._shards:
+            self._shards["kv"].write([(int(row), int(layer), (_bytes_of(kn), _bytes_of(vn)))])
+            return
+        self._put_chunks([(self.kv_key(row, layer), [kn, vn])])
 
     def delete(self, key: Key) -> bool:
         self._check_writable()
         there = self.contains(key)
         row, layer = key
+        if self._shards:
+            self._shards["kv"].delete_chunk(int(row), int(layer))
+            return there
         sync(self.store.delete(self.kv_key(row, layer)))
         return there
 
@@ -697,8 +772,23 @@ class DiskTier(Tier):
         self._check_open()
         row, layer = key
         self._check_key(row, layer)
-
+        if self._shards:
+            return self._shards["kv"].locate(int(row), int(layer)) is not None
         return bool(sync(self.store.exists(self.kv_key(row, layer))))
+
+    def chunk_location(self, row: int, layer: int) -> tuple[str, int, int] | None:
+        """(file, byte offset, bytes incl. the crc) of the kv chunk of (row, layer), or of the landmark
+        chunk of `row` when layer is -1; None when absent. Local stores only (tools and tests)."""
+        self._check_open()
+        if self._root is None:
+            raise StoreError(f"{self.where}: chunk_location needs a local store")
+        if not self._shards:
+            key = self.kv_key(row, layer) if layer >= 0 else self.landmark_key(row)
+            path = os.path.join(self._root, key)
+            return (path, 0, os.path.getsize(path)) if os.path.exists(path) else None
+        sset = self._shards["kv" if layer >= 0 else "landmarks"]
+        loc = sset.locate(int(row), max(0, int(layer)))
+        return None if loc is None else (sset.path(int(row) // sset.S), loc[1], loc[2])
 
     def _check_key(self, row: int, layer: int) -> None:
         if not (0 <= int(layer) < self.layout.n_layers) or int(row) < 0:
@@ -711,6 +801,13 @@ class DiskTier(Tier):
 
     def close(self) -> None:
         self._closed = True
+        for sset in self._shards.values():
+            sset.close()
+
+
+def _bytes_of(a: np.ndarray) -> memoryview:
+    """A flat byte view of a C-contiguous array (no copy)."""
+    return memoryview(a).cast("B")
 
 
 def _get_bytes(store: Store, key: str) -> bytes | None:

@@ -99,6 +99,9 @@ class StoreConfig:
     """When to save the derived index: "close", "flush" (every commit) or "never" (always rebuilt on open)."""
     latency_window: int = 10_000
     """How many recent get latencies the percentiles are taken over."""
+    shard_rows: int | None = 256
+    """Creating a local store: blocks per shard file (appended to; see memory_store/shards.py), or None for one
+    file per (block, layer) chunk (format 3's layout: creating a file costs far more than writing into one)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.writer_nice, bool) or not isinstance(self.writer_nice, int) or not 0 <= self.writer_nice <= 19:
@@ -116,6 +119,9 @@ class StoreConfig:
         if self.save_index not in ("close", "flush", "never"):
             raise ValueError(f"StoreConfig.save_index={self.save_index!r}: expected 'close', 'flush' or 'never'")
         make_policy(self.eviction)  # ValueError naming the allowed policies
+        if self.shard_rows is not None and (isinstance(self.shard_rows, bool) or not isinstance(self.shard_rows, int)
+                                            or self.shard_rows < 1):
+            raise ValueError(f"StoreConfig.shard_rows={self.shard_rows!r}: expected an int >= 1 or None")
         if not isinstance(self.latency_window, int) or self.latency_window < 1:
             raise ValueError(f"StoreConfig.latency_window={self.latency_window!r}: expected an int >= 1")
 
@@ -247,7 +253,8 @@ class TieredStore:
         if layout is not None and not isinstance(layout, StoreLayout):
             raise InvalidArgumentError(f"TieredStore.open layout must be a StoreLayout, got {type(layout).__name__}")
         config = config or StoreConfig()
-        disk, record = DiskTier.open(where, mode, layout=layout, sync_mode=config.sync_mode)
+        disk, record = DiskTier.open(where, mode, layout=layout, sync_mode=config.sync_mode,
+                                     shard_rows=config.shard_rows)
         return cls(disk, record, mode=mode, config=config)
 
     def __enter__(self) -> TieredStore:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 
 import pytest
@@ -120,17 +121,55 @@ def test_version_mismatch_and_not_a_store(tmp_path, store):
     assert (tmp_path / "plain" / "x").exists()  # someone else's data is left alone
 
 
+def _flip(path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
 def test_corrupted_chunk_is_detected_and_named(tmp_path, store):
+    path, off, n = store.disk.chunk_location(4, 1)  # K then V of block 4, layer 1, then its crc
     store.close()
-    chunk = tmp_path / "s" / "kv" / "c.4.1.0.0.0.0"  # K then V of block 4, layer 1
-    raw = bytearray(chunk.read_bytes())
-    raw[len(raw) // 2 + 10] ^= 0x40  # a bit of V
-    chunk.write_bytes(bytes(raw))
+    _flip(path, off + n // 2 + 10)  # a bit of V
     with TieredStore.open(tmp_path / "s", "r", config=CFG) as r:
         with pytest.raises(CorruptBlockError, match="block 4 layer 1") as e:
             r.get_layer([2, 4], 1)
         assert e.value.block_id == 4 and e.value.layer == 1
         k, v = r.get_layer([0, 1, 2, 3, 5], 1)  # the rest still reads bit-exact
+        assert torch.equal(v, V[[0, 1, 2, 3, 5], 1])
+        k, v = r.get_layer([4], 0)  # and so does the same block's other layer
+        assert torch.equal(k, K[[4], 0])
+    _flip(path, off + n // 2 + 10)  # mend it
+    size = os.path.getsize(path)
+    _flip(path, size - 20)  # a bit of the shard's index
+    with TieredStore.open(tmp_path / "s", "r", config=CFG) as r:
+        with pytest.raises(CorruptBlockError, match=r"shard kv/c\.0\.0\.0\.0\.0\.0 \(blocks 0-255\): its index failed"):
+            r.get_layer([4], 1)
+    _flip(path, size - 20)
+    os.truncate(path, size - 7)  # truncated (the commit names a longer file)
+    with TieredStore.open(tmp_path / "s", "r", config=CFG) as r:
+        with pytest.raises(CorruptBlockError, match="commit says"):
+            r.get_layer([4], 1)
+    os.unlink(path)  # lost
+    with TieredStore.open(tmp_path / "s", "r", config=CFG) as r:
+        with pytest.raises(CorruptBlockError, match="missing"):
+            r.get_layer([4], 1)
+
+
+def test_corrupted_chunk_one_file_per_chunk(tmp_path):
+    cfg = replace(CFG, shard_rows=None)  # format 3's layout
+    with TieredStore.open(tmp_path / "s", "w", layout=LAYOUT, config=cfg) as s:
+        s.put_blocks("doc", K, V, LM)
+    chunk = tmp_path / "s" / "kv" / "c.4.1.0.0.0.0"
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2 + 10] ^= 0x40  # a bit of V
+    chunk.write_bytes(bytes(raw))
+    with TieredStore.open(tmp_path / "s", "r", config=CFG) as r:
+        with pytest.raises(CorruptBlockError, match="block 4 layer 1"):
+            r.get_layer([2, 4], 1)
+        k, v = r.get_layer([0, 1, 2, 3, 5], 1)
         assert torch.equal(v, V[[0, 1, 2, 3, 5], 1])
     chunk.write_bytes(bytes(raw[:-7]))  # truncated
     with TieredStore.open(tmp_path / "s", "r", config=CFG) as r:

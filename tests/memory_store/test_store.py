@@ -109,6 +109,70 @@ def test_zarr_python_reads_the_store_on_its_own(tmp_path):
     assert json.loads((tmp_path / "s" / COMMIT_KEY).read_text())["n_rows"] == 3
 
 
+def test_zarr_python_reads_appended_shards_after_many_commits(tmp_path):
+    # shards of 2 rows; blocks put over several commits and two opens: every shard file holds chunks,
+    # superseded indexes, more chunks and its last index, and zarr-python reads it all
+    k, v, lm = make_blocks(9, seed=31)
+    cfg = small_config(shard_rows=2, device_budget_bytes=0, host_budget_bytes=0)
+    with TieredStore.open(tmp_path / "s", "w", layout=LAYOUT, config=cfg) as s:
+        for i in range(0, 5, 1):
+            s.put_blocks("doc", k[i:i + 1], v[i:i + 1], lm[i:i + 1])
+            s.flush()
+    with TieredStore.open(tmp_path / "s", "a", config=cfg) as s:
+        s.put_blocks("doc", k[5:], v[5:], lm[5:])
+    g = zarr.open_group(tmp_path / "s", mode="r")
+    assert g["kv"].shards == (2, *g["kv"].shape[1:]) and g["kv"].chunks == (1, 1, *g["kv"].shape[2:])
+    assert np.array_equal(g["kv"][:9, :, 0], k.numpy()) and np.array_equal(g["kv"][:9, :, 1], v.numpy())
+    assert np.array_equal(g["landmarks"][:9], lm.numpy())
+    assert sorted(p.name for p in (tmp_path / "s" / "kv").glob("c.*")) == [f"c.{i}.0.0.0.0.0" for i in range(5)]
+
+
+def test_a_killed_writers_appends_are_cut_off_on_reopen(tmp_path):
+    k, v, lm = make_blocks(6, seed=32)
+    cfg = small_config(shard_rows=4)
+    s = TieredStore.open(tmp_path / "s", "w", layout=LAYOUT, config=cfg)
+    s.put_blocks("doc", k[:3], v[:3], lm[:3])
+    s.flush()
+    committed = {p.name: p.stat().st_size for p in (tmp_path / "s" / "kv").glob("c.*")}
+    s.put_blocks("doc", k[3:], v[3:], lm[3:])  # rows 3 (shard 0) and 4-5 (a new shard 1)
+    with s._cv:
+        while s._jobs:
+            s._cv.wait()  # written (appended to shard 0, shard 1 created), never committed
+    s._stopping = True  # "killed": never flushed
+    kv = tmp_path / "s" / "kv"
+    assert (kv / "c.1.0.0.0.0.0").exists() and (kv / "c.0.0.0.0.0.0").stat().st_size > committed["c.0.0.0.0.0.0"]
+    with TieredStore.open(tmp_path / "s", "r", config=cfg) as r:  # a reader ignores what is past the commit
+        assert len(r) == 3
+        K, _ = r.get_layer([2, 0], 1)
+        assert torch.equal(K, k[[2, 0], 1])
+    with TieredStore.open(tmp_path / "s", "a", config=cfg) as w:  # the next writer cuts it off, then appends
+        assert {p.name: p.stat().st_size for p in kv.glob("c.*")} == committed
+        assert len(w) == 3
+        w.put_blocks("doc", k[3:], v[3:], lm[3:])
+    with TieredStore.open(tmp_path / "s", "r", config=cfg) as r:
+        K, V = r.get_layer([5, 3, 0], 0)
+        assert torch.equal(K, k[[5, 3, 0], 0]) and torch.equal(V, v[[5, 3, 0], 0])
+    assert np.array_equal(zarr.open_group(tmp_path / "s", mode="r")["kv"][:6, :, 1], v.numpy())
+
+
+def test_a_shard_whose_blocks_are_all_deleted_is_removed(tmp_path):
+    k, v, lm = make_blocks(7, seed=33)
+    cfg = small_config(shard_rows=2)
+    with TieredStore.open(tmp_path / "s", "w", layout=LAYOUT, config=cfg) as s:
+        s.put_blocks("a", k[:3], v[:3], lm[:3])  # rows 0-2: shard 0 and half of shard 1
+        s.put_blocks("b", k[3:], v[3:], lm[3:])  # rows 3-6
+        s.flush()
+        s.delete_stream("a")
+        s.flush()
+        names = sorted(p.name for p in (tmp_path / "s" / "kv").glob("c.*"))
+        assert names == ["c.1.0.0.0.0.0", "c.2.0.0.0.0.0", "c.3.0.0.0.0.0"]  # shard 1 still holds row 3
+    with TieredStore.open(tmp_path / "s", "r", config=cfg) as r:
+        assert r.streams() == ["b"]
+        K, V = r.get_layer([3, 6], 1)
+        assert torch.equal(K, k[[3, 6], 1]) and torch.equal(V, v[[3, 6], 1])
+    assert np.array_equal(zarr.open_group(tmp_path / "s", mode="r")["kv"][3:7, :, 0], k[3:].numpy())
+
+
 def test_unflushed_blocks_are_invisible_after_reopen(tmp_path):
     k, v, lm = make_blocks(4, seed=4)
     s = TieredStore.open(tmp_path / "s", "w", layout=LAYOUT, config=small_config())
@@ -175,8 +239,9 @@ def test_delete_stream_removes_data_and_index(tmp_path):
         ids, _ = s.search(0, lm[4, 0].float().unsqueeze(0), k=6)
         assert set(ids.flatten().tolist()) <= {0, 1, 2, -1}
         s.flush()
-        assert not list((tmp_path / "s").glob("*/c.4.*"))  # chunks removed after the commit
-        assert list((tmp_path / "s").glob("kv/c.0.*"))  # (the pattern does match live blocks)
+        for row in (3, 4, 5):  # chunks removed (from their shard's index) after the commit
+            assert all(s.disk.chunk_location(row, layer) is None for layer in (-1, 0, 1))
+        assert s.disk.chunk_location(0, 1) is not None  # (live blocks are found)
         s.put_blocks("gone", k[3:4], v[3:4], lm[3:4])  # a name can come back, as a new stream
     with TieredStore.open(tmp_path / "s", "r") as r:
         assert r.index_source == "loaded" and len(r.index) == 4
@@ -332,7 +397,8 @@ def test_parallel_batched_disk_read_is_bit_exact_and_still_detects_corruption(tm
 
     monkeypatch.setattr(disk_mod, "_PARALLEL_READ_BYTES", 1)  # every batch of >= 2 chunks per thread
     monkeypatch.setenv("FOLIO_READ_THREADS", "3")
-    cfg = small_config(device_budget_bytes=0, host_budget_bytes=0)
+    # the threaded read is the one-file-per-chunk layout's (format 3); sharded stores read on the caller's thread
+    cfg = small_config(device_budget_bytes=0, host_budget_bytes=0, shard_rows=None)
     k, v, lm = written_store(tmp_path / "s", 12, seed=13, config=cfg)
     order = [11, 0, 5, 3, 7, 2, 9, 1, 10]
     with TieredStore.open(tmp_path / "s", "r", config=cfg) as s:

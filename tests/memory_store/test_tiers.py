@@ -134,15 +134,20 @@ class DiskConformance(TierConformance):
     def make_store(self, tmp_path):
         raise NotImplementedError
 
+    shard_rows: int | None = 256
+
     def make_tier(self, tmp_path, layout=LAYOUT):
-        tier, record = DiskTier.open(self.make_store(tmp_path), "w", layout=layout, sync_mode="none")
+        tier, record = DiskTier.open(self.make_store(tmp_path), "w", layout=layout, sync_mode="none",
+                                     shard_rows=self.shard_rows)
         assert record.n_rows == 0
         return tier
 
     def test_read_only_refuses_writes(self, tmp_path):
         where = self.make_store(tmp_path)
-        tier, _ = DiskTier.open(where, "w", layout=LAYOUT, sync_mode="none")
+        tier, record = DiskTier.open(where, "w", layout=LAYOUT, sync_mode="none", shard_rows=self.shard_rows)
         tier.put((0, 0), *entry(1))
+        tier.flush()
+        tier.commit(record)  # a reader sees what was committed
         ro, _ = DiskTier.open(where if not isinstance(where, zarr.storage.LocalStore) else where.root, "r")
         assert not ro.supports_writes
         with pytest.raises(ReadOnlyError):
@@ -153,6 +158,18 @@ class DiskConformance(TierConformance):
 class TestDiskTierLocal(DiskConformance):
     def make_store(self, tmp_path):
         return zarr.storage.LocalStore(tmp_path / "store")
+
+
+class TestDiskTierLocalUnsharded(TestDiskTierLocal):
+    """Format 3's local layout (one file per chunk), still read and appended to."""
+
+    shard_rows = None
+
+
+class TestDiskTierLocalSmallShards(TestDiskTierLocal):
+    """Shards of 2 rows: every conformance test crosses shard boundaries."""
+
+    shard_rows = 2
 
 
 class TestDiskTierMemoryStore(DiskConformance):
