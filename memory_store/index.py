@@ -232,7 +232,9 @@ class LandmarkIndex:
             if found.any():
                 raise LandmarkIndexError(f"add: id {int(ids[found][0])} is already in the index; ids must be new")
             keys_f = keys.detach().to(torch.float32)  # (N, L, H, D)
-            if not torch.isfinite(keys_f).all():
+            # numpy on CPU: single-threaded (a torch OpenMP kernel stalls while the store's writer holds a core)
+            finite = np.isfinite(keys_f.numpy()).all() if keys_f.device.type == "cpu" else torch.isfinite(keys_f).all()
+            if not finite:
                 raise LandmarkIndexError("add: keys contain NaN or inf; landmark keys must be finite")
 
             m, n = len(ids), self._n

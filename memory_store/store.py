@@ -657,16 +657,34 @@ class TieredStore:
         over = max(0, len(keys) - cap)
         older = (keys[:over], k[:over], v[:over])
         keys, k, v = keys[over:], k[over:], v[over:]
-        need = len(keys) - tier.free_entries
-        if need > 0:
-            vkeys, vk, vv = tier.pop_victims(need)
-            if level == 0:
-                self._stats.moved["device_to_host"] += len(vkeys) * self.layout.block_bytes()
-            self._admit(level + 1, vkeys, vk, vv, source="demote")
+        self._make_room(level, len(keys) - tier.free_entries)
         if keys:
             tier.put_many(keys, k, v)
         if over:
             self._admit(level + 1, *older, source=source)
+
+    def _make_room(self, level: int, need: int) -> None:
+        """Free `need` slots of memory tier `level`: the policy's victims move a level down (or are dropped
+        past the last: they are on disk or in the write-behind queue)."""
+        if need <= 0:
+            return
+        tier = self._memory[level]
+        below = self._memory[level + 1] if level + 1 < len(self._memory) else None
+        if below is None or below.max_entries == 0:
+            tier.evict(need)  # no copy out
+            return
+        if below.can_copy_from(tier):  # CPU to CPU: slot to slot
+            vkeys = tier.victim_keys(need)  # oldest first
+            keep = vkeys[max(0, len(vkeys) - below.max_entries):]
+            self._make_room(level + 1, len(keep) - below.free_entries)
+            below.put_from(tier, keep)
+            tier.delete_many(vkeys)
+        else:
+            vkeys, vk, vv = tier.pop_victims(need)
+            keep = vkeys
+            self._admit(level + 1, vkeys, vk, vv, source="demote")
+        if level == 0:
+            self._stats.moved["device_to_host"] += len(keep) * self.layout.block_bytes()
 
     # -- prefetch ----------------------------------------------------------------------------
     def prefetch(self, ids: Sequence[int] | torch.Tensor, layer: int | None = None) -> None:

@@ -304,10 +304,8 @@ class MemoryTier(Tier):
         self._k.index_copy_(0, idx, k.to(self._device, non_blocking=True))
         self._v.index_copy_(0, idx, v.to(self._device, non_blocking=True))
 
-    def pop_victims(self, n: int, exclude: frozenset[Key] | set[Key] = frozenset()) -> tuple[list[Key], torch.Tensor, torch.Tensor]:
-        """Remove up to n entries chosen by the policy (never one in `exclude`) and return them
-        (keys, K (n', H, T, D), V) as copies, oldest first, so the caller can demote them."""
-        self._check_open()
+    def victim_keys(self, n: int, exclude: frozenset[Key] | set[Key] = frozenset()) -> list[Key]:
+        """Up to n keys the policy would evict next (never one in `exclude`), oldest first; nothing is removed."""
         keys: list[Key] = []
         chosen: set[Key] = set(exclude)
         for key in self.policy:
@@ -316,6 +314,40 @@ class MemoryTier(Tier):
             if key not in chosen:
                 keys.append(key)
                 chosen.add(key)
+        return keys
+
+    def evict(self, n: int, exclude: frozenset[Key] | set[Key] = frozenset()) -> list[Key]:
+        """Remove up to n entries chosen by the policy (never one in `exclude`) without copying them out."""
+        self._check_open()
+        keys = self.victim_keys(n, exclude)
+        for key in keys:
+            self.delete(key)
+        return keys
+
+    def can_copy_from(self, src: MemoryTier) -> bool:
+        """True when put_from(src, ...) copies slab to slab (both plain CPU memory)."""
+        return self._np and src._np and self.layout == src.layout
+
+    def put_from(self, src: MemoryTier, keys: Sequence[Key]) -> None:
+        """Copy those entries of `src` (held there, new here, and fitting) slot to slot: no gathered
+        temporary (whose fresh pages fault in on every demotion). Requires can_copy_from(src)."""
+        self._check_open()
+        if not self.can_copy_from(src):
+            raise ValueError(f"{self.name} tier: put_from({src.name}) needs two plain CPU tiers of one layout")
+        if any(key in self._slot for key in keys):
+            raise ValueError(f"{self.name} tier: put_from keys must be new to this tier")
+        for key, s in zip(keys, self._take_slots(len(keys))):
+            ss = src._slot[key]
+            self._kn[s] = src._kn[ss]
+            self._vn[s] = src._vn[ss]
+            self._slot[key] = s
+            self.policy.insert(key)
+
+    def pop_victims(self, n: int, exclude: frozenset[Key] | set[Key] = frozenset()) -> tuple[list[Key], torch.Tensor, torch.Tensor]:
+        """Remove up to n entries chosen by the policy (never one in `exclude`) and return them
+        (keys, K (n', H, T, D), V) as copies, oldest first, so the caller can demote them."""
+        self._check_open()
+        keys = self.victim_keys(n, exclude)
         stacked = self.get_stacked(keys)
         assert stacked is not None  # every policy key is held
         for key in keys:

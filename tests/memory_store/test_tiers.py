@@ -200,3 +200,20 @@ def test_lru_policy_without_tensors():
     assert p.victim(exclude={"a", "c", "d"}) is None
     with pytest.raises(ValueError, match="lru"):
         make_policy("mru")
+
+
+def test_put_from_copies_slot_to_slot_and_refuses_held_keys():
+    src, dst = DeviceTier(LAYOUT, 4 * LAYOUT.block_bytes(), device="cpu"), HostTier(LAYOUT, 4 * LAYOUT.block_bytes(),
+                                                                                     pin_memory=False)
+    assert dst.can_copy_from(src)
+    for i in range(3):
+        src.put((i, 0), *entry(i))
+    dst.put((9, 0), *entry(9))
+    dst.put_from(src, [(0, 0), (2, 0)])
+    for i in (0, 2):
+        got = dst.get((i, 0))
+        assert torch.equal(got[0], entry(i)[0]) and torch.equal(got[1], entry(i)[1])
+    assert torch.equal(dst.get((9, 0))[0], entry(9)[0]) and src.contains((0, 0))  # a copy: src keeps it
+    with pytest.raises(ValueError, match="new to this tier"):
+        dst.put_from(src, [(1, 0), (2, 0)])
+    assert not dst.contains((1, 0))  # refused before anything was stored
