@@ -4,13 +4,18 @@ On-disk layout (a plain zarr v3 group that zarr-python opens and reads on its ow
 
     zarr.json               group; attributes["folio"] = {format, format_version, layout}
     kv/                     (capacity, n_layers, 2, n_kv_heads, block_len, head_dim): K at [:, :, 0],
-                            V at [:, :, 1]; chunk (1, 1, 2, H, T, D): K and V of one (block, layer)
-                            in one file (creating a file costs 0.05-1 ms on this VM's ext4, far
-                            more than writing 16 KB into it, so one file instead of two halves
-                            the cost of a block write and of a layer read)
-    landmarks/              (capacity, n_layers, n_kv_heads, head_dim), chunk (1, L, H, D)
-                            chunk keys use zarr's "." separator (kv/c.<row>.<layer>.0.0.0.0): one
-                            directory per array, so writing a block creates files, not directories
+                            V at [:, :, 1]; inner chunk (1, 1, 2, H, T, D): K and V of one (block,
+                            layer), read with one preadv. A local store (format 4) groups
+                            ROWS_PER_SHARD rows into one shard file (zarr's sharding_indexed codec,
+                            index at the end), appended to in place: creating a file costs
+                            0.12-0.24 ms on this VM's ext4, writing 32 KiB into an open one ~0.01 ms
+                            (see shards.py for the append-only protocol). Any other zarr store
+                            keeps one object per inner chunk (format 3's layout, also still read
+                            and appended to locally)
+    landmarks/              (capacity, n_layers, n_kv_heads, head_dim), inner chunk (1, L, H, D),
+                            sharded like kv
+                            keys use zarr's "." separator (kv/c.<shard>.0.0.0.0.0): one directory
+                            per array
     block_stream/           (capacity,) int32: stream code of each row
     block_ordinal/          (capacity,) int64: ordinal of each row within its stream
     commit.json             the commit record (below)
@@ -18,17 +23,21 @@ On-disk layout (a plain zarr v3 group that zarr-python opens and reads on its ow
 
 Row r of every array is block id r: ids are never reused, so a row once written is
 never rewritten while it is visible. Every array uses the bytes codec followed by
-zarr's Crc32cCodec, one kv chunk per (block, layer), no sharding (sharding measured
-16-27x slower on the random-read path). bfloat16 is stored as its uint16 bits.
+zarr's Crc32cCodec, one kv chunk per (block, layer). Shards are read by this tier
+chunk by chunk (one preadv at the offset its index gives), never through zarr's
+sharding codec (zarr's own random reads of sharded arrays measured 16-27x slower
+than unsharded here). bfloat16 is stored as its uint16 bits.
 Capacity grows by doubling (`resize`). The per-row metadata (block_stream,
 block_ordinal) written with a batch of rows is buffered and written through zarr once
 per `make_durable()`, before the sync: rows are invisible until the commit that
 follows, so nothing can read them earlier.
 
 Commit protocol (crash safety). Data rows are written first, anywhere beyond the
-committed row count; `make_durable()` then forces them to stable storage, and only
-then `commit()` replaces commit.json (the committed row count `n_rows`, the stream
-table with per-stream metadata, a generation number) in one atomic step: for a
+committed row count (in a shard: appended past its committed length); `make_durable()`
+then appends each written shard's index and forces everything to stable storage, and
+only then `commit()` replaces commit.json (the committed row count `n_rows`, the stream
+table with per-stream metadata, every shard's committed length, a generation number)
+in one atomic step: for a
 local directory a temp file that is fsynced, renamed over commit.json, and the
 directory fsynced; for any other zarr store a single-key put (as atomic as that
 store's puts). Readers trust rows < n_rows only, so a writer killed at any moment
@@ -40,9 +49,9 @@ every file written and of every directory above it.
 
 Fast paths. zarr's own indexing reads 256 random chunks at ~0.04x a numpy memmap
 here (per-chunk Python overhead in the codec pipeline), so chunk bytes are read and
-written directly: for a local directory with `readv`/`writev` into and out of the
-caller's buffers (the measured fastest on this machine: 0.7x memmap, against 0.35x
-for gathered `store.get` on zarr's event loop); for any other zarr store by
+written directly: for a local directory with `preadv`/`pwritev` on open shard files
+into and out of the caller's buffers (0.75x a numpy memmap in `bench.store`, against
+0.35x for gathered `store.get` on zarr's event loop); for any other zarr store by
 gathering `store.get`/`store.set` on zarr's event loop. Either way the bytes are
 exactly what zarr itself writes (raw little-endian array bytes, then a 4-byte
 little-endian crc32c), and the crc is checked on every read: a mismatch raises
