@@ -65,7 +65,11 @@ def _faiss_threads_scope():
     """Run a faiss call with FOLIO_FAISS_THREADS OpenMP threads, then give torch back its
     own thread count (one OpenMP runtime may serve both libraries)."""
     torch_threads = torch.get_num_threads()
-    faiss.omp_set_num_threads(_faiss_threads())
+    n = _faiss_threads()
+    if n == torch_threads:  # nothing to change, nothing to restore
+        yield
+        return
+    faiss.omp_set_num_threads(n)
     try:
         yield
     finally:
