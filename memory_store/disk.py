@@ -85,7 +85,7 @@ from zarr.storage import LocalStore
 from .errors import (ClosedError, CorruptBlockError, FormatVersionError, LayoutMismatchError, ReadOnlyError,
                      ShapeError, StoreError, StoreNotFoundError)
 from .layout import StoreLayout
-from .shards import ShardSet
+from .shards import CRC_BYTES, ShardSet, check_crc
 from .tiers import Entry, Key, Tier
 
 __all__ = ["DiskTier", "CommitRecord", "StreamRecord", "FORMAT_NAME", "FORMAT_VERSION", "COMMIT_KEY"]
@@ -97,7 +97,7 @@ ROWS_PER_SHARD = 256  # rows (blocks) per shard file of a local store
 COMMIT_KEY = "commit.json"
 INITIAL_CAPACITY = 64
 META_CHUNK = 4096  # rows per chunk of block_stream / block_ordinal
-_CRC = 4  # bytes of the crc32c trailer of every chunk
+_CRC = CRC_BYTES  # bytes of the crc32c trailer of every chunk
 _DATA_ARRAYS = ("kv", "landmarks", "block_stream", "block_ordinal")
 
 
@@ -449,7 +449,7 @@ class DiskTier(Tier):
                 for m in mvs:
                     m[:] = raw[off:off + len(m)].data
                     off += len(m)
-            self._check_crc(key, mvs, raw[size:].tobytes() if extra == 0 else b"", extra, row, layer)
+            check_crc(key, mvs, raw[size:].tobytes() if extra == 0 else b"", extra, row, layer)
             found[i] = True
         return found
 
@@ -469,22 +469,8 @@ class DiskTier(Tier):
                 n = os.readv(fd, [*mvs, crc_mv])
             finally:
                 os.close(fd)
-            self._check_crc(key, mvs, bytes(crc[:_CRC]), n - sum(len(m) for m in mvs) - _CRC, row, layer)
+            check_crc(key, mvs, bytes(crc[:_CRC]), n - sum(len(m) for m in mvs) - _CRC, row, layer)
             found[i] = True
-
-    @staticmethod
-    def _check_crc(key: str, data: list[memoryview], stored: bytes, extra: int, row: int, layer: int) -> None:
-        where = f"block {row}" + (f" layer {layer}" if layer >= 0 else " (landmarks)")
-        if extra != 0:
-            raise CorruptBlockError(f"{where}: chunk {key} has the wrong size ({'+' if extra > 0 else ''}{extra} bytes "
-                                    f"against the layout)", block_id=row, layer=layer if layer >= 0 else None)
-        want = int.from_bytes(stored, "little")
-        got = 0
-        for part in data:
-            got = crc32c.crc32c(part, got)
-        if got != want:
-            raise CorruptBlockError(f"{where}: chunk {key} failed its crc32c check (stored {want:#010x}, computed "
-                                    f"{got:#010x})", block_id=row, layer=layer if layer >= 0 else None)
 
     # -- bulk rows (the store's write-behind path) ------------------------------------
     def ensure_capacity(self, n_rows: int) -> None:
@@ -512,17 +498,14 @@ class DiskTier(Tier):
             self._shards["kv"].write([(start + i, layer, (_bytes_of(k[i, layer]), _bytes_of(v[i, layer])))
                                       for i in range(n) for layer in range(self.layout.n_layers)])
             self._shards["landmarks"].write([(start + i, 0, (_bytes_of(landmarks[i]),)) for i in range(n)])
-            with self._meta_lock:
-                self._meta_pending.append((start, np.array(stream_codes, dtype=np.int32, copy=True),
-                                           np.array(ordinals, dtype=np.int64, copy=True)))
-            return
-        items = []
-        for i in range(n):
-            row = start + i
-            for layer in range(self.layout.n_layers):
-                items.append((self.kv_key(row, layer), [k[i, layer], v[i, layer]]))
-            items.append((self.landmark_key(row), [landmarks[i]]))
-        self._put_chunks(items)
+        else:
+            items = []
+            for i in range(n):
+                row = start + i
+                for layer in range(self.layout.n_layers):
+                    items.append((self.kv_key(row, layer), [k[i, layer], v[i, layer]]))
+                items.append((self.landmark_key(row), [landmarks[i]]))
+            self._put_chunks(items)
         # the small per-row metadata goes through zarr at the next make_durable (one
         # read-modify-write per metadata chunk instead of one per batch of rows)
         with self._meta_lock:
@@ -563,7 +546,7 @@ class DiskTier(Tier):
         if self._shards:
             found = np.zeros(len(rows), dtype=bool)
             self._shards["kv"].read_into([(row, layer, (_bytes_of(out_k[i]), _bytes_of(out_v[i])))
-                                          for i, row in enumerate(rows.tolist())], found, 0, len(rows))
+                                          for i, row in enumerate(rows.tolist())], found)
             return found
         items = [(self.kv_key(row, layer), [out_k[i], out_v[i]], row, layer) for i, row in enumerate(rows.tolist())]
         return self._get_chunks(items)
@@ -575,7 +558,7 @@ class DiskTier(Tier):
         if self._shards:
             found = np.zeros(len(rows), dtype=bool)
             self._shards["landmarks"].read_into([(r, 0, (_bytes_of(out[i]),)) for i, r in enumerate(rows.tolist())],
-                                                found, 0, len(rows))
+                                                found)
             return out, found
         found = self._get_chunks([(self.landmark_key(r), [out[i]], r, -1) for i, r in enumerate(rows.tolist())])
         return out, found
@@ -746,7 +729,7 @@ class DiskTier(Tier):
         if self._shards:
             found = np.zeros(m, dtype=bool)
             self._shards["kv"].read_into([(int(row), int(layer), (_bytes_of(out_k[i]), _bytes_of(out_v[i])))
-                                          for i, (row, layer) in enumerate(keys)], found, 0, m)
+                                          for i, (row, layer) in enumerate(keys)], found)
         else:
             found = self._get_chunks([(self.kv_key(row, layer), [out_k[i], out_v[i]], row, layer)
                                       for i, (row, layer) in enumerate(keys)])

@@ -306,17 +306,15 @@ class ShardSet:
                 return None
             return sh.fd, int(off), int(n)
 
-    def read_into(self, items: Sequence[tuple[int, int, Sequence[memoryview]]], found: np.ndarray,
-                  lo: int, hi: int) -> None:
-        """Fill items[lo:hi] (row, sub, [destination views]) from their chunks and check each crc;
+    def read_into(self, items: Sequence[tuple[int, int, Sequence[memoryview]]], found: np.ndarray) -> None:
+        """Fill items (row, sub, [destination views]) from their chunks and check each crc;
         found[i] = True for the chunks present. Raises CorruptBlockError."""
         crc = bytearray(CRC_BYTES)
         crc_mv = memoryview(crc)
         # the lock is held throughout: a descriptor must not be closed (shard eviction) mid-read;
         # the writer only appends, so the bytes at a located offset never change
         with self._lock:
-            for i in range(lo, hi):
-                row, sub, mvs = items[i]
+            for i, (row, sub, mvs) in enumerate(items):
                 loc = self.locate(row, sub)
                 if loc is None:
                     continue

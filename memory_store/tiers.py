@@ -320,8 +320,7 @@ class MemoryTier(Tier):
         """Remove up to n entries chosen by the policy (never one in `exclude`) without copying them out."""
         self._check_open()
         keys = self.victim_keys(n, exclude)
-        for key in keys:
-            self.delete(key)
+        self.delete_many(keys)
         return keys
 
     def can_copy_from(self, src: MemoryTier) -> bool:
