@@ -351,6 +351,9 @@ def test_config_validation():
         StoreConfig(device_budget_bytes=-1)
     with pytest.raises(ValueError, match="save_index"):
         StoreConfig(save_index="sometimes")
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="shard_rows"):
+            StoreConfig(shard_rows=bad)
     with pytest.raises(ValueError, match="eviction"):
         StoreConfig(eviction="fifo")
     with pytest.raises(ValueError, match="dtype"):

@@ -217,3 +217,9 @@ def test_put_from_copies_slot_to_slot_and_refuses_held_keys():
     with pytest.raises(ValueError, match="new to this tier"):
         dst.put_from(src, [(1, 0), (2, 0)])
     assert not dst.contains((1, 0))  # refused before anything was stored
+
+
+def test_bad_shard_rows_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match="shard_rows=0: expected an int >= 1 or None"):
+        DiskTier.open(tmp_path / "s", "w", layout=LAYOUT, shard_rows=0)
+    assert not (tmp_path / "s").exists()
