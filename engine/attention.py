@@ -332,7 +332,7 @@ class _VectorizedLandmark(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, kv_valid, block_len, q_offset, scale, q_chunk):
+    def forward(ctx, q, k, v, kv_valid, block_len, q_offset, scale, q_chunk, const_keys=0):
         B, H, T, D = q.shape
         Hkv, S = k.shape[1], k.shape[2]
         G, L = H // Hkv, block_len
@@ -364,14 +364,14 @@ class _VectorizedLandmark(torch.autograd.Function):
             if keep:
                 saved += [x, g, earlier] if masked else [x, g]
         ctx.save_for_backward(q, kp, vp, out, *saved)
-        ctx.cfg = (block_len, q_offset, scale, q_chunk, S, k.dtype, v.dtype, masked)
+        ctx.cfg = (block_len, q_offset, scale, q_chunk, S, k.dtype, v.dtype, masked, const_keys)
         return out.view(B, H, T, D).to(q.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out):
         q, kp, vp, out, *saved = ctx.saved_tensors
-        block_len, q_offset, scale, q_chunk, S, k_dtype, v_dtype, masked = ctx.cfg
+        block_len, q_offset, scale, q_chunk, S, k_dtype, v_dtype, masked, c0 = ctx.cfg
         per = 3 if masked else 2  # saved tensors per chunk: P, g (, earlier)
         B, H, T, D = q.shape
         Hkv = kp.shape[1]
@@ -383,7 +383,7 @@ class _VectorizedLandmark(torch.autograd.Function):
         dq = torch.empty(B, Hkv, G, T, D, dtype=cd, device=q.device)
         k3, v3 = kp.flatten(0, 1), vp.flatten(0, 1)  # (B*Hkv, Sp, D)
         dk, dv = torch.zeros_like(k3), torch.zeros_like(v3)
-        dp_buf = torch.empty(saved[-per].numel(), dtype=cd, device=q.device)  # the largest tile
+        dp_buf = torch.empty(max(p.numel() for p in saved[::per]), dtype=cd, device=q.device)  # the largest tile
         for n, (t0, t1) in enumerate(_chunks(T, q_chunk)):
             C = t1 - t0
             p, g = saved[per * n], saved[per * n + 1]  # (B*Hkv, G*C, Kc), (B, Hkv, G, C, nb)
@@ -400,12 +400,13 @@ class _VectorizedLandmark(torch.autograd.Function):
             ds = _scores_grad(p.view(B, Hkv, G, C, nb, L), dp.view(B, Hkv, G, C, nb, L), g,
                               earlier, own, delta[:, :, :, t0:t1], L).view_as(dp)
             dq[:, :, :, t0:t1] = torch.bmm(ds, k3[:, :Kc]).view(B, Hkv, G, C, D)
-            dk[:, :Kc].baddbmm_(ds.transpose(-1, -2), qc)
-            dv[:, :Kc].baddbmm_(p.transpose(-1, -2), doc)
+            if c0 < Kc:  # keys before c0 are constants: no dK, dV for them
+                dk[:, c0:Kc].baddbmm_(ds[:, :, c0:].transpose(-1, -2), qc)
+                dv[:, c0:Kc].baddbmm_(p[:, :, c0:].transpose(-1, -2), doc)
         dq.mul_(scale)
         dk, dv = dk.view_as(kp)[:, :, :S], dv.view_as(vp)[:, :, :S]
         return (dq.view(B, H, T, D).to(q.dtype), dk.to(k_dtype), dv.to(v_dtype),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def _check_kv_valid(kv_valid: torch.Tensor | None, B: int, Hkv: int, S: int) -> None:
@@ -416,7 +417,7 @@ def _check_kv_valid(kv_valid: torch.Tensor | None, B: int, Hkv: int, S: int) -> 
 
 def landmark_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_len: int,
                        *, q_offset: int = 0, scale: float | None = None,
-                       kv_valid: torch.Tensor | None = None) -> torch.Tensor:
+                       kv_valid: torch.Tensor | None = None, const_keys: int = 0) -> torch.Tensor:
     """Grouped-softmax attention over a window, vectorized per chunk of query rows.
 
     q (B, H, T, D); k, v (B, Hkv, S, D) with the key axis starting at a block boundary;
@@ -425,12 +426,16 @@ def landmark_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
     (the weights are kept for the backward): use `landmark_attention_blockwise` for
     long sequences. kv_valid: optional (B, Hkv, S) bool, False for keys of an absent
     (padded) block, as in `landmark_attention_blockwise`. Raises ValueError on
-    inconsistent shapes or arguments.
+    inconsistent shapes or arguments. const_keys: the first const_keys keys and values are
+    constants (retrieved blocks): their gradient is returned as zeros without being
+    computed (two of the backward's four matmuls skip them).
     """
     B, H, T, D, Hkv, S = _check_qkv(q, k, v, block_len, q_offset)
     _check_kv_valid(kv_valid, B, Hkv, S)
+    if not isinstance(const_keys, int) or isinstance(const_keys, bool) or not 0 <= const_keys <= S:
+        raise ValueError(f"const_keys={const_keys!r} must be an int in [0, S={S}]")
     scale = D ** -0.5 if scale is None else scale
-    return _VectorizedLandmark.apply(q, k, v, kv_valid, block_len, q_offset, scale, VECTORIZED_Q_CHUNK)
+    return _VectorizedLandmark.apply(q, k, v, kv_valid, block_len, q_offset, scale, VECTORIZED_Q_CHUNK, const_keys)
 
 
 # ---------------------------------------------------------------------------------------

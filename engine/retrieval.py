@@ -89,10 +89,12 @@ class RetrievalConfig:
             return self.chunk_len
         return max(cfg.block_len, cfg.max_seq_len - self.local_blocks * cfg.block_len)
 
-    def attention(self, q, k, v, block_len: int, *, q_offset: int, kv_valid):
-        """The configured kernel on [retrieved + local] keys."""
-        fn = landmark_attention if self.kernel == "vectorized" else landmark_attention_blockwise
-        return fn(q, k, v, block_len, q_offset=q_offset, kv_valid=kv_valid)
+    def attention(self, q, k, v, block_len: int, *, q_offset: int, kv_valid, const_keys: int = 0):
+        """The configured kernel on [retrieved + local] keys; the first const_keys keys
+        (the retrieved blocks: constants) get no gradient in the vectorized kernel."""
+        if self.kernel == "vectorized":
+            return landmark_attention(q, k, v, block_len, q_offset=q_offset, kv_valid=kv_valid, const_keys=const_keys)
+        return landmark_attention_blockwise(q, k, v, block_len, q_offset=q_offset, kv_valid=kv_valid)
 
 
 @dataclass(slots=True)
@@ -121,6 +123,8 @@ class BatchMemory:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if q.shape[0] != len(self.memories):
             raise ValueError(f"batch of {q.shape[0]} rows but {len(self.memories)} memories")
+        if self._lanes_batchable(layer):
+            return self._attend_lanes(layer, q, k, v)
         if any(m.rc.selection != "chunk" for m in self.memories):
             return torch.cat([m.attend(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1])
                               for b, m in enumerate(self.memories)], dim=0)
@@ -137,6 +141,103 @@ class BatchMemory:
                                for p in preps], dim=0)  # (B, Hkv, S)
         cat = lambda i: torch.cat([p[i] for p in preps], dim=0)  # noqa: E731
         return rc.attention(cat(0), cat(1), cat(2), L, q_offset=preps[0][4], kv_valid=valid).to(q.dtype)
+
+    # -- all lanes in one pass -------------------------------------------------------------
+    def _lanes_batchable(self, layer: int) -> bool:
+        """Whether every lane can go through `_attend_lanes`: one store, one config with
+        chunk selection and stingy positions (the same key axis for every lane), the same
+        local window length, and explicit streams to search."""
+        m0 = self.memories[0]
+        return (len(self.memories) > 1 and hasattr(m0.store, "search_max_lanes")
+                and m0.rc.selection == "chunk" and m0.rc.positions == "stingy" and m0.rc.top_k > 0
+                and all(m.store is m0.store and m.rc == m0.rc and m.read_streams is not None
+                        and m.local_k[layer].shape[2] == m0.local_k[layer].shape[2] for m in self.memories))
+
+    def _attend_lanes(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Every lane's `prepare_chunk` + one kernel call, with the per-lane work batched:
+        one index search (`search_max_lanes`), one store fetch for the union of the lanes'
+        blocks, one rotation of all retrieved and local keys. Same result as the per-lane
+        path (tested)."""
+        mems, m0 = self.memories, self.memories[0]
+        cfg, rc, L = m0.cfg, m0.rc, m0.L
+        B, _, T, D = q.shape
+        for b, m in enumerate(mems):
+            m._pending[layer] = (k[b:b + 1], v[b:b + 1])
+        n_before = m0.local_k[layer].shape[2]
+        k_loc = torch.cat([torch.cat([m.local_k[layer] for m in mems]), k.float()], dim=2)  # (B, Hkv, n_loc, D)
+        v_loc = torch.cat([torch.cat([m.local_v[layer] for m in mems]), v.float()], dim=2)
+        n_loc = k_loc.shape[2]
+        q_local = torch.arange(n_before, n_before + T)
+        sel = self._select_lanes(layer, q, q_local)  # (B, Hkv, kk)
+        kk = sel.shape[2]
+        k_ret, v_ret, valid_ret = self._fetch_lanes(layer, sel)
+        cos, sin = rope_cos_sin(m0._positions(kk, n_loc, 0), D, cfg.rope_theta)
+        k_all = torch.cat([k_ret, apply_rope(k_loc, cos, sin)], dim=2)  # (B, Hkv, kk*L + n_loc, D)
+        v_all = torch.cat([v_ret, v_loc], dim=2)
+        q_rot = apply_rope(q.float(), cos[n_before:], sin[n_before:])  # (B, H, T, D)
+        valid = None
+        if not bool(valid_ret.all()):
+            valid = torch.cat([valid_ret, torch.ones(B, valid_ret.shape[1], n_loc, dtype=torch.bool,
+                                                     device=valid_ret.device)], dim=2)
+        return rc.attention(q_rot, k_all, v_all, L, q_offset=kk * L + n_before, kv_valid=valid,
+                            const_keys=kk * L).to(q.dtype)
+
+    def _select_lanes(self, layer: int, q: torch.Tensor, q_local: torch.Tensor) -> torch.Tensor:
+        """`RetrievalMemory.select` of every lane: (B, Hkv, top_k) int64, -1 = none."""
+        mems, m0 = self.memories, self.memories[0]
+        cfg, kk = m0.cfg, m0.rc.top_k
+        B, H, T, D = q.shape
+        Hkv = cfg.n_kv_heads
+        out = torch.full((B, Hkv, kk), -1, dtype=torch.long)
+        if len(m0.store) == 0:
+            return out
+        excludes = [m._stored_local_ids() for m in mems]
+        cos, sin = rope_cos_sin(q_local + 1, D, cfg.rope_theta, q.dtype)
+        qs = apply_rope(q.float(), cos, sin)  # (B, H, T, D): see RetrievalMemory._search_queries
+        qs = qs.view(B, Hkv, H // Hkv, T, D).permute(0, 2, 3, 1, 4).reshape(B, -1, Hkv, D)
+        k_search = kk + max(len(e) for e in excludes)
+        ids, scores = m0.store.search_max_lanes(layer, qs, k_search, [m.read_streams for m in mems])
+        for m in mems:
+            m.stats.searches += 1
+        ids, scores = ids.cpu(), scores.float().cpu()  # (B, Hkv, k')
+        for b, e in enumerate(excludes):
+            if e:
+                scores[b].masked_fill_(torch.isin(ids[b], torch.tensor(e, dtype=torch.long)), float("-inf"))
+        n = min(kk, ids.shape[2])
+        top_s, top_i = scores.topk(n, dim=-1)  # (B, Hkv, n)
+        chosen = ids.gather(2, top_i).masked_fill(~torch.isfinite(top_s), -1)
+        out[:, :, kk - n:] = torch.sort(chosen, dim=-1).values
+        return out
+
+    def _fetch_lanes(self, layer: int, sel: torch.Tensor):
+        """`RetrievalMemory._fetch_rotated` (stingy) of every lane with one store fetch.
+
+        sel (B, Hkv, kk). Returns k_rot, v (B, Hkv, kk*L, D), valid (B, Hkv, kk*L) bool.
+        """
+        m0 = self.memories[0]
+        B, Hkv, kk = sel.shape
+        L, D, dev = m0.L, m0.cfg.head_dim, m0.device
+        valid_blk = sel >= 0  # (B, Hkv, kk)
+        uniq = torch.unique(sel[valid_blk])
+        k_sel = torch.zeros(B, Hkv, kk, L, D, device=dev)
+        v_sel = torch.zeros(B, Hkv, kk, L, D, device=dev)
+        if len(uniq):
+            k, v = m0.store.get_layer(uniq.tolist(), layer)  # (M, Hkv, L, D)
+            k, v = k.to(dev).float(), v.to(dev).float()
+            pos = torch.searchsorted(uniq, sel.clamp(min=0))  # (B, Hkv, kk) row in k
+            heads = torch.arange(Hkv)[None, :, None].expand(B, Hkv, kk)
+            k_sel = torch.where(valid_blk[..., None, None], k[pos, heads], k_sel)  # (B, Hkv, kk, L, D)
+            v_sel = torch.where(valid_blk[..., None, None], v[pos, heads], v_sel)
+            sel_np, block_bytes = sel.numpy(), 2 * Hkv * L * D * m0.store.layout.itemsize
+            for b, m in enumerate(self.memories):  # per-lane accounting, as if each fetched its own
+                n = len(np.unique(sel_np[b][sel_np[b] >= 0]))
+                m.stats.blocks_fetched += n
+                m.stats.per_layer_blocks[layer] += n
+                m.stats.bytes_fetched += n * block_bytes
+        cos, sin = rope_cos_sin(torch.arange(kk * L, device=dev), D, m0.cfg.rope_theta)
+        k_rot = apply_rope(k_sel.reshape(B, Hkv, kk * L, D), cos, sin)
+        valid = valid_blk[..., None].expand(B, Hkv, kk, L).reshape(B, Hkv, kk * L).to(dev)
+        return k_rot, v_sel.reshape(B, Hkv, kk * L, D), valid
 
 
 class RetrievalMemory:
@@ -332,7 +433,8 @@ class RetrievalMemory:
 
     def _attend_once(self, layer, q, k_loc, v_loc, q_local):
         q_rot, k_all, v_all, valid, q_offset = self.prepare(layer, q, k_loc, v_loc, q_local)
-        return self.rc.attention(q_rot, k_all, v_all, self.L, q_offset=q_offset, kv_valid=valid).to(q.dtype)
+        return self.rc.attention(q_rot, k_all, v_all, self.L, q_offset=q_offset, kv_valid=valid,
+                                 const_keys=q_offset - int(q_local[0])).to(q.dtype)
 
     def prepare(self, layer, q, k_loc, v_loc, q_local):
         """Select, fetch and rotate: the kernel's inputs for these queries.

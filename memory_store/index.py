@@ -386,6 +386,67 @@ class LandmarkIndex:
             out_ids[0, :, :k_eff], out_s[0, :, :k_eff] = ids[top_i], top_s
             return out_ids.to(queries.device), out_s.to(queries.device)
 
+    def search_max_lanes(self, layer: int, queries: torch.Tensor, k: int,
+                         streams: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`search_max` for several lanes at once, each over its own streams.
+
+        queries (B, Q, n_kv_heads, head_dim): lane b's Q queries; streams: one sequence of
+        stream names per lane (a lane searches only those). Returns ids (B, H, k) int64
+        padded with -1 and scores (B, H, k) float32 padded with -inf, sorted by descending
+        score: row b equals `search_max(layer, queries[b], k, streams[b])[0]`. Exact search
+        scores each lane's queries against its own keys (lanes padded to the longest) in one
+        batched matmul per key tile (training: 4 lanes x 1,024 queries per layer); over the
+        faiss threshold it runs `search_max` per lane.
+        """
+        with self._lock:
+            if not isinstance(queries, torch.Tensor) or queries.ndim != 4:
+                raise ShapeError(f"search_max_lanes: queries of shape {getattr(queries, 'shape', None)}, "
+                                 "expected a (lanes, n_q, n_kv_heads, head_dim) tensor")
+            if isinstance(streams, (str, bytes)) or len(streams) != queries.shape[0]:
+                raise LandmarkIndexError(f"search_max_lanes: {len(streams)} stream lists for "
+                                         f"{queries.shape[0]} lanes, expected one per lane")
+            for s in streams:
+                if s is None:
+                    raise LandmarkIndexError("search_max_lanes: every lane needs a sequence of streams, got None")
+                self._check_search(layer, queries[0], k, s)
+            B, n_q, H = queries.shape[0], queries.shape[1], self.n_kv_heads
+            k = int(k)
+            lane_codes = [[self._stream_code[s] for s in set(st) if s in self._stream_code] for st in streams]
+            codes = self._codes[: self._n]
+            lane_rows = [np.nonzero(np.isin(codes, c))[0] for c in lane_codes]
+            m = max((len(r) for r in lane_rows), default=0)
+            out_ids = torch.full((B, H, k), -1, dtype=torch.int64, device=self.device)
+            out_s = torch.full((B, H, k), float("-inf"), dtype=torch.float32, device=self.device)
+            if m == 0 or n_q == 0:
+                return out_ids.to(queries.device), out_s.to(queries.device)
+            if self._use_faiss(m):
+                parts = [self.search_max(layer, queries[b], k, streams[b]) for b in range(B)]
+                return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            # each lane's keys in row order (as search_max gathers them), padded to m rows
+            pad = np.zeros((B, m), dtype=np.int64)
+            for b, r in enumerate(lane_rows):
+                pad[b, : len(r)] = r
+            rows_t = torch.from_numpy(pad.reshape(-1)).to(self.device)
+            keys = self._keys[layer].index_select(1, rows_t).view(H, B, m, -1).transpose(0, 1).reshape(B * H, m, -1)
+            qt = queries.detach().to(self.device, torch.float32).permute(0, 2, 3, 1).reshape(B * H, -1, n_q)
+            chunk = max(64, _MAX_CHUNK_ELEMS // max(1, B * H * n_q))
+            best = torch.empty(B * H, m, dtype=torch.float32, device=self.device)
+            for start in range(0, m, chunk):
+                s = torch.bmm(keys[:, start:start + chunk], qt)  # (B*H, C, Q)
+                best[:, start:start + s.shape[1]] = s.amax(dim=2)
+            best = best.view(B, H, m)
+            if self._ids_dev is None:
+                self._ids_dev = torch.from_numpy(self._ids[: self._n].copy()).to(self.device)
+            for b, r in enumerate(lane_rows):
+                # top-k over exactly the lane's keys in row order: the input search_max gets, so
+                # equal scores (every block's landmark key is the same at layer 0) resolve alike
+                k_eff = min(k, len(r))
+                if k_eff:
+                    top_s, top_i = best[b, :, : len(r)].topk(k_eff, dim=-1)  # (H, k')
+                    out_ids[b, :, :k_eff] = self._ids_dev[rows_t[b * m:b * m + len(r)][top_i]]
+                    out_s[b, :, :k_eff] = top_s
+            return out_ids.to(queries.device), out_s.to(queries.device)
+
     def _check_search(self, layer: int, queries: object, k: object, streams: object) -> None:
         """The argument checks of `search` and `search_max` (ShapeError / LandmarkIndexError)."""
         self._check_layer(layer)

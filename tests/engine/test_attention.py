@@ -225,6 +225,41 @@ def test_kv_valid_within_a_block_masks_single_keys_in_both_kernels(exp_path):
     assert (landmark_attention(q, k, v2, L, q_offset=3 * L, kv_valid=valid) - outs[0]).abs().max() <= TOL
 
 
+def test_vectorized_backward_with_a_short_last_query_chunk():
+    """T = 128 + 8: the last query chunk's weights are the smallest tile; the backward's
+    scratch buffer must fit the largest (it was sized by the last one and failed)."""
+    q, k, v = _inputs(1, 2, 1, 136, 8, 136, seed=5)
+    outs = [fn(q, k, v, 4) for fn in (landmark_attention, landmark_attention_blockwise)]
+    grads = [torch.autograd.grad(o, (q, k, v), torch.ones_like(o)) for o in outs]
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("const_keys", [0, 5, 8, 20])
+def test_const_keys_skips_only_the_constant_prefix_gradient(const_keys, monkeypatch):
+    """const_keys=c: the same output and dQ, the same dK/dV from key c on, zeros before
+    (a prefix inside a block, a whole block, past the first query chunk's keys)."""
+    monkeypatch.setattr("engine.attention.VECTORIZED_Q_CHUNK", 3)  # chunks see 16, 19, 22 keys
+    B, H, Hkv, T, D, L = 2, 4, 2, 10, 8, 4
+    S = 3 * L + T
+    q, k, v = _inputs(B, H, Hkv, T, D, S, seed=21)
+    valid = torch.ones(B, Hkv, S, dtype=torch.bool)
+    valid[1, 0, :L] = False  # an absent retrieved block in one lane
+    out = landmark_attention(q, k, v, L, q_offset=3 * L, kv_valid=valid)
+    ref = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    out_c = landmark_attention(q, k, v, L, q_offset=3 * L, kv_valid=valid, const_keys=const_keys)
+    got = torch.autograd.grad(out_c, (q, k, v), torch.ones_like(out_c))
+    assert (out - out_c).abs().max() == 0
+    assert (ref[0] - got[0]).abs().max() <= TOL
+    for r, g in zip(ref[1:], got[1:]):
+        assert (r[:, :, const_keys:] - g[:, :, const_keys:]).abs().max() <= TOL
+        assert (g[:, :, :const_keys] == 0).all()
+    if const_keys:
+        assert ref[1][:, :, :const_keys].abs().max() > 0  # the skipped gradient was not zero anyway
+    with pytest.raises(ValueError, match="const_keys"):
+        landmark_attention(q, k, v, L, q_offset=3 * L, const_keys=S + 1)
+
+
 def test_kv_valid_must_be_bool_of_the_key_shape():
     q, k, v = _inputs(1, 2, 1, 4, 4, 8, seed=0)
     for fn in (landmark_attention, landmark_attention_blockwise):

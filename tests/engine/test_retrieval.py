@@ -271,6 +271,7 @@ def test_batch_memory_matches_row_by_row(kernel):
             for w in range(2):
                 x = torch.stack([d[w * 64:(w + 1) * 64] for d in docs])  # (2, 64)
                 if batched:
+                    assert BatchMemory(mems)._lanes_batchable(0)  # one search, fetch, rotation for both
                     outs.append(m(x, memory=BatchMemory(mems)))
                 else:
                     outs.append(torch.cat([m(x[i:i + 1], memory=mems[i]) for i in range(2)]))

@@ -336,6 +336,31 @@ def test_search_max_equals_aggregating_per_query_results(backend, tiled, n_q, mo
     assert (got_i == -1).all() and torch.isinf(got_s).all()
 
 
+@pytest.mark.parametrize("tiled", [False, True], ids=["one-tile", "64-key-tiles"])
+@pytest.mark.parametrize("backend", ["exact", "flat"])
+def test_search_max_lanes_equals_search_max_per_lane(backend, tiled, monkeypatch):
+    """Each lane of the batched search == search_max over that lane's own streams alone:
+    lanes over one stream, both, a missing one, and one with too few keys for k."""
+    if tiled:
+        monkeypatch.setattr("memory_store.index._MAX_CHUNK_ELEMS", 1)
+    ix, ids, keys = filled(backend)
+    ix.add("c", np.array([99_999, 99_998]), data(2, seed=5))  # 2 keys < k
+    lanes = [["a"], ["b"], ["nope"], ["a", "b"], ["c"]]
+    q = torch.from_numpy(np.stack([data(7, seed=20 + i)[:, 1] for i in range(len(lanes))]))  # (B, Q, H, D)
+    for layer in range(L):
+        got_i, got_s = ix.search_max_lanes(layer, q, 6, lanes)
+        assert got_i.shape == (len(lanes), H, 6) and got_s.shape == (len(lanes), H, 6)
+        for b, streams in enumerate(lanes):
+            want_i, want_s = ix.search_max(layer, q[b], 6, streams=streams)
+            assert got_i[b].tolist() == want_i[0].tolist(), (layer, streams)
+            assert torch.allclose(got_s[b], want_s[0], atol=1e-5)
+    assert (got_i[2] == -1).all() and (got_i[4, :, 2:] == -1).all() and (got_i[4, :, :2] >= 0).all()
+    with pytest.raises(LandmarkIndexError, match="one per lane"):
+        ix.search_max_lanes(0, q, 6, lanes[:2])
+    with pytest.raises(ShapeError, match="lanes"):
+        ix.search_max_lanes(0, q[0], 6, lanes)
+
+
 def test_faiss_never_changes_torchs_thread_count():
     """faiss and torch may share one OpenMP runtime: importing the store and running faiss
     calls must leave torch's thread count as it was (an import-time
