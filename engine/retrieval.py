@@ -39,6 +39,7 @@ from engine.model import apply_rope, rope_cos_sin
 from memory_store.index import aggregate_max
 
 POSITION_MODES = ("stingy", "true")
+_WHOLE_CHUNK_PUT = True  # end_chunk's direct path for whole-block chunks with no local window (tests turn it off)
 SELECTION_MODES = ("chunk", "token")
 KERNELS = ("blockwise", "vectorized")
 
@@ -164,8 +165,11 @@ class BatchMemory:
         for b, m in enumerate(mems):
             m._pending[layer] = (k[b:b + 1], v[b:b + 1])
         n_before = m0.local_k[layer].shape[2]
-        k_loc = torch.cat([torch.cat([m.local_k[layer] for m in mems]), k.float()], dim=2)  # (B, Hkv, n_loc, D)
-        v_loc = torch.cat([torch.cat([m.local_v[layer] for m in mems]), v.float()], dim=2)
+        if n_before:
+            k_loc = torch.cat([torch.cat([m.local_k[layer] for m in mems]), k.float()], dim=2)  # (B, Hkv, n_loc, D)
+            v_loc = torch.cat([torch.cat([m.local_v[layer] for m in mems]), v.float()], dim=2)
+        else:  # training (no local blocks carried over): the window alone
+            k_loc, v_loc = k.float(), v.float()
         n_loc = k_loc.shape[2]
         q_local = torch.arange(n_before, n_before + T)
         sel = self._select_lanes(layer, q, q_local)  # (B, Hkv, kk)
@@ -465,6 +469,9 @@ class RetrievalMemory:
         if any(p is None for p in self._pending):
             raise RuntimeError("end_chunk() called before every layer attended this chunk")
         T = self._pending[0][0].shape[2]
+        if (_WHOLE_CHUNK_PUT and self.persist and self.rc.local_blocks == 0 and not self.local_ids and self.local_k[0].shape[2] == 0
+                and T % self.L == 0):
+            return self._put_whole_chunk(T)
         for layer, (k, v) in enumerate(self._pending):
             # detached: in training, a window's gradient stops at its own tokens (the store
             # holds constants), so the graph never spans windows
@@ -503,6 +510,24 @@ class RetrievalMemory:
             self.local_ids = self.local_ids[drop:]
             self.local_start += drop * L
         return put
+
+    def _put_whole_chunk(self, T: int) -> int:
+        """`end_chunk` when the chunk is whole blocks and nothing stays local (training
+        windows with local_blocks=0): the chunk's K/V go to the store as they are, without
+        passing through the local window. Same store contents as the general path."""
+        L, new = self.L, T // self.L
+        k = torch.stack([p[0][0] for p in self._pending]).detach()  # (nl, Hkv, T, D)
+        v = torch.stack([p[1][0] for p in self._pending]).detach()
+        self._pending = [None] * self.cfg.n_layers
+        self.n_pos += T
+        nl, Hkv, _, D = k.shape
+        dt = self.dtype
+        k = k.view(nl, Hkv, new, L, D).permute(2, 0, 1, 3, 4).to(self.device, dt).contiguous()  # (new, nl, Hkv, L, D)
+        v = v.view(nl, Hkv, new, L, D).permute(2, 0, 1, 3, 4).to(self.device, dt).contiguous()
+        self.store.put_blocks(self.stream, k, v, k[:, :, :, L - 1].contiguous())
+        self.local_start += T  # every block went to the store; the window is empty again
+        self.stats.blocks_put += new
+        return new
 
     def unfinished_positions(self) -> int:
         """Positions of the current, not yet complete block."""

@@ -285,6 +285,36 @@ def test_batch_memory_matches_row_by_row(kernel):
     assert all(mem.stats.blocks_fetched > 0 for mem in mems)
 
 
+def test_whole_chunk_put_equals_the_general_end_chunk(monkeypatch):
+    """Training windows (whole blocks, no local window): end_chunk's direct put stores the
+    same blocks, ids and landmarks, and gives the same outputs, as the general path."""
+    import engine.retrieval as R
+
+    m = _model()
+    doc = insert_landmarks(torch.randint(0, 256, (168,), generator=torch.Generator().manual_seed(4)),
+                           8, TOKENIZER.LANDMARK)  # 192 positions: 3 windows of 64
+    rc = RetrievalConfig(top_k=2, local_blocks=0, chunk_len=64, kernel="vectorized")
+
+    def run(fast):
+        monkeypatch.setattr(R, "_WHOLE_CHUNK_PUT", fast)
+        store = _mem_store(m)
+        mem = RetrievalMemory(m.cfg, store, stream="d", retrieval=rc)
+        outs, puts = [], []
+        with torch.no_grad():
+            for w in range(3):
+                outs.append(m(doc[None, w * 64:(w + 1) * 64], memory=mem))
+                puts.append(mem.end_chunk())
+        ids = store.stream_blocks("d")
+        blocks = [store.get(int(i)) for i in ids]
+        return torch.cat(outs, 1), puts, ids, blocks, (mem.n_pos, mem.local_start, mem.local_ids)
+
+    a, b = run(True), run(False)
+    assert max_abs_diff(a[0], b[0]) == 0 and a[1] == b[1] == [8, 8, 8] and a[4] == b[4]
+    assert a[2].tolist() == b[2].tolist()
+    for x, y in zip(a[3], b[3]):
+        assert torch.equal(x.k, y.k) and torch.equal(x.v, y.v) and torch.equal(x.landmarks, y.landmarks)
+
+
 @pytest.mark.parametrize("n_tail,n_new,chunk", [(0, 0, 5), (3, 1, 4), (0, 200, 13), (5, 333, 7), (6, 90, 64)])
 def test_landmarked_stream_pieces_equal_landmarking_everything(n_tail, n_new, chunk, monkeypatch):
     from engine.inference import _LandmarkedStream
