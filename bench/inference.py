@@ -5,8 +5,10 @@
 The model is the tiny preset, randomly initialised (seed 0): costs do not depend on the
 weights. Documents are random printable bytes. Every context length runs in its own
 child process (a clean peak-RSS reading), which ingests the document into a fresh
-store with fixed tier budgets (device 8 MiB, host 24 MiB: the blocks of 32k tokens of
-the tiny model, so every larger context spills to disk and RSS must stay flat; and a
+store with fixed tier budgets (device 4 MiB, host 8 MiB: the blocks of 12k tokens of
+the tiny model, so every measured context, 16k included, fills both tiers and spills to
+disk, and what the tiers hold is the same at every length; with 8 + 24 MiB the 16k
+store fit in the tiers with room to spare and 1M's RSS held 16 MiB more tier data; and a
 16 MiB write-behind queue: with the default 256 MiB a 1M-token ingest, which commits
 every 5 s, keeps up to 5 s of blocks queued and peak RSS rose ~90 MiB), then
 decodes with retrieval through `engine.inference.generate` (the time between two
@@ -30,7 +32,11 @@ Figures (each against a baseline measured in the same run):
                                disabled (goal <= 1.15)
   peak_rss_mb_{16k,256k,1m}    peak RSS (VmHWM) of the child that ingested and decoded
                                that context (goal: flat, 1M within 10% of 16k;
-                               --quick: 16k and 64k)
+                               --quick: 16k and 64k), on the allocator `folio` uses
+                               (`allocator`: jemalloc when the machine has it, see
+                               engine/allocator.py); when that is jemalloc, the same
+                               children again on glibc's malloc:
+                               peak_rss_mb_system_malloc_{16k,256k,1m}
 
 Writes bench/results/inference.json.
 """
@@ -53,7 +59,7 @@ import numpy as np
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BUDGETS = dict(device_budget_bytes=8 << 20, host_budget_bytes=24 << 20, write_queue_bytes=16 << 20)
+BUDGETS = dict(device_budget_bytes=4 << 20, host_budget_bytes=8 << 20, write_queue_bytes=16 << 20)
 DECODE_STEPS = 24
 QUESTION = "What is the pass key? The pass key is"
 
@@ -127,12 +133,18 @@ def child(context: int) -> dict[str, Any]:
         store.close()
     return {"context": context, "ingest_s": ingest_s, "ingest_tokens_per_s": context / ingest_s,
             "decode_step_s": statistics.median(times), "decode_steps": len(times),
-            "blocks": blocks, "peak_rss_bytes": _peak_rss_bytes()}
+            "blocks": blocks, "peak_rss_bytes": _peak_rss_bytes(), "allocator": _allocator()}
 
 
-def run_child(context: int) -> dict[str, Any]:
+def _allocator() -> str:
+    from engine.allocator import active
+
+    return active()
+
+
+def run_child(context: int, env: dict[str, str] | None = None) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-m", "bench.inference", "--child", str(context)],
-                          capture_output=True, text=True, timeout=1800)
+                          capture_output=True, text=True, timeout=1800, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"child for context {context} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -247,13 +259,27 @@ def run(quick: bool) -> dict[str, Any]:
     model = _model()
     res: dict[str, Any] = {"command": "python -m bench.inference" + (" --quick" if quick else "")}
     contexts = (4096, 16384, 65536) if quick else (4096, 16384, 65536, 262144, 1048576)
+    rss_contexts = (16384, 65536) if quick else (16384, 262144, 1048576)
+    # the allocator `folio` runs on: jemalloc when the machine has it (engine.allocator), else glibc's
+    from engine.allocator import preload_env
+
+    jem_env = preload_env()
+    system_env = {**os.environ, "FOLIO_MALLOC": "system"}
     kids = {}
     for n in contexts:
-        kids[n] = run_child(n)
+        kids[n] = run_child(n, jem_env or system_env)
         k = kids[n]
         print(f"  context {n:>9,}: ingest {k['ingest_tokens_per_s']:,.0f} tok/s, decode "
-              f"{1e3 * k['decode_step_s']:.1f} ms/token, peak RSS {k['peak_rss_bytes'] / 2**20:.0f} MiB",
-              flush=True)
+              f"{1e3 * k['decode_step_s']:.1f} ms/token, peak RSS {k['peak_rss_bytes'] / 2**20:.0f} MiB "
+              f"({k['allocator']} malloc)", flush=True)
+    res["allocator"] = kids[contexts[0]]["allocator"]
+    if jem_env is not None:  # the same children on glibc's malloc, for the RSS comparison
+        for n in rss_contexts:
+            k = run_child(n, system_env)
+            label = "1m" if n == 1048576 else f"{n // 1024}k"
+            res[f"peak_rss_mb_system_malloc_{label}"] = round(k["peak_rss_bytes"] / 2**20, 1)
+            print(f"  context {n:>9,}: peak RSS {k['peak_rss_bytes'] / 2**20:.0f} MiB ({k['allocator']} malloc)",
+                  flush=True)
     full = statistics.median(full_attention_decode_times(model, 65536, 12))
     res["full_attention_decode_step_s_64k"] = round(full, 5)
     res["retrieval_decode_step_s"] = {str(n): round(k["decode_step_s"], 5) for n, k in kids.items()}
@@ -261,7 +287,7 @@ def run(quick: bool) -> dict[str, Any]:
     top = contexts[-1]
     name = "decode_growth_4k_to_1m" if top == 1048576 else f"decode_growth_4k_to_{top // 1024}k"
     res[name] = round(kids[top]["decode_step_s"] / kids[4096]["decode_step_s"], 3)
-    for n in (16384, 262144, 1048576) if not quick else (16384, 65536):
+    for n in rss_contexts:
         label = "1m" if n == 1048576 else f"{n // 1024}k"
         res[f"peak_rss_mb_{label}"] = round(kids[n]["peak_rss_bytes"] / 2**20, 1)
     res["ingest_tokens_per_s"] = {str(n): round(k["ingest_tokens_per_s"]) for n, k in kids.items()}

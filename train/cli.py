@@ -226,6 +226,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `folio` console script. Returns the exit code."""
+    if argv is None:  # the console script itself (not a call from Python): jemalloc if the machine has it
+        from engine.allocator import maybe_reexec
+
+        try:
+            maybe_reexec(sys.argv)
+        except ValueError as e:
+            print(f"folio: error: {e}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
