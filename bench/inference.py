@@ -207,7 +207,7 @@ class InRamBlocks:
     def search_max(self, layer, queries, k, streams=None):
         return self.index.search_max(layer, queries, k, streams=streams)
 
-    def get_layer(self, ids, layer):
+    def get_layer(self, ids, layer, promote=True):
         ids = [int(i) for i in ids]
         return (torch.stack([self.k[i][layer] for i in ids]), torch.stack([self.v[i][layer] for i in ids]))
 

@@ -288,6 +288,7 @@ class RetrievalMemory:
         # (and chunks) often select the same blocks, which then are not fetched again. Safe:
         # stored blocks never change and ids are never reused.
         self._ret_memo: list[tuple[torch.Tensor, tuple] | None] = [None] * cfg.n_layers
+        self._promote_reads = True  # False during one-query (decode) steps: see _fetch_rotated
         self.stats = RetrievalStats(per_layer_blocks=[0] * cfg.n_layers)
 
     # -- state ---------------------------------------------------------------------------
@@ -379,7 +380,9 @@ class RetrievalMemory:
         k_sel = torch.zeros(Hkv, kk, L, D, device=self.device)
         v_sel = torch.zeros(Hkv, kk, L, D, device=self.device)
         if len(uniq):
-            k, v = self.store.get_layer(uniq.tolist(), layer)  # (M, Hkv, L, D)
+            # a decode step (one query) reads its new blocks through: promoting each would demote
+            # a device entry for a block most likely not read again
+            k, v = self.store.get_layer(uniq.tolist(), layer, promote=self._promote_reads)  # (M, Hkv, L, D)
             k, v = k.to(self.device).float(), v.to(self.device).float()
             self.stats.blocks_fetched += len(uniq)
             self.stats.per_layer_blocks[layer] += len(uniq)
@@ -417,6 +420,7 @@ class RetrievalMemory:
         if q.shape[0] != 1:
             raise ValueError(f"retrieval memory works on batch size 1, got {q.shape[0]}")
         self._pending[layer] = (k, v)
+        self._promote_reads = q.shape[2] > 1
         k_loc = torch.cat([self.local_k[layer], k.float()], dim=2)  # (1, Hkv, n_loc, D)
         v_loc = torch.cat([self.local_v[layer], v.float()], dim=2)
         n_before, T = self.local_k[layer].shape[2], q.shape[2]

@@ -495,9 +495,12 @@ class TieredStore:
             self._dirty = True
 
     # -- reads -----------------------------------------------------------------------------
-    def get_layer(self, ids: Sequence[int] | torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def get_layer(self, ids: Sequence[int] | torch.Tensor, layer: int, *, promote: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of `layer` for those blocks, (M, H, T, D) each on self.device, in the order given.
-        Promotes them to the device tier. Raises UnknownBlockError, CorruptBlockError, InvalidArgumentError."""
+        Promotes them to the device tier (promote=False: read through, the tiers unchanged —
+        for one-off reads such as a decode step's new blocks, which would otherwise each
+        demote a device entry). Raises UnknownBlockError, CorruptBlockError, InvalidArgumentError."""
         t0 = time.perf_counter()
         self._check_open()
         layer = self._check_layer(layer)
@@ -508,7 +511,7 @@ class TieredStore:
         with self._lock:
             self._check_open()
             self._check_ids(uniq)  # a delete may have raced the wait
-            k, v = self._fetch(uniq, layer)
+            k, v = self._fetch(uniq, layer, promote)
         if not np.array_equal(uniq, rows):
             inv = torch.from_numpy(inverse.reshape(-1)).to(k.device)
             k, v = k.index_select(0, inv), v.index_select(0, inv)  # (M, H, T, D)
@@ -548,8 +551,9 @@ class TieredStore:
         bid = int(block_id)
         return 0 <= bid < self._next_id and bool(self._alive[bid])
 
-    def _fetch(self, rows: np.ndarray, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Assemble (M, H, T, D) K and V on the device from the fastest holders; promote. Lock held."""
+    def _fetch(self, rows: np.ndarray, layer: int, promote: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Assemble (M, H, T, D) K and V on the device from the fastest holders; promote
+        (unless promote=False). Lock held."""
         L_shape = self.layout.kv_shape
         m = rows.shape[0]
         keys = [(int(r), layer) for r in rows]
@@ -585,8 +589,8 @@ class TieredStore:
                 idx = torch.tensor(pos, dtype=torch.long, device=self.device)
                 out_k.index_copy_(0, idx, self._to_device(k))
                 out_v.index_copy_(0, idx, self._to_device(v))
-        promote = sorted(host_pos + miss_pos)
         room = self._device_tier.max_entries + self._host_tier.max_entries
+        promote = sorted(host_pos + miss_pos) if promote else []
         promote = promote[-room:] if room else []  # entries beyond every budget would be dropped anyway
         if promote:
             pos = torch.tensor(promote, dtype=torch.long, device=self.device)

@@ -76,7 +76,7 @@ def test_a_repeated_selection_is_not_fetched_again_and_a_new_one_is():
                           retrieval=RetrievalConfig(top_k=2))
     calls = []
     real = store.get_layer
-    store.get_layer = lambda ids, layer: calls.append((list(ids), layer)) or real(ids, layer)
+    store.get_layer = lambda ids, layer, **kw: calls.append((list(ids), layer)) or real(ids, layer, **kw)
     Hkv = m.cfg.n_kv_heads
     a = torch.tensor([[0, 3]] * Hkv)
     b = torch.tensor([[1, 3]] * Hkv)

@@ -228,6 +228,26 @@ def test_reads_hit_fastest_tier_and_promote(tmp_path):
         assert s.stats()["hits"]["device"] - after["hits"]["device"] == 1
 
 
+def test_read_through_without_promotion_leaves_the_tiers_as_they_were(tmp_path):
+    """get_layer(promote=False) (decode steps): the same bytes, from host and disk, and
+    no entry moves between tiers."""
+    k, v, lm = make_blocks(10, seed=7)
+    cfg = small_config(device_budget_bytes=4 * EB, host_budget_bytes=4 * EB)
+    with TieredStore.open(tmp_path / "s", "w", layout=LAYOUT, config=cfg) as s:
+        s.put_blocks("x", k, v, lm)
+        s.flush()
+        dev, host = s.tiers[0], s.tiers[1]
+        keys_before = (set(dev.keys()), set(host.keys()))
+        moved = dict(s.stats()["bytes_moved"])
+        gk, gv = s.get_layer([6, 0, 8], 1, promote=False)  # host, disk, device
+        for i, bid in enumerate((6, 0, 8)):
+            assert torch.equal(gk[i], k[bid, 1]) and torch.equal(gv[i], v[bid, 1])
+        assert (set(dev.keys()), set(host.keys())) == keys_before
+        assert s.stats()["bytes_moved"]["device_to_host"] == moved["device_to_host"]
+        s.get_layer([0], 1)  # the default promotes
+        assert dev.contains((0, 1))
+
+
 def test_delete_stream_removes_data_and_index(tmp_path):
     k, v, lm = make_blocks(6, seed=7)
     with TieredStore.open(tmp_path / "s", "w", layout=LAYOUT, config=small_config(save_index="flush")) as s:
