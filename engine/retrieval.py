@@ -115,6 +115,61 @@ class RetrievalStats:
         return n
 
 
+def _search_vectors(q: torch.Tensor, q_local_pos: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """(B, H, T, D) pre-RoPE queries -> (B, T*G, Hkv, D) search vectors.
+
+    The index holds pre-RoPE landmark keys, so the query is rotated by the distance
+    it would have to a landmark just before the local window (RoPE scores depend only
+    on the distance): score = R(d) q . k_lm.
+    """
+    B, H, T, D = q.shape
+    Hkv = cfg.n_kv_heads
+    cos, sin = rope_cos_sin(q_local_pos + 1, D, cfg.rope_theta, q.dtype)
+    qs = apply_rope(q.float(), cos, sin)  # (B, H, T, D)
+    return qs.view(B, Hkv, H // Hkv, T, D).permute(0, 2, 3, 1, 4).reshape(B, -1, Hkv, D)
+
+
+def _without(ids: torch.Tensor, scores: torch.Tensor, exclude: Sequence[int]) -> torch.Tensor:
+    """scores with -inf where ids is one of `exclude` (the local window's stored blocks)."""
+    if not exclude:
+        return scores
+    return scores.masked_fill(torch.isin(ids, torch.tensor(exclude, dtype=torch.long)), float("-inf"))
+
+
+def _choose(ids: torch.Tensor, scores: torch.Tensor, kk: int) -> torch.Tensor:
+    """Distinct search results ids, scores (B, Hkv, k') on the CPU -> the best kk per lane
+    and head, (B, Hkv, kk) int64: ascending ids (store order = stream order), absent (-1)
+    first, so real blocks abut the window."""
+    out = torch.full((*ids.shape[:2], kk), -1, dtype=torch.long)
+    n = min(kk, ids.shape[2])
+    top_s, top_i = scores.topk(n, dim=-1)  # (B, Hkv, n)
+    chosen = ids.gather(2, top_i).masked_fill(~torch.isfinite(top_s), -1)
+    out[:, :, kk - n:] = torch.sort(chosen, dim=-1).values
+    return out
+
+
+def _gather_selected(store, layer: int, sel: torch.Tensor, device, promote: bool = True):
+    """The selected blocks of one layer with one store fetch for their union.
+
+    sel (B, Hkv, kk) ids, -1 = none. Returns k, v (B, Hkv, kk, L, D) float32 on `device`
+    (zeros where none) and the distinct ids fetched (M,) ascending.
+    """
+    B, Hkv, kk = sel.shape
+    L, D = store.layout.block_len, store.layout.head_dim
+    valid_blk = sel >= 0
+    uniq = torch.unique(sel[valid_blk])
+    k_sel = torch.zeros(B, Hkv, kk, L, D, device=device)
+    v_sel = torch.zeros(B, Hkv, kk, L, D, device=device)
+    if len(uniq):
+        k, v = store.get_layer(uniq.tolist(), layer, promote=promote)  # (M, Hkv, L, D)
+        k, v = k.to(device).float(), v.to(device).float()
+        pos = torch.searchsorted(uniq, sel.clamp(min=0))  # (B, Hkv, kk) row in k
+        heads = torch.arange(Hkv)[None, :, None].expand(B, Hkv, kk)
+        k_sel = torch.where(valid_blk[..., None, None], k[pos, heads], k_sel)
+        v_sel = torch.where(valid_blk[..., None, None], v[pos, heads], v_sel)
+    return k_sel, v_sel, uniq
+
+
 class BatchMemory:
     """One `RetrievalMemory` per batch row (each row its own stream): splits the batch."""
 
@@ -189,29 +244,18 @@ class BatchMemory:
     def _select_lanes(self, layer: int, q: torch.Tensor, q_local: torch.Tensor) -> torch.Tensor:
         """`RetrievalMemory.select` of every lane: (B, Hkv, top_k) int64, -1 = none."""
         mems, m0 = self.memories, self.memories[0]
-        cfg, kk = m0.cfg, m0.rc.top_k
-        B, H, T, D = q.shape
-        Hkv = cfg.n_kv_heads
-        out = torch.full((B, Hkv, kk), -1, dtype=torch.long)
+        kk = m0.rc.top_k
         if len(m0.store) == 0:
-            return out
+            return torch.full((len(mems), m0.cfg.n_kv_heads, kk), -1, dtype=torch.long)
         excludes = [m._stored_local_ids() for m in mems]
-        cos, sin = rope_cos_sin(q_local + 1, D, cfg.rope_theta, q.dtype)
-        qs = apply_rope(q.float(), cos, sin)  # (B, H, T, D): see RetrievalMemory._search_queries
-        qs = qs.view(B, Hkv, H // Hkv, T, D).permute(0, 2, 3, 1, 4).reshape(B, -1, Hkv, D)
         k_search = kk + max(len(e) for e in excludes)
-        ids, scores = m0.store.search_max_lanes(layer, qs, k_search, [m.read_streams for m in mems])
+        ids, scores = m0.store.search_max_lanes(layer, _search_vectors(q, q_local, m0.cfg), k_search,
+                                                [m.read_streams for m in mems])
         for m in mems:
             m.stats.searches += 1
         ids, scores = ids.cpu(), scores.float().cpu()  # (B, Hkv, k')
-        for b, e in enumerate(excludes):
-            if e:
-                scores[b].masked_fill_(torch.isin(ids[b], torch.tensor(e, dtype=torch.long)), float("-inf"))
-        n = min(kk, ids.shape[2])
-        top_s, top_i = scores.topk(n, dim=-1)  # (B, Hkv, n)
-        chosen = ids.gather(2, top_i).masked_fill(~torch.isfinite(top_s), -1)
-        out[:, :, kk - n:] = torch.sort(chosen, dim=-1).values
-        return out
+        scores = torch.stack([_without(ids[b], scores[b], e) for b, e in enumerate(excludes)])
+        return _choose(ids, scores, kk)
 
     def _fetch_lanes(self, layer: int, sel: torch.Tensor):
         """`RetrievalMemory._fetch_rotated` (stingy) of every lane with one store fetch.
@@ -221,26 +265,14 @@ class BatchMemory:
         m0 = self.memories[0]
         B, Hkv, kk = sel.shape
         L, D, dev = m0.L, m0.cfg.head_dim, m0.device
-        valid_blk = sel >= 0  # (B, Hkv, kk)
-        uniq = torch.unique(sel[valid_blk])
-        k_sel = torch.zeros(B, Hkv, kk, L, D, device=dev)
-        v_sel = torch.zeros(B, Hkv, kk, L, D, device=dev)
+        k_sel, v_sel, uniq = _gather_selected(m0.store, layer, sel, dev)  # (B, Hkv, kk, L, D)
         if len(uniq):
-            k, v = m0.store.get_layer(uniq.tolist(), layer)  # (M, Hkv, L, D)
-            k, v = k.to(dev).float(), v.to(dev).float()
-            pos = torch.searchsorted(uniq, sel.clamp(min=0))  # (B, Hkv, kk) row in k
-            heads = torch.arange(Hkv)[None, :, None].expand(B, Hkv, kk)
-            k_sel = torch.where(valid_blk[..., None, None], k[pos, heads], k_sel)  # (B, Hkv, kk, L, D)
-            v_sel = torch.where(valid_blk[..., None, None], v[pos, heads], v_sel)
-            sel_np, block_bytes = sel.numpy(), 2 * Hkv * L * D * m0.store.layout.itemsize
+            sel_np = sel.numpy()
             for b, m in enumerate(self.memories):  # per-lane accounting, as if each fetched its own
-                n = len(np.unique(sel_np[b][sel_np[b] >= 0]))
-                m.stats.blocks_fetched += n
-                m.stats.per_layer_blocks[layer] += n
-                m.stats.bytes_fetched += n * block_bytes
+                m._count_fetched(layer, len(np.unique(sel_np[b][sel_np[b] >= 0])))
         cos, sin = rope_cos_sin(torch.arange(kk * L, device=dev), D, m0.cfg.rope_theta)
         k_rot = apply_rope(k_sel.reshape(B, Hkv, kk * L, D), cos, sin)
-        valid = valid_blk[..., None].expand(B, Hkv, kk, L).reshape(B, Hkv, kk * L).to(dev)
+        valid = (sel >= 0)[..., None].expand(B, Hkv, kk, L).reshape(B, Hkv, kk * L).to(dev)
         return k_rot, v_sel.reshape(B, Hkv, kk * L, D), valid
 
 
@@ -311,19 +343,6 @@ class RetrievalMemory:
         return [i for i in self.local_ids if i is not None]
 
     # -- selection -----------------------------------------------------------------------
-    def _search_queries(self, q: torch.Tensor, q_local_pos: torch.Tensor) -> torch.Tensor:
-        """(1, H, T, D) pre-RoPE queries -> (T*G, Hkv, D) search vectors.
-
-        The index holds pre-RoPE landmark keys, so the query is rotated by the distance
-        it would have to a landmark just before the local window (RoPE scores depend only
-        on the distance): score = R(d) q . k_lm.
-        """
-        _, H, T, D = q.shape
-        Hkv, G = self.cfg.n_kv_heads, H // self.cfg.n_kv_heads
-        cos, sin = rope_cos_sin(q_local_pos + 1, D, self.cfg.rope_theta, q.dtype)
-        qs = apply_rope(q[0].float(), cos, sin)  # (H, T, D)
-        return qs.view(Hkv, G, T, D).permute(1, 2, 0, 3).reshape(G * T, Hkv, D)
-
     def select(self, layer: int, q: torch.Tensor, q_local_pos: torch.Tensor) -> torch.Tensor:
         """Top-k block ids per KV head for these queries: (Hkv, top_k) int64, -1 = none.
 
@@ -332,12 +351,10 @@ class RetrievalMemory:
         Ids are sorted ascending (store order = stream order) so the prefix is chronological.
         """
         kk = self.rc.top_k
-        Hkv = self.cfg.n_kv_heads
-        out = torch.full((Hkv, kk), -1, dtype=torch.long)
         if kk == 0 or len(self.store) == 0:
-            return out
+            return torch.full((self.cfg.n_kv_heads, kk), -1, dtype=torch.long)
         exclude = self._stored_local_ids()
-        qs = self._search_queries(q, q_local_pos)
+        qs = _search_vectors(q, q_local_pos, self.cfg)[0]  # (T*G, Hkv, D)
         k_search = kk + len(exclude)  # the local window's stored blocks may take slots: ask for more
         if self.rc.selection == "chunk" and hasattr(self.store, "search_max"):
             # max over the chunk's queries inside the index: one matmul per call, no per-query top-k
@@ -346,17 +363,10 @@ class RetrievalMemory:
             ids, scores = self.store.search(layer, qs, k_search, streams=self.read_streams)
         self.stats.searches += 1
         ids, scores = ids.cpu(), scores.float().cpu()  # (n_q, Hkv, k'); n_q = 1 from search_max
-        if exclude:
-            scores = scores.masked_fill(torch.isin(ids, torch.tensor(exclude, dtype=torch.long)), float("-inf"))
+        scores = _without(ids, scores, exclude)
         if ids.shape[0] > 1:  # per-query results: per head the distinct ids with the best max score
             ids, scores = aggregate_max(ids, scores, k_search)
-        ids, scores = ids[0], scores[0]  # (Hkv, k'), distinct per head
-        n = min(kk, ids.shape[1])
-        top_s, top_i = scores.topk(n, dim=-1)  # (Hkv, n)
-        chosen = ids.gather(1, top_i).masked_fill(~torch.isfinite(top_s), -1)
-        # ascending ids (store order = stream order), absent (-1) first: real blocks abut the window
-        out[:, kk - n:] = torch.sort(chosen, dim=-1).values
-        return out
+        return _choose(ids, scores, kk)[0]  # (Hkv, kk)
 
     # -- attention -----------------------------------------------------------------------
     def _retrieved(self, layer: int, sel: torch.Tensor):
@@ -376,21 +386,12 @@ class RetrievalMemory:
         Hkv, kk = sel.shape
         L, D = self.L, self.cfg.head_dim
         valid_blk = sel >= 0  # (Hkv, kk)
-        uniq = torch.unique(sel[valid_blk])
-        k_sel = torch.zeros(Hkv, kk, L, D, device=self.device)
-        v_sel = torch.zeros(Hkv, kk, L, D, device=self.device)
-        if len(uniq):
-            # a decode step (one query) reads its new blocks through: promoting each would demote
-            # a device entry for a block most likely not read again
-            k, v = self.store.get_layer(uniq.tolist(), layer, promote=self._promote_reads)  # (M, Hkv, L, D)
-            k, v = k.to(self.device).float(), v.to(self.device).float()
-            self.stats.blocks_fetched += len(uniq)
-            self.stats.per_layer_blocks[layer] += len(uniq)
-            self.stats.bytes_fetched += 2 * k.numel() * self.store.layout.itemsize
-            pos = torch.searchsorted(uniq, sel.clamp(min=0))  # (Hkv, kk) row in k
-            heads = torch.arange(Hkv)[:, None].expand(Hkv, kk)
-            k_sel = torch.where(valid_blk[..., None, None], k[pos, heads], k_sel)  # (Hkv, kk, L, D)
-            v_sel = torch.where(valid_blk[..., None, None], v[pos, heads], v_sel)
+        # a decode step (one query) reads its new blocks through: promoting each would demote
+        # a device entry for a block most likely not read again
+        k_sel, v_sel, uniq = _gather_selected(self.store, layer, sel[None], self.device,
+                                              promote=self._promote_reads)
+        k_sel, v_sel = k_sel[0], v_sel[0]  # (Hkv, kk, L, D)
+        self._count_fetched(layer, len(uniq))
         if self.rc.positions == "stingy":
             p = torch.arange(kk * L, device=self.device)  # same prefix for every head
             cos, sin = rope_cos_sin(p, D, self.cfg.rope_theta)
@@ -406,6 +407,13 @@ class RetrievalMemory:
         k_rot = apply_rope(k_sel.reshape(1, Hkv, kk * L, D), cos, sin)
         valid = valid_blk[..., None].expand(Hkv, kk, L).reshape(1, Hkv, kk * L).to(self.device)
         return k_rot, v_sel.reshape(1, Hkv, kk * L, D), valid
+
+    def _count_fetched(self, layer: int, n: int) -> None:
+        """Stats for n distinct blocks of `layer` fetched from the store."""
+        lay = self.store.layout
+        self.stats.blocks_fetched += n
+        self.stats.per_layer_blocks[layer] += n
+        self.stats.bytes_fetched += n * 2 * lay.n_kv_heads * lay.block_len * lay.head_dim * lay.itemsize
 
     def _positions(self, kk: int, n: int, start_local: int) -> torch.Tensor:
         """RoPE positions of n local-window entries starting at local index start_local."""
@@ -434,6 +442,7 @@ class RetrievalMemory:
     def prepare_chunk(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """`attend` up to the kernel call (chunk selection): for batching memories."""
         self._pending[layer] = (k, v)
+        self._promote_reads = q.shape[2] > 1
         k_loc = torch.cat([self.local_k[layer], k.float()], dim=2)
         v_loc = torch.cat([self.local_v[layer], v.float()], dim=2)
         n_before, T = self.local_k[layer].shape[2], q.shape[2]
@@ -473,8 +482,8 @@ class RetrievalMemory:
         if any(p is None for p in self._pending):
             raise RuntimeError("end_chunk() called before every layer attended this chunk")
         T = self._pending[0][0].shape[2]
-        if (_WHOLE_CHUNK_PUT and self.persist and self.rc.local_blocks == 0 and not self.local_ids and self.local_k[0].shape[2] == 0
-                and T % self.L == 0):
+        if (_WHOLE_CHUNK_PUT and self.persist and self.rc.local_blocks == 0 and not self.local_ids
+                and self.local_k[0].shape[2] == 0 and T % self.L == 0):
             return self._put_whole_chunk(T)
         for layer, (k, v) in enumerate(self._pending):
             # detached: in training, a window's gradient stops at its own tokens (the store
@@ -490,17 +499,10 @@ class RetrievalMemory:
         if new > 0:
             s0 = len(self.local_ids) * L
             if self.persist:
-                k = torch.stack([lk[0, :, s0:s0 + new * L] for lk in self.local_k])  # (nl, Hkv, new*L, D)
-                v = torch.stack([lv[0, :, s0:s0 + new * L] for lv in self.local_v])
-                nl, Hkv, _, D = k.shape
-                k = k.view(nl, Hkv, new, L, D).permute(2, 0, 1, 3, 4).contiguous()  # (new, nl, Hkv, L, D)
-                v = v.view(nl, Hkv, new, L, D).permute(2, 0, 1, 3, 4).contiguous()
-                lm = k[:, :, :, L - 1].contiguous()  # (new, nl, Hkv, D) pre-RoPE landmark keys
-                dt = self.dtype
-                ids = self.store.put_blocks(self.stream, k.to(dt), v.to(dt), lm.to(dt))
+                ids = self._put_blocks(torch.stack([lk[0, :, s0:s0 + new * L] for lk in self.local_k]),
+                                       torch.stack([lv[0, :, s0:s0 + new * L] for lv in self.local_v]))
                 self.local_ids.extend(int(i) for i in ids)
                 put = new
-                self.stats.blocks_put += new
             else:
                 self.local_ids.extend([None] * new)
         # trim: keep `local_blocks` complete stored blocks (+ the unfinished one)
@@ -519,19 +521,23 @@ class RetrievalMemory:
         """`end_chunk` when the chunk is whole blocks and nothing stays local (training
         windows with local_blocks=0): the chunk's K/V go to the store as they are, without
         passing through the local window. Same store contents as the general path."""
-        L, new = self.L, T // self.L
-        k = torch.stack([p[0][0] for p in self._pending]).detach()  # (nl, Hkv, T, D)
-        v = torch.stack([p[1][0] for p in self._pending]).detach()
+        ids = self._put_blocks(torch.stack([p[0][0] for p in self._pending]).detach(),  # (nl, Hkv, T, D)
+                               torch.stack([p[1][0] for p in self._pending]).detach())
         self._pending = [None] * self.cfg.n_layers
         self.n_pos += T
-        nl, Hkv, _, D = k.shape
-        dt = self.dtype
+        self.local_start += T  # every block went to the store; the window is empty again
+        return len(ids)
+
+    def _put_blocks(self, k: torch.Tensor, v: torch.Tensor) -> np.ndarray:
+        """Put whole blocks, k and v (n_layers, Hkv, new*L, D) pre-RoPE, into the store under
+        the memory's stream, with their landmark keys (each block's last slot). Returns the ids."""
+        nl, Hkv, S, D = k.shape
+        L, new, dt = self.L, S // self.L, self.dtype
         k = k.view(nl, Hkv, new, L, D).permute(2, 0, 1, 3, 4).to(self.device, dt).contiguous()  # (new, nl, Hkv, L, D)
         v = v.view(nl, Hkv, new, L, D).permute(2, 0, 1, 3, 4).to(self.device, dt).contiguous()
-        self.store.put_blocks(self.stream, k, v, k[:, :, :, L - 1].contiguous())
-        self.local_start += T  # every block went to the store; the window is empty again
+        ids = self.store.put_blocks(self.stream, k, v, k[:, :, :, L - 1].contiguous())  # (new, nl, Hkv, D) landmarks
         self.stats.blocks_put += new
-        return new
+        return ids
 
     def unfinished_positions(self) -> int:
         """Positions of the current, not yet complete block."""

@@ -435,15 +435,14 @@ class LandmarkIndex:
                 s = torch.bmm(keys[:, start:start + chunk], qt)  # (B*H, C, Q)
                 best[:, start:start + s.shape[1]] = s.amax(dim=2)
             best = best.view(B, H, m)
-            if self._ids_dev is None:
-                self._ids_dev = torch.from_numpy(self._ids[: self._n].copy()).to(self.device)
+            ids = self._device_ids()
             for b, r in enumerate(lane_rows):
                 # top-k over exactly the lane's keys in row order: the input search_max gets, so
                 # equal scores (every block's landmark key is the same at layer 0) resolve alike
                 k_eff = min(k, len(r))
                 if k_eff:
                     top_s, top_i = best[b, :, : len(r)].topk(k_eff, dim=-1)  # (H, k')
-                    out_ids[b, :, :k_eff] = self._ids_dev[rows_t[b * m:b * m + len(r)][top_i]]
+                    out_ids[b, :, :k_eff] = ids[rows_t[b * m:b * m + len(r)][top_i]]
                     out_s[b, :, :k_eff] = top_s
             return out_ids.to(queries.device), out_s.to(queries.device)
 
@@ -471,12 +470,16 @@ class LandmarkIndex:
                 return rows, len(rows)
         return None, self._n
 
+    def _device_ids(self) -> torch.Tensor:
+        """The ids (N,) on the index's device, cached until the next add or delete."""
+        if self._ids_dev is None:
+            self._ids_dev = torch.from_numpy(self._ids[: self._n].copy()).to(self.device)
+        return self._ids_dev
+
     def _exact_keys(self, layer: int, rows: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Landmark keys (H, M, D) of `layer` and their ids (M,) on the device, restricted to rows."""
         keys = self._keys[layer, :, : self._n]  # (H, N, D)
-        if self._ids_dev is None:
-            self._ids_dev = torch.from_numpy(self._ids[: self._n].copy()).to(self.device)
-        ids = self._ids_dev  # (N,)
+        ids = self._device_ids()  # (N,)
         if rows is not None:
             rows_t = torch.from_numpy(rows).to(self.device)
             keys, ids = keys.index_select(1, rows_t), ids.index_select(0, rows_t)

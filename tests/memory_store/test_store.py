@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -206,12 +207,20 @@ def test_budgets_hold_and_reads_stay_exact(tmp_path, device_entries, host_entrie
         assert st["get_latency_ms"]["count"] == 20 and st["get_latency_ms"]["p50"] > 0
 
 
-def test_reads_hit_fastest_tier_and_promote(tmp_path):
-    k, v, lm = make_blocks(10, seed=6)
+@contextlib.contextmanager
+def ten_blocks_over_three_tiers(path, seed: int):
+    """A store of 10 flushed blocks (stream "x") with room for 2 on the device and 2 on
+    the host; yields (store, k, v)."""
+    k, v, lm = make_blocks(10, seed=seed)
     cfg = small_config(device_budget_bytes=4 * EB, host_budget_bytes=4 * EB)
-    with TieredStore.open(tmp_path / "s", "w", layout=LAYOUT, config=cfg) as s:
+    with TieredStore.open(path, "w", layout=LAYOUT, config=cfg) as s:
         s.put_blocks("x", k, v, lm)
         s.flush()
+        yield s, k, v
+
+
+def test_reads_hit_fastest_tier_and_promote(tmp_path):
+    with ten_blocks_over_three_tiers(tmp_path / "s", seed=6) as (s, _, _):
         dev, host = s.tiers[0], s.tiers[1]
         assert set(dev.keys()) == {(8, 0), (8, 1), (9, 0), (9, 1)}  # newest writes on the device
         assert set(host.keys()) == {(6, 0), (6, 1), (7, 0), (7, 1)}  # demoted to host
@@ -231,11 +240,7 @@ def test_reads_hit_fastest_tier_and_promote(tmp_path):
 def test_read_through_without_promotion_leaves_the_tiers_as_they_were(tmp_path):
     """get_layer(promote=False) (decode steps): the same bytes, from host and disk, and
     no entry moves between tiers."""
-    k, v, lm = make_blocks(10, seed=7)
-    cfg = small_config(device_budget_bytes=4 * EB, host_budget_bytes=4 * EB)
-    with TieredStore.open(tmp_path / "s", "w", layout=LAYOUT, config=cfg) as s:
-        s.put_blocks("x", k, v, lm)
-        s.flush()
+    with ten_blocks_over_three_tiers(tmp_path / "s", seed=7) as (s, k, v):
         dev, host = s.tiers[0], s.tiers[1]
         keys_before = (set(dev.keys()), set(host.keys()))
         moved = dict(s.stats()["bytes_moved"])
