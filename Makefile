@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml
 	# deepspeed's setup imports torch: build it against the torch installed above.
 	$(BIN)/python -m pip install -q --no-build-isolation "deepspeed>=0.15"
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	# jemalloc keeps long ingests' RSS flat; fetched into .venv/lib only when the system lacks it.
+	bash scripts/fetch_jemalloc.sh $(VENV)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -8,10 +8,12 @@ document (bench.inference, glibc: 16k 310 MiB, 256k 390-480 MiB). jemalloc retur
 pages and keeps peak RSS flat at the same speed (256k 329 MiB; measured side by side
 in `python -m bench.inference`). It has to be chosen before the process starts
 (LD_PRELOAD), so the `folio` command re-executes itself once with jemalloc preloaded
-when it finds the library (Debian/Ubuntu: `apt install libjemalloc2`).
+when it finds the library: the system's (Debian/Ubuntu: `apt install libjemalloc2`) or
+the copy `make install` unpacks into the virtual environment's lib/ when the system has
+none (scripts/fetch_jemalloc.sh: `apt-get download`, no root, nothing system-wide).
 
 FOLIO_MALLOC=system (or glibc) turns this off; FOLIO_MALLOC=/path/to/libjemalloc.so.2
-names the library. Nothing is downloaded; Linux only (elsewhere this is a no-op).
+names the library. Nothing is downloaded at run time; Linux only (elsewhere this is a no-op).
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ _CANDIDATES = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-l
                "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
 
 
+def venv_copy() -> str:
+    """Where scripts/fetch_jemalloc.sh puts jemalloc: <sys.prefix>/lib/libjemalloc.so.2."""
+    return os.path.join(sys.prefix, "lib", "libjemalloc.so.2")
+
+
 def find_jemalloc(env: Mapping[str, str] | None = None) -> str | None:
     """Path of the jemalloc shared library to preload, or None (absent, disabled, not Linux)."""
     env = os.environ if env is None else env
@@ -37,7 +44,7 @@ def find_jemalloc(env: Mapping[str, str] | None = None) -> str | None:
         if not os.path.isfile(choice):
             raise ValueError(f"{ENV}={choice!r}: no such file; use 'auto', 'system' or a path to libjemalloc.so")
         return choice
-    for path in _CANDIDATES:
+    for path in (*_CANDIDATES, venv_copy()):
         if os.path.isfile(path):
             return path
     name = ctypes.util.find_library("jemalloc")

@@ -57,3 +57,20 @@ def test_folio_reexecutes_with_the_preloaded_library():
     bad = subprocess.run([str(FOLIO), "--help"], env={**env, "FOLIO_MALLOC": "/nope/libjemalloc.so"},
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "FOLIO_MALLOC" in bad.stderr and "no such file" in bad.stderr
+
+
+def test_auto_finds_the_copy_in_the_virtual_environment(tmp_path, monkeypatch):
+    """With no system jemalloc, 'auto' picks the copy scripts/fetch_jemalloc.sh puts in
+    <prefix>/lib; with neither, it returns None (the system allocator)."""
+    import engine.allocator as allocator
+
+    monkeypatch.setattr(allocator, "_CANDIDATES", (str(tmp_path / "absent.so"),))
+    monkeypatch.setattr(allocator.ctypes.util, "find_library", lambda name: None)
+    monkeypatch.setattr(allocator.sys, "prefix", str(tmp_path))
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the allocator switch is Linux only")
+    assert find_jemalloc({}) is None
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "libjemalloc.so.2").write_bytes(b"")
+    assert find_jemalloc({}) == str(tmp_path / "lib" / "libjemalloc.so.2")
+    assert preload_env({})["LD_PRELOAD"] == str(tmp_path / "lib" / "libjemalloc.so.2")

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Put jemalloc beside the virtual environment when the machine has none (called by `make install`).
+# Why: the `folio` command runs on jemalloc when it finds it, which keeps a long ingest's peak RSS
+# flat (glibc's malloc fragments; see engine/allocator.py and BENCHMARKS.md). On Debian/Ubuntu the
+# library is one package; `apt-get download` fetches it without root and without installing
+# anything system-wide; only libjemalloc.so.2 is unpacked into VENV/lib. Never fatal: without it
+# folio runs on the system allocator.
+set -u
+VENV="${1:-.venv}"
+DEST="$VENV/lib/libjemalloc.so.2"
+for p in /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/aarch64-linux-gnu/libjemalloc.so.2 \
+         /usr/lib64/libjemalloc.so.2 /usr/lib/libjemalloc.so.2 /usr/local/lib/libjemalloc.so.2 "$DEST"; do
+    [ -f "$p" ] && exit 0
+done
+command -v apt-get >/dev/null 2>&1 && command -v dpkg-deb >/dev/null 2>&1 || {
+    echo "fetch_jemalloc: no apt-get here; folio will use the system allocator" >&2; exit 0; }
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+if (cd "$tmp" && apt-get download -q libjemalloc2 >/dev/null 2>&1) && dpkg-deb -x "$tmp"/libjemalloc2_*.deb "$tmp/x" 2>/dev/null; then
+    lib="$(find "$tmp/x" -name 'libjemalloc.so.2' | head -n 1)"
+    if [ -n "$lib" ]; then
+        mkdir -p "$VENV/lib" && cp "$lib" "$DEST" && echo "fetch_jemalloc: $DEST" && exit 0
+    fi
+fi
+echo "fetch_jemalloc: could not fetch libjemalloc2; folio will use the system allocator" >&2
+exit 0
