@@ -213,10 +213,10 @@ class BatchMemory:
         """Every lane's `prepare_chunk` + one kernel call, with the per-lane work batched:
         one index search (`search_max_lanes`), one store fetch for the union of the lanes'
         blocks, one rotation of all retrieved and local keys. Same result as the per-lane
-        path (tested)."""
+        path (tested). Lanes without any retrieved block take a second, cheaper call over
+        their window alone (no padded prefix)."""
         mems, m0 = self.memories, self.memories[0]
-        cfg, rc, L = m0.cfg, m0.rc, m0.L
-        B, _, T, D = q.shape
+        B, T = q.shape[0], q.shape[2]
         for b, m in enumerate(mems):
             m._pending[layer] = (k[b:b + 1], v[b:b + 1])
         n_before = m0.local_k[layer].shape[2]
@@ -225,17 +225,36 @@ class BatchMemory:
             v_loc = torch.cat([torch.cat([m.local_v[layer] for m in mems]), v.float()], dim=2)
         else:  # training (no local blocks carried over): the window alone
             k_loc, v_loc = k.float(), v.float()
-        n_loc = k_loc.shape[2]
         q_local = torch.arange(n_before, n_before + T)
-        sel = self._select_lanes(layer, q, q_local)  # (B, Hkv, kk)
-        kk = sel.shape[2]
-        k_ret, v_ret, valid_ret = self._fetch_lanes(layer, sel)
+        sel = self._select_lanes(layer, q, q_local)  # (B, Hkv, kk), absent blocks (-1) first
+        # leading slots no lane and head fills carry no keys: drop them (relative positions
+        # are unchanged, the real blocks still abut the window); lanes with no block at all
+        # (a document's first window) attend over their window alone, in a second call
+        none = ((sel >= 0).sum(-1) == 0).all(-1)  # (B,)
+        if bool(none.any()) and not bool(none.all()):
+            rows = [torch.nonzero(~none).flatten(), torch.nonzero(none).flatten()]
+            outs = [self._attend_rows(layer, q[r], k_loc[r], v_loc[r], sel[r], n_before, r.tolist())
+                    for r in rows]
+            order = torch.argsort(torch.cat(rows))
+            return torch.cat(outs)[order]
+        return self._attend_rows(layer, q, k_loc, v_loc, sel, n_before, list(range(B)))
+
+    def _attend_rows(self, layer, q, k_loc, v_loc, sel, n_before: int, lanes: list[int]) -> torch.Tensor:
+        """The kernel call of `_attend_lanes` for some of the lanes (`lanes`: their indices),
+        with sel trimmed to the slots any of them fills."""
+        m0 = self.memories[0]
+        cfg, rc, L = m0.cfg, m0.rc, m0.L
+        B, _, T, D = q.shape
+        n_loc = k_loc.shape[2]
+        kk = int((sel >= 0).sum(-1).max())
+        sel = sel[:, :, sel.shape[2] - kk:]
+        k_ret, v_ret, valid_ret = self._fetch_lanes(layer, sel, lanes)
         cos, sin = rope_cos_sin(m0._positions(kk, n_loc, 0), D, cfg.rope_theta)
-        k_all = torch.cat([k_ret, apply_rope(k_loc, cos, sin)], dim=2)  # (B, Hkv, kk*L + n_loc, D)
-        v_all = torch.cat([v_ret, v_loc], dim=2)
+        k_all = torch.cat([k_ret, apply_rope(k_loc, cos, sin)], dim=2) if kk else apply_rope(k_loc, cos, sin)
+        v_all = torch.cat([v_ret, v_loc], dim=2) if kk else v_loc  # (B, Hkv, kk*L + n_loc, D)
         q_rot = apply_rope(q.float(), cos[n_before:], sin[n_before:])  # (B, H, T, D)
         valid = None
-        if not bool(valid_ret.all()):
+        if kk and not bool(valid_ret.all()):
             valid = torch.cat([valid_ret, torch.ones(B, valid_ret.shape[1], n_loc, dtype=torch.bool,
                                                      device=valid_ret.device)], dim=2)
         return rc.attention(q_rot, k_all, v_all, L, q_offset=kk * L + n_before, kv_valid=valid,
@@ -257,19 +276,23 @@ class BatchMemory:
         scores = torch.stack([_without(ids[b], scores[b], e) for b, e in enumerate(excludes)])
         return _choose(ids, scores, kk)
 
-    def _fetch_lanes(self, layer: int, sel: torch.Tensor):
-        """`RetrievalMemory._fetch_rotated` (stingy) of every lane with one store fetch.
+    def _fetch_lanes(self, layer: int, sel: torch.Tensor, lanes: list[int]):
+        """`RetrievalMemory._fetch_rotated` (stingy) of these lanes with one store fetch.
 
-        sel (B, Hkv, kk). Returns k_rot, v (B, Hkv, kk*L, D), valid (B, Hkv, kk*L) bool.
+        sel (B, Hkv, kk), row i for lane lanes[i]. Returns k_rot, v (B, Hkv, kk*L, D),
+        valid (B, Hkv, kk*L) bool.
         """
         m0 = self.memories[0]
         B, Hkv, kk = sel.shape
         L, D, dev = m0.L, m0.cfg.head_dim, m0.device
+        if kk == 0:
+            empty = torch.zeros(B, Hkv, 0, D, device=dev)
+            return empty, empty, torch.ones(B, Hkv, 0, dtype=torch.bool, device=dev)
         k_sel, v_sel, uniq = _gather_selected(m0.store, layer, sel, dev)  # (B, Hkv, kk, L, D)
         if len(uniq):
             sel_np = sel.numpy()
-            for b, m in enumerate(self.memories):  # per-lane accounting, as if each fetched its own
-                m._count_fetched(layer, len(np.unique(sel_np[b][sel_np[b] >= 0])))
+            for i, b in enumerate(lanes):  # per-lane accounting, as if each fetched its own
+                self.memories[b]._count_fetched(layer, len(np.unique(sel_np[i][sel_np[i] >= 0])))
         cos, sin = rope_cos_sin(torch.arange(kk * L, device=dev), D, m0.cfg.rope_theta)
         k_rot = apply_rope(k_sel.reshape(B, Hkv, kk * L, D), cos, sin)
         valid = (sel >= 0)[..., None].expand(B, Hkv, kk, L).reshape(B, Hkv, kk * L).to(dev)

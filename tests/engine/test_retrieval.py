@@ -285,6 +285,57 @@ def test_batch_memory_matches_row_by_row(kernel):
     assert all(mem.stats.blocks_fetched > 0 for mem in mems)
 
 
+@pytest.mark.parametrize("top_k", [2, 12])
+def test_batch_memory_with_lanes_at_different_depths_matches_row_by_row(top_k):
+    """Training lanes: lane 0 starts a new document when lane 1 has earlier windows (the
+    batched path splits off the lane without blocks), and with top_k=12 some lanes have
+    fewer blocks than top_k (the empty leading slots are dropped). Outputs and the model's
+    gradients equal each lane run alone."""
+    from engine.retrieval import BatchMemory
+
+    g = torch.Generator().manual_seed(11)
+    docs = [insert_landmarks(torch.randint(0, 256, (168,), generator=g), 8, TOKENIZER.LANDMARK)
+            for _ in range(2)]  # 192 positions each: 3 windows of 64
+    rc = RetrievalConfig(top_k=top_k, local_blocks=0, chunk_len=64, kernel="vectorized")
+
+    calls = []
+    orig = BatchMemory._attend_rows
+
+    def spy(self, layer, q, k_loc, v_loc, sel, n_before, lanes):
+        calls.append((lanes, int((sel >= 0).sum(-1).max())))
+        return orig(self, layer, q, k_loc, v_loc, sel, n_before, lanes)
+
+    def run(batched):
+        m = _model().train()
+        store = _mem_store(m)
+        mems = [RetrievalMemory(m.cfg, store, stream=f"d{i}", retrieval=rc) for i in range(2)]
+        outs = []
+        for w in range(3):
+            if w == 2:  # lane 0's document ends; its next one starts with no stored blocks
+                store.delete_stream("d0")
+                mems[0] = RetrievalMemory(m.cfg, store, stream="d0-next", retrieval=rc)
+            x = torch.stack([docs[0][w * 64:(w + 1) * 64], docs[1][w * 64:(w + 1) * 64]])
+            if batched:
+                out = m(x, memory=BatchMemory(mems))
+            else:
+                out = torch.cat([m(x[i:i + 1], memory=mems[i]) for i in range(2)])
+            (out.float().pow(2).mean() * (w + 1)).backward()
+            outs.append(out.detach())
+            for mem in mems:
+                mem.end_chunk()
+        return torch.cat(outs, 1), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(BatchMemory, "_attend_rows", spy)
+        a, ga = run(True)
+    b, gb = run(False)
+    # per layer: window 0 both lanes without blocks; 1 both with min(top_k, 8); 2 split
+    kk = min(top_k, 8)
+    assert calls == [([0, 1], 0)] * 2 + [([0, 1], kk)] * 2 + [([1], min(top_k, 16)), ([0], 0)] * 2
+    assert max_abs_diff(a, b) <= 1e-5
+    assert ga.keys() == gb.keys() and all(max_abs_diff(ga[n], gb[n]) <= 1e-5 for n in ga)
+
+
 def test_whole_chunk_put_equals_the_general_end_chunk(monkeypatch):
     """Training windows (whole blocks, no local window): end_chunk's direct put stores the
     same blocks, ids and landmarks, and gives the same outputs, as the general path."""
