@@ -129,6 +129,12 @@ def _search_vectors(q: torch.Tensor, q_local_pos: torch.Tensor, cfg: ModelConfig
     return qs.view(B, Hkv, H // Hkv, T, D).permute(0, 2, 3, 1, 4).reshape(B, -1, Hkv, D)
 
 
+def _rope_key_map(position: int, head_dim: int, theta: float) -> torch.Tensor:
+    """(D, D) matrix M with k @ M == k rotated by RoPE to `position` (for a key map in search)."""
+    cos, sin = rope_cos_sin(torch.tensor([position]), head_dim, theta)
+    return apply_rope(torch.eye(head_dim), cos, sin)
+
+
 def _without(ids: torch.Tensor, scores: torch.Tensor, exclude: Sequence[int]) -> torch.Tensor:
     """scores with -inf where ids is one of `exclude` (the local window's stored blocks)."""
     if not exclude:
@@ -225,51 +231,66 @@ class BatchMemory:
             v_loc = torch.cat([torch.cat([m.local_v[layer] for m in mems]), v.float()], dim=2)
         else:  # training (no local blocks carried over): the window alone
             k_loc, v_loc = k.float(), v.float()
-        q_local = torch.arange(n_before, n_before + T)
-        sel = self._select_lanes(layer, q, q_local)  # (B, Hkv, kk), absent blocks (-1) first
-        # leading slots no lane and head fills carry no keys: drop them (relative positions
-        # are unchanged, the real blocks still abut the window); lanes with no block at all
-        # (a document's first window) attend over their window alone, in a second call
+        # one rotation for every lane, at the untrimmed stingy positions (the same as each
+        # memory alone): local entry j at top_k*L + j, retrieved slots before it
+        top, cfg, D = m0.rc.top_k, m0.cfg, q.shape[3]
+        cos, sin = rope_cos_sin(m0._positions(top, k_loc.shape[2], 0), D, cfg.rope_theta)
+        k_loc = apply_rope(k_loc, cos, sin)
+        q_rot = apply_rope(q.float(), cos[n_before:], sin[n_before:])  # (B, H, T, D)
+        sel = self._select_lanes(layer, q_rot)  # (B, Hkv, top_k), absent blocks (-1) first
+        # leading slots no lane and head fills carry no keys: drop them (the real blocks keep
+        # their positions, abutting the window); lanes with no block at all (a document's
+        # first window) attend over their window alone, in a second call
         none = ((sel >= 0).sum(-1) == 0).all(-1)  # (B,)
         if bool(none.any()) and not bool(none.all()):
             rows = [torch.nonzero(~none).flatten(), torch.nonzero(none).flatten()]
-            outs = [self._attend_rows(layer, q[r], k_loc[r], v_loc[r], sel[r], n_before, r.tolist())
+            outs = [self._attend_rows(layer, q_rot[r], k_loc[r], v_loc[r], sel[r], n_before, r.tolist())
                     for r in rows]
             order = torch.argsort(torch.cat(rows))
-            return torch.cat(outs)[order]
-        return self._attend_rows(layer, q, k_loc, v_loc, sel, n_before, list(range(B)))
+            return torch.cat(outs)[order].to(q.dtype)
+        return self._attend_rows(layer, q_rot, k_loc, v_loc, sel, n_before, list(range(B))).to(q.dtype)
 
-    def _attend_rows(self, layer, q, k_loc, v_loc, sel, n_before: int, lanes: list[int]) -> torch.Tensor:
-        """The kernel call of `_attend_lanes` for some of the lanes (`lanes`: their indices),
-        with sel trimmed to the slots any of them fills."""
+    def _attend_rows(self, layer, q_rot, k_loc_rot, v_loc, sel, n_before: int, lanes: list[int]) -> torch.Tensor:
+        """The kernel call of `_attend_lanes` for some of the lanes (`lanes`: their indices;
+        queries and local keys rotated), with sel trimmed to the slots any of them fills."""
         m0 = self.memories[0]
-        cfg, rc, L = m0.cfg, m0.rc, m0.L
-        B, _, T, D = q.shape
-        n_loc = k_loc.shape[2]
+        rc, L = m0.rc, m0.L
+        B = q_rot.shape[0]
+        n_loc = k_loc_rot.shape[2]
         kk = int((sel >= 0).sum(-1).max())
         sel = sel[:, :, sel.shape[2] - kk:]
+        if kk == 0:
+            return rc.attention(q_rot, k_loc_rot, v_loc, L, q_offset=n_before, kv_valid=None)
         k_ret, v_ret, valid_ret = self._fetch_lanes(layer, sel, lanes)
-        cos, sin = rope_cos_sin(m0._positions(kk, n_loc, 0), D, cfg.rope_theta)
-        k_all = torch.cat([k_ret, apply_rope(k_loc, cos, sin)], dim=2) if kk else apply_rope(k_loc, cos, sin)
-        v_all = torch.cat([v_ret, v_loc], dim=2) if kk else v_loc  # (B, Hkv, kk*L + n_loc, D)
-        q_rot = apply_rope(q.float(), cos[n_before:], sin[n_before:])  # (B, H, T, D)
+        k_all = torch.cat([k_ret, k_loc_rot], dim=2)  # (B, Hkv, kk*L + n_loc, D)
+        v_all = torch.cat([v_ret, v_loc], dim=2)
         valid = None
-        if kk and not bool(valid_ret.all()):
+        if not bool(valid_ret.all()):
             valid = torch.cat([valid_ret, torch.ones(B, valid_ret.shape[1], n_loc, dtype=torch.bool,
                                                      device=valid_ret.device)], dim=2)
         return rc.attention(q_rot, k_all, v_all, L, q_offset=kk * L + n_before, kv_valid=valid,
-                            const_keys=kk * L).to(q.dtype)
+                            const_keys=kk * L)
 
-    def _select_lanes(self, layer: int, q: torch.Tensor, q_local: torch.Tensor) -> torch.Tensor:
-        """`RetrievalMemory.select` of every lane: (B, Hkv, top_k) int64, -1 = none."""
+    def _select_lanes(self, layer: int, q_rot: torch.Tensor) -> torch.Tensor:
+        """`RetrievalMemory.select` of every lane: (B, Hkv, top_k) int64, -1 = none.
+
+        q_rot (B, H, T, D): the queries rotated for attention (at top_k*L + their local
+        index). The index holds pre-RoPE landmark keys; `select` scores R(n_before+i+1) q_i
+        against them, the rotation to a landmark just before the local window. RoPE scores
+        depend only on the distance, so the same scores are q_rot_i against every key rotated
+        to position top_k*L - 1: one small key map in the index instead of a second rotation
+        of every query."""
         mems, m0 = self.memories, self.memories[0]
-        kk = m0.rc.top_k
+        kk, cfg = m0.rc.top_k, m0.cfg
         if len(m0.store) == 0:
-            return torch.full((len(mems), m0.cfg.n_kv_heads, kk), -1, dtype=torch.long)
+            return torch.full((len(mems), cfg.n_kv_heads, kk), -1, dtype=torch.long)
         excludes = [m._stored_local_ids() for m in mems]
         k_search = kk + max(len(e) for e in excludes)
-        ids, scores = m0.store.search_max_lanes(layer, _search_vectors(q, q_local, m0.cfg), k_search,
-                                                [m.read_streams for m in mems])
+        B, H, T, D = q_rot.shape
+        Hkv = cfg.n_kv_heads
+        qs = q_rot.view(B, Hkv, H // Hkv, T, D).permute(0, 2, 3, 1, 4).reshape(B, -1, Hkv, D)
+        ids, scores = m0.store.search_max_lanes(layer, qs, k_search, [m.read_streams for m in mems],
+                                                key_map=_rope_key_map(kk * m0.L - 1, D, cfg.rope_theta))
         for m in mems:
             m.stats.searches += 1
         ids, scores = ids.cpu(), scores.float().cpu()  # (B, Hkv, k')
@@ -285,15 +306,13 @@ class BatchMemory:
         m0 = self.memories[0]
         B, Hkv, kk = sel.shape
         L, D, dev = m0.L, m0.cfg.head_dim, m0.device
-        if kk == 0:
-            empty = torch.zeros(B, Hkv, 0, D, device=dev)
-            return empty, empty, torch.ones(B, Hkv, 0, dtype=torch.bool, device=dev)
         k_sel, v_sel, uniq = _gather_selected(m0.store, layer, sel, dev)  # (B, Hkv, kk, L, D)
         if len(uniq):
             sel_np = sel.numpy()
             for i, b in enumerate(lanes):  # per-lane accounting, as if each fetched its own
                 self.memories[b]._count_fetched(layer, len(np.unique(sel_np[i][sel_np[i] >= 0])))
-        cos, sin = rope_cos_sin(torch.arange(kk * L, device=dev), D, m0.cfg.rope_theta)
+        first = (m0.rc.top_k - kk) * L  # trimmed slots: the real blocks keep their positions
+        cos, sin = rope_cos_sin(torch.arange(first, first + kk * L, device=dev), D, m0.cfg.rope_theta)
         k_rot = apply_rope(k_sel.reshape(B, Hkv, kk * L, D), cos, sin)
         valid = (sel >= 0)[..., None].expand(B, Hkv, kk, L).reshape(B, Hkv, kk * L).to(dev)
         return k_rot, v_sel.reshape(B, Hkv, kk * L, D), valid

@@ -387,7 +387,8 @@ class LandmarkIndex:
             return out_ids.to(queries.device), out_s.to(queries.device)
 
     def search_max_lanes(self, layer: int, queries: torch.Tensor, k: int,
-                         streams: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+                         streams: Sequence[Sequence[str]], key_map: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """`search_max` for several lanes at once, each over its own streams.
 
         queries (B, Q, n_kv_heads, head_dim): lane b's Q queries; streams: one sequence of
@@ -396,7 +397,11 @@ class LandmarkIndex:
         score: row b equals `search_max(layer, queries[b], k, streams[b])[0]`. Exact search
         scores each lane's queries against its own keys (lanes padded to the longest) in one
         batched matmul per key tile (training: 4 lanes x 1,024 queries per layer); over the
-        faiss threshold it runs `search_max` per lane.
+        faiss threshold it runs `search_max` per lane. key_map: optional (head_dim, head_dim)
+        matrix; the scores are then q . (k @ key_map) (e.g. every key rotated by one RoPE
+        position, so queries already rotated for attention need no second rotation): the
+        keys are mapped (a few per lane), or, over the faiss threshold, the queries by its
+        transpose (the same scores).
         """
         with self._lock:
             if not isinstance(queries, torch.Tensor) or queries.ndim != 4:
@@ -409,6 +414,10 @@ class LandmarkIndex:
                 if s is None:
                     raise LandmarkIndexError("search_max_lanes: every lane needs a sequence of streams, got None")
                 self._check_search(layer, queries[0], k, s)
+            if key_map is not None and (not isinstance(key_map, torch.Tensor)
+                                        or tuple(key_map.shape) != (self.head_dim, self.head_dim)):
+                raise ShapeError(f"search_max_lanes: key_map of shape {tuple(getattr(key_map, 'shape', ()))}, "
+                                 f"expected ({self.head_dim}, {self.head_dim})")
             B, n_q, H = queries.shape[0], queries.shape[1], self.n_kv_heads
             k = int(k)
             lane_codes = [[self._stream_code[s] for s in set(st) if s in self._stream_code] for st in streams]
@@ -420,6 +429,8 @@ class LandmarkIndex:
             if m == 0 or n_q == 0:
                 return out_ids.to(queries.device), out_s.to(queries.device)
             if self._use_faiss(m):
+                if key_map is not None:
+                    queries = queries.detach().float() @ key_map.to(queries.device, torch.float32).T
                 parts = [self.search_max(layer, queries[b], k, streams[b]) for b in range(B)]
                 return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
             # each lane's keys in row order (as search_max gathers them), padded to m rows
@@ -428,6 +439,8 @@ class LandmarkIndex:
                 pad[b, : len(r)] = r
             rows_t = torch.from_numpy(pad.reshape(-1)).to(self.device)
             keys = self._keys[layer].index_select(1, rows_t).view(H, B, m, -1).transpose(0, 1).reshape(B * H, m, -1)
+            if key_map is not None:
+                keys = keys @ key_map.to(self.device, torch.float32)
             qt = queries.detach().to(self.device, torch.float32).permute(0, 2, 3, 1).reshape(B * H, -1, n_q)
             chunk = max(64, _MAX_CHUNK_ELEMS // max(1, B * H * n_q))
             best = torch.empty(B * H, m, dtype=torch.float32, device=self.device)

@@ -355,6 +355,17 @@ def test_search_max_lanes_equals_search_max_per_lane(backend, tiled, monkeypatch
             assert got_i[b].tolist() == want_i[0].tolist(), (layer, streams)
             assert torch.allclose(got_s[b], want_s[0], atol=1e-5)
     assert (got_i[2] == -1).all() and (got_i[4, :, 2:] == -1).all() and (got_i[4, :, :2] >= 0).all()
+    # a key map M scores q . (k @ M): the same as search_max with the queries q @ M^T
+    M = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(3)))[0]
+    for layer in range(L):
+        got_i, got_s = ix.search_max_lanes(layer, q, 6, lanes, key_map=M)
+        for b, streams in enumerate(lanes):
+            want_i, want_s = ix.search_max(layer, q[b] @ M.T, 6, streams=streams)
+            assert got_i[b].tolist() == want_i[0].tolist(), (layer, streams)
+            assert torch.allclose(got_s[b], want_s[0], atol=1e-4)
+    assert not torch.equal(got_i, ix.search_max_lanes(L - 1, q, 6, lanes)[0])  # the map changed the choice
+    with pytest.raises(ShapeError, match="key_map"):
+        ix.search_max_lanes(0, q, 6, lanes, key_map=torch.eye(D + 1))
     with pytest.raises(LandmarkIndexError, match="one per lane"):
         ix.search_max_lanes(0, q, 6, lanes[:2])
     with pytest.raises(ShapeError, match="lanes"):
