@@ -58,8 +58,8 @@ import torch
 from zarr.abc.store import Store
 
 from .disk import CommitRecord, DiskTier, StreamRecord
-from .errors import (ClosedError, CorruptBlockError, InvalidArgumentError, ReadOnlyError,
-                     ShapeError, StoreError, UnknownBlockError)
+from .errors import (ClosedError, CorruptBlockError, InvalidArgumentError, LandmarkIndexError,
+                     ReadOnlyError, ShapeError, StoreError, UnknownBlockError)
 from .eviction import make_policy
 from .index import LandmarkIndex
 from .layout import StoreLayout
@@ -321,17 +321,47 @@ class TieredStore:
         self._check_writable()
         if not isinstance(stream, str) or not stream:
             raise InvalidArgumentError(f"stream={stream!r}: expected a non-empty str")
+        n = k.shape[0] if isinstance(k, torch.Tensor) and k.dim() >= 1 else 0  # else a ShapeError below
+        return self.put_streams([(stream, n)], k, v, landmarks)[0]
+
+    def put_streams(self, parts: Sequence[tuple[str, int]], k: torch.Tensor, v: torch.Tensor,
+                    landmarks: torch.Tensor) -> list[np.ndarray]:
+        """Append blocks to several streams in one call: the same as `put_blocks` for each
+        part in order (same ids, ordinals and contents), with one host copy, one write-behind
+        job and one tier admission for all of them (training puts every lane's window so).
+
+        parts: (stream, n_blocks) per part; k, v (N, L, H, T, D) and landmarks (N, L, H, D)
+        hold the parts' blocks one after the other, N = sum of n_blocks. Returns each
+        part's ids. Everything is checked before anything changes (a bad part stores none).
+        Raises ShapeError, InvalidArgumentError, LandmarkIndexError, ReadOnlyError, ClosedError.
+        """
+        self._check_writable()
+        if isinstance(parts, (str, bytes)):
+            raise InvalidArgumentError(f"parts={parts!r}: expected a sequence of (stream, n_blocks) pairs")
+        checked = []
+        for part in parts:
+            if not (isinstance(part, (tuple, list)) and len(part) == 2):
+                raise InvalidArgumentError(f"part {part!r}: expected a (stream, n_blocks) pair")
+            stream, n_part = part
+            if not isinstance(stream, str) or not stream:
+                raise InvalidArgumentError(f"stream={stream!r}: expected a non-empty str")
+            if not isinstance(n_part, (int, np.integer)) or isinstance(n_part, bool) or n_part < 0:
+                raise InvalidArgumentError(f"part ({stream!r}, {n_part!r}): n_blocks must be an int >= 0")
+            checked.append((stream, int(n_part)))
         L, H, T, D = self.layout.n_layers, self.layout.n_kv_heads, self.layout.block_len, self.layout.head_dim
-        n = k.shape[0] if isinstance(k, torch.Tensor) and k.dim() >= 1 else -1
+        n = sum(c for _, c in checked)
         self._check_tensor("k", k, (n, L, H, T, D))
         self._check_tensor("v", v, (n, L, H, T, D))
         self._check_tensor("landmarks", landmarks, (n, L, H, D))
         if n == 0:
-            return np.empty(0, dtype=np.int64)
+            return [np.empty(0, dtype=np.int64) for _ in checked]
         # CPU copies for the disk (the caller may reuse its tensors)
         # (numpy copies: single-threaded, so they do not stall on a core held by the writer thread)
         k_np, v_np, lm_np = (self.layout.to_storage(t.detach().to("cpu").contiguous()).copy() for t in (k, v, landmarks))
         lm_cpu = self.layout.from_storage(lm_np)  # (N, L, H, D)
+        if len(checked) > 1 and not np.isfinite(lm_cpu.float().numpy()).all():
+            # index.add checks each part; checked here for all, so no part is added before a bad one
+            raise LandmarkIndexError("put_streams: landmarks contain NaN or inf; landmark keys must be finite")
         job_bytes = k_np.nbytes + v_np.nbytes + lm_np.nbytes
         with self._cv:
             self._check_writable()
@@ -339,26 +369,35 @@ class TieredStore:
                 self._cv.wait()  # back-pressure: the writer drains the queue
                 self._check_writable()
             start = self._next_id
-            ids = np.arange(start, start + n, dtype=np.int64)
-            code = self._stream_code.get(stream)
-            new_stream = code is None
-            if new_stream:
-                code = len(self._streams)
-            first_ord = 0 if new_stream else self._streams[code].n_blocks
-            ords = np.arange(first_ord, first_ord + n, dtype=np.int64)
-            self.index.add(stream, ids, lm_cpu)  # validates before any state below changes
-            if new_stream:
-                self._streams.append(StreamRecord(stream))
-                self._stream_code[stream] = code
-                self._stream_rows[code] = []
-            self._streams[code].n_blocks += n
+            codes = np.empty(n, dtype=np.int32)
+            ords = np.empty(n, dtype=np.int64)
+            out, off = [], 0
+            for stream, n_part in checked:
+                ids = np.arange(start + off, start + off + n_part, dtype=np.int64)
+                out.append(ids)
+                if n_part == 0:
+                    continue
+                code = self._stream_code.get(stream)
+                new_stream = code is None
+                if new_stream:
+                    code = len(self._streams)
+                first_ord = 0 if new_stream else self._streams[code].n_blocks
+                self.index.add(stream, ids, lm_cpu[off:off + n_part])  # validates before any state below changes
+                if new_stream:
+                    self._streams.append(StreamRecord(stream))
+                    self._stream_code[stream] = code
+                    self._stream_rows[code] = []
+                self._streams[code].n_blocks += n_part
+                self._stream_rows[code].append(ids)
+                codes[off:off + n_part] = code
+                ords[off:off + n_part] = np.arange(first_ord, first_ord + n_part)
+                off += n_part
             self._grow_rows(start + n)
-            self._codes[start:start + n], self._ords[start:start + n], self._alive[start:start + n] = code, ords, True
+            self._codes[start:start + n], self._ords[start:start + n], self._alive[start:start + n] = codes, ords, True
             self._n_alive += n
-            self._stream_rows[code].append(ids)
             self._next_id = start + n
             self._dirty = True
-            job = _WriteJob(self._seq + 1, start, k_np, v_np, lm_np, np.full(n, code, dtype=np.int32), ords)
+            job = _WriteJob(self._seq + 1, start, k_np, v_np, lm_np, codes, ords)
             self._seq += 1
             if self._writer is not None:
                 self._jobs.append(job)
@@ -373,11 +412,11 @@ class TieredStore:
             # writes go to the device tier; only the newest entries that fit anywhere are worth placing
             keep = self._device_tier.max_entries + self._host_tier.max_entries
             if keep:
-                keys = [(int(r), layer) for r in ids for layer in range(L)]
+                keys = [(int(r), layer) for r in range(start, start + n) for layer in range(L)]
                 kk = k.detach().reshape(n * L, H, T, D)  # (N*L, H, T, D), rows ordered (block, layer)
                 vv = v.detach().reshape(n * L, H, T, D)
                 self._admit(0, keys[-keep:], kk[-keep:], vv[-keep:], source="put")
-        return ids
+        return out
 
     def _grow_rows(self, n: int) -> None:
         if n <= self._codes.shape[0]:

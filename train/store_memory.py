@@ -24,7 +24,7 @@ from typing import Any
 
 from engine.config import ModelConfig
 from engine.inference import open_store
-from engine.retrieval import BatchMemory, RetrievalConfig, RetrievalMemory
+from engine.retrieval import BatchMemory, RetrievalConfig, RetrievalMemory, end_chunks
 from train.windows import DocumentState, WindowMemory
 
 
@@ -55,6 +55,9 @@ class StoreWindowMemory(WindowMemory):
 
     def after_window(self, state: DocumentState, window_index: int) -> None:
         state.memory.end_chunk()
+
+    def after_windows(self, states: list[DocumentState], windows: list[int]) -> None:
+        end_chunks([s.memory for s in states])  # every lane's window in one store put
 
     def end_document(self, state: DocumentState) -> None:
         if state.memory is not None:

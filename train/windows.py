@@ -166,6 +166,12 @@ class WindowMemory:
     def after_window(self, state: DocumentState, window_index: int) -> None:
         """`state`'s window `window_index` has been trained."""
 
+    def after_windows(self, states: list[DocumentState], windows: list[int]) -> None:
+        """A step's windows have been trained (one per lane): `after_window` for each, in
+        order; a memory may do them together."""
+        for st, w in zip(states, windows):
+            self.after_window(st, w)
+
     def end_document(self, state: DocumentState) -> None:
         """`state`'s last window has been trained."""
 
@@ -254,7 +260,8 @@ class LaneBatcher:
         """Mark the batch's windows trained; runs the memory hooks, ends finished documents."""
         for st, w in zip(batch.lanes, batch.windows):
             st.window = w + 1
-            self.memory.after_window(st, w)
+        self.memory.after_windows(batch.lanes, batch.windows)
+        for st in batch.lanes:
             if st.done:
                 self.memory.end_document(st)
 

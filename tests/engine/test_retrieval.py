@@ -366,6 +366,49 @@ def test_whole_chunk_put_equals_the_general_end_chunk(monkeypatch):
         assert torch.equal(x.k, y.k) and torch.equal(x.v, y.v) and torch.equal(x.landmarks, y.landmarks)
 
 
+def test_end_chunks_puts_every_lane_at_once_like_end_chunk_in_order(monkeypatch):
+    """Training lanes end their windows with one put_streams: the same ids, blocks,
+    landmarks, streams and memory states as each lane's end_chunk in order; memories that
+    cannot (a local window) fall back to end_chunk."""
+    from engine.retrieval import BatchMemory, end_chunks
+
+    m = _model()
+    g = torch.Generator().manual_seed(5)
+    docs = [insert_landmarks(torch.randint(0, 256, (112,), generator=g), 8, TOKENIZER.LANDMARK)
+            for _ in range(3)]  # 128 positions: 2 windows of 64
+
+    calls = []
+    store_cls = type(_mem_store(m))
+    monkeypatch.setattr(store_cls, "put_streams",
+                        lambda self, parts, *a, _f=store_cls.put_streams: calls.append(parts) or _f(self, parts, *a))
+
+    def run(batched, local_blocks=0):
+        rc = RetrievalConfig(top_k=2, local_blocks=local_blocks, chunk_len=64, kernel="vectorized")
+        store = _mem_store(m)
+        calls.clear()
+        mems = [RetrievalMemory(m.cfg, store, stream=f"d{i}", retrieval=rc) for i in range(3)]
+        puts = []
+        with torch.no_grad():
+            for w in range(2):
+                m(torch.stack([d[w * 64:(w + 1) * 64] for d in docs]), memory=BatchMemory(mems))
+                puts.append(end_chunks(mems) if batched else [mem.end_chunk() for mem in mems])
+        blocks = {name: [store.get(int(i)) for i in store.stream_blocks(name)] for name in store.streams()}
+        state = [(mem.n_pos, mem.local_start, mem.local_ids, mem.stats.blocks_put) for mem in mems]
+        return puts, blocks, state, list(calls)
+
+    a, b = run(True), run(False)
+    assert a[0] == b[0] == [[8, 8, 8]] * 2 and a[2] == b[2]
+    assert a[1].keys() == b[1].keys() == {"d0", "d1", "d2"}
+    for name in a[1]:
+        for x, y in zip(a[1][name], b[1][name]):
+            assert x.id == y.id and x.ordinal == y.ordinal
+            assert torch.equal(x.k, y.k) and torch.equal(x.v, y.v) and torch.equal(x.landmarks, y.landmarks)
+    assert a[3] == [[("d0", 8), ("d1", 8), ("d2", 8)]] * 2  # one put per step, every lane in it
+    assert b[3] == [[("d0", 8)], [("d1", 8)], [("d2", 8)]] * 2  # (put_blocks goes through put_streams)
+    c, d = run(True, local_blocks=1), run(False, local_blocks=1)  # not whole-chunk puts: end_chunk each
+    assert c[0] == d[0] and c[2] == d[2] and c[3] == d[3]
+
+
 @pytest.mark.parametrize("n_tail,n_new,chunk", [(0, 0, 5), (3, 1, 4), (0, 200, 13), (5, 333, 7), (6, 90, 64)])
 def test_landmarked_stream_pieces_equal_landmarking_everything(n_tail, n_new, chunk, monkeypatch):
     from engine.inference import _LandmarkedStream

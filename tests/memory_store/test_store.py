@@ -59,6 +59,53 @@ def test_put_get_every_layer_bit_exact(tmp_path):
         assert s.get(99) is None and s.contains(6) and not s.contains(7)
 
 
+def test_put_streams_equals_put_blocks_per_part_and_a_bad_part_stores_nothing(tmp_path):
+    """One put_streams call == put_blocks per part in order: ids, ordinals, contents, tier
+    placement, search results, and what a reopen reads; a non-finite landmark in any part,
+    or a bad part, stores no part at all."""
+    from memory_store import InvalidArgumentError, LandmarkIndexError
+
+    k, v, lm = make_blocks(9, seed=6)
+    parts = [("a", 3), ("b", 0), ("c", 2), ("a", 4)]
+    q = torch.randn(5, LAYOUT.n_kv_heads, LAYOUT.head_dim, generator=torch.Generator().manual_seed(1))
+    seen = []
+    for batched in (True, False):
+        path = tmp_path / f"s{batched}"
+        with TieredStore.open(path, "w", layout=LAYOUT, config=small_config()) as s:
+            s.put_blocks("a", k[:0], v[:0], lm[:0])  # nothing: no stream is made
+            if batched:
+                ids = s.put_streams(parts, k, v, lm)
+            else:
+                ids, off = [], 0
+                for name, n in parts:
+                    ids.append(s.put_blocks(name, k[off:off + n], v[off:off + n], lm[off:off + n]))
+                    off += n
+            tiers = [sorted(t.keys()) for t in s.tiers[:2]]
+            found = [s.search_max(layer, q, 3, streams=[name])[0].tolist()
+                     for layer in range(LAYOUT.n_layers) for name in ("a", "c")]
+        with TieredStore.open(path, "r", layout=LAYOUT, config=small_config()) as s:
+            meta = s.block_meta(list(range(9)))
+            data = [torch.equal(s.get_layer(list(range(9)), layer)[0], k[:, layer]) for layer in range(LAYOUT.n_layers)]
+            seen.append(([i.tolist() for i in ids], tiers, found, meta[0], meta[1].tolist(), s.streams(), data))
+    assert seen[0] == seen[1]
+    assert seen[0][0] == [[0, 1, 2], [], [3, 4], [5, 6, 7, 8]] and seen[0][4] == [0, 1, 2, 0, 1, 3, 4, 5, 6]
+    assert all(seen[0][6])
+
+    bad = lm.clone()
+    bad[7, 0, 0, 0] = float("nan")  # in the last part only
+    with TieredStore.open(tmp_path / "bad", "w", layout=LAYOUT, config=small_config()) as s:
+        with pytest.raises(LandmarkIndexError, match="finite"):
+            s.put_streams(parts, k, v, bad)
+        with pytest.raises(InvalidArgumentError, match="n_blocks"):
+            s.put_streams([("a", 3), ("c", -1)], k[:3], v[:3], lm[:3])
+        with pytest.raises(InvalidArgumentError, match="stream"):
+            s.put_streams([("a", 3), ("", 6)], k, v, lm)
+        with pytest.raises(InvalidArgumentError, match="pair"):
+            s.put_streams(["a"], k, v, lm)
+        assert len(s) == 0 and s.streams() == []
+        assert s.put_streams([("a", 9)], k, v, lm)[0].tolist() == list(range(9))  # still usable
+
+
 @pytest.mark.skipif(not hasattr(os, "setpriority"), reason="thread priorities: POSIX only")
 def test_the_background_writer_runs_niced_and_bad_niceness_is_refused(tmp_path):
     import time
