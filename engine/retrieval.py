@@ -164,15 +164,18 @@ def _gather_selected(store, layer: int, sel: torch.Tensor, device, promote: bool
     L, D = store.layout.block_len, store.layout.head_dim
     valid_blk = sel >= 0
     uniq = torch.unique(sel[valid_blk])
-    k_sel = torch.zeros(B, Hkv, kk, L, D, device=device)
-    v_sel = torch.zeros(B, Hkv, kk, L, D, device=device)
-    if len(uniq):
-        k, v = store.get_layer(uniq.tolist(), layer, promote=promote)  # (M, Hkv, L, D)
-        k, v = k.to(device).float(), v.to(device).float()
-        pos = torch.searchsorted(uniq, sel.clamp(min=0))  # (B, Hkv, kk) row in k
-        heads = torch.arange(Hkv)[None, :, None].expand(B, Hkv, kk)
-        k_sel = torch.where(valid_blk[..., None, None], k[pos, heads], k_sel)
-        v_sel = torch.where(valid_blk[..., None, None], v[pos, heads], v_sel)
+    if not len(uniq):
+        return (torch.zeros(B, Hkv, kk, L, D, device=device), torch.zeros(B, Hkv, kk, L, D, device=device), uniq)
+    k, v = store.get_layer(uniq.tolist(), layer, promote=promote)  # (M, Hkv, L, D)
+    k, v = k.to(device).float(), v.to(device).float()
+    pos = torch.searchsorted(uniq, sel.clamp(min=0))  # (B, Hkv, kk) row in k
+    flat = (pos * Hkv + torch.arange(Hkv)[None, :, None]).reshape(-1).to(k.device)  # (row, head) in k
+    k_sel = k.reshape(-1, L, D).index_select(0, flat).view(B, Hkv, kk, L, D)
+    v_sel = v.reshape(-1, L, D).index_select(0, flat).view(B, Hkv, kk, L, D)
+    if not bool(valid_blk.all()):
+        absent = ~valid_blk.to(k.device)[..., None, None]
+        k_sel.masked_fill_(absent, 0.0)
+        v_sel.masked_fill_(absent, 0.0)
     return k_sel, v_sel, uniq
 
 
@@ -288,9 +291,10 @@ class BatchMemory:
         k_search = kk + max(len(e) for e in excludes)
         B, H, T, D = q_rot.shape
         Hkv = cfg.n_kv_heads
-        qs = q_rot.view(B, Hkv, H // Hkv, T, D).permute(0, 2, 3, 1, 4).reshape(B, -1, Hkv, D)
+        qs = q_rot.reshape(B, Hkv, H // Hkv * T, D)  # each KV head's queries (its G heads' rows)
         ids, scores = m0.store.search_max_lanes(layer, qs, k_search, [m.read_streams for m in mems],
-                                                key_map=_rope_key_map(kk * m0.L - 1, D, cfg.rope_theta))
+                                                key_map=_rope_key_map(kk * m0.L - 1, D, cfg.rope_theta),
+                                                heads_first=True)
         for m in mems:
             m.stats.searches += 1
         ids, scores = ids.cpu(), scores.float().cpu()  # (B, Hkv, k')
@@ -328,9 +332,20 @@ def end_chunks(memories: Sequence["RetrievalMemory"]) -> list[int]:
     if (len(memories) < 2 or not hasattr(store, "put_streams")
             or not all(m.store is store and m._whole_chunk_put() for m in memories)):
         return [m.end_chunk() for m in memories]
-    laid = [m._store_layout(*m._whole_chunk()) for m in memories]  # (new, nl, Hkv, L, D) K, V; landmarks
-    parts = [(m.stream, x[0].shape[0]) for m, x in zip(memories, laid)]
-    ids = store.put_streams(parts, *(torch.cat([x[j] for x in laid]) for j in range(3)))
+    m0 = memories[0]
+    L, Hkv, D, nl = m0.L, m0.cfg.n_kv_heads, m0.cfg.head_dim, m0.cfg.n_layers
+    T = [m._pending[0][0].shape[2] for m in memories]
+    # every lane's blocks straight into the store's (N, n_layers, Hkv, L, D) layout: one copy each
+    K = torch.empty(sum(T) // L, nl, Hkv, L, D, dtype=m0.dtype, device=m0.device)
+    V = torch.empty_like(K)
+    row = 0
+    for m, t in zip(memories, T):
+        for layer, (k, v) in enumerate(m._pending):  # (1, Hkv, t, D) each
+            K[row:row + t // L, layer].copy_(k[0].detach().unflatten(1, (t // L, L)).transpose(0, 1))
+            V[row:row + t // L, layer].copy_(v[0].detach().unflatten(1, (t // L, L)).transpose(0, 1))
+        row += t // L
+        m._end_whole_chunk(t)
+    ids = store.put_streams([(m.stream, t // L) for m, t in zip(memories, T)], K, V, K[:, :, :, L - 1].contiguous())
     for m, got in zip(memories, ids):
         m.stats.blocks_put += len(got)
     return [len(got) for got in ids]
@@ -589,15 +604,17 @@ class RetrievalMemory:
         return len(self._put_blocks(*self._whole_chunk()))
 
     def _whole_chunk(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pending chunk's K, V as (n_layers, Hkv, T, D), detached; ends the chunk
-        (every block goes to the store, the window is empty again)."""
+        """The pending chunk's K, V as (n_layers, Hkv, T, D), detached; ends the chunk."""
         k = torch.stack([p[0][0] for p in self._pending]).detach()  # (nl, Hkv, T, D)
         v = torch.stack([p[1][0] for p in self._pending]).detach()
-        T = k.shape[2]
+        self._end_whole_chunk(k.shape[2])
+        return k, v
+
+    def _end_whole_chunk(self, T: int) -> None:
+        """A whole-block chunk of T positions went to the store: the window is empty again."""
         self._pending = [None] * self.cfg.n_layers
         self.n_pos += T
         self.local_start += T
-        return k, v
 
     def _store_layout(self, k: torch.Tensor, v: torch.Tensor):
         """k, v (n_layers, Hkv, new*L, D) pre-RoPE -> the store's (new, n_layers, Hkv, L, D)

@@ -387,8 +387,8 @@ class LandmarkIndex:
             return out_ids.to(queries.device), out_s.to(queries.device)
 
     def search_max_lanes(self, layer: int, queries: torch.Tensor, k: int,
-                         streams: Sequence[Sequence[str]], key_map: torch.Tensor | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+                         streams: Sequence[Sequence[str]], key_map: torch.Tensor | None = None, *,
+                         heads_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """`search_max` for several lanes at once, each over its own streams.
 
         queries (B, Q, n_kv_heads, head_dim): lane b's Q queries; streams: one sequence of
@@ -401,7 +401,8 @@ class LandmarkIndex:
         matrix; the scores are then q . (k @ key_map) (e.g. every key rotated by one RoPE
         position, so queries already rotated for attention need no second rotation): the
         keys are mapped (a few per lane), or, over the faiss threshold, the queries by its
-        transpose (the same scores).
+        transpose (the same scores). heads_first=True: queries are (lanes, n_kv_heads, n_q,
+        head_dim) instead (attention's layout: scored without a transposing copy).
         """
         with self._lock:
             if not isinstance(queries, torch.Tensor) or queries.ndim != 4:
@@ -410,6 +411,8 @@ class LandmarkIndex:
             if isinstance(streams, (str, bytes)) or len(streams) != queries.shape[0]:
                 raise LandmarkIndexError(f"search_max_lanes: {len(streams)} stream lists for "
                                          f"{queries.shape[0]} lanes, expected one per lane")
+            if heads_first:
+                queries = queries.transpose(1, 2)  # (B, Q, H, D) view
             for s in streams:
                 if s is None:
                     raise LandmarkIndexError("search_max_lanes: every lane needs a sequence of streams, got None")
@@ -441,7 +444,8 @@ class LandmarkIndex:
             keys = self._keys[layer].index_select(1, rows_t).view(H, B, m, -1).transpose(0, 1).reshape(B * H, m, -1)
             if key_map is not None:
                 keys = keys @ key_map.to(self.device, torch.float32)
-            qt = queries.detach().to(self.device, torch.float32).permute(0, 2, 3, 1).reshape(B * H, -1, n_q)
+            # (B*H, D, Q): a view of head-major queries (bmm reads the transpose as it is)
+            qt = queries.detach().to(self.device, torch.float32).transpose(1, 2).reshape(B * H, n_q, -1).transpose(1, 2)
             chunk = max(64, _MAX_CHUNK_ELEMS // max(1, B * H * n_q))
             best = torch.empty(B * H, m, dtype=torch.float32, device=self.device)
             for start in range(0, m, chunk):

@@ -860,10 +860,11 @@ class TieredStore:
         return self.index.search_max(layer, queries, k, streams)
 
     def search_max_lanes(self, layer: int, queries: torch.Tensor, k: int, streams: Sequence[Sequence[str]],
-                         key_map: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         key_map: torch.Tensor | None = None, *, heads_first: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """`search_max` for several lanes, each over its own streams; see LandmarkIndex.search_max_lanes."""
         self._check_open()
-        return self.index.search_max_lanes(layer, queries, k, streams, key_map)
+        return self.index.search_max_lanes(layer, queries, k, streams, key_map, heads_first=heads_first)
 
     # -- the derived index -----------------------------------------------------------------------
     def _save_index(self) -> None:

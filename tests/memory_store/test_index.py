@@ -364,6 +364,8 @@ def test_search_max_lanes_equals_search_max_per_lane(backend, tiled, monkeypatch
             assert got_i[b].tolist() == want_i[0].tolist(), (layer, streams)
             assert torch.allclose(got_s[b], want_s[0], atol=1e-4)
     assert not torch.equal(got_i, ix.search_max_lanes(L - 1, q, 6, lanes)[0])  # the map changed the choice
+    hf_i, hf_s = ix.search_max_lanes(L - 1, q.transpose(1, 2).contiguous(), 6, lanes, key_map=M, heads_first=True)
+    assert torch.equal(hf_i, got_i) and torch.allclose(hf_s, got_s, atol=1e-5)  # (B, H, Q, D) queries: the same
     with pytest.raises(ShapeError, match="key_map"):
         ix.search_max_lanes(0, q, 6, lanes, key_map=torch.eye(D + 1))
     with pytest.raises(LandmarkIndexError, match="one per lane"):
