@@ -154,20 +154,38 @@ def _choose(ids: torch.Tensor, scores: torch.Tensor, kk: int) -> torch.Tensor:
     return out
 
 
-def _gather_selected(store, layer: int, sel: torch.Tensor, device, promote: bool = True):
+def _gather_selected(store, layer: int, sel: torch.Tensor, device, promote: bool = True,
+                     cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None):
     """The selected blocks of one layer with one store fetch for their union.
 
-    sel (B, Hkv, kk) ids, -1 = none. Returns k, v (B, Hkv, kk, L, D) float32 on `device`
-    (zeros where none) and the distinct ids fetched (M,) ascending.
+    sel (B, Hkv, kk) ids, -1 = none. cache: optional id -> (K, V) (Hkv, L, D) of blocks
+    fetched before (a memory's previous selection of this layer): those are not fetched
+    again, and on return it holds exactly this selection's blocks. Returns k, v
+    (B, Hkv, kk, L, D) float32 on `device` (zeros where none), the distinct ids (M,)
+    ascending, and how many of them came from the store.
     """
     B, Hkv, kk = sel.shape
     L, D = store.layout.block_len, store.layout.head_dim
     valid_blk = sel >= 0
     uniq = torch.unique(sel[valid_blk])
     if not len(uniq):
-        return (torch.zeros(B, Hkv, kk, L, D, device=device), torch.zeros(B, Hkv, kk, L, D, device=device), uniq)
-    k, v = store.get_layer(uniq.tolist(), layer, promote=promote)  # (M, Hkv, L, D)
-    k, v = k.to(device).float(), v.to(device).float()
+        if cache is not None:
+            cache.clear()
+        return (torch.zeros(B, Hkv, kk, L, D, device=device), torch.zeros(B, Hkv, kk, L, D, device=device), uniq, 0)
+    ids = uniq.tolist()
+    need = ids if cache is None else [i for i in ids if i not in cache]
+    if need:
+        k_new, v_new = store.get_layer(need, layer, promote=promote)  # (n, Hkv, L, D)
+        k_new, v_new = k_new.to(device).float(), v_new.to(device).float()
+    if len(need) == len(ids):
+        k, v = k_new, v_new
+    else:  # some blocks were fetched for the previous selection: reuse them
+        got = dict(zip(need, range(len(need))))
+        k = torch.stack([k_new[got[i]] if i in got else cache[i][0] for i in ids])  # (M, Hkv, L, D)
+        v = torch.stack([v_new[got[i]] if i in got else cache[i][1] for i in ids])
+    if cache is not None:
+        cache.clear()
+        cache.update((i, (k[j], v[j])) for j, i in enumerate(ids))
     pos = torch.searchsorted(uniq, sel.clamp(min=0))  # (B, Hkv, kk) row in k
     flat = (pos * Hkv + torch.arange(Hkv)[None, :, None]).reshape(-1).to(k.device)  # (row, head) in k
     k_sel = k.reshape(-1, L, D).index_select(0, flat).view(B, Hkv, kk, L, D)
@@ -176,7 +194,7 @@ def _gather_selected(store, layer: int, sel: torch.Tensor, device, promote: bool
         absent = ~valid_blk.to(k.device)[..., None, None]
         k_sel.masked_fill_(absent, 0.0)
         v_sel.masked_fill_(absent, 0.0)
-    return k_sel, v_sel, uniq
+    return k_sel, v_sel, uniq, len(need)
 
 
 class BatchMemory:
@@ -310,7 +328,7 @@ class BatchMemory:
         m0 = self.memories[0]
         B, Hkv, kk = sel.shape
         L, D, dev = m0.L, m0.cfg.head_dim, m0.device
-        k_sel, v_sel, uniq = _gather_selected(m0.store, layer, sel, dev)  # (B, Hkv, kk, L, D)
+        k_sel, v_sel, uniq, _ = _gather_selected(m0.store, layer, sel, dev)  # (B, Hkv, kk, L, D)
         if len(uniq):
             sel_np = sel.numpy()
             for i, b in enumerate(lanes):  # per-lane accounting, as if each fetched its own
@@ -395,6 +413,9 @@ class RetrievalMemory:
         # (and chunks) often select the same blocks, which then are not fetched again. Safe:
         # stored blocks never change and ids are never reused.
         self._ret_memo: list[tuple[torch.Tensor, tuple] | None] = [None] * cfg.n_layers
+        # per layer, the raw K/V of the last selection's blocks: a selection that changes in a
+        # few blocks (consecutive decode steps) fetches only those
+        self._ret_blocks: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(cfg.n_layers)]
         self._promote_reads = True  # False during one-query (decode) steps: see _fetch_rotated
         self.stats = RetrievalStats(per_layer_blocks=[0] * cfg.n_layers)
 
@@ -463,10 +484,10 @@ class RetrievalMemory:
         valid_blk = sel >= 0  # (Hkv, kk)
         # a decode step (one query) reads its new blocks through: promoting each would demote
         # a device entry for a block most likely not read again
-        k_sel, v_sel, uniq = _gather_selected(self.store, layer, sel[None], self.device,
-                                              promote=self._promote_reads)
+        k_sel, v_sel, uniq, n_new = _gather_selected(self.store, layer, sel[None], self.device,
+                                                     promote=self._promote_reads, cache=self._ret_blocks[layer])
         k_sel, v_sel = k_sel[0], v_sel[0]  # (Hkv, kk, L, D)
-        self._count_fetched(layer, len(uniq))
+        self._count_fetched(layer, n_new)
         if self.rc.positions == "stingy":
             p = torch.arange(kk * L, device=self.device)  # same prefix for every head
             cos, sin = rope_cos_sin(p, D, self.cfg.rope_theta)

@@ -84,13 +84,20 @@ def test_a_repeated_selection_is_not_fetched_again_and_a_new_one_is():
     again = mem._retrieved(0, a.clone())
     assert len(calls) == 1 and mem.stats.reused == 1
     assert all(torch.equal(x, y) for x, y in zip(first, again))
-    other = mem._retrieved(0, b)  # a different selection is fetched
-    assert len(calls) == 2 and calls[-1][0] == [1, 3]
+    other = mem._retrieved(0, b)  # a different selection: only its new block is fetched
+    assert len(calls) == 2 and calls[-1][0] == [1]
+    assert mem.stats.blocks_fetched == 3  # 0 and 3, then 1
     fresh = RetrievalMemory(m.cfg, store, stream=None, persist=False, read_streams=["doc"],
                             retrieval=RetrievalConfig(top_k=2))._retrieved(0, b)
     assert all(torch.equal(x, y) for x, y in zip(other, fresh))
-    mem._retrieved(1, a)  # per layer: layer 1 has no memo of its own yet
+    mem._retrieved(1, a)  # per layer: layer 1 has no memo or blocks of its own yet
     assert len(calls) == 4 and calls[-1] == ([0, 3], 1)  # (the 3rd call was the fresh memory's)
+    c = torch.tensor([[0, 1]] * Hkv)
+    back = mem._retrieved(0, c)  # 1 kept from b; 0 fetched again (b's selection dropped it)
+    assert calls[-1] == ([0], 0)
+    want = RetrievalMemory(m.cfg, store, stream=None, persist=False, read_streams=["doc"],
+                           retrieval=RetrievalConfig(top_k=2))._retrieved(0, c)
+    assert all(torch.equal(x, y) for x, y in zip(back, want))
 
 
 def test_token_selection_matches_chunk_selection_for_single_query():
