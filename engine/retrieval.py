@@ -27,6 +27,7 @@ Shapes: Hkv KV heads, G = H // Hkv, L block_len, D head dim, kk = top_k.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -129,8 +130,10 @@ def _search_vectors(q: torch.Tensor, q_local_pos: torch.Tensor, cfg: ModelConfig
     return qs.view(B, Hkv, H // Hkv, T, D).permute(0, 2, 3, 1, 4).reshape(B, -1, Hkv, D)
 
 
+@functools.lru_cache(maxsize=64)
 def _rope_key_map(position: int, head_dim: int, theta: float) -> torch.Tensor:
-    """(D, D) matrix M with k @ M == k rotated by RoPE to `position` (for a key map in search)."""
+    """(D, D) matrix M with k @ M == k rotated by RoPE to `position` (for a key map in search).
+    Cached: callers must not modify it."""
     cos, sin = rope_cos_sin(torch.tensor([position]), head_dim, theta)
     return apply_rope(torch.eye(head_dim), cos, sin)
 
@@ -363,7 +366,8 @@ def end_chunks(memories: Sequence["RetrievalMemory"]) -> list[int]:
             V[row:row + t // L, layer].copy_(v[0].detach().unflatten(1, (t // L, L)).transpose(0, 1))
         row += t // L
         m._end_whole_chunk(t)
-    ids = store.put_streams([(m.stream, t // L) for m, t in zip(memories, T)], K, V, K[:, :, :, L - 1].contiguous())
+    ids = store.put_streams([(m.stream, t // L) for m, t in zip(memories, T)], K, V, K[:, :, :, L - 1].contiguous(),
+                            copy=False)  # K, V are this call's own: the store may keep them
     for m, got in zip(memories, ids):
         m.stats.blocks_put += len(got)
     return [len(got) for got in ids]

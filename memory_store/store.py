@@ -325,10 +325,12 @@ class TieredStore:
         return self.put_streams([(stream, n)], k, v, landmarks)[0]
 
     def put_streams(self, parts: Sequence[tuple[str, int]], k: torch.Tensor, v: torch.Tensor,
-                    landmarks: torch.Tensor) -> list[np.ndarray]:
+                    landmarks: torch.Tensor, *, copy: bool = True) -> list[np.ndarray]:
         """Append blocks to several streams in one call: the same as `put_blocks` for each
         part in order (same ids, ordinals and contents), with one host copy, one write-behind
         job and one tier admission for all of them (training puts every lane's window so).
+        copy=False skips the host copy of CPU tensors: the caller hands them over and must
+        not modify them afterwards (the write-behind queue reads them later).
 
         parts: (stream, n_blocks) per part; k, v (N, L, H, T, D) and landmarks (N, L, H, D)
         hold the parts' blocks one after the other, N = sum of n_blocks. Returns each
@@ -357,7 +359,8 @@ class TieredStore:
             return [np.empty(0, dtype=np.int64) for _ in checked]
         # CPU copies for the disk (the caller may reuse its tensors)
         # (numpy copies: single-threaded, so they do not stall on a core held by the writer thread)
-        k_np, v_np, lm_np = (self.layout.to_storage(t.detach().to("cpu").contiguous()).copy() for t in (k, v, landmarks))
+        host = [self.layout.to_storage(t.detach().to("cpu").contiguous()) for t in (k, v, landmarks)]
+        k_np, v_np, lm_np = (a.copy() if copy else a for a in host)
         lm_cpu = self.layout.from_storage(lm_np)  # (N, L, H, D)
         if len(checked) > 1 and not np.isfinite(lm_cpu.float().numpy()).all():
             # index.add checks each part; checked here for all, so no part is added before a bad one

@@ -387,7 +387,7 @@ def test_end_chunks_puts_every_lane_at_once_like_end_chunk_in_order(monkeypatch)
     calls = []
     store_cls = type(_mem_store(m))
     monkeypatch.setattr(store_cls, "put_streams",
-                        lambda self, parts, *a, _f=store_cls.put_streams: calls.append(parts) or _f(self, parts, *a))
+                        lambda self, parts, *a, _f=store_cls.put_streams, **kw: calls.append(parts) or _f(self, parts, *a, **kw))
 
     def run(batched, local_blocks=0):
         rc = RetrievalConfig(top_k=2, local_blocks=local_blocks, chunk_len=64, kernel="vectorized")

@@ -60,21 +60,21 @@ def test_put_get_every_layer_bit_exact(tmp_path):
 
 
 def test_put_streams_equals_put_blocks_per_part_and_a_bad_part_stores_nothing(tmp_path):
-    """One put_streams call == put_blocks per part in order: ids, ordinals, contents, tier
-    placement, search results, and what a reopen reads; a non-finite landmark in any part,
-    or a bad part, stores no part at all."""
+    """One put_streams call (with or without its host copy) == put_blocks per part in order:
+    ids, ordinals, contents, tier placement, search results, and what a reopen reads; a
+    non-finite landmark in any part, or a bad part, stores no part at all."""
     from memory_store import InvalidArgumentError, LandmarkIndexError
 
     k, v, lm = make_blocks(9, seed=6)
     parts = [("a", 3), ("b", 0), ("c", 2), ("a", 4)]
     q = torch.randn(5, LAYOUT.n_kv_heads, LAYOUT.head_dim, generator=torch.Generator().manual_seed(1))
     seen = []
-    for batched in (True, False):
-        path = tmp_path / f"s{batched}"
+    for mode in ("batched", "handed over", "per part"):
+        path = tmp_path / mode.replace(" ", "-")
         with TieredStore.open(path, "w", layout=LAYOUT, config=small_config()) as s:
             s.put_blocks("a", k[:0], v[:0], lm[:0])  # nothing: no stream is made
-            if batched:
-                ids = s.put_streams(parts, k, v, lm)
+            if mode != "per part":  # copy=False: the store keeps the caller's (fresh) tensors
+                ids = s.put_streams(parts, *(t.clone() for t in (k, v, lm)), copy=mode == "batched")
             else:
                 ids, off = [], 0
                 for name, n in parts:
@@ -87,7 +87,7 @@ def test_put_streams_equals_put_blocks_per_part_and_a_bad_part_stores_nothing(tm
             meta = s.block_meta(list(range(9)))
             data = [torch.equal(s.get_layer(list(range(9)), layer)[0], k[:, layer]) for layer in range(LAYOUT.n_layers)]
             seen.append(([i.tolist() for i in ids], tiers, found, meta[0], meta[1].tolist(), s.streams(), data))
-    assert seen[0] == seen[1]
+    assert seen[0] == seen[1] == seen[2]
     assert seen[0][0] == [[0, 1, 2], [], [3, 4], [5, 6, 7, 8]] and seen[0][4] == [0, 1, 2, 0, 1, 3, 4, 5, 6]
     assert all(seen[0][6])
 
