@@ -453,6 +453,20 @@ class LandmarkIndex:
                 best[:, start:start + s.shape[1]] = s.amax(dim=2)
             best = best.view(B, H, m)
             ids = self._device_ids()
+            lens = torch.tensor([len(r) for r in lane_rows], device=self.device)
+            kc = min(k, m)
+            # one top-k over every lane (padding -inf) when its result cannot depend on how ties
+            # are broken: no two equal finite scores among any lane's best k+1. Otherwise (e.g.
+            # layer 0, where every landmark key is the same) per lane as below.
+            padded = best.masked_fill(torch.arange(m, device=self.device) >= lens[:, None, None], float("-inf"))
+            top_s, top_i = padded.topk(min(k + 1, m), dim=-1)  # (B, H, k+1), descending
+            fin = torch.isfinite(top_s)
+            if not bool(((top_s[..., 1:] == top_s[..., :-1]) & fin[..., 1:]).any()):
+                top_s, top_i, fin = top_s[..., :kc], top_i[..., :kc], fin[..., :kc]
+                rows = torch.gather(rows_t.view(B, 1, m).expand(B, H, m), 2, top_i)
+                out_ids[..., :kc] = ids[rows].masked_fill(~fin, -1)
+                out_s[..., :kc] = top_s
+                return out_ids.to(queries.device), out_s.to(queries.device)
             for b, r in enumerate(lane_rows):
                 # top-k over exactly the lane's keys in row order: the input search_max gets, so
                 # equal scores (every block's landmark key is the same at layer 0) resolve alike

@@ -368,6 +368,16 @@ def test_search_max_lanes_equals_search_max_per_lane(backend, tiled, monkeypatch
     assert torch.equal(hf_i, got_i) and torch.allclose(hf_s, got_s, atol=1e-5)  # (B, H, Q, D) queries: the same
     with pytest.raises(ShapeError, match="key_map"):
         ix.search_max_lanes(0, q, 6, lanes, key_map=torch.eye(D + 1))
+    # tied scores (a stream whose landmark keys are all the same, as at layer 0): each lane
+    # still gets exactly search_max's choice among the ties
+    ix.add("same", np.arange(50_000, 50_040), np.broadcast_to(data(1, seed=9), (40, L, H, D)).copy())
+    tied = [["same"], ["a"], ["same", "c"]]
+    for layer in range(L):
+        got_i, got_s = ix.search_max_lanes(layer, q[:3], 6, tied)
+        for b, streams in enumerate(tied):
+            want_i, want_s = ix.search_max(layer, q[b], 6, streams=streams)
+            assert got_i[b].tolist() == want_i[0].tolist(), (layer, streams)
+            assert torch.allclose(got_s[b], want_s[0], atol=1e-5)
     with pytest.raises(LandmarkIndexError, match="one per lane"):
         ix.search_max_lanes(0, q, 6, lanes[:2])
     with pytest.raises(ShapeError, match="lanes"):
