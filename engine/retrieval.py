@@ -270,8 +270,11 @@ class BatchMemory:
             rows = [torch.nonzero(~none).flatten(), torch.nonzero(none).flatten()]
             outs = [self._attend_rows(layer, q_rot[r], k_loc[r], v_loc[r], sel[r], n_before, r.tolist())
                     for r in rows]
+            out = torch.cat(outs)
             order = torch.argsort(torch.cat(rows))
-            return torch.cat(outs)[order].to(q.dtype)
+            if not torch.equal(order, torch.arange(B)):  # (lanes without blocks last: no reorder)
+                out = out[order]
+            return out.to(q.dtype)
         return self._attend_rows(layer, q_rot, k_loc, v_loc, sel, n_before, list(range(B))).to(q.dtype)
 
     def _attend_rows(self, layer, q_rot, k_loc_rot, v_loc, sel, n_before: int, lanes: list[int]) -> torch.Tensor:
