@@ -322,7 +322,8 @@ class BatchMemory:
         for m in mems:
             m.stats.searches += 1
         ids, scores = ids.cpu(), scores.float().cpu()  # (B, Hkv, k')
-        scores = torch.stack([_without(ids[b], scores[b], e) for b, e in enumerate(excludes)])
+        if any(excludes):
+            scores = torch.stack([_without(ids[b], scores[b], e) for b, e in enumerate(excludes)])
         return _choose(ids, scores, kk)
 
     def _fetch_lanes(self, layer: int, sel: torch.Tensor, lanes: list[int]):
@@ -362,12 +363,21 @@ def end_chunks(memories: Sequence["RetrievalMemory"]) -> list[int]:
     # every lane's blocks straight into the store's (N, n_layers, Hkv, L, D) layout: one copy each
     K = torch.empty(sum(T) // L, nl, Hkv, L, D, dtype=m0.dtype, device=m0.device)
     V = torch.empty_like(K)
-    row = 0
+    if len(set(T)) == 1:  # training: every lane's window has the same length; one copy per layer
+        new = T[0] // L
+        for layer in range(nl):
+            for i, dst in enumerate((K, V)):
+                src = torch.cat([m._pending[layer][i] for m in memories]).detach()  # (B, Hkv, t, D)
+                dst.view(len(memories), new, nl, Hkv, L, D)[:, :, layer].copy_(
+                    src.unflatten(2, (new, L)).transpose(1, 2))
+    else:
+        row = 0
+        for m, t in zip(memories, T):
+            for layer, (k, v) in enumerate(m._pending):  # (1, Hkv, t, D) each
+                K[row:row + t // L, layer].copy_(k[0].detach().unflatten(1, (t // L, L)).transpose(0, 1))
+                V[row:row + t // L, layer].copy_(v[0].detach().unflatten(1, (t // L, L)).transpose(0, 1))
+            row += t // L
     for m, t in zip(memories, T):
-        for layer, (k, v) in enumerate(m._pending):  # (1, Hkv, t, D) each
-            K[row:row + t // L, layer].copy_(k[0].detach().unflatten(1, (t // L, L)).transpose(0, 1))
-            V[row:row + t // L, layer].copy_(v[0].detach().unflatten(1, (t // L, L)).transpose(0, 1))
-        row += t // L
         m._end_whole_chunk(t)
     ids = store.put_streams([(m.stream, t // L) for m, t in zip(memories, T)], K, V, K[:, :, :, L - 1].contiguous(),
                             copy=False)  # K, V are this call's own: the store may keep them

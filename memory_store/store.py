@@ -695,9 +695,10 @@ class TieredStore:
         Entries that fit nowhere are dropped: they are on disk or in the write-behind queue."""
         if level >= len(self._memory) or not keys:
             return
-        for tier in self._memory:  # the memory tiers are exclusive
-            for key in keys:
-                tier.delete(key)
+        if source != "put":  # the memory tiers are exclusive (a put's ids are new: in no tier yet)
+            for tier in self._memory:
+                for key in keys:
+                    tier.delete(key)
         tier = self._memory[level]
         cap = tier.max_entries
         over = max(0, len(keys) - cap)

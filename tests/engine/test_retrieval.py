@@ -416,6 +416,22 @@ def test_end_chunks_puts_every_lane_at_once_like_end_chunk_in_order(monkeypatch)
     c, d = run(True, local_blocks=1), run(False, local_blocks=1)  # not whole-chunk puts: end_chunk each
     assert c[0] == d[0] and c[2] == d[2] and c[3] == d[3]
 
+    def uneven(batched):  # memories that ran alone, on chunks of different lengths: still one put
+        rc = RetrievalConfig(top_k=2, local_blocks=0, chunk_len=128, kernel="vectorized")
+        store = _mem_store(m)
+        mems = [RetrievalMemory(m.cfg, store, stream=f"d{i}", retrieval=rc) for i in range(3)]
+        with torch.no_grad():
+            for mem, d, n in zip(mems, docs, (64, 128, 32)):
+                m(d[None, :n], memory=mem)
+        puts = end_chunks(mems) if batched else [mem.end_chunk() for mem in mems]
+        return puts, [[store.get(int(i)) for i in store.stream_blocks(f"d{j}")] for j in range(3)]
+
+    (pa, ba), (pb, bb) = uneven(True), uneven(False)
+    assert pa == pb == [8, 16, 4]
+    for xs, ys in zip(ba, bb):
+        assert [x.id for x in xs] == [y.id for y in ys]
+        assert all(torch.equal(x.k, y.k) and torch.equal(x.v, y.v) for x, y in zip(xs, ys))
+
 
 @pytest.mark.parametrize("n_tail,n_new,chunk", [(0, 0, 5), (3, 1, 4), (0, 200, 13), (5, 333, 7), (6, 90, 64)])
 def test_landmarked_stream_pieces_equal_landmarking_everything(n_tail, n_new, chunk, monkeypatch):
