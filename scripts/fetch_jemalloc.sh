@@ -16,7 +16,10 @@ command -v apt-get >/dev/null 2>&1 && command -v dpkg-deb >/dev/null 2>&1 || {
     echo "fetch_jemalloc: no apt-get here; folio will use the system allocator" >&2; exit 0; }
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
-if (cd "$tmp" && apt-get download -q libjemalloc2 >/dev/null 2>&1) && dpkg-deb -x "$tmp"/libjemalloc2_*.deb "$tmp/x" 2>/dev/null; then
+fetch() { (cd "$tmp" && apt-get download -q libjemalloc2 >/dev/null 2>&1); }
+# a fresh machine may have no package lists yet: refresh them once (root only) and retry
+fetch || { [ "$(id -u)" = 0 ] && apt-get update -qq >/dev/null 2>&1 && fetch; }
+if ls "$tmp"/libjemalloc2_*.deb >/dev/null 2>&1 && dpkg-deb -x "$tmp"/libjemalloc2_*.deb "$tmp/x" 2>/dev/null; then
     lib="$(find "$tmp/x" -name 'libjemalloc.so.2' | head -n 1)"
     if [ -n "$lib" ]; then
         mkdir -p "$VENV/lib" && cp "$lib" "$DEST" && echo "fetch_jemalloc: $DEST" && exit 0
