@@ -10,7 +10,7 @@ in `python -m bench.inference`). It has to be chosen before the process starts
 (LD_PRELOAD), so the `folio` command re-executes itself once with jemalloc preloaded
 when it finds the library: the system's (Debian/Ubuntu: `apt install libjemalloc2`) or
 the copy `make install` unpacks into the virtual environment's lib/ when the system has
-none (scripts/fetch_jemalloc.sh: `apt-get download`, no root, nothing system-wide).
+none (scripts/fetch_jemalloc.sh: `apt-get download`, which installs nothing).
 
 FOLIO_MALLOC=system (or glibc) turns this off; FOLIO_MALLOC=/path/to/libjemalloc.so.2
 names the library. Nothing is downloaded at run time; Linux only (elsewhere this is a no-op).

@@ -130,6 +130,15 @@ def _search_vectors(q: torch.Tensor, q_local_pos: torch.Tensor, cfg: ModelConfig
     return qs.view(B, Hkv, H // Hkv, T, D).permute(0, 2, 3, 1, 4).reshape(B, -1, Hkv, D)
 
 
+def _key_valid(valid_ret: torch.Tensor, n_loc: int) -> torch.Tensor | None:
+    """The kernel's kv_valid for [retrieved (valid_ret (B, Hkv, kk*L)) + n_loc local keys],
+    or None when every retrieved key is present."""
+    if bool(valid_ret.all()):
+        return None
+    B, Hkv = valid_ret.shape[:2]
+    return torch.cat([valid_ret, torch.ones(B, Hkv, n_loc, dtype=torch.bool, device=valid_ret.device)], dim=2)
+
+
 @functools.lru_cache(maxsize=64)
 def _rope_key_map(position: int, head_dim: int, theta: float) -> torch.Tensor:
     """(D, D) matrix M with k @ M == k rotated by RoPE to `position` (for a key map in search).
@@ -242,7 +251,7 @@ class BatchMemory:
     def _attend_lanes(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Every lane's `prepare_chunk` + one kernel call, with the per-lane work batched:
         one index search (`search_max_lanes`), one store fetch for the union of the lanes'
-        blocks, one rotation of all retrieved and local keys. Same result as the per-lane
+        blocks, one rotation of all local keys and queries. Same result as the per-lane
         path (tested). Lanes without any retrieved block take a second, cheaper call over
         their window alone (no padded prefix)."""
         mems, m0 = self.memories, self.memories[0]
@@ -291,11 +300,7 @@ class BatchMemory:
         k_ret, v_ret, valid_ret = self._fetch_lanes(layer, sel, lanes)
         k_all = torch.cat([k_ret, k_loc_rot], dim=2)  # (B, Hkv, kk*L + n_loc, D)
         v_all = torch.cat([v_ret, v_loc], dim=2)
-        valid = None
-        if not bool(valid_ret.all()):
-            valid = torch.cat([valid_ret, torch.ones(B, valid_ret.shape[1], n_loc, dtype=torch.bool,
-                                                     device=valid_ret.device)], dim=2)
-        return rc.attention(q_rot, k_all, v_all, L, q_offset=kk * L + n_before, kv_valid=valid,
+        return rc.attention(q_rot, k_all, v_all, L, q_offset=kk * L + n_before, kv_valid=_key_valid(valid_ret, n_loc),
                             const_keys=kk * L)
 
     def _select_lanes(self, layer: int, q_rot: torch.Tensor) -> torch.Tensor:
@@ -347,41 +352,42 @@ class BatchMemory:
         return k_rot, v_sel.reshape(B, Hkv, kk * L, D), valid
 
 
+def _to_store_layout(k: torch.Tensor, v: torch.Tensor, L: int, dtype, device):
+    """k, v (n_layers, Hkv, S, D) pre-RoPE, S whole blocks, or lists of such (lanes, one
+    after the other) -> the store's K, V (N, n_layers, Hkv, L, D) and landmark keys (each
+    block's last slot, (N, n_layers, Hkv, D)), written with one copy per tensor and lane."""
+    ks, vs = (k, v) if isinstance(k, (list, tuple)) else ([k], [v])
+    nl, Hkv, _, D = ks[0].shape
+    N = sum(x.shape[2] for x in ks) // L
+    K = torch.empty(N, nl, Hkv, L, D, dtype=dtype, device=device)
+    V = torch.empty_like(K)
+    row = 0
+    for kx, vx in zip(ks, vs):
+        n = kx.shape[2] // L
+        K[row:row + n].copy_(kx.detach().unflatten(2, (n, L)).permute(2, 0, 1, 3, 4))
+        V[row:row + n].copy_(vx.detach().unflatten(2, (n, L)).permute(2, 0, 1, 3, 4))
+        row += n
+    return K, V, K[:, :, :, L - 1].contiguous()
+
+
 def end_chunks(memories: Sequence["RetrievalMemory"]) -> list[int]:
     """`end_chunk` of several memories (a training step's lanes). When every chunk goes
     straight into one store (training windows), they are put with one `put_streams` (one
     host copy, write job and tier admission instead of one per lane). Same store contents,
     ids and memory states as calling end_chunk on each in order (tested). Returns the
-    blocks put per memory."""
+    blocks put per memory. If the put fails, no memory's chunk is ended."""
     store = memories[0].store if memories else None
     if (len(memories) < 2 or not hasattr(store, "put_streams")
             or not all(m.store is store and m._whole_chunk_put() for m in memories)):
         return [m.end_chunk() for m in memories]
     m0 = memories[0]
-    L, Hkv, D, nl = m0.L, m0.cfg.n_kv_heads, m0.cfg.head_dim, m0.cfg.n_layers
-    T = [m._pending[0][0].shape[2] for m in memories]
-    # every lane's blocks straight into the store's (N, n_layers, Hkv, L, D) layout: one copy each
-    K = torch.empty(sum(T) // L, nl, Hkv, L, D, dtype=m0.dtype, device=m0.device)
-    V = torch.empty_like(K)
-    if len(set(T)) == 1:  # training: every lane's window has the same length; one copy per layer
-        new = T[0] // L
-        for layer in range(nl):
-            for i, dst in enumerate((K, V)):
-                src = torch.cat([m._pending[layer][i] for m in memories]).detach()  # (B, Hkv, t, D)
-                dst.view(len(memories), new, nl, Hkv, L, D)[:, :, layer].copy_(
-                    src.unflatten(2, (new, L)).transpose(1, 2))
-    else:
-        row = 0
-        for m, t in zip(memories, T):
-            for layer, (k, v) in enumerate(m._pending):  # (1, Hkv, t, D) each
-                K[row:row + t // L, layer].copy_(k[0].detach().unflatten(1, (t // L, L)).transpose(0, 1))
-                V[row:row + t // L, layer].copy_(v[0].detach().unflatten(1, (t // L, L)).transpose(0, 1))
-            row += t // L
-    for m, t in zip(memories, T):
-        m._end_whole_chunk(t)
-    ids = store.put_streams([(m.stream, t // L) for m, t in zip(memories, T)], K, V, K[:, :, :, L - 1].contiguous(),
+    pend = [m._pending_chunk() for m in memories]  # per lane (n_layers, Hkv, T, D)
+    K, V, lm = _to_store_layout([p[0] for p in pend], [p[1] for p in pend], m0.L, m0.dtype, m0.device)
+    T = [p[0].shape[2] for p in pend]
+    ids = store.put_streams([(m.stream, t // m0.L) for m, t in zip(memories, T)], K, V, lm,
                             copy=False)  # K, V are this call's own: the store may keep them
-    for m, got in zip(memories, ids):
+    for m, t, got in zip(memories, T, ids):
+        m._end_whole_chunk(t)
         m.stats.blocks_put += len(got)
     return [len(got) for got in ids]
 
@@ -582,11 +588,7 @@ class RetrievalMemory:
         q_rot = apply_rope(q.float(), qc, qs)  # (1, H, T, D)
         k_all = torch.cat([k_ret, k_loc_rot], dim=2)  # (1, Hkv, kk*L + n_loc, D)
         v_all = torch.cat([v_ret, v_loc.float()], dim=2)
-        valid = None
-        if kk and not bool(valid_ret.all()):
-            valid = torch.cat([valid_ret, torch.ones(1, valid_ret.shape[1], n_loc, dtype=torch.bool,
-                                                     device=self.device)], dim=2)
-        return q_rot, k_all, v_all, valid, kk * self.L + int(q_local[0])
+        return q_rot, k_all, v_all, _key_valid(valid_ret, n_loc), kk * self.L + int(q_local[0])
 
     # -- after each forward -------------------------------------------------------------
     def end_chunk(self) -> int:
@@ -638,15 +640,16 @@ class RetrievalMemory:
 
     def _put_whole_chunk(self, T: int) -> int:
         """`end_chunk` when `_whole_chunk_put()`: the chunk's K/V go to the store as they
-        are, without passing through the local window. Same store contents as the general path."""
-        return len(self._put_blocks(*self._whole_chunk()))
+        are, without passing through the local window. Same store contents as the general path.
+        The chunk ends only once the put succeeded."""
+        n = len(self._put_blocks(*self._pending_chunk()))
+        self._end_whole_chunk(T)
+        return n
 
-    def _whole_chunk(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pending chunk's K, V as (n_layers, Hkv, T, D), detached; ends the chunk."""
-        k = torch.stack([p[0][0] for p in self._pending]).detach()  # (nl, Hkv, T, D)
-        v = torch.stack([p[1][0] for p in self._pending]).detach()
-        self._end_whole_chunk(k.shape[2])
-        return k, v
+    def _pending_chunk(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pending chunk's K, V as (n_layers, Hkv, T, D), detached."""
+        return (torch.stack([p[0][0] for p in self._pending]).detach(),  # (nl, Hkv, T, D)
+                torch.stack([p[1][0] for p in self._pending]).detach())
 
     def _end_whole_chunk(self, T: int) -> None:
         """A whole-block chunk of T positions went to the store: the window is empty again."""
@@ -654,19 +657,10 @@ class RetrievalMemory:
         self.n_pos += T
         self.local_start += T
 
-    def _store_layout(self, k: torch.Tensor, v: torch.Tensor):
-        """k, v (n_layers, Hkv, new*L, D) pre-RoPE -> the store's (new, n_layers, Hkv, L, D)
-        K, V and landmark keys (each block's last slot, (new, n_layers, Hkv, D))."""
-        nl, Hkv, S, D = k.shape
-        L, new, dt = self.L, S // self.L, self.dtype
-        k = k.view(nl, Hkv, new, L, D).permute(2, 0, 1, 3, 4).to(self.device, dt).contiguous()
-        v = v.view(nl, Hkv, new, L, D).permute(2, 0, 1, 3, 4).to(self.device, dt).contiguous()
-        return k, v, k[:, :, :, L - 1].contiguous()
-
     def _put_blocks(self, k: torch.Tensor, v: torch.Tensor) -> np.ndarray:
         """Put whole blocks, k and v (n_layers, Hkv, new*L, D) pre-RoPE, into the store under
         the memory's stream, with their landmark keys. Returns the ids."""
-        ids = self.store.put_blocks(self.stream, *self._store_layout(k, v))
+        ids = self.store.put_blocks(self.stream, *_to_store_layout(k, v, self.L, self.dtype, self.device))
         self.stats.blocks_put += len(ids)
         return ids
 

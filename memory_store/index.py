@@ -206,56 +206,79 @@ class LandmarkIndex:
         LandmarkIndexError (duplicate/existing/negative ids, non-finite keys, bad stream name);
         on error nothing is changed.
         """
-        with self._lock:
-            if not isinstance(stream, str) or not stream:
-                raise LandmarkIndexError(f"stream={stream!r}: expected a non-empty str")
-            ids = self._check_ids(ids, "add")
-            want = (len(ids), self.n_layers, self.n_kv_heads, self.head_dim)
-            if isinstance(keys, np.ndarray):
-                if not np.issubdtype(keys.dtype, np.floating):
-                    raise ShapeError(f"add: keys dtype {keys.dtype}, expected a float dtype")
-                keys = torch.from_numpy(keys)
-            elif not isinstance(keys, torch.Tensor):
-                raise ShapeError(f"add: keys of type {type(keys).__name__}, expected torch.Tensor or np.ndarray")
-            elif not keys.is_floating_point():
-                raise ShapeError(f"add: keys dtype {keys.dtype}, expected a float dtype")
-            if tuple(keys.shape) != want:
-                raise ShapeError(f"add: keys shape {tuple(keys.shape)}, expected (N, n_layers, n_kv_heads, head_dim)={want}")
-            if len(ids) == 0:
-                return
-            if (ids < 0).any():
-                raise LandmarkIndexError(f"add: negative id {int(ids[ids < 0][0])}; ids must be >= 0 (-1 is the search padding)")
-            if len(np.unique(ids)) != len(ids):
-                u, c = np.unique(ids, return_counts=True)
-                raise LandmarkIndexError(f"add: duplicate ids in the batch, e.g. {int(u[c > 1][0])}; ids must be unique")
-            _, found = self._rows_of(ids)
-            if found.any():
-                raise LandmarkIndexError(f"add: id {int(ids[found][0])} is already in the index; ids must be new")
-            keys_f = keys.detach().to(torch.float32)  # (N, L, H, D)
-            # numpy on CPU: single-threaded (a torch OpenMP kernel stalls while the store's writer holds a core)
-            finite = np.isfinite(keys_f.numpy()).all() if keys_f.device.type == "cpu" else torch.isfinite(keys_f).all()
-            if not finite:
-                raise LandmarkIndexError("add: keys contain NaN or inf; landmark keys must be finite")
+        self.add_parts([(stream, ids, keys)])
 
-            m, n = len(ids), self._n
-            self._grow(n + m)
-            self._keys[:, :, n:n + m] = keys_f.to(self.device).permute(1, 2, 0, 3)  # (L, H, N, D)
-            self._ids[n:n + m] = ids
-            if stream not in self._stream_code:
-                self._stream_code[stream] = self._next_code
-                self._stream_count[stream] = 0
-                self._next_code += 1
-            self._codes[n:n + m] = self._stream_code[stream]
-            self._stream_count[stream] += m
-            self._n = n + m
-            order = np.argsort(ids, kind="stable")
-            new_sorted = ids[order]
-            pos = np.searchsorted(self._sorted_ids, new_sorted)
-            self._sorted_ids = np.insert(self._sorted_ids, pos, new_sorted)
-            self._sorted_rows = np.insert(self._sorted_rows, pos, n + order.astype(np.int64))
-            self._ids_dev = None
-            if self._faiss is not None and self._faiss_synced:
-                self._faiss.add(ids, keys_f.cpu().numpy().transpose(1, 2, 0, 3))  # (L, H, N, D)
+    def add_parts(self, parts: Sequence[tuple[str, np.ndarray | torch.Tensor, torch.Tensor | np.ndarray]]) -> None:
+        """`add` for several (stream, ids, keys) parts at once: every part is checked (and
+        ids across parts must be distinct) and the key storage grown before any part is
+        written, so an error leaves the index as it was."""
+        with self._lock:
+            checked = [self._check_part(*part) for part in parts]
+            checked = [c for c in checked if c is not None]
+            if not checked:
+                return
+            if len(checked) > 1:
+                all_ids = np.concatenate([c[1] for c in checked])
+                if len(np.unique(all_ids)) != len(all_ids):
+                    u, c = np.unique(all_ids, return_counts=True)
+                    raise LandmarkIndexError(f"add: id {int(u[c > 1][0])} is in two parts; ids must be unique")
+            self._grow(self._n + sum(len(c[1]) for c in checked))  # the one allocation, before any write
+            for stream, ids, keys_f in checked:
+                self._write_part(stream, ids, keys_f)
+
+    def _check_part(self, stream: object, ids: object, keys: object) -> tuple[str, np.ndarray, torch.Tensor] | None:
+        """The checks of `add` for one part (lock held): (stream, ids, float32 keys), or None if empty."""
+        if not isinstance(stream, str) or not stream:
+            raise LandmarkIndexError(f"stream={stream!r}: expected a non-empty str")
+        ids = self._check_ids(ids, "add")
+        want = (len(ids), self.n_layers, self.n_kv_heads, self.head_dim)
+        if isinstance(keys, np.ndarray):
+            if not np.issubdtype(keys.dtype, np.floating):
+                raise ShapeError(f"add: keys dtype {keys.dtype}, expected a float dtype")
+            keys = torch.from_numpy(keys)
+        elif not isinstance(keys, torch.Tensor):
+            raise ShapeError(f"add: keys of type {type(keys).__name__}, expected torch.Tensor or np.ndarray")
+        elif not keys.is_floating_point():
+            raise ShapeError(f"add: keys dtype {keys.dtype}, expected a float dtype")
+        if tuple(keys.shape) != want:
+            raise ShapeError(f"add: keys shape {tuple(keys.shape)}, expected (N, n_layers, n_kv_heads, head_dim)={want}")
+        if len(ids) == 0:
+            return None
+        if (ids < 0).any():
+            raise LandmarkIndexError(f"add: negative id {int(ids[ids < 0][0])}; ids must be >= 0 (-1 is the search padding)")
+        if len(np.unique(ids)) != len(ids):
+            u, c = np.unique(ids, return_counts=True)
+            raise LandmarkIndexError(f"add: duplicate ids in the batch, e.g. {int(u[c > 1][0])}; ids must be unique")
+        _, found = self._rows_of(ids)
+        if found.any():
+            raise LandmarkIndexError(f"add: id {int(ids[found][0])} is already in the index; ids must be new")
+        keys_f = keys.detach().to(torch.float32)  # (N, L, H, D)
+        # numpy on CPU: single-threaded (a torch OpenMP kernel stalls while the store's writer holds a core)
+        finite = np.isfinite(keys_f.numpy()).all() if keys_f.device.type == "cpu" else torch.isfinite(keys_f).all()
+        if not finite:
+            raise LandmarkIndexError("add: keys contain NaN or inf; landmark keys must be finite")
+        return stream, ids, keys_f
+
+    def _write_part(self, stream: str, ids: np.ndarray, keys_f: torch.Tensor) -> None:
+        """Append one checked part (lock held, storage already grown)."""
+        m, n = len(ids), self._n
+        self._keys[:, :, n:n + m] = keys_f.to(self.device).permute(1, 2, 0, 3)  # (L, H, N, D)
+        self._ids[n:n + m] = ids
+        if stream not in self._stream_code:
+            self._stream_code[stream] = self._next_code
+            self._stream_count[stream] = 0
+            self._next_code += 1
+        self._codes[n:n + m] = self._stream_code[stream]
+        self._stream_count[stream] += m
+        self._n = n + m
+        order = np.argsort(ids, kind="stable")
+        new_sorted = ids[order]
+        pos = np.searchsorted(self._sorted_ids, new_sorted)
+        self._sorted_ids = np.insert(self._sorted_ids, pos, new_sorted)
+        self._sorted_rows = np.insert(self._sorted_rows, pos, n + order.astype(np.int64))
+        self._ids_dev = None
+        if self._faiss is not None and self._faiss_synced:
+            self._faiss.add(ids, keys_f.cpu().numpy().transpose(1, 2, 0, 3))  # (L, H, N, D)
 
     def _grow(self, need: int) -> None:
         cap = self._keys.shape[2]

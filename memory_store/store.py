@@ -58,8 +58,8 @@ import torch
 from zarr.abc.store import Store
 
 from .disk import CommitRecord, DiskTier, StreamRecord
-from .errors import (ClosedError, CorruptBlockError, InvalidArgumentError, LandmarkIndexError,
-                     ReadOnlyError, ShapeError, StoreError, UnknownBlockError)
+from .errors import (ClosedError, CorruptBlockError, InvalidArgumentError, ReadOnlyError,
+                     ShapeError, StoreError, UnknownBlockError)
 from .eviction import make_policy
 from .index import LandmarkIndex
 from .layout import StoreLayout
@@ -334,7 +334,8 @@ class TieredStore:
 
         parts: (stream, n_blocks) per part; k, v (N, L, H, T, D) and landmarks (N, L, H, D)
         hold the parts' blocks one after the other, N = sum of n_blocks. Returns each
-        part's ids. Everything is checked before anything changes (a bad part stores none).
+        part's ids. Everything is checked (and the index grown) before anything changes: a
+        bad part, or the index failing to grow, stores no part.
         Raises ShapeError, InvalidArgumentError, LandmarkIndexError, ReadOnlyError, ClosedError.
         """
         self._check_writable()
@@ -362,9 +363,6 @@ class TieredStore:
         host = [self.layout.to_storage(t.detach().to("cpu").contiguous()) for t in (k, v, landmarks)]
         k_np, v_np, lm_np = (a.copy() if copy else a for a in host)
         lm_cpu = self.layout.from_storage(lm_np)  # (N, L, H, D)
-        if len(checked) > 1 and not np.isfinite(lm_cpu.float().numpy()).all():
-            # index.add checks each part; checked here for all, so no part is added before a bad one
-            raise LandmarkIndexError("put_streams: landmarks contain NaN or inf; landmark keys must be finite")
         job_bytes = k_np.nbytes + v_np.nbytes + lm_np.nbytes
         with self._cv:
             self._check_writable()
@@ -372,12 +370,17 @@ class TieredStore:
                 self._cv.wait()  # back-pressure: the writer drains the queue
                 self._check_writable()
             start = self._next_id
+            self._grow_rows(start + n)  # (allocations first: nothing below may fail half-way)
+            offs = np.cumsum([0] + [c for _, c in checked])
+            out = [np.arange(start + offs[i], start + offs[i + 1], dtype=np.int64) for i in range(len(checked))]
+            # the index checks every part (landmarks finite, ids new) before it changes: an error here
+            # leaves the store as it was
+            self.index.add_parts([(stream, ids, lm_cpu[offs[i]:offs[i + 1]])
+                                  for i, ((stream, _), ids) in enumerate(zip(checked, out))])
             codes = np.empty(n, dtype=np.int32)
             ords = np.empty(n, dtype=np.int64)
-            out, off = [], 0
-            for stream, n_part in checked:
-                ids = np.arange(start + off, start + off + n_part, dtype=np.int64)
-                out.append(ids)
+            off = 0
+            for (stream, n_part), ids in zip(checked, out):
                 if n_part == 0:
                     continue
                 code = self._stream_code.get(stream)
@@ -385,7 +388,6 @@ class TieredStore:
                 if new_stream:
                     code = len(self._streams)
                 first_ord = 0 if new_stream else self._streams[code].n_blocks
-                self.index.add(stream, ids, lm_cpu[off:off + n_part])  # validates before any state below changes
                 if new_stream:
                     self._streams.append(StreamRecord(stream))
                     self._stream_code[stream] = code
@@ -395,7 +397,6 @@ class TieredStore:
                 codes[off:off + n_part] = code
                 ords[off:off + n_part] = np.arange(first_ord, first_ord + n_part)
                 off += n_part
-            self._grow_rows(start + n)
             self._codes[start:start + n], self._ords[start:start + n], self._alive[start:start + n] = codes, ords, True
             self._n_alive += n
             self._next_id = start + n

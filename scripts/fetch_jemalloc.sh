@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Put jemalloc beside the virtual environment when the machine has none (called by `make install`).
+# Put jemalloc beside the virtual environment when the machine has none (called by `make install`;
+# run it by hand, `bash scripts/fetch_jemalloc.sh .venv`, to add it to an existing environment).
 # Why: the `folio` command runs on jemalloc when it finds it, which keeps a long ingest's peak RSS
 # flat (glibc's malloc fragments; see engine/allocator.py and BENCHMARKS.md). On Debian/Ubuntu the
-# library is one package; `apt-get download` fetches it without root and without installing
-# anything system-wide; only libjemalloc.so.2 is unpacked into VENV/lib. Never fatal: without it
-# folio runs on the system allocator.
+# library is one package: `apt-get download` fetches it without installing anything, and only
+# libjemalloc.so.2 is unpacked into VENV/lib. A machine with no package lists yet gets them
+# refreshed once (`apt-get update`, root only). Never fatal, and every network step is bounded
+# (60 s): without it folio runs on the system allocator.
 set -u
 VENV="${1:-.venv}"
 DEST="$VENV/lib/libjemalloc.so.2"
@@ -14,11 +16,11 @@ for p in /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/aarch64-linux-gnu/l
 done
 command -v apt-get >/dev/null 2>&1 && command -v dpkg-deb >/dev/null 2>&1 || {
     echo "fetch_jemalloc: no apt-get here; folio will use the system allocator" >&2; exit 0; }
-tmp="$(mktemp -d)"
+tmp="$(mktemp -d 2>/dev/null)" && [ -n "$tmp" ] && [ -d "$tmp" ] || {
+    echo "fetch_jemalloc: no temporary directory; folio will use the system allocator" >&2; exit 0; }
 trap 'rm -rf "$tmp"' EXIT
-fetch() { (cd "$tmp" && apt-get download -q libjemalloc2 >/dev/null 2>&1); }
-# a fresh machine may have no package lists yet: refresh them once (root only) and retry
-fetch || { [ "$(id -u)" = 0 ] && apt-get update -qq >/dev/null 2>&1 && fetch; }
+fetch() { (cd "$tmp" && timeout 60 apt-get download -q libjemalloc2 >/dev/null 2>&1); }
+fetch || { [ "$(id -u)" = 0 ] && timeout 60 apt-get update -qq >/dev/null 2>&1 && fetch; }
 if ls "$tmp"/libjemalloc2_*.deb >/dev/null 2>&1 && dpkg-deb -x "$tmp"/libjemalloc2_*.deb "$tmp/x" 2>/dev/null; then
     lib="$(find "$tmp/x" -name 'libjemalloc.so.2' | head -n 1)"
     if [ -n "$lib" ]; then

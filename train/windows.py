@@ -6,14 +6,17 @@ starts at a block boundary). A batch has `micro_batch` lanes; each lane trains i
 document window after window, in order, and draws the next document when it ends.
 
 The seam for retrieval in training (TBPTT over the store) is `DocumentState.memory`
-and the `WindowMemory` hooks. The loop calls, per lane:
+and the `WindowMemory` hooks. The loop calls:
 
 - `begin_document(state)` when a lane starts a document (open its store stream),
 - `for_step(states)` before the forward: what the model gets as `memory=` (None = the
   paper's plain-window training),
-- `after_window(state, window_index)` after the optimizer step (put the window's
-  completed blocks into the stream; from the second window on they are retrieved),
-- `end_document(state)` after its last window (delete the stream).
+- `after_windows(states, window_indices)` after the optimizer step, once for all lanes
+  (by default `after_window(state, window_index)` for each lane in order: put the
+  window's completed blocks into the stream; from the second window on they are
+  retrieved),
+- `end_document(state)` for each lane whose last window that was, after every lane's
+  window has been put (delete the stream).
 
 `NoMemory` does nothing; the retrieval implementation replaces it.
 

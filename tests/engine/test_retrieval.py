@@ -426,6 +426,19 @@ def test_end_chunks_puts_every_lane_at_once_like_end_chunk_in_order(monkeypatch)
         puts = end_chunks(mems) if batched else [mem.end_chunk() for mem in mems]
         return puts, [[store.get(int(i)) for i in store.stream_blocks(f"d{j}")] for j in range(3)]
 
+    # a put that fails ends no chunk: the windows are still pending and can be put again
+    monkeypatch.setattr(store_cls, "put_streams", lambda self, *a, **kw: (_ for _ in ()).throw(OSError("disk full")))
+    store = _mem_store(m)
+    mems = [RetrievalMemory(m.cfg, store, stream=f"d{i}", retrieval=RetrievalConfig(
+        top_k=2, local_blocks=0, chunk_len=64, kernel="vectorized")) for i in range(3)]
+    with torch.no_grad():
+        m(torch.stack([d[:64] for d in docs]), memory=BatchMemory(mems))
+    with pytest.raises(OSError, match="disk full"):
+        end_chunks(mems)
+    assert all(mem._pending[0] is not None and mem.n_pos == 0 for mem in mems) and len(store) == 0
+    monkeypatch.undo()
+    assert end_chunks(mems) == [8, 8, 8] and len(store) == 24
+
     (pa, ba), (pb, bb) = uneven(True), uneven(False)
     assert pa == pb == [8, 16, 4]
     for xs, ys in zip(ba, bb):

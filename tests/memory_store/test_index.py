@@ -368,6 +368,13 @@ def test_search_max_lanes_equals_search_max_per_lane(backend, tiled, monkeypatch
     assert torch.equal(hf_i, got_i) and torch.allclose(hf_s, got_s, atol=1e-5)  # (B, H, Q, D) queries: the same
     with pytest.raises(ShapeError, match="key_map"):
         ix.search_max_lanes(0, q, 6, lanes, key_map=torch.eye(D + 1))
+    if backend == "exact":  # untied scores take the one-top-k path: one topk for every lane
+        calls = []
+        real_topk = torch.Tensor.topk
+        monkeypatch.setattr(torch.Tensor, "topk", lambda self, *a, **kw: calls.append(1) or real_topk(self, *a, **kw))
+        ix.search_max_lanes(0, q, 6, lanes)
+        monkeypatch.setattr(torch.Tensor, "topk", real_topk)
+        assert len(calls) == 1
     # tied scores (a stream whose landmark keys are all the same, as at layer 0): each lane
     # still gets exactly search_max's choice among the ties
     ix.add("same", np.arange(50_000, 50_040), np.broadcast_to(data(1, seed=9), (40, L, H, D)).copy())

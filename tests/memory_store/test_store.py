@@ -103,6 +103,20 @@ def test_put_streams_equals_put_blocks_per_part_and_a_bad_part_stores_nothing(tm
         with pytest.raises(InvalidArgumentError, match="pair"):
             s.put_streams(["a"], k, v, lm)
         assert len(s) == 0 and s.streams() == []
+        real_grow = type(s.index)._grow
+
+        def no_memory(self, need):  # room for the first part, not for all of them
+            if need > 3:
+                raise MemoryError("simulated: the index cannot grow")
+            return real_grow(self, need)
+
+        type(s.index)._grow = no_memory  # no part may be stored while a later one fails
+        try:
+            with pytest.raises(MemoryError):
+                s.put_streams(parts, k, v, lm)
+        finally:
+            type(s.index)._grow = real_grow
+        assert len(s) == 0 and s.streams() == [] and len(s.index) == 0
         assert s.put_streams([("a", 9)], k, v, lm)[0].tolist() == list(range(9))  # still usable
 
 

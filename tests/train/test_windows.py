@@ -95,6 +95,25 @@ def test_memory_hooks_follow_each_document():
     assert ev[end_at + 1][0] == "begin" and ev[end_at + 1][1] != first
 
 
+def test_with_several_lanes_every_window_is_put_before_a_finished_document_ends():
+    """advance(): one after_windows call with every lane's window (the default hook runs
+    after_window per lane in lane order), then end_document for the lanes that finished."""
+    mem = RecordingMemory()
+    bt = _batcher(lanes=2, memory=mem)
+    ended = 0
+    for _ in range(12):
+        b = bt.next_batch()
+        n0 = len(mem.events)
+        bt.advance(b)
+        step = mem.events[n0:]
+        afters = [e for e in step if e[0] == "after"]
+        assert [e[1] for e in afters] == [st.stream for st in b.lanes] and afters == step[:len(b.lanes)]
+        ends = step[len(b.lanes):]
+        assert all(e[0] == "end" for e in ends)
+        ended += len(ends)
+    assert ended >= 1
+
+
 def test_answer_weights_are_packed_into_targets_and_unpacked_by_the_loss():
     from train.data import Document
     from train.loop import LanguageModelLoss
