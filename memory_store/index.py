@@ -469,11 +469,21 @@ class LandmarkIndex:
                 keys = keys @ key_map.to(self.device, torch.float32)
             # (B*H, D, Q): a view of head-major queries (bmm reads the transpose as it is)
             qt = queries.detach().to(self.device, torch.float32).transpose(1, 2).reshape(B * H, n_q, -1).transpose(1, 2)
-            chunk = max(64, _MAX_CHUNK_ELEMS // max(1, B * H * n_q))
-            best = torch.empty(B * H, m, dtype=torch.float32, device=self.device)
-            for start in range(0, m, chunk):
-                s = torch.bmm(keys[:, start:start + chunk], qt)  # (B*H, C, Q)
-                best[:, start:start + s.shape[1]] = s.amax(dim=2)
+            best = torch.empty(B * H, m, dtype=torch.float32, device=self.device)  # past a lane's keys: unused
+            n_rows = sum(len(r) for r in lane_rows)
+            if B * m <= 1.5 * n_rows:  # lanes of similar length: one batched matmul per key tile
+                chunk = max(64, _MAX_CHUNK_ELEMS // max(1, B * H * n_q))
+                for start in range(0, m, chunk):
+                    s = torch.bmm(keys[:, start:start + chunk], qt)  # (B*H, C, Q)
+                    best[:, start:start + s.shape[1]] = s.amax(dim=2)
+            else:  # one long document among short ones: padding to the longest would waste most of the work
+                chunk = max(64, _MAX_CHUNK_ELEMS // max(1, H * n_q))
+                for b, r in enumerate(lane_rows):
+                    lo = b * H
+                    for start in range(0, len(r), chunk):
+                        end = min(len(r), start + chunk)
+                        s = torch.bmm(keys[lo:lo + H, start:end], qt[lo:lo + H])  # (H, C, Q)
+                        best[lo:lo + H, start:end] = s.amax(dim=2)
             best = best.view(B, H, m)
             ids = self._device_ids()
             lens = torch.tensor([len(r) for r in lane_rows], device=self.device)

@@ -345,7 +345,7 @@ def test_search_max_lanes_equals_search_max_per_lane(backend, tiled, monkeypatch
         monkeypatch.setattr("memory_store.index._MAX_CHUNK_ELEMS", 1)
     ix, ids, keys = filled(backend)
     ix.add("c", np.array([99_999, 99_998]), data(2, seed=5))  # 2 keys < k
-    lanes = [["a"], ["b"], ["nope"], ["a", "b"], ["c"]]
+    lanes = [["a"], ["b"], ["nope"], ["a", "b"], ["c"]]  # lengths far apart: scored lane by lane
     q = torch.from_numpy(np.stack([data(7, seed=20 + i)[:, 1] for i in range(len(lanes))]))  # (B, Q, H, D)
     for layer in range(L):
         got_i, got_s = ix.search_max_lanes(layer, q, 6, lanes)
@@ -354,6 +354,12 @@ def test_search_max_lanes_equals_search_max_per_lane(backend, tiled, monkeypatch
             want_i, want_s = ix.search_max(layer, q[b], 6, streams=streams)
             assert got_i[b].tolist() == want_i[0].tolist(), (layer, streams)
             assert torch.allclose(got_s[b], want_s[0], atol=1e-5)
+        similar = [["a"], ["b"], ["a"]]  # lengths close: one batched matmul for all lanes
+        sim_i, sim_s = ix.search_max_lanes(layer, q[:3], 6, similar)
+        for b, streams in enumerate(similar):
+            want_i, want_s = ix.search_max(layer, q[b], 6, streams=streams)
+            assert sim_i[b].tolist() == want_i[0].tolist(), (layer, streams)
+            assert torch.allclose(sim_s[b], want_s[0], atol=1e-5)
     assert (got_i[2] == -1).all() and (got_i[4, :, 2:] == -1).all() and (got_i[4, :, :2] >= 0).all()
     # a key map M scores q . (k @ M): the same as search_max with the queries q @ M^T
     M = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(3)))[0]
