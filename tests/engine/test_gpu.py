@@ -47,3 +47,41 @@ def test_retrieval_with_cuda_device_tier():
     ingest(m, store, "doc", TOKENIZER.encode("gpu text " * 400))
     k, v = store.get_layer(store.stream_blocks("doc")[:3].tolist(), 1)
     assert k.is_cuda and v.is_cuda and k.shape[0] == 3
+
+
+def _training_lanes_outputs(device: str) -> torch.Tensor:
+    """Three training windows of two lanes through the batched retrieval path on `device`:
+    lane 0 starts a new document at the third window (the split for a lane without blocks),
+    top_k covers every stored block (no tie can pick different blocks on another device),
+    every step ends with one put (end_chunks)."""
+    from engine.landmarks import insert_landmarks
+    from engine.retrieval import BatchMemory, RetrievalConfig, RetrievalMemory, end_chunks
+    from memory_store import StoreConfig
+
+    g = torch.Generator().manual_seed(11)
+    docs = [insert_landmarks(torch.randint(0, 256, (168,), generator=g), 8, TOKENIZER.LANDMARK) for _ in range(2)]
+    rc = RetrievalConfig(top_k=16, local_blocks=0, chunk_len=64, kernel="vectorized")
+    torch.manual_seed(0)
+    m = LandmarkTransformer(preset("tiny", block_len=8, max_seq_len=64)).to(device).eval()
+    store = open_store(zarr.storage.MemoryStore(), m.cfg, "w",
+                       config=StoreConfig(device=device, device_budget_bytes=1 << 20, host_budget_bytes=1 << 20,
+                                          sync_mode="none"))
+    mems = [RetrievalMemory(m.cfg, store, stream=f"d{i}", retrieval=rc) for i in range(2)]
+    outs = []
+    with torch.no_grad():
+        for w in range(3):
+            if w == 2:
+                store.delete_stream("d0")
+                mems[0] = RetrievalMemory(m.cfg, store, stream="next", retrieval=rc)
+            x = torch.stack([d[w * 64:(w + 1) * 64] for d in docs]).to(device)
+            outs.append(m(x, memory=BatchMemory(mems)).float().cpu())
+            assert end_chunks(mems) == [8, 8]
+    store.close()
+    return torch.cat(outs, 1)
+
+
+def test_training_lanes_on_cuda_match_cpu():
+    """The training retrieval path (lanes batched, a lane without blocks split off, one
+    store put per step) with a CUDA store gives the CPU's outputs. CPU twin:
+    test_retrieval.py::test_batch_memory_with_lanes_at_different_depths_matches_row_by_row."""
+    assert max_abs_diff(_training_lanes_outputs("cpu"), _training_lanes_outputs("cuda")) < 1e-3
