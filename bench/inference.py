@@ -159,6 +159,11 @@ def child(context: int, growth_base: int | None = None) -> dict[str, Any]:
     return out
 
 
+def _label(context: int) -> str:
+    """A context length as figure names spell it: 16k, 256k, 1m."""
+    return "1m" if context == 1048576 else f"{context // 1024}k"
+
+
 def _allocator() -> str:
     from engine.allocator import active
 
@@ -300,8 +305,7 @@ def run(quick: bool) -> dict[str, Any]:
     if jem_env is not None:  # the same children on glibc's malloc, for the RSS comparison
         for n in rss_contexts:
             k = run_child(n, system_env)
-            label = "1m" if n == 1048576 else f"{n // 1024}k"
-            res[f"peak_rss_mb_system_malloc_{label}"] = round(k["peak_rss_bytes"] / 2**20, 1)
+            res[f"peak_rss_mb_system_malloc_{_label(n)}"] = round(k["peak_rss_bytes"] / 2**20, 1)
             print(f"  context {n:>9,}: peak RSS {k['peak_rss_bytes'] / 2**20:.0f} MiB ({k['allocator']} malloc)",
                   flush=True)
     full = statistics.median(full_attention_decode_times(model, 65536, 12))
@@ -309,14 +313,13 @@ def run(quick: bool) -> dict[str, Any]:
     res["retrieval_decode_step_s"] = {str(n): round(k["decode_step_s"], 5) for n, k in kids.items()}
     res["decode_speedup_vs_full_64k"] = round(full / kids[65536]["decode_step_s"], 2)
     top = contexts[-1]
-    name = "decode_growth_4k_to_1m" if top == 1048576 else f"decode_growth_4k_to_{top // 1024}k"
+    name = f"decode_growth_4k_to_{_label(top)}"
     alt = kids[top]["alternating_decode_step_s"]  # both stores in one process, alternating
     res[name] = round(alt["this"] / alt["base"], 3)
     res["decode_growth_alternating_step_s"] = {"4096": round(alt["base"], 5), str(top): round(alt["this"], 5)}
     res[name + "_separate_children"] = round(kids[top]["decode_step_s"] / kids[4096]["decode_step_s"], 3)
     for n in rss_contexts:
-        label = "1m" if n == 1048576 else f"{n // 1024}k"
-        res[f"peak_rss_mb_{label}"] = round(kids[n]["peak_rss_bytes"] / 2**20, 1)
+        res[f"peak_rss_mb_{_label(n)}"] = round(kids[n]["peak_rss_bytes"] / 2**20, 1)
     res["ingest_tokens_per_s"] = {str(n): round(k["ingest_tokens_per_s"]) for n, k in kids.items()}
     res.update(ingest_overhead(model, 16384 if quick else 65536, rounds=2 if quick else 3))
     res["tier_budgets"] = {k: v for k, v in BUDGETS.items()}

@@ -130,6 +130,16 @@ def _search_vectors(q: torch.Tensor, q_local_pos: torch.Tensor, cfg: ModelConfig
     return qs.view(B, Hkv, H // Hkv, T, D).permute(0, 2, 3, 1, 4).reshape(B, -1, Hkv, D)
 
 
+def _rotated_prefix(k_sel: torch.Tensor, v_sel: torch.Tensor, sel: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Selected blocks k_sel, v_sel (B, Hkv, kk, L, D) -> the retrieved prefix of the key axis:
+    K rotated by cos/sin ((kk*L, D) or per head (Hkv, kk*L, D)), V, and which keys are
+    present, (B, Hkv, kk*L) bool from sel (B, Hkv, kk), -1 = none."""
+    B, Hkv, kk, L, D = k_sel.shape
+    valid = (sel >= 0).repeat_interleave(L, dim=-1).to(k_sel.device)
+    return apply_rope(k_sel.reshape(B, Hkv, kk * L, D), cos, sin), v_sel.reshape(B, Hkv, kk * L, D), valid
+
+
 def _key_valid(valid_ret: torch.Tensor, n_loc: int) -> torch.Tensor | None:
     """The kernel's kv_valid for [retrieved (valid_ret (B, Hkv, kk*L)) + n_loc local keys],
     or None when every retrieved key is present."""
@@ -338,7 +348,7 @@ class BatchMemory:
         valid (B, Hkv, kk*L) bool.
         """
         m0 = self.memories[0]
-        B, Hkv, kk = sel.shape
+        kk = sel.shape[2]
         L, D, dev = m0.L, m0.cfg.head_dim, m0.device
         k_sel, v_sel, uniq, _ = _gather_selected(m0.store, layer, sel, dev)  # (B, Hkv, kk, L, D)
         if len(uniq):
@@ -347,9 +357,7 @@ class BatchMemory:
                 self.memories[b]._count_fetched(layer, len(np.unique(sel_np[i][sel_np[i] >= 0])))
         first = (m0.rc.top_k - kk) * L  # trimmed slots: the real blocks keep their positions
         cos, sin = rope_cos_sin(torch.arange(first, first + kk * L, device=dev), D, m0.cfg.rope_theta)
-        k_rot = apply_rope(k_sel.reshape(B, Hkv, kk * L, D), cos, sin)
-        valid = (sel >= 0)[..., None].expand(B, Hkv, kk, L).reshape(B, Hkv, kk * L).to(dev)
-        return k_rot, v_sel.reshape(B, Hkv, kk * L, D), valid
+        return _rotated_prefix(k_sel, v_sel, sel, cos, sin)
 
 
 def _to_store_layout(k: torch.Tensor, v: torch.Tensor, L: int, dtype, device):
@@ -509,7 +517,6 @@ class RetrievalMemory:
         # a device entry for a block most likely not read again
         k_sel, v_sel, uniq, n_new = _gather_selected(self.store, layer, sel[None], self.device,
                                                      promote=self._promote_reads, cache=self._ret_blocks[layer])
-        k_sel, v_sel = k_sel[0], v_sel[0]  # (Hkv, kk, L, D)
         self._count_fetched(layer, n_new)
         if self.rc.positions == "stingy":
             p = torch.arange(kk * L, device=self.device)  # same prefix for every head
@@ -523,9 +530,7 @@ class RetrievalMemory:
             p = (ords[..., None] * L + torch.arange(L)).reshape(Hkv, kk * L).to(self.device)
             cos, sin = rope_cos_sin(p.reshape(-1), D, self.cfg.rope_theta)
             cos, sin = cos.view(Hkv, kk * L, D), sin.view(Hkv, kk * L, D)
-        k_rot = apply_rope(k_sel.reshape(1, Hkv, kk * L, D), cos, sin)
-        valid = valid_blk[..., None].expand(Hkv, kk, L).reshape(1, Hkv, kk * L).to(self.device)
-        return k_rot, v_sel.reshape(1, Hkv, kk * L, D), valid
+        return _rotated_prefix(k_sel, v_sel, sel[None], cos, sin)
 
     def _count_fetched(self, layer: int, n: int) -> None:
         """Stats for n distinct blocks of `layer` fetched from the store."""

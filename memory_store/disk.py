@@ -101,6 +101,12 @@ _CRC = CRC_BYTES  # bytes of the crc32c trailer of every chunk
 _DATA_ARRAYS = ("kv", "landmarks", "block_stream", "block_ordinal")
 
 
+def check_shard_rows(value: object, name: str = "shard_rows") -> None:
+    """ValueError unless `value` is a valid rows-per-shard setting: an int >= 1, or None."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name}={value!r}: expected an int >= 1 or None")
+
+
 @dataclass(slots=True)
 class StreamRecord:
     """One stream (document) in the commit record."""
@@ -268,9 +274,7 @@ class DiskTier(Tier):
         shard_rows (creation of a local store only): rows per shard file, or None for one file per
         chunk (format 3's layout; slower to write, see shards.py).
         """
-        if shard_rows is not None and (isinstance(shard_rows, bool) or not isinstance(shard_rows, int)
-                                       or shard_rows < 1):
-            raise ValueError(f"shard_rows={shard_rows!r}: expected an int >= 1 or None")
+        check_shard_rows(shard_rows)
         if mode not in ("r", "a", "w"):
             raise ValueError(f"store mode={mode!r}: expected 'r', 'a' or 'w'")
         read_only = mode == "r"

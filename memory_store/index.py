@@ -446,9 +446,10 @@ class LandmarkIndex:
                                  f"expected ({self.head_dim}, {self.head_dim})")
             B, n_q, H = queries.shape[0], queries.shape[1], self.n_kv_heads
             k = int(k)
-            lane_codes = [[self._stream_code[s] for s in set(st) if s in self._stream_code] for st in streams]
-            codes = self._codes[: self._n]
-            lane_rows = [np.nonzero(np.isin(codes, c))[0] for c in lane_codes]
+            lane_rows = []
+            for st in streams:  # each lane's rows, in row order (as search_max gathers them)
+                rows, _ = self._stream_rows(st)
+                lane_rows.append(np.arange(self._n) if rows is None else rows)
             m = max((len(r) for r in lane_rows), default=0)
             out_ids = torch.full((B, H, k), -1, dtype=torch.int64, device=self.device)
             out_s = torch.full((B, H, k), float("-inf"), dtype=torch.float32, device=self.device)
@@ -470,20 +471,17 @@ class LandmarkIndex:
             # (B*H, D, Q): a view of head-major queries (bmm reads the transpose as it is)
             qt = queries.detach().to(self.device, torch.float32).transpose(1, 2).reshape(B * H, n_q, -1).transpose(1, 2)
             best = torch.empty(B * H, m, dtype=torch.float32, device=self.device)  # past a lane's keys: unused
-            n_rows = sum(len(r) for r in lane_rows)
-            if B * m <= 1.5 * n_rows:  # lanes of similar length: one batched matmul per key tile
-                chunk = max(64, _MAX_CHUNK_ELEMS // max(1, B * H * n_q))
-                for start in range(0, m, chunk):
-                    s = torch.bmm(keys[:, start:start + chunk], qt)  # (B*H, C, Q)
-                    best[:, start:start + s.shape[1]] = s.amax(dim=2)
-            else:  # one long document among short ones: padding to the longest would waste most of the work
-                chunk = max(64, _MAX_CHUNK_ELEMS // max(1, H * n_q))
-                for b, r in enumerate(lane_rows):
-                    lo = b * H
-                    for start in range(0, len(r), chunk):
-                        end = min(len(r), start + chunk)
-                        s = torch.bmm(keys[lo:lo + H, start:end], qt[lo:lo + H])  # (H, C, Q)
-                        best[lo:lo + H, start:end] = s.amax(dim=2)
+            # lanes of similar length: all in one batched matmul per key tile; one long document among
+            # short ones (padding to the longest would more than 1.5x the work): lane by lane
+            if B * m <= 1.5 * sum(len(r) for r in lane_rows):
+                groups = [(0, B * H, m)]  # (first row, end row, keys) of best scored together
+            else:
+                groups = [(b * H, (b + 1) * H, len(r)) for b, r in enumerate(lane_rows)]
+            for lo, hi, n_keys in groups:
+                chunk = max(64, _MAX_CHUNK_ELEMS // max(1, (hi - lo) * n_q))
+                for start in range(0, n_keys, chunk):
+                    end = min(n_keys, start + chunk)
+                    best[lo:hi, start:end] = torch.bmm(keys[lo:hi, start:end], qt[lo:hi]).amax(dim=2)  # (rows, C)
             best = best.view(B, H, m)
             ids = self._device_ids()
             lens = torch.tensor([len(r) for r in lane_rows], device=self.device)

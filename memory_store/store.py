@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from zarr.abc.store import Store
 
-from .disk import CommitRecord, DiskTier, StreamRecord
+from .disk import CommitRecord, DiskTier, StreamRecord, check_shard_rows
 from .errors import (ClosedError, CorruptBlockError, InvalidArgumentError, ReadOnlyError,
                      ShapeError, StoreError, UnknownBlockError)
 from .eviction import make_policy
@@ -119,9 +119,7 @@ class StoreConfig:
         if self.save_index not in ("close", "flush", "never"):
             raise ValueError(f"StoreConfig.save_index={self.save_index!r}: expected 'close', 'flush' or 'never'")
         make_policy(self.eviction)  # ValueError naming the allowed policies
-        if self.shard_rows is not None and (isinstance(self.shard_rows, bool) or not isinstance(self.shard_rows, int)
-                                            or self.shard_rows < 1):
-            raise ValueError(f"StoreConfig.shard_rows={self.shard_rows!r}: expected an int >= 1 or None")
+        check_shard_rows(self.shard_rows, "StoreConfig.shard_rows")
         if not isinstance(self.latency_window, int) or self.latency_window < 1:
             raise ValueError(f"StoreConfig.latency_window={self.latency_window!r}: expected an int >= 1")
 
@@ -318,9 +316,6 @@ class TieredStore:
         k, v: (N, L, H, T, D) and landmarks (N, L, H, D), all in the layout dtype, on any device.
         Raises ShapeError, InvalidArgumentError (stream name), ReadOnlyError, ClosedError.
         """
-        self._check_writable()
-        if not isinstance(stream, str) or not stream:
-            raise InvalidArgumentError(f"stream={stream!r}: expected a non-empty str")
         n = k.shape[0] if isinstance(k, torch.Tensor) and k.dim() >= 1 else 0  # else a ShapeError below
         return self.put_streams([(stream, n)], k, v, landmarks)[0]
 
@@ -379,24 +374,20 @@ class TieredStore:
                                   for i, ((stream, _), ids) in enumerate(zip(checked, out))])
             codes = np.empty(n, dtype=np.int32)
             ords = np.empty(n, dtype=np.int64)
-            off = 0
-            for (stream, n_part), ids in zip(checked, out):
+            for i, ((stream, n_part), ids) in enumerate(zip(checked, out)):
                 if n_part == 0:
                     continue
                 code = self._stream_code.get(stream)
-                new_stream = code is None
-                if new_stream:
+                if code is None:  # a new stream
                     code = len(self._streams)
-                first_ord = 0 if new_stream else self._streams[code].n_blocks
-                if new_stream:
                     self._streams.append(StreamRecord(stream))
                     self._stream_code[stream] = code
                     self._stream_rows[code] = []
+                first_ord = self._streams[code].n_blocks
                 self._streams[code].n_blocks += n_part
                 self._stream_rows[code].append(ids)
-                codes[off:off + n_part] = code
-                ords[off:off + n_part] = np.arange(first_ord, first_ord + n_part)
-                off += n_part
+                codes[offs[i]:offs[i + 1]] = code
+                ords[offs[i]:offs[i + 1]] = np.arange(first_ord, first_ord + n_part)
             self._codes[start:start + n], self._ords[start:start + n], self._alive[start:start + n] = codes, ords, True
             self._n_alive += n
             self._next_id = start + n

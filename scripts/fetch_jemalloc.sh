@@ -10,10 +10,9 @@
 set -u
 VENV="${1:-.venv}"
 DEST="$VENV/lib/libjemalloc.so.2"
-for p in /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/aarch64-linux-gnu/libjemalloc.so.2 \
-         /usr/lib64/libjemalloc.so.2 /usr/lib/libjemalloc.so.2 /usr/local/lib/libjemalloc.so.2 "$DEST"; do
-    [ -f "$p" ] && exit 0
-done
+# already there (the system's, or this environment's copy)? engine/allocator.py decides, as at run time
+"$VENV/bin/python" -c 'import sys; from engine.allocator import find_jemalloc; sys.exit(find_jemalloc({}) is None)' \
+    2>/dev/null && exit 0
 command -v apt-get >/dev/null 2>&1 && command -v dpkg-deb >/dev/null 2>&1 || {
     echo "fetch_jemalloc: no apt-get here; folio will use the system allocator" >&2; exit 0; }
 tmp="$(mktemp -d 2>/dev/null)" && [ -n "$tmp" ] && [ -d "$tmp" ] || {

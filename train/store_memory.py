@@ -53,11 +53,8 @@ class StoreWindowMemory(WindowMemory):
     def for_step(self, states: list[DocumentState]) -> Any:
         return BatchMemory([s.memory for s in states])
 
-    def after_window(self, state: DocumentState, window_index: int) -> None:
-        state.memory.end_chunk()
-
     def after_windows(self, states: list[DocumentState], windows: list[int]) -> None:
-        end_chunks([s.memory for s in states])  # every lane's window in one store put
+        end_chunks([s.memory for s in states])  # every lane's window in one store put (end_chunk for one lane)
 
     def end_document(self, state: DocumentState) -> None:
         if state.memory is not None:
