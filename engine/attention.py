@@ -31,6 +31,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from engine import cpu_kernels
+
 NEG_INF = float("-inf")
 
 
@@ -278,6 +280,14 @@ def _scores_grad(p6: torch.Tensor, dp6: torch.Tensor, g: torch.Tensor, earlier: 
 # 2. Vectorized: training windows.
 # ---------------------------------------------------------------------------------------
 
+def _fused_kernels(q: torch.Tensor, cd: torch.dtype, kvp: torch.Tensor | None):
+    """The fused CPU kernels (engine/cpu_kernels.py) when they apply: float32 on the CPU,
+    no per-key mask (whole absent blocks are fine); else None (the torch path)."""
+    if q.device.type != "cpu" or cd != torch.float32 or kvp is not None:
+        return None
+    return cpu_kernels.get()
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
@@ -344,7 +354,9 @@ class _VectorizedLandmark(torch.autograd.Function):
         q5 = q.reshape(B, Hkv, G, T, D)
         out = torch.empty(B, Hkv, G, T, D, dtype=cd, device=q.device)
         keep = any(ctx.needs_input_grad[:3])
-        shift = not _shift_free(q, kp, scale, cd)
+        lib = _fused_kernels(q, cd, kvp)
+        pres = None if lib is None or present is None else present.reshape(B * Hkv, -1).to(torch.uint8)
+        shift = lib is None and not _shift_free(q, kp, scale, cd)
         saved = []
         for t0, t1 in _chunks(T, q_chunk):
             C = t1 - t0
@@ -353,26 +365,33 @@ class _VectorizedLandmark(torch.autograd.Function):
             nb = Kc // L
             qc = (q5[:, :, :, t0:t1].to(cd) * scale).reshape(B * Hkv, G * C, D)
             x = torch.bmm(qc, kp[:, :, :Kc].flatten(0, 1).transpose(-1, -2))  # (B*Hkv, G*C, Kc)
-            x6 = x.view(B, Hkv, G, C, nb, L)
-            kv6 = None if kvp is None else kvp[..., :Kc].reshape(B, Hkv, 1, 1, nb, L)
-            s_lm, m, ssum = _exp_blocks(x6, q_pos, q_offset + t0, 0, L, kv6, shift)
-            earlier, own = _block_positions(q_pos, nb, L)
-            earlier = _earlier_present(earlier, kv6, ssum, present, 0, nb)
-            g = torch.softmax(_group0_logits(s_lm, m, ssum, earlier, own), -1)  # (B, Hkv, G, C, nb)
-            x6.mul_((g / ssum.clamp_(min=TINY)).unsqueeze(-1))  # x is now P
+            if lib is not None:  # the same arithmetic, fused row by row (engine/landmark_cpu.c)
+                g = torch.empty(B, Hkv, G, C, nb, dtype=cd)
+                cpu_kernels.landmark_forward(lib, x, g, pres, C, L, q_offset + t0)
+                earlier = None
+            else:
+                x6 = x.view(B, Hkv, G, C, nb, L)
+                kv6 = None if kvp is None else kvp[..., :Kc].reshape(B, Hkv, 1, 1, nb, L)
+                s_lm, m, ssum = _exp_blocks(x6, q_pos, q_offset + t0, 0, L, kv6, shift)
+                earlier, own = _block_positions(q_pos, nb, L)
+                earlier = _earlier_present(earlier, kv6, ssum, present, 0, nb)
+                g = torch.softmax(_group0_logits(s_lm, m, ssum, earlier, own), -1)  # (B, Hkv, G, C, nb)
+                x6.mul_((g / ssum.clamp_(min=TINY)).unsqueeze(-1))  # x is now P
             out[:, :, :, t0:t1] = torch.bmm(x, vp[:, :, :Kc].flatten(0, 1)).view(B, Hkv, G, C, D)
             if keep:
-                saved += [x, g, earlier] if masked else [x, g]
-        ctx.save_for_backward(q, kp, vp, out, *saved)
-        ctx.cfg = (block_len, q_offset, scale, q_chunk, S, k.dtype, v.dtype, masked, const_keys)
+                saved += [x, g, earlier] if masked and lib is None else [x, g]
+        ctx.save_for_backward(q, kp, vp, out, pres, *saved)
+        ctx.fused = lib
+        ctx.cfg = (block_len, q_offset, scale, q_chunk, S, k.dtype, v.dtype, masked and lib is None, const_keys)
         return out.view(B, H, T, D).to(q.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out):
-        q, kp, vp, out, *saved = ctx.saved_tensors
+        q, kp, vp, out, pres, *saved = ctx.saved_tensors
         block_len, q_offset, scale, q_chunk, S, k_dtype, v_dtype, masked, c0 = ctx.cfg
-        per = 3 if masked else 2  # saved tensors per chunk: P, g (, earlier)
+        lib = ctx.fused
+        per = 3 if masked else 2  # saved tensors per chunk: P, g (, earlier: the torch path with a mask)
         B, H, T, D = q.shape
         Hkv = kp.shape[1]
         G, L = H // Hkv, block_len
@@ -390,16 +409,21 @@ class _VectorizedLandmark(torch.autograd.Function):
             p, g = saved[per * n], saved[per * n + 1]  # (B*Hkv, G*C, Kc), (B, Hkv, G, C, nb)
             Kc = p.shape[-1]
             nb = Kc // L
-            q_pos = q_offset + torch.arange(t0, t1, device=q.device)
-            earlier, own = _block_positions(q_pos, nb, L)
-            if masked:
-                earlier = saved[per * n + 2]
             qc = (q5[:, :, :, t0:t1].to(cd) * scale).reshape(B * Hkv, G * C, D)
             doc = do5[:, :, :, t0:t1].reshape(B * Hkv, G * C, D)
             dp = torch.bmm(doc, v3[:, :Kc].transpose(-1, -2),
                            out=dp_buf[: p.numel()].view_as(p))  # (B*Hkv, G*C, Kc)
-            ds = _scores_grad(p.view(B, Hkv, G, C, nb, L), dp.view(B, Hkv, G, C, nb, L), g,
-                              earlier, own, delta[:, :, :, t0:t1], L).view_as(dp)
+            if lib is not None:
+                cpu_kernels.landmark_backward(lib, dp, p, g, delta[:, :, :, t0:t1].contiguous(), pres, C, L,
+                                              q_offset + t0)
+                ds = dp
+            else:
+                q_pos = q_offset + torch.arange(t0, t1, device=q.device)
+                earlier, own = _block_positions(q_pos, nb, L)
+                if masked:
+                    earlier = saved[per * n + 2]
+                ds = _scores_grad(p.view(B, Hkv, G, C, nb, L), dp.view(B, Hkv, G, C, nb, L), g,
+                                  earlier, own, delta[:, :, :, t0:t1], L).view_as(dp)
             dq[:, :, :, t0:t1] = torch.bmm(ds, k3[:, :Kc]).view(B, Hkv, G, C, D)
             if c0 < Kc:  # keys before c0 are constants: no dK, dV for them
                 # into a contiguous scratch, then added: baddbmm_ into the row slice dk[:, c0:Kc]

@@ -5,10 +5,14 @@ block lengths, a last block that is not full, GQA, batch > 1, queries offset int
 key axis (chunked prefill / decoding).
 """
 
+import os
+import shutil
+
 import pytest
 import torch
 
 import engine.attention as attention
+from engine import cpu_kernels
 from engine.attention import (causal_attention, landmark_attention,
                               landmark_attention_blockwise, landmark_attention_reference)
 
@@ -37,10 +41,27 @@ def _report(name, a, b):
     return f"{name}: max {d.max().item():.3e} mean {d.mean().item():.3e}"
 
 
-@pytest.fixture(params=["shift_free", "shifted"])
+def require_fused_kernels(monkeypatch) -> None:
+    """Turn the fused CPU kernels on; they must build wherever a C compiler is present."""
+    monkeypatch.setenv("FOLIO_CPU_KERNELS", "1")
+    if cpu_kernels.get() is None:
+        cc = os.environ.get("CC") or "cc"
+        if shutil.which(cc):
+            pytest.fail(f"{cc} is on PATH but the fused CPU kernels did not build (see the warning)")
+        pytest.skip("no C compiler: the fused CPU kernels cannot be built here")
+
+
+@pytest.fixture(params=["fused", "shift_free", "shifted"])
 def exp_path(request, monkeypatch):
-    """Both exp paths of the fast kernels: random test scores are small, so they take the
-    shift-free one; a negative bound forces the per-block max subtraction."""
+    """Every softmax path of the vectorized kernel: the fused CPU kernels
+    (engine/landmark_cpu.c, the default), and the torch path's two exp paths — random test
+    scores are small, so they take the shift-free one; a negative bound forces the
+    per-block max subtraction. The blockwise kernel has only the torch paths (its "fused"
+    run repeats "shift_free")."""
+    if request.param == "fused":
+        require_fused_kernels(monkeypatch)
+    else:
+        monkeypatch.setenv("FOLIO_CPU_KERNELS", "0")
     if request.param == "shifted":
         monkeypatch.setattr(attention, "SHIFT_FREE_BOUND", -1.0)
     return request.param
@@ -65,7 +86,7 @@ def test_matches_reference_outputs_and_grads(case, impl, exp_path):
         assert (a - b).abs().max() <= TOL, _report("d" + name, a, b)
 
 
-def test_large_scores_take_the_shifted_path_and_stay_accurate():
+def test_large_scores_take_the_shifted_path_and_stay_accurate(exp_path):
     """Scores of magnitude ~100 (past exp's float32 range if not shifted), including a
     block whose ordinary keys score far below its landmark. Tolerance 1e-4: float32
     scores this large carry ~1e-5 rounding of their own."""

@@ -1,0 +1,146 @@
+"""The fused CPU row kernels of the vectorized landmark attention (engine/landmark_cpu.c).
+
+Built on first use with the machine's C compiler (``$CC``, else ``cc``; about a second)
+into a per-user cache (``$FOLIO_KERNEL_CACHE``, else ``~/.cache/folio/kernels``), keyed
+by the source, the compiler flags and the CPU, and loaded with ctypes: no torch headers,
+no Python extension build. Where no compiler works, `get()` returns None once with a
+warning and attention runs the pure-torch path, with the same results (tested).
+``FOLIO_CPU_KERNELS=0`` turns the kernels off.
+
+Threads: the kernels split their rows over ``torch.get_num_threads()`` OpenMP threads.
+The library links libgomp.so.1, which in a process that has imported torch resolves to
+torch's own copy: the same thread pool as torch's ops, not a second one competing for
+the cores.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("landmark_cpu.c")
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def enabled() -> bool:
+    return os.environ.get("FOLIO_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    if os.environ.get("FOLIO_KERNEL_CACHE"):
+        return Path(os.environ["FOLIO_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "folio" / "kernels"
+
+
+def _cpu_id() -> str:
+    """The CPU's model and feature flags: -march=native code is only valid on such a CPU."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))][:2]
+        return "\n".join(lines)
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _library_path(cc: str) -> Path:
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode() + _cpu_id().encode()).hexdigest()[:16]
+    return cache_dir() / f"landmark_cpu-{key}.so"
+
+
+def build(cc: str | None = None) -> Path:
+    """Compile the kernels (if not cached) and return the library's path. Raises
+    RuntimeError with the compiler's message when the build fails."""
+    cc = cc or os.environ.get("CC") or "cc"
+    path = _library_path(cc)
+    if path.exists():
+        return path
+    if shutil.which(cc) is None:
+        raise RuntimeError(f"no C compiler: {cc!r} is not on PATH (set CC to one)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)  # atomic: concurrent ranks may build
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                              timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"building {SOURCE.name} with {cc} failed:\n{proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    vp, lg, it = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+    lib.folio_landmark_fwd.argtypes = [vp, vp, vp, lg, lg, lg, lg, lg, lg, lg, it]
+    lib.folio_landmark_fwd.restype = it
+    lib.folio_landmark_bwd.argtypes = [vp, vp, vp, vp, vp, lg, lg, lg, lg, lg, lg, lg, it]
+    lib.folio_landmark_bwd.restype = it
+    return lib
+
+
+def get() -> ctypes.CDLL | None:
+    """The loaded kernels, or None (disabled, or no working compiler: warned once)."""
+    global _lib, _tried
+    if not enabled():
+        return None
+    if _tried:
+        return _lib
+    with _lock:
+        if not _tried:
+            try:
+                _lib = _load(build())
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                warnings.warn(f"folio: fused CPU attention kernels unavailable, using the torch path "
+                              f"(same results, slower): {e}", RuntimeWarning, stacklevel=2)
+                _lib = None
+            _tried = True
+    return _lib
+
+
+def reset() -> None:
+    """Forget the loaded library (tests: rebuild or re-check the environment)."""
+    global _lib, _tried
+    with _lock:
+        _lib, _tried = None, False
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def landmark_forward(lib: ctypes.CDLL, x: torch.Tensor, g: torch.Tensor, present: torch.Tensor | None,
+                     C: int, L: int, p0: int) -> None:
+    """In place: raw scores x (n_mat, R, nb*L) -> weights P; g (n_mat, R, nb) written.
+
+    present: None or (n_mat, nb_total) uint8. All contiguous float32 on the CPU."""
+    n_mat, R, Kc = x.shape
+    rc = lib.folio_landmark_fwd(_ptr(x), _ptr(g), _ptr(present), present.shape[1] if present is not None else 0,
+                                n_mat, R, C, Kc // L, L, p0, torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("folio_landmark_fwd: out of memory for its row scratch")
+
+
+def landmark_backward(lib: ctypes.CDLL, dp: torch.Tensor, p: torch.Tensor, g: torch.Tensor,
+                      delta: torch.Tensor, present: torch.Tensor | None, C: int, L: int, p0: int) -> None:
+    """In place: dP (n_mat, R, nb*L) -> gradient wrt the raw scores, from P, g, delta (n_mat, R)."""
+    n_mat, R, Kc = dp.shape
+    lib.folio_landmark_bwd(_ptr(dp), _ptr(p), _ptr(g), _ptr(delta), _ptr(present),
+                           present.shape[1] if present is not None else 0,
+                           n_mat, R, C, Kc // L, L, p0, torch.get_num_threads())

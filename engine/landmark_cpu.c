@@ -1,0 +1,133 @@
+/* Fused row kernels of the vectorized landmark attention on CPU (engine/attention.py).
+ *
+ * The torch path touches each (rows x keys) score tile in about five separate passes
+ * (mask, exp, sum, scale; in the backward multiply, sum, subtract) over tiles larger than
+ * the L2 cache. These two functions do the same arithmetic row by row while the row is in
+ * L1: the score tile is read and written twice in the forward and twice in the backward.
+ * The matrix products stay in torch (BLAS). Built and loaded by engine/cpu_kernels.py.
+ *
+ * Layout (both functions): n_mat matrices of R = G*C rows and Kc = nb*L columns, row
+ * r of a matrix being query row c = r % C (rows are head-major: G heads of C rows each),
+ * at key position p0 + c. Column j is key position j, in block j / L; slot L-1 of every
+ * block is its landmark. present: NULL or (n_mat, present_stride) bytes, 0 for a block
+ * that is absent (padding); only earlier blocks are affected, as in the torch path.
+ *
+ * Forward, in place: raw scores x -> final weights P, and g (n_mat, R, nb) the group-0
+ * weights (the paper's softmax over the landmarks of earlier blocks and the own block's
+ * mass). Backward, in place: dP -> dS, the gradient wrt the raw scores, given P, g and
+ * delta = rowsum(dO * O) (n_mat * R). See the comments in engine/attention.py for the
+ * formulas; the per-block maximum is always subtracted before exp.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    float *x;           /* forward: scores -> P; backward: dP -> dS */
+    const float *p;     /* backward: P */
+    float *g;           /* (rows, nb) */
+    const float *delta; /* backward: (rows) */
+    const uint8_t *present;
+    long present_stride, R, C, nb, L, p0;
+} job_t;
+
+static inline long n_allowed(long b, long own, long p, long L) {
+    if (b < own) return L - 1;
+    if (b > own) return 0;
+    long k = p % L + 1; /* own block: keys up to p, never its landmark */
+    return k < L - 1 ? k : L - 1;
+}
+
+static int fwd_rows(job_t *a, long r, float *a0, float *sums) {
+    const long L = a->L, nb = a->nb, Kc = nb * L;
+    const long mat = r / a->R, c = (r % a->R) % a->C, p = a->p0 + c, own = p / L;
+    const uint8_t *pres = a->present ? a->present + mat * a->present_stride : NULL;
+    float *xr = a->x + r * Kc, *gr = a->g + r * nb;
+    float amax = -FLT_MAX;
+    for (long b = 0; b < nb; b++) {
+        const long n = n_allowed(b, own, p, L);
+        /* sums[b] == 0 marks a block outside group 0 (built with -ffast-math: no infinities) */
+        if (n == 0 || (b < own && pres && !pres[b])) { a0[b] = -FLT_MAX; sums[b] = 0.f; continue; }
+        float *xb = xr + b * L;
+        const float lm = xb[L - 1];
+        float m = -FLT_MAX, s = 0.f;
+        for (long j = 0; j < n; j++) m = fmaxf(m, xb[j]);
+        /* whole block (L is a multiple of the vector width in practice: no scalar tail);
+           the slots that are not allowed are zeroed after */
+        for (long j = 0; j < L; j++) xb[j] = expf(fminf(xb[j] - m, 80.f));
+        for (long j = n; j < L; j++) xb[j] = 0.f;
+        for (long j = 0; j < L; j++) s += xb[j];
+        sums[b] = s;
+        a0[b] = b < own ? lm : m + logf(s);
+        if (a0[b] > amax) amax = a0[b];
+    }
+    float z = 0.f;
+    for (long b = 0; b < nb; b++) {
+        const float e = sums[b] > 0.f ? expf(a0[b] - amax) : 0.f;
+        gr[b] = e; z += e;
+    }
+    const float iz = 1.f / z;
+    for (long b = 0; b < nb; b++) {
+        float *xb = xr + b * L;
+        const float gb = gr[b] * iz;
+        gr[b] = gb;
+        const float sc = sums[b] > 0.f ? gb / sums[b] : 0.f;
+        for (long j = 0; j < L; j++) xb[j] *= sc; /* not-allowed slots are 0 already */
+    }
+    return 0;
+}
+
+static void bwd_rows(job_t *a, long r) {
+    const long L = a->L, nb = a->nb, Kc = nb * L;
+    const long mat = r / a->R, c = (r % a->R) % a->C, p = a->p0 + c, own = p / L;
+    const uint8_t *pres = a->present ? a->present + mat * a->present_stride : NULL;
+    const float *pr = a->p + r * Kc, *gr = a->g + r * nb;
+    float *dr = a->x + r * Kc;
+    const float d = a->delta[r];
+    for (long b = 0; b < nb; b++) {
+        const float *pb = pr + b * L;
+        float *db = dr + b * L;
+        if (b > own) { memset(db, 0, sizeof(float) * (size_t)L); continue; }
+        const int earlier = b < own && (!pres || pres[b]);
+        float w = 0.f;
+        for (long j = 0; j < L; j++) w += pb[j] * db[j]; /* P of the landmark slot is 0 */
+        const float gb = gr[b];
+        const float mu = earlier ? w / fmaxf(gb, FLT_MIN) : (b == own ? d : 0.f);
+        for (long j = 0; j < L; j++) db[j] = pb[j] * (db[j] - mu);
+        db[L - 1] = earlier ? w - gb * d : 0.f;
+    }
+}
+
+/* Rows are split over `threads` OpenMP threads. Loaded into a process that has torch,
+ * libgomp.so.1 resolves to torch's own copy, so this is torch's thread pool (no second
+ * pool spinning on the same cores). Returns 0, or -1 if scratch memory ran out. */
+int folio_landmark_fwd(float *x, float *g, const uint8_t *present, long present_stride,
+                       long n_mat, long R, long C, long nb, long L, long p0, int threads) {
+    job_t a = {x, NULL, g, NULL, present, present_stride, R, C, nb, L, p0};
+    const long rows = n_mat * R;
+    int failed = 0;
+    if (threads < 1 || rows < 256) threads = 1;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *buf = (float *)malloc(sizeof(float) * 2 * (size_t)nb);
+        if (!buf) failed = 1;
+#pragma omp for schedule(static)
+        for (long r = 0; r < rows; r++)
+            if (buf) fwd_rows(&a, r, buf, buf + nb);
+        free(buf);
+    }
+    return failed ? -1 : 0;
+}
+
+int folio_landmark_bwd(float *dp, const float *p, const float *g, const float *delta,
+                       const uint8_t *present, long present_stride,
+                       long n_mat, long R, long C, long nb, long L, long p0, int threads) {
+    job_t a = {dp, p, (float *)g, delta, present, present_stride, R, C, nb, L, p0};
+    const long rows = n_mat * R;
+    if (threads < 1 || rows < 256) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long r = 0; r < rows; r++) bwd_rows(&a, r);
+    return 0;
+}

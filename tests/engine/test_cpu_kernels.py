@@ -1,0 +1,115 @@
+"""The fused CPU kernels (engine/landmark_cpu.c via engine/cpu_kernels.py): built on first
+use, cached, equal to the torch path, and a clean fallback where they cannot be built."""
+
+import os
+import warnings
+
+import pytest
+import torch
+
+from engine import cpu_kernels
+from engine.attention import landmark_attention
+from tests.engine.test_attention import require_fused_kernels
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """An empty kernel cache and no library loaded; restored afterwards."""
+    monkeypatch.setenv("FOLIO_KERNEL_CACHE", str(tmp_path / "kernels"))
+    monkeypatch.setenv("FOLIO_CPU_KERNELS", "1")
+    cpu_kernels.reset()
+    yield tmp_path / "kernels"
+    cpu_kernels.reset()
+
+
+def _run(monkeypatch, fused: bool, q, k, v, L, off, kv_valid, const_keys, grad):
+    monkeypatch.setenv("FOLIO_CPU_KERNELS", "1" if fused else "0")
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = landmark_attention(q, k, v, L, q_offset=off, kv_valid=kv_valid, const_keys=const_keys)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+    return out.detach(), dq, dk, dv
+
+
+@pytest.mark.parametrize("case", [
+    # B, H, Hkv, T, S, D, L, absent blocks, const_keys: training shapes (query chunks of
+    # 128 rows, a retrieved prefix with absent blocks) and odd ones (last block short)
+    (2, 4, 2, 300, 300, 16, 16, (), 0),
+    (3, 4, 2, 512, 768, 32, 64, ((0, 0, 0), (1, 1, 2), (2, 0, 1)), 256),
+    (1, 2, 1, 45, 100, 8, 8, ((0, 0, 3),), 55),
+    (2, 2, 2, 130, 130, 8, 5, (), 0),
+])
+def test_fused_equals_torch_path_outputs_and_grads(case, monkeypatch):
+    require_fused_kernels(monkeypatch)
+    B, H, Hkv, T, S, D, L, absent, c0 = case
+    g = torch.Generator().manual_seed(sum(case[:7]))
+    q, k, v = (torch.randn(*s, generator=g) for s in ((B, H, T, D), (B, Hkv, S, D), (B, Hkv, S, D)))
+    kv_valid = None
+    if absent:
+        kv_valid = torch.ones(B, Hkv, S, dtype=torch.bool)
+        for b, h, blk in absent:
+            kv_valid[b, h, blk * L:(blk + 1) * L] = False
+    grad = torch.randn(B, H, T, D, generator=g)
+    off = S - T
+    fused = _run(monkeypatch, True, q, k, v, L, off, kv_valid, c0, grad)
+    plain = _run(monkeypatch, False, q, k, v, L, off, kv_valid, c0, grad)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), fused, plain):
+        assert torch.allclose(a, b, atol=2e-6, rtol=1e-5), f"{name}: max diff {(a - b).abs().max():.3e}"
+
+
+def test_fused_kernels_take_over_only_where_they_apply(monkeypatch):
+    """float32 on the CPU without a per-key mask: fused; float64 or a mask inside a
+    block: the torch path (a spy on the kernel entry point counts calls)."""
+    require_fused_kernels(monkeypatch)
+    calls = []
+    real = cpu_kernels.landmark_forward
+    monkeypatch.setattr(cpu_kernels, "landmark_forward", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    q, k, v = torch.randn(1, 2, 16, 8), torch.randn(1, 1, 16, 8), torch.randn(1, 1, 16, 8)
+    landmark_attention(q, k, v, 4)
+    assert calls, "float32 on the CPU should take the fused kernels"
+    calls.clear()
+    landmark_attention(q.double(), k.double(), v.double(), 4)
+    one_key = torch.ones(1, 1, 16, dtype=torch.bool)
+    one_key[0, 0, 1] = False
+    landmark_attention(q, k, v, 4, kv_valid=one_key)
+    assert not calls
+
+
+def test_built_once_then_loaded_from_the_cache(fresh):
+    lib = cpu_kernels.get()
+    if lib is None:
+        pytest.skip("no working C compiler here")
+    built = sorted(fresh.glob("landmark_cpu-*.so"))
+    assert len(built) == 1
+    mtime = built[0].stat().st_mtime_ns
+    cpu_kernels.reset()
+    assert cpu_kernels.get() is not None
+    assert sorted(fresh.glob("landmark_cpu-*.so")) == built and built[0].stat().st_mtime_ns == mtime
+    assert not list(fresh.glob("*.so.tmp*")) and len(list(fresh.iterdir())) == 1  # no temporaries left
+
+
+@pytest.mark.parametrize("cc", ["/nonexistent/cc", "false"])
+def test_without_a_working_compiler_attention_falls_back_with_one_warning(fresh, monkeypatch, cc):
+    monkeypatch.setenv("CC", cc)
+    q, k, v = torch.randn(1, 2, 20, 8), torch.randn(1, 1, 20, 8), torch.randn(1, 1, 20, 8)
+    with pytest.warns(RuntimeWarning, match="fused CPU attention kernels unavailable"):
+        out = landmark_attention(q, k, v, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, not at every call
+        again = landmark_attention(q, k, v, 4)
+    monkeypatch.setenv("FOLIO_CPU_KERNELS", "0")
+    assert torch.equal(out, again) and torch.equal(out, landmark_attention(q, k, v, 4))
+    assert not list(fresh.glob("*.so"))
+
+
+def test_build_error_names_the_compiler_and_its_message(fresh, monkeypatch, tmp_path):
+    fake = tmp_path / "fakecc"
+    fake.write_text("#!/bin/sh\necho 'fakecc: error: no such target' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    with pytest.raises(RuntimeError, match=r"(?s)fakecc failed.*no such target"):
+        cpu_kernels.build(str(fake))
+
+
+def test_switched_off_by_environment(fresh, monkeypatch):
+    monkeypatch.setenv("FOLIO_CPU_KERNELS", "0")
+    assert cpu_kernels.get() is None
+    assert not os.path.exists(fresh)  # nothing built
