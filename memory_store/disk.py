@@ -510,6 +510,16 @@ class DiskTier(Tier):
                     items.append((self.kv_key(row, layer), [k[i, layer], v[i, layer]]))
                 items.append((self.landmark_key(row), [landmarks[i]]))
             self._put_chunks(items)
+        self._append_meta(start, stream_codes, ordinals)
+
+    def write_rows_meta(self, start: int, stream_codes: np.ndarray, ordinals: np.ndarray) -> None:
+        """Record rows [start, start + N) without their chunks: rows deleted before they were
+        written (they read as absent, like rows whose chunks delete_rows removed)."""
+        self._check_writable()
+        self.ensure_capacity(start + len(stream_codes))
+        self._append_meta(start, stream_codes, ordinals)
+
+    def _append_meta(self, start: int, stream_codes: np.ndarray, ordinals: np.ndarray) -> None:
         # the small per-row metadata goes through zarr at the next make_durable (one
         # read-modify-write per metadata chunk instead of one per batch of rows)
         with self._meta_lock:

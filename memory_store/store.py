@@ -84,6 +84,13 @@ class StoreConfig:
     """Write chunks on a background thread (True) or inside put_blocks (False)."""
     write_queue_bytes: int = 256 * _MiB
     """Most bytes of K/V waiting for the background writer; put_blocks waits beyond it."""
+    lazy_writes: bool = False
+    """Write-back instead of write-behind (needs write_behind): the writer leaves put blocks
+    in the write queue (memory; reads are served from it) until the queue holds more than
+    half of write_queue_bytes, a put waits for room, or flush()/close() asks; blocks whose
+    stream was deleted by then are never written. For short-lived streams (training: a
+    document's stream lives a few steps), whose disk writes would otherwise take CPU from
+    compute. Durability is unchanged: nothing is durable before flush() in either mode."""
     writer_nice: int = 0
     """Niceness the background writer thread adds to itself (Linux; 0 keeps the process's).
     A niced writer yields the cores to compute, but it then falls behind and the write-behind
@@ -112,6 +119,9 @@ class StoreConfig:
                 raise ValueError(f"StoreConfig.{name}={v!r}: expected an int >= 0")
         if self.write_queue_bytes == 0:
             raise ValueError("StoreConfig.write_queue_bytes=0: expected an int >= 1")
+        if not isinstance(self.lazy_writes, bool) or (self.lazy_writes and not self.write_behind):
+            raise ValueError(f"StoreConfig.lazy_writes={self.lazy_writes!r}: expected a bool, and "
+                             "write_behind=True with it (the writer thread holds the blocks)")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"StoreConfig.device={self.device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
         if self.sync_mode not in ("auto", "syncfs", "fsync", "none"):
@@ -160,12 +170,19 @@ class _WriteJob:
         return self.k.nbytes + self.v.nbytes + self.landmarks.nbytes
 
 
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of each run of True in a 1-D bool array."""
+    d = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
+    return list(zip(np.flatnonzero(d == 1).tolist(), np.flatnonzero(d == -1).tolist()))
+
+
 @dataclass(slots=True)
 class _Stats:
     hits: dict[str, int] = field(default_factory=lambda: {"device": 0, "host": 0, "write_queue": 0, "disk": 0})
     misses: dict[str, int] = field(default_factory=lambda: {"device": 0, "host": 0})
     moved: dict[str, int] = field(default_factory=lambda: {"host_to_device": 0, "disk_to_device": 0,
-                                                           "device_to_host": 0, "to_disk": 0})
+                                                           "device_to_host": 0, "to_disk": 0,
+                                                           "never_written": 0})
     prefetched: int = 0
     latencies: deque = field(default_factory=deque)
 
@@ -222,6 +239,8 @@ class TieredStore:
         self._queued_bytes = 0
         self._seq = 0
         self._done_seq = 0
+        self._drain_seq = 0  # lazy_writes: flush() asks the writer to write every job up to this one
+        self._put_waiting = 0  # puts waiting for room in the queue
         self._written_upto = n  # rows below are on disk (written, maybe not yet durable)
         self._writer_error: BaseException | None = None
         self._stopping = False
@@ -361,9 +380,14 @@ class TieredStore:
         job_bytes = k_np.nbytes + v_np.nbytes + lm_np.nbytes
         with self._cv:
             self._check_writable()
-            while self._jobs and self._queued_bytes + job_bytes > self.config.write_queue_bytes:
-                self._cv.wait()  # back-pressure: the writer drains the queue
-                self._check_writable()
+            self._put_waiting += 1
+            try:
+                while self._jobs and self._queued_bytes + job_bytes > self.config.write_queue_bytes:
+                    self._cv.notify_all()  # (a lazy writer writes while a put waits)
+                    self._cv.wait()  # back-pressure: the writer drains the queue
+                    self._check_writable()
+            finally:
+                self._put_waiting -= 1
             start = self._next_id
             self._grow_rows(start + n)  # (allocations first: nothing below may fail half-way)
             offs = np.cumsum([0] + [c for _, c in checked])
@@ -437,16 +461,32 @@ class TieredStore:
                 self._cv.notify_all()
             raise
 
+    def _writer_may_write(self) -> bool:
+        """(Lock held.) Whether the writer takes the next job now (or, with no jobs, stops)."""
+        if not self._jobs:
+            return self._stopping
+        if self._stopping or not self.config.lazy_writes:
+            return True
+        return (self._queued_bytes > self.config.write_queue_bytes // 2 or self._put_waiting > 0
+                or self._drain_seq >= self._jobs[0].seq)
+
     def _write_jobs(self) -> None:
         while True:
             with self._cv:
-                while not self._jobs and not self._stopping:
+                while not self._writer_may_write():
                     self._cv.wait()
                 if not self._jobs:
                     return
                 job = self._jobs[0]
+                alive = self._alive[job.start:job.end].copy()
             try:
-                self._disk.write_rows(job.start, job.k, job.v, job.landmarks, job.codes, job.ordinals)
+                if alive.all():
+                    self._disk.write_rows(job.start, job.k, job.v, job.landmarks, job.codes, job.ordinals)
+                else:  # rows deleted while queued (their stream ended): never written, only recorded
+                    self._disk.write_rows_meta(job.start, job.codes, job.ordinals)
+                    for a, b in _runs(alive):
+                        self._disk.write_rows(job.start + a, job.k[a:b], job.v[a:b], job.landmarks[a:b],
+                                              job.codes[a:b], job.ordinals[a:b])
             except Exception as e:  # surfaced to the caller by the next put/flush
                 with self._cv:
                     self._writer_error = e
@@ -458,7 +498,9 @@ class TieredStore:
                 self._queued_bytes -= job.nbytes
                 self._written_upto = job.end
                 self._done_seq = job.seq
-                self._stats.moved["to_disk"] += job.nbytes
+                written = job.nbytes * int(alive.sum()) // len(alive)
+                self._stats.moved["to_disk"] += written
+                self._stats.moved["never_written"] += job.nbytes - written
                 self._cv.notify_all()
 
     def flush(self) -> None:
@@ -470,6 +512,8 @@ class TieredStore:
         with self._cv:
             self._check_writable()
             target = self._seq
+            self._drain_seq = max(self._drain_seq, target)  # a lazy writer writes up to here now
+            self._cv.notify_all()
             while self._done_seq < target and self._writer_error is None:
                 self._cv.wait()
             self._check_writable()

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import time
 
 import fsspec
 import numpy as np
@@ -503,3 +504,61 @@ def test_parallel_batched_disk_read_is_bit_exact_and_still_detects_corruption(tm
             s.get_layer(order, 1)
         K, _ = s.get_layer(order, 0)  # the other layer is intact
         assert torch.equal(K, k[order, 0])
+
+
+# -- lazy_writes (write-back): blocks wait in the queue; deleted streams are never written --------
+
+def _chunk_files(path) -> list[str]:
+    return sorted(p.name for p in (path / "kv").glob("c.*"))
+
+
+@pytest.mark.parametrize("shard_rows", [None, 2])
+def test_lazy_writes_hold_blocks_until_flush_and_never_write_deleted_streams(tmp_path, shard_rows):
+    k, v, lm = make_blocks(9, seed=40)
+    cfg = small_config(lazy_writes=True, device_budget_bytes=0, host_budget_bytes=0,
+                       **({"shard_rows": shard_rows} if shard_rows else {}))
+    with TieredStore.open(tmp_path / "s", "w", layout=LAYOUT, config=cfg) as s:
+        s.put_streams([("a", 3), ("b", 2), ("c", 1)], k[:6], v[:6], lm[:6])  # one job: three streams
+        s.put_blocks("d", k[6:], v[6:], lm[6:])
+        time.sleep(0.2)  # a write-behind writer would have written by now
+        assert _chunk_files(tmp_path / "s") == [] and s.stats()["bytes_moved"]["to_disk"] == 0
+        K, V = s.get_layer([5, 0, 8], 1)  # no memory tier: served from the queue
+        assert torch.equal(K, k[[5, 0, 8], 1]) and torch.equal(V, v[[5, 0, 8], 1])
+        assert s.delete_stream("b") == 2 and s.delete_stream("d") == 3
+        s.flush()  # writes only what is alive: rows 0-2 (a) and 5 (c)
+        moved = s.stats()["bytes_moved"]
+        row = (k[:1].numel() + v[:1].numel() + lm[:1].numel()) * k.element_size()
+        assert moved["to_disk"] == 4 * row and moved["never_written"] == 5 * row
+        got = zarr.open_group(tmp_path / "s", mode="r")["kv"]
+        assert np.array_equal(got[[0, 1, 2, 5], :, 0], k[[0, 1, 2, 5]].numpy())
+        assert not np.array_equal(got[[3, 4], :, 0], k[[3, 4]].numpy())  # never written: the fill value
+    with TieredStore.open(tmp_path / "s", "a", config=cfg) as r:
+        assert r.streams() == ["a", "c"] and r.stream_blocks("c").tolist() == [5]
+        K, V = r.get_layer([0, 1, 2, 5], 0)
+        assert torch.equal(K, k[[0, 1, 2, 5], 0]) and torch.equal(V, v[[0, 1, 2, 5], 0])
+        assert r.put_blocks("c", k[:1], v[:1], lm[:1]).tolist() == [9]  # rows continue after the gap
+        assert r.block_meta([9])[1].tolist() == [1]
+
+
+def test_lazy_writes_write_when_the_queue_passes_half_and_a_big_put_never_deadlocks(tmp_path):
+    k, v, lm = make_blocks(12, seed=41)
+    job = (k[:1].numel() + v[:1].numel() + lm[:1].numel()) * k.element_size()  # bytes of one block's job
+    cfg = small_config(lazy_writes=True, write_queue_bytes=4 * job, device_budget_bytes=0, host_budget_bytes=0)
+    with TieredStore.open(tmp_path / "s", "w", layout=LAYOUT, config=cfg) as s:
+        for i in range(3):  # 3 blocks queued: past half of the queue, so the writer starts
+            s.put_blocks("doc", k[i:i + 1], v[i:i + 1], lm[i:i + 1])
+        deadline = time.monotonic() + 10
+        while s.stats()["queued_write_bytes"] > 2 * job and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert s.stats()["queued_write_bytes"] <= 2 * job and s.stats()["bytes_moved"]["to_disk"] > 0
+        s.put_blocks("doc", k[3:4], v[3:4], lm[3:4])
+        s.put_blocks("doc", k[4:12], v[4:12], lm[4:12])  # bigger than the room left: waits for the writer
+        K, V = s.get_layer(np.arange(12), 0)
+        assert torch.equal(K, k[:, 0]) and torch.equal(V, v[:, 0])
+
+
+def test_lazy_writes_need_the_background_writer():
+    with pytest.raises(ValueError, match="lazy_writes"):
+        StoreConfig(lazy_writes=True, write_behind=False)
+    with pytest.raises(ValueError, match="lazy_writes"):
+        StoreConfig(lazy_writes=1)
