@@ -51,7 +51,7 @@ def test_retrieval_with_cuda_device_tier():
 
 def _training_lanes_outputs(device: str) -> torch.Tensor:
     """Three training windows of two lanes through the batched retrieval path on `device`:
-    lane 0 starts a new document at the third window (the split for a lane without blocks),
+    lane 0 starts a new document at the third window (a lane without blocks beside one with),
     top_k covers every stored block (no tie can pick different blocks on another device),
     every step ends with one put (end_chunks)."""
     from engine.landmarks import insert_landmarks
@@ -81,7 +81,7 @@ def _training_lanes_outputs(device: str) -> torch.Tensor:
 
 
 def test_training_lanes_on_cuda_match_cpu():
-    """The training retrieval path (lanes batched, a lane without blocks split off, one
+    """The training retrieval path (lanes batched, a lane without blocks beside one with, one
     store put per step) with a CUDA store gives the CPU's outputs. CPU twin:
     test_retrieval.py::test_batch_memory_with_lanes_at_different_depths_matches_row_by_row."""
     assert max_abs_diff(_training_lanes_outputs("cpu"), _training_lanes_outputs("cuda")) < 1e-3
