@@ -131,6 +131,7 @@ class LandmarkIndex:
         self._sorted_ids = np.empty(0, dtype=np.int64)  # (N,) for id -> row lookups
         self._sorted_rows = np.empty(0, dtype=np.int64)  # (N,)
         self._ids_dev: torch.Tensor | None = None  # (N,) ids on device, cached for exact search
+        self._rows_cache: dict[frozenset[str], np.ndarray | None] = {}  # _stream_rows, until the next add or delete
 
         kind = backend if backend in FAISS_BACKENDS else (AUTO_APPROX_BACKEND if backend == "auto" else None)
         gpu = self.device.index or 0 if self.device.type == "cuda" else None
@@ -210,24 +211,59 @@ class LandmarkIndex:
 
     def add_parts(self, parts: Sequence[tuple[str, np.ndarray | torch.Tensor, torch.Tensor | np.ndarray]]) -> None:
         """`add` for several (stream, ids, keys) parts at once: every part is checked (and
-        ids across parts must be distinct) and the key storage grown before any part is
-        written, so an error leaves the index as it was."""
+        ids across parts must be distinct) and the key storage grown before anything is
+        written, so an error leaves the index as it was. The parts are checked and written
+        together (one id check, one key copy, one sorted-id insert: training adds every
+        lane's window each step)."""
         with self._lock:
-            checked = [self._check_part(*part) for part in parts]
-            checked = [c for c in checked if c is not None]
+            checked = [c for c in (self._check_part(*part) for part in parts) if c is not None]
             if not checked:
                 return
-            if len(checked) > 1:
-                all_ids = np.concatenate([c[1] for c in checked])
-                if len(np.unique(all_ids)) != len(all_ids):
-                    u, c = np.unique(all_ids, return_counts=True)
-                    raise LandmarkIndexError(f"add: id {int(u[c > 1][0])} is in two parts; ids must be unique")
-            self._grow(self._n + sum(len(c[1]) for c in checked))  # the one allocation, before any write
-            for stream, ids, keys_f in checked:
-                self._write_part(stream, ids, keys_f)
+            ids = np.concatenate([c[1] for c in checked]) if len(checked) > 1 else checked[0][1]
+            if (ids < 0).any():
+                raise LandmarkIndexError(f"add: negative id {int(ids[ids < 0][0])}; ids must be >= 0 (-1 is the search padding)")
+            order = np.argsort(ids, kind="stable")
+            new_sorted = ids[order]
+            dup = new_sorted[1:] == new_sorted[:-1]
+            if dup.any():
+                raise LandmarkIndexError(f"add: duplicate ids, e.g. {int(new_sorted[1:][dup][0])}; ids must be unique "
+                                         "(within a part and across parts)")
+            _, found = self._rows_of(ids)
+            if found.any():
+                raise LandmarkIndexError(f"add: id {int(ids[found][0])} is already in the index; ids must be new")
+            for _, _, keys_f in checked:
+                # numpy on CPU: single-threaded (a torch OpenMP kernel stalls while the store's writer holds a core)
+                finite = np.isfinite(keys_f.numpy()).all() if keys_f.device.type == "cpu" else torch.isfinite(keys_f).all()
+                if not finite:
+                    raise LandmarkIndexError("add: keys contain NaN or inf; landmark keys must be finite")
+            m, n = len(ids), self._n
+            self._grow(n + m)  # the one allocation, before any write
+            codes = np.empty(m, dtype=np.int32)
+            at = 0
+            for stream, part_ids, keys_f in checked:
+                if stream not in self._stream_code:
+                    self._stream_code[stream] = self._next_code
+                    self._stream_count[stream] = 0
+                    self._next_code += 1
+                codes[at:at + len(part_ids)] = self._stream_code[stream]
+                self._stream_count[stream] += len(part_ids)
+                self._keys[:, :, n + at:n + at + len(part_ids)] = keys_f.to(self.device).permute(1, 2, 0, 3)  # (L, H, N, D)
+                at += len(part_ids)
+            self._ids[n:n + m] = ids
+            self._codes[n:n + m] = codes
+            self._n = n + m
+            pos = np.searchsorted(self._sorted_ids, new_sorted)
+            self._sorted_ids = np.insert(self._sorted_ids, pos, new_sorted)
+            self._sorted_rows = np.insert(self._sorted_rows, pos, n + order.astype(np.int64))
+            self._ids_dev = None
+            self._rows_cache.clear()
+            if self._faiss is not None and self._faiss_synced:
+                for _, part_ids, keys_f in checked:
+                    self._faiss.add(part_ids, keys_f.cpu().numpy().transpose(1, 2, 0, 3))  # (L, H, N, D)
 
     def _check_part(self, stream: object, ids: object, keys: object) -> tuple[str, np.ndarray, torch.Tensor] | None:
-        """The checks of `add` for one part (lock held): (stream, ids, float32 keys), or None if empty."""
+        """The type and shape checks of `add` for one part (lock held): (stream, ids, float32
+        keys), or None if empty. The ids' and keys' contents are checked by add_parts."""
         if not isinstance(stream, str) or not stream:
             raise LandmarkIndexError(f"stream={stream!r}: expected a non-empty str")
         ids = self._check_ids(ids, "add")
@@ -244,41 +280,7 @@ class LandmarkIndex:
             raise ShapeError(f"add: keys shape {tuple(keys.shape)}, expected (N, n_layers, n_kv_heads, head_dim)={want}")
         if len(ids) == 0:
             return None
-        if (ids < 0).any():
-            raise LandmarkIndexError(f"add: negative id {int(ids[ids < 0][0])}; ids must be >= 0 (-1 is the search padding)")
-        if len(np.unique(ids)) != len(ids):
-            u, c = np.unique(ids, return_counts=True)
-            raise LandmarkIndexError(f"add: duplicate ids in the batch, e.g. {int(u[c > 1][0])}; ids must be unique")
-        _, found = self._rows_of(ids)
-        if found.any():
-            raise LandmarkIndexError(f"add: id {int(ids[found][0])} is already in the index; ids must be new")
-        keys_f = keys.detach().to(torch.float32)  # (N, L, H, D)
-        # numpy on CPU: single-threaded (a torch OpenMP kernel stalls while the store's writer holds a core)
-        finite = np.isfinite(keys_f.numpy()).all() if keys_f.device.type == "cpu" else torch.isfinite(keys_f).all()
-        if not finite:
-            raise LandmarkIndexError("add: keys contain NaN or inf; landmark keys must be finite")
-        return stream, ids, keys_f
-
-    def _write_part(self, stream: str, ids: np.ndarray, keys_f: torch.Tensor) -> None:
-        """Append one checked part (lock held, storage already grown)."""
-        m, n = len(ids), self._n
-        self._keys[:, :, n:n + m] = keys_f.to(self.device).permute(1, 2, 0, 3)  # (L, H, N, D)
-        self._ids[n:n + m] = ids
-        if stream not in self._stream_code:
-            self._stream_code[stream] = self._next_code
-            self._stream_count[stream] = 0
-            self._next_code += 1
-        self._codes[n:n + m] = self._stream_code[stream]
-        self._stream_count[stream] += m
-        self._n = n + m
-        order = np.argsort(ids, kind="stable")
-        new_sorted = ids[order]
-        pos = np.searchsorted(self._sorted_ids, new_sorted)
-        self._sorted_ids = np.insert(self._sorted_ids, pos, new_sorted)
-        self._sorted_rows = np.insert(self._sorted_rows, pos, n + order.astype(np.int64))
-        self._ids_dev = None
-        if self._faiss is not None and self._faiss_synced:
-            self._faiss.add(ids, keys_f.cpu().numpy().transpose(1, 2, 0, 3))  # (L, H, N, D)
+        return stream, ids, keys.detach().to(torch.float32)
 
     def _grow(self, need: int) -> None:
         cap = self._keys.shape[2]
@@ -315,6 +317,7 @@ class LandmarkIndex:
             order = np.argsort(self._ids[:n_new], kind="stable")
             self._sorted_ids, self._sorted_rows = self._ids[:n_new][order], order.astype(np.int64)
             self._ids_dev = None
+            self._rows_cache.clear()
             if self._faiss is not None and self._faiss_synced:
                 self._faiss.remove(removed_ids)
             return len(removed_ids)
@@ -524,11 +527,18 @@ class LandmarkIndex:
             raise LandmarkIndexError(f"search: streams={streams!r}, expected None or a sequence of str")
 
     def _stream_rows(self, streams: Sequence[str] | None) -> tuple[np.ndarray | None, int]:
-        """(rows of those streams or None for every row, number of rows searched)."""
+        """(rows of those streams or None for every row, number of rows searched). Cached until
+        the next add or delete (every layer of a step searches the same streams)."""
         if streams is not None:
-            codes = [self._stream_code[s] for s in set(streams) if s in self._stream_code]
-            if len(codes) < len(self._stream_code):
-                rows = np.nonzero(np.isin(self._codes[: self._n], codes))[0]
+            key = frozenset(streams)
+            if key not in self._rows_cache:
+                codes = [self._stream_code[s] for s in key if s in self._stream_code]
+                rows = np.nonzero(np.isin(self._codes[: self._n], codes))[0] if len(codes) < len(self._stream_code) else None
+                if rows is not None:
+                    rows.flags.writeable = False  # shared by every search until the next change
+                self._rows_cache[key] = rows
+            rows = self._rows_cache[key]
+            if rows is not None:
                 return rows, len(rows)
         return None, self._n
 

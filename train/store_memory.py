@@ -46,7 +46,7 @@ class StoreWindowMemory(WindowMemory):
         Path(store_dir).parent.mkdir(parents=True, exist_ok=True)
         self.store = open_store(str(store_dir), cfg, "w" if fresh else "a", config=sc)
         self._fetched = 0
-        self._moved: dict[str, int] = dict(self.store.stats().get("bytes_moved", {}))
+        self._moved: dict[str, int] = self.store.bytes_moved()
 
     def begin_document(self, state: DocumentState) -> None:
         mem = RetrievalMemory(self.cfg, self.store, stream=state.stream, retrieval=self.rc, persist=True)
@@ -74,7 +74,7 @@ class StoreWindowMemory(WindowMemory):
 
     def pulled_bytes(self, states: list[DocumentState] | None = None) -> dict[str, int]:
         """Bytes of K/V moved to the device since the last call, by the tier they came from."""
-        moved = dict(self.store.stats().get("bytes_moved", {}))
+        moved = self.store.bytes_moved()  # every step: not stats(), which sorts get latencies
         d = {k: int(moved.get(k, 0)) - int(self._moved.get(k, 0)) for k in moved}
         self._moved = moved
         fetched = self._fetched + sum(s.memory.stats.take_fetched() for s in (states or [])

@@ -418,3 +418,32 @@ def test_faiss_never_changes_torchs_thread_count():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["3", "3"], out.stdout
+
+
+def test_stream_rows_cache_follows_every_add_and_remove():
+    """Searches restricted to streams reuse the stream's rows until the index changes: each
+    add (one part or several) and each remove shows in the next search."""
+    keys = data(40, seed=21)
+    ix = make("exact")
+    ix.add("a", np.arange(10, dtype=np.int64), keys[:10])
+    ix.add("b", np.arange(10, 20, dtype=np.int64), keys[10:20])
+    q = torch.from_numpy(keys[25:26, 0]) * 10  # close to key 25's
+    assert set(ix.search_max(0, q, 40, ["a"])[0].flatten().tolist()) - {-1} == set(range(10))
+    ix.add_parts([("a", np.array([25], dtype=np.int64), keys[25:26]), ("c", np.array([30], dtype=np.int64), keys[30:31])])
+    got = ix.search_max(0, q, 40, ["a"])[0]
+    assert set(got.flatten().tolist()) - {-1} == set(range(10)) | {25}
+    assert set(ix.search_max(0, q, 40, ["c"])[0].flatten().tolist()) - {-1} == {30}
+    ix.remove_stream("a")
+    assert set(ix.search_max(0, q, 40, ["a", "b"])[0].flatten().tolist()) - {-1} == set(range(10, 20))
+    lanes = ix.search_max_lanes(0, torch.stack([q, q]), 40, [["b"], ["a", "c"]])[0]
+    assert set(lanes[0].flatten().tolist()) - {-1} == set(range(10, 20)) and set(lanes[1].flatten().tolist()) - {-1} == {30}
+
+
+def test_add_parts_refuses_an_id_in_two_parts_and_changes_nothing():
+    ix = make("exact")
+    keys = data(4, seed=22)
+    ix.add("a", np.array([0], dtype=np.int64), keys[:1])
+    before = snapshot(ix)
+    with pytest.raises(LandmarkIndexError, match="duplicate"):
+        ix.add_parts([("b", np.array([1, 2], dtype=np.int64), keys[1:3]), ("c", np.array([2], dtype=np.int64), keys[3:])])
+    assert same(snapshot(ix), before)

@@ -527,6 +527,7 @@ def test_lazy_writes_hold_blocks_until_flush_and_never_write_deleted_streams(tmp
         assert s.delete_stream("b") == 2 and s.delete_stream("d") == 3
         s.flush()  # writes only what is alive: rows 0-2 (a) and 5 (c)
         moved = s.stats()["bytes_moved"]
+        assert s.bytes_moved() == moved  # the cheap accessor (training reads it every step)
         row = (k[:1].numel() + v[:1].numel() + lm[:1].numel()) * k.element_size()
         assert moved["to_disk"] == 4 * row and moved["never_written"] == 5 * row
         got = zarr.open_group(tmp_path / "s", mode="r")["kv"]
