@@ -533,10 +533,10 @@ class LandmarkIndex:
             key = frozenset(streams)
             if key not in self._rows_cache:
                 codes = [self._stream_code[s] for s in key if s in self._stream_code]
-                rows = np.nonzero(np.isin(self._codes[: self._n], codes))[0] if len(codes) < len(self._stream_code) else None
-                if rows is not None:
-                    rows.flags.writeable = False  # shared by every search until the next change
-                self._rows_cache[key] = rows
+                # shared by every search until the next change: callers only read it (it is not
+                # flagged read-only because torch.from_numpy warns about such arrays)
+                self._rows_cache[key] = (np.nonzero(np.isin(self._codes[: self._n], codes))[0]
+                                         if len(codes) < len(self._stream_code) else None)
             rows = self._rows_cache[key]
             if rows is not None:
                 return rows, len(rows)
