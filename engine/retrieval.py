@@ -341,11 +341,17 @@ class BatchMemory:
         m0 = self.memories[0]
         kk = sel.shape[2]
         L, D, dev = m0.L, m0.cfg.head_dim, m0.device
-        k_sel, v_sel, uniq, _ = _gather_selected(m0.store, layer, sel, dev)  # (B, Hkv, kk, L, D)
-        if len(uniq):
-            sel_np = sel.numpy()
-            for i, b in enumerate(lanes):  # per-lane accounting, as if each fetched its own
-                self.memories[b]._count_fetched(layer, len(np.unique(sel_np[i][sel_np[i] >= 0])))
+        if hasattr(m0.store, "get_heads"):  # one gather of each lane's and head's blocks
+            k_sel, v_sel = m0.store.get_heads(sel, layer)  # (B, Hkv, kk, L, D)
+            k_sel, v_sel = k_sel.to(dev).float(), v_sel.to(dev).float()
+        else:
+            k_sel, v_sel, _, _ = _gather_selected(m0.store, layer, sel, dev)
+        # per-lane accounting, as if each lane fetched its own: its distinct blocks
+        srt = np.sort(sel.reshape(sel.shape[0], -1).numpy(), axis=1)
+        distinct = (srt[:, 0] >= 0) + ((srt[:, 1:] != srt[:, :-1]) & (srt[:, 1:] >= 0)).sum(1)
+        for b, n in zip(lanes, distinct.tolist()):
+            if n:
+                self.memories[b]._count_fetched(layer, n)
         first = (m0.rc.top_k - kk) * L  # trimmed slots: the real blocks keep their positions
         cos, sin = rope_cos_sin(torch.arange(first, first + kk * L, device=dev), D, m0.cfg.rope_theta)
         return _rotated_prefix(k_sel, v_sel, sel, cos, sin)

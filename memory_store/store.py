@@ -598,6 +598,48 @@ class TieredStore:
         self._stats.latencies.append(time.perf_counter() - t0)
         return k, v
 
+    def get_heads(self, sel: torch.Tensor, layer: int, *, promote: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """One KV head per selected block: sel (B, H, k) int64 block ids (-1: none), entry
+        [b, h, j] being head h of block sel[b, h, j] -> K, V (B, H, k, T, D) on self.device,
+        zeros where sel is -1 (batched retrieval: each lane and head its own blocks). One
+        gather from the device tier when it holds every block (training); otherwise
+        `get_layer` of the distinct blocks (promote as there), then the gather.
+        Raises InvalidArgumentError, UnknownBlockError, CorruptBlockError."""
+        H, T, D = self.layout.kv_shape
+        if not isinstance(sel, torch.Tensor) or sel.dtype != torch.int64 or sel.dim() != 3 or sel.shape[1] != H:
+            raise InvalidArgumentError(f"get_heads: sel must be a (B, n_kv_heads={H}, k) int64 tensor, got "
+                                       f"{tuple(getattr(sel, 'shape', ()))} {getattr(sel, 'dtype', type(sel).__name__)}")
+        t0 = time.perf_counter()
+        self._check_open()
+        layer = self._check_layer(layer)
+        s = sel.detach().cpu().numpy()
+        valid = s >= 0
+        uniq = np.unique(s[valid])
+        if not uniq.size:
+            z = torch.zeros((*s.shape, T, D), dtype=self.layout.torch_dtype, device=self.device)
+            return z, z.clone()
+        pos = np.searchsorted(uniq, np.where(valid, s, uniq[0])).reshape(-1)  # entry of uniq per slot
+        heads = np.broadcast_to(np.arange(H)[None, :, None], s.shape).reshape(-1)
+        with self._lock:
+            self._check_ids(uniq)
+            got = self._device_tier.gather_heads([(int(r), layer) for r in uniq], pos, heads)
+            if got is not None:
+                self._stats.hits["device"] += int(uniq.size)
+        if got is None:
+            k_u, v_u = self.get_layer(uniq, layer, promote=promote)  # (M, H, T, D)
+            flat = torch.from_numpy(pos * H + heads).to(k_u.device)
+            got = k_u.reshape(-1, T, D).index_select(0, flat), v_u.reshape(-1, T, D).index_select(0, flat)
+        else:
+            got = (self._to_device(got[0]), self._to_device(got[1]))
+            if self._copy_stream is not None:
+                torch.cuda.current_stream(self.device).synchronize()
+            self._stats.latencies.append(time.perf_counter() - t0)
+        k, v = (t.view(*s.shape, T, D) for t in got)
+        if not valid.all():
+            absent = torch.from_numpy(~valid).to(k.device)[..., None, None]
+            k, v = k.masked_fill(absent, 0.0), v.masked_fill(absent, 0.0)
+        return k, v
+
     def get(self, block_id: int) -> Block | None:
         """The whole block (all layers) or None when the id is unknown or deleted."""
         self._check_open()

@@ -15,7 +15,7 @@ import torch
 import zarr
 from _store_helpers import LAYOUT, make_blocks
 
-from memory_store import StoreConfig, StoreLayout, TieredStore
+from memory_store import InvalidArgumentError, StoreConfig, StoreLayout, TieredStore, UnknownBlockError
 from memory_store.disk import COMMIT_KEY
 
 EB = LAYOUT.block_bytes()
@@ -563,3 +563,34 @@ def test_lazy_writes_need_the_background_writer():
         StoreConfig(lazy_writes=True, write_behind=False)
     with pytest.raises(ValueError, match="lazy_writes"):
         StoreConfig(lazy_writes=1)
+
+
+@pytest.mark.parametrize("device_entries,host_entries", [(100, 0), (2, 3), (0, 0)])
+def test_get_heads_gathers_each_lanes_and_heads_blocks(tmp_path, device_entries, host_entries):
+    """get_heads == get_layer + picking head h of block sel[b, h, j], zeros for -1: from the
+    device tier in one gather when it holds every block, else through get_layer."""
+    k, v, lm = make_blocks(8, seed=42)
+    cfg = small_config(device_budget_bytes=device_entries * EB, host_budget_bytes=host_entries * EB)
+    with TieredStore.open(tmp_path / "s", "w", layout=LAYOUT, config=cfg) as s:
+        s.put_blocks("doc", k, v, lm)
+        s.flush()
+        sel = torch.tensor([[[3, 0, -1], [7, 7, 1]], [[-1, -1, -1], [2, 5, 6]]])  # (B=2, H=2, 3)
+        hits = s.stats()["hits"]["device"]
+        K, V = s.get_heads(sel, 1)
+        assert K.shape == (2, 2, 3, LAYOUT.block_len, LAYOUT.head_dim)
+        for b in range(2):
+            for h in range(2):
+                for j in range(3):
+                    i = int(sel[b, h, j])
+                    want_k = k[i, 1, h] if i >= 0 else torch.zeros_like(k[0, 1, 0])
+                    want_v = v[i, 1, h] if i >= 0 else torch.zeros_like(v[0, 1, 0])
+                    assert torch.equal(K[b, h, j], want_k) and torch.equal(V[b, h, j], want_v), (b, h, j)
+        if device_entries >= 8:
+            assert s.stats()["hits"]["device"] == hits + 7  # the 7 distinct blocks, from the device tier
+        Z, _ = s.get_heads(torch.full((1, 2, 2), -1), 0)
+        assert not Z.any()
+        for bad in (sel[0], sel.int(), torch.zeros(1, 3, 2, dtype=torch.int64)):
+            with pytest.raises(InvalidArgumentError, match="get_heads"):
+                s.get_heads(bad, 0)
+        with pytest.raises(UnknownBlockError):
+            s.get_heads(torch.tensor([[[0], [99]]]), 0)
