@@ -224,6 +224,18 @@ class BatchMemory:
 
     def __init__(self, memories: Sequence["RetrievalMemory"]):
         self.memories = list(memories)
+        self._ropes: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # every layer rotates alike
+
+    def _rope(self, first: int, n: int, stingy_top: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of n positions from `first` (stingy_top: of a memory's stingy positions for
+        n local entries with top_k=stingy_top), computed once per batch for all layers."""
+        key = (first, n, stingy_top)
+        if key not in self._ropes:
+            m0 = self.memories[0]
+            pos = (m0._positions(stingy_top, n, first) if stingy_top is not None
+                   else torch.arange(first, first + n, device=m0.device))
+            self._ropes[key] = rope_cos_sin(pos, m0.cfg.head_dim, m0.cfg.rope_theta)
+        return self._ropes[key]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if q.shape[0] != len(self.memories):
@@ -264,7 +276,7 @@ class BatchMemory:
         blocks, one rotation of all local keys and queries. Same result as the per-lane
         path (tested)."""
         mems, m0 = self.memories, self.memories[0]
-        B, T = q.shape[0], q.shape[2]
+        B = q.shape[0]
         for b, m in enumerate(mems):
             m._pending[layer] = (k[b:b + 1], v[b:b + 1])
         n_before = m0.local_k[layer].shape[2]
@@ -275,8 +287,7 @@ class BatchMemory:
             k_loc, v_loc = k.float(), v.float()
         # one rotation for every lane, at the untrimmed stingy positions (the same as each
         # memory alone): local entry j at top_k*L + j, retrieved slots before it
-        top, cfg, D = m0.rc.top_k, m0.cfg, q.shape[3]
-        cos, sin = rope_cos_sin(m0._positions(top, k_loc.shape[2], 0), D, cfg.rope_theta)
+        cos, sin = self._rope(0, k_loc.shape[2], stingy_top=m0.rc.top_k)
         k_loc = apply_rope(k_loc, cos, sin)
         q_rot = apply_rope(q.float(), cos[n_before:], sin[n_before:])  # (B, H, T, D)
         sel = self._select_lanes(layer, q_rot)  # (B, Hkv, top_k), absent blocks (-1) first
@@ -292,7 +303,6 @@ class BatchMemory:
         queries and local keys rotated), with sel trimmed to the slots any of them fills."""
         m0 = self.memories[0]
         rc, L = m0.rc, m0.L
-        B = q_rot.shape[0]
         n_loc = k_loc_rot.shape[2]
         kk = int((sel >= 0).sum(-1).max())
         sel = sel[:, :, sel.shape[2] - kk:]
@@ -340,7 +350,7 @@ class BatchMemory:
         """
         m0 = self.memories[0]
         kk = sel.shape[2]
-        L, D, dev = m0.L, m0.cfg.head_dim, m0.device
+        L, dev = m0.L, m0.device
         if hasattr(m0.store, "get_heads"):  # one gather of each lane's and head's blocks
             k_sel, v_sel = m0.store.get_heads(sel, layer)  # (B, Hkv, kk, L, D)
             k_sel, v_sel = k_sel.to(dev).float(), v_sel.to(dev).float()
@@ -353,7 +363,7 @@ class BatchMemory:
             if n:
                 self.memories[b]._count_fetched(layer, n)
         first = (m0.rc.top_k - kk) * L  # trimmed slots: the real blocks keep their positions
-        cos, sin = rope_cos_sin(torch.arange(first, first + kk * L, device=dev), D, m0.cfg.rope_theta)
+        cos, sin = self._rope(first, kk * L)
         return _rotated_prefix(k_sel, v_sel, sel, cos, sin)
 
 

@@ -131,7 +131,7 @@ class LandmarkIndex:
         self._sorted_ids = np.empty(0, dtype=np.int64)  # (N,) for id -> row lookups
         self._sorted_rows = np.empty(0, dtype=np.int64)  # (N,)
         self._ids_dev: torch.Tensor | None = None  # (N,) ids on device, cached for exact search
-        self._rows_cache: dict[frozenset[str], np.ndarray | None] = {}  # _stream_rows, until the next add or delete
+        self._rows_cache: dict = {}  # _stream_rows and _lanes_layout, until the next add or delete
 
         kind = backend if backend in FAISS_BACKENDS else (AUTO_APPROX_BACKEND if backend == "auto" else None)
         gpu = self.device.index or 0 if self.device.type == "cuda" else None
@@ -449,10 +449,7 @@ class LandmarkIndex:
                                  f"expected ({self.head_dim}, {self.head_dim})")
             B, n_q, H = queries.shape[0], queries.shape[1], self.n_kv_heads
             k = int(k)
-            lane_rows = []
-            for st in streams:  # each lane's rows, in row order (as search_max gathers them)
-                rows, _ = self._stream_rows(st)
-                lane_rows.append(np.arange(self._n) if rows is None else rows)
+            lane_rows, rows_t, padding, groups = self._lanes_layout(streams, H)
             m = max((len(r) for r in lane_rows), default=0)
             out_ids = torch.full((B, H, k), -1, dtype=torch.int64, device=self.device)
             out_s = torch.full((B, H, k), float("-inf"), dtype=torch.float32, device=self.device)
@@ -463,23 +460,12 @@ class LandmarkIndex:
                     queries = queries.detach().float() @ key_map.to(queries.device, torch.float32).T
                 parts = [self.search_max(layer, queries[b], k, streams[b]) for b in range(B)]
                 return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-            # each lane's keys in row order (as search_max gathers them), padded to m rows
-            pad = np.zeros((B, m), dtype=np.int64)
-            for b, r in enumerate(lane_rows):
-                pad[b, : len(r)] = r
-            rows_t = torch.from_numpy(pad.reshape(-1)).to(self.device)
             keys = self._keys[layer].index_select(1, rows_t).view(H, B, m, -1).transpose(0, 1).reshape(B * H, m, -1)
             if key_map is not None:
                 keys = keys @ key_map.to(self.device, torch.float32)
             # (B*H, D, Q): a view of head-major queries (bmm reads the transpose as it is)
             qt = queries.detach().to(self.device, torch.float32).transpose(1, 2).reshape(B * H, n_q, -1).transpose(1, 2)
             best = torch.empty(B * H, m, dtype=torch.float32, device=self.device)  # past a lane's keys: unused
-            # lanes of similar length: all in one batched matmul per key tile; one long document among
-            # short ones (padding to the longest would more than 1.5x the work): lane by lane
-            if B * m <= 1.5 * sum(len(r) for r in lane_rows):
-                groups = [(0, B * H, m)]  # (first row, end row, keys) of best scored together
-            else:
-                groups = [(b * H, (b + 1) * H, len(r)) for b, r in enumerate(lane_rows)]
             for lo, hi, n_keys in groups:
                 chunk = max(64, _MAX_CHUNK_ELEMS // max(1, (hi - lo) * n_q))
                 for start in range(0, n_keys, chunk):
@@ -487,12 +473,11 @@ class LandmarkIndex:
                     best[lo:hi, start:end] = torch.bmm(keys[lo:hi, start:end], qt[lo:hi]).amax(dim=2)  # (rows, C)
             best = best.view(B, H, m)
             ids = self._device_ids()
-            lens = torch.tensor([len(r) for r in lane_rows], device=self.device)
             kc = min(k, m)
             # one top-k over every lane (padding -inf) when its result cannot depend on how ties
             # are broken: no two equal finite scores among any lane's best k+1. Otherwise (e.g.
             # layer 0, where every landmark key is the same) per lane as below.
-            padded = best.masked_fill(torch.arange(m, device=self.device) >= lens[:, None, None], float("-inf"))
+            padded = best.masked_fill(padding, float("-inf"))
             top_s, top_i = padded.topk(min(k + 1, m), dim=-1)  # (B, H, k+1), descending
             fin = torch.isfinite(top_s)
             if not bool(((top_s[..., 1:] == top_s[..., :-1]) & fin[..., 1:]).any()):
@@ -525,6 +510,35 @@ class LandmarkIndex:
             raise LandmarkIndexError(f"search: k={k!r}, expected an int >= 1")
         if isinstance(streams, (str, bytes)) or (streams is not None and not all(isinstance(s, str) for s in streams)):
             raise LandmarkIndexError(f"search: streams={streams!r}, expected None or a sequence of str")
+
+    def _lanes_layout(self, streams: Sequence[Sequence[str]], H: int):
+        """search_max_lanes' view of the lanes (cached with the stream rows, until the next add
+        or delete; every layer of a training step asks for the same lanes): each lane's rows
+        in row order (as search_max gathers them), those rows padded to the longest lane
+        (B*m,) on the device, which of those padded slots are padding (B, 1, m), and the row groups
+        scored together: all lanes in one batched matmul when they are of similar length,
+        lane by lane when one long document sits among short ones (padding to the longest
+        would more than 1.5x the work)."""
+        key = ("lanes", H, tuple(frozenset(st) for st in streams))
+        got = self._rows_cache.get(key)
+        if got is None:
+            lane_rows = []
+            for st in streams:
+                rows, _ = self._stream_rows(st)
+                lane_rows.append(np.arange(self._n) if rows is None else rows)
+            B, m = len(lane_rows), max((len(r) for r in lane_rows), default=0)
+            pad = np.zeros((B, m), dtype=np.int64)
+            for b, r in enumerate(lane_rows):
+                pad[b, : len(r)] = r
+            rows_t = torch.from_numpy(pad.reshape(-1)).to(self.device)
+            lens = torch.tensor([len(r) for r in lane_rows], device=self.device)
+            padding = torch.arange(m, device=self.device) >= lens[:, None, None]  # (B, 1, m)
+            if B * m <= 1.5 * sum(len(r) for r in lane_rows):
+                groups = [(0, B * H, m)]  # (first row, end row, keys) of best scored together
+            else:
+                groups = [(b * H, (b + 1) * H, len(r)) for b, r in enumerate(lane_rows)]
+            got = self._rows_cache[key] = (lane_rows, rows_t, padding, groups)
+        return got
 
     def _stream_rows(self, streams: Sequence[str] | None) -> tuple[np.ndarray | None, int]:
         """(rows of those streams or None for every row, number of rows searched). Cached until
