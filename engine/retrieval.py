@@ -385,6 +385,23 @@ def _to_store_layout(k: torch.Tensor, v: torch.Tensor, L: int, dtype, device):
     return K, V, K[:, :, :, L - 1].contiguous()
 
 
+def _lanes_to_store_layout(memories: Sequence["RetrievalMemory"], L: int, dtype, device):
+    """`_to_store_layout` of every lane's pending chunk when all have the same length: per
+    layer one concatenation of the lanes and one copy into the store layout (instead of a
+    stack and a copy per lane). The lanes' blocks one lane after the other, as there."""
+    B, nl = len(memories), len(memories[0]._pending)
+    _, Hkv, T, D = memories[0]._pending[0][0].shape
+    n = T // L
+    K = torch.empty(B, n, nl, Hkv, L, D, dtype=dtype, device=device)
+    V = torch.empty_like(K)
+    for layer in range(nl):
+        for out, i in ((K, 0), (V, 1)):
+            lanes = torch.cat([m._pending[layer][i] for m in memories]).detach()  # (B, Hkv, T, D)
+            out[:, :, layer].copy_(lanes.view(B, Hkv, n, L, D).transpose(1, 2))
+    K, V = K.view(B * n, nl, Hkv, L, D), V.view(B * n, nl, Hkv, L, D)
+    return K, V, K[:, :, :, L - 1].contiguous()
+
+
 def end_chunks(memories: Sequence["RetrievalMemory"]) -> list[int]:
     """`end_chunk` of several memories (a training step's lanes). When every chunk goes
     straight into one store (training windows), they are put with one `put_streams` (one
@@ -396,9 +413,12 @@ def end_chunks(memories: Sequence["RetrievalMemory"]) -> list[int]:
             or not all(m.store is store and m._whole_chunk_put() for m in memories)):
         return [m.end_chunk() for m in memories]
     m0 = memories[0]
-    pend = [m._pending_chunk() for m in memories]  # per lane (n_layers, Hkv, T, D)
-    K, V, lm = _to_store_layout([p[0] for p in pend], [p[1] for p in pend], m0.L, m0.dtype, m0.device)
-    T = [p[0].shape[2] for p in pend]
+    T = [m._pending[0][0].shape[2] for m in memories]
+    if len(set(T)) == 1:  # training: every lane one window of the same length, layer by layer
+        K, V, lm = _lanes_to_store_layout(memories, m0.L, m0.dtype, m0.device)
+    else:
+        pend = [m._pending_chunk() for m in memories]  # per lane (n_layers, Hkv, T, D)
+        K, V, lm = _to_store_layout([p[0] for p in pend], [p[1] for p in pend], m0.L, m0.dtype, m0.device)
     ids = store.put_streams([(m.stream, t // m0.L) for m, t in zip(memories, T)], K, V, lm,
                             copy=False)  # K, V are this call's own: the store may keep them
     for m, t, got in zip(memories, T, ids):
