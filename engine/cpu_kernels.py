@@ -29,7 +29,9 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("landmark_cpu.c")
-FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
+if platform.machine().lower() in ("x86_64", "amd64"):
+    FLAGS.insert(2, "-mprefer-vector-width=512")  # AVX-512 exp where the CPU has it (gcc picks 256 otherwise)
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
