@@ -65,14 +65,23 @@ def _library_path(cc: str) -> Path:
 
 def build(cc: str | None = None) -> Path:
     """Compile the kernels (if not cached) and return the library's path. Raises
-    RuntimeError with the compiler's message when the build fails."""
+    RuntimeError with the compiler's message when the build fails. A cache directory that
+    cannot be written (read-only home) is replaced by one under the system's temp dir."""
     cc = cc or os.environ.get("CC") or "cc"
     path = _library_path(cc)
     if path.exists():
         return path
     if shutil.which(cc) is None:
         raise RuntimeError(f"no C compiler: {cc!r} is not on PATH (set CC to one)")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(path.parent, os.W_OK):
+            raise PermissionError(f"{path.parent} is not writable")
+    except OSError:
+        path = Path(tempfile.gettempdir()) / f"folio-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}" / path.name
+        if path.exists():
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)  # atomic: concurrent ranks may build
     os.close(fd)
     try:

@@ -113,3 +113,15 @@ def test_switched_off_by_environment(fresh, monkeypatch):
     monkeypatch.setenv("FOLIO_CPU_KERNELS", "0")
     assert cpu_kernels.get() is None
     assert not os.path.exists(fresh)  # nothing built
+
+
+def test_a_cache_dir_that_cannot_be_made_builds_under_the_temp_dir(fresh, monkeypatch, tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")  # mkdir below it fails, even as root
+    monkeypatch.setenv("FOLIO_KERNEL_CACHE", str(tmp_path / "a-file" / "kernels"))
+    monkeypatch.setattr(cpu_kernels.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    try:
+        path = cpu_kernels.build()
+    except RuntimeError as e:
+        pytest.skip(f"no working C compiler here: {e}")
+    assert path.parent.parent == tmp_path / "tmp" and path.exists()
+    assert cpu_kernels.build() == path  # found there again, not rebuilt
