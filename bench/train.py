@@ -41,7 +41,7 @@ from train.windows import LaneBatcher
 RESULTS = Path(__file__).parent / "results" / "train.json"
 
 
-ROUNDS = {True: 2, False: 5}  # configurations alternate in rounds: a noisy spell hits all of them (5: medians steady to ~±0.03)
+ROUNDS = {True: 2, False: 8}  # configurations alternate in rounds: a noisy spell hits all of them (5: medians steady to ~±0.03; 8: ~±0.02)
 STEPS = {True: 8, False: 16}  # per configuration per round
 
 
@@ -128,6 +128,7 @@ def measure_retrieval(quick: bool, tmp: Path) -> dict[str, Any]:
     """
     warmup = 2
     times: dict[str, list[float]] = {"none": [], "retrieval": []}
+    per_round: dict[str, list[float]] = {"none": [], "retrieval": []}
     pulled: list[int] = []
     for r in range(ROUNDS[quick]):
         for name in times:
@@ -139,6 +140,7 @@ def measure_retrieval(quick: bool, tmp: Path) -> dict[str, Any]:
 
             recs = read_metrics(Path(cfg.out_dir) / "metrics.jsonl")[warmup:]
             times[name].extend(r_["step_time_s"] for r_ in recs)
+            per_round[name].append(statistics.median(r_["step_time_s"] for r_ in recs))
             if name == "retrieval":
                 pulled.extend(sum(r_["pulled_bytes"].values()) for r_ in recs)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -147,6 +149,8 @@ def measure_retrieval(quick: bool, tmp: Path) -> dict[str, Any]:
         "median_step_time_s_retrieval": round(med["retrieval"], 5),
         "median_step_time_s_no_retrieval": round(med["none"], 5),
         "retrieval_bytes_pulled_per_step": int(statistics.mean(pulled)) if pulled else 0,
+        # each round's own ratio (its two runs back to back): the spread shows the machine's noise
+        "step_time_retrieval_vs_none_per_round": [round(a / b, 3) for a, b in zip(per_round["retrieval"], per_round["none"])],
     }
 
 

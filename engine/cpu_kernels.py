@@ -8,9 +8,10 @@ warning and attention runs the pure-torch path, with the same results (tested).
 ``FOLIO_CPU_KERNELS=0`` turns the kernels off.
 
 Threads: the kernels split their rows over ``torch.get_num_threads()`` OpenMP threads.
-The library links libgomp.so.1, which in a process that has imported torch resolves to
-torch's own copy: the same thread pool as torch's ops, not a second one competing for
-the cores.
+The library links libgomp.so.1; where torch ships its OpenMP runtime under that name (the
+PyPI wheels for Linux do), the loader resolves it to torch's own copy: the same thread
+pool as torch's ops. A torch built on another OpenMP runtime (renamed libgomp, LLVM's or
+Intel's) gets a second pool beside its own.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -29,9 +31,14 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("landmark_cpu.c")
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
+# Compiled and linked in two steps: -ffast-math only at compile time, because gcc links a
+# crtfastmath.o constructor into a -ffast-math *link*, which would switch flush-to-zero on
+# for the whole process (for the loading thread only, even) when the library is loaded.
+COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-c"]
 if platform.machine().lower() in ("x86_64", "amd64"):
-    FLAGS.insert(2, "-mprefer-vector-width=512")  # AVX-512 exp where the CPU has it (gcc picks 256 otherwise)
+    COMPILE_FLAGS.insert(2, "-mprefer-vector-width=512")  # AVX-512 exp where the CPU has it (gcc picks 256 otherwise)
+LINK_FLAGS = ["-shared", "-fopenmp"]
+_CPU_KEYS = ("model name", "flags", "Features", "CPU implementer", "CPU architecture", "CPU variant", "CPU part")
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -49,50 +56,76 @@ def cache_dir() -> Path:
 
 
 def _cpu_id() -> str:
-    """The CPU's model and feature flags: -march=native code is only valid on such a CPU."""
+    """What -march=native code depends on: the CPU's model and features (x86 and Arm)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
-        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))][:2]
-        return "\n".join(lines)
     except OSError:
         return platform.processor() or platform.machine()
+    seen: dict[str, str] = {}
+    for ln in text.splitlines():
+        name = ln.split(":", 1)[0].strip()
+        if name in _CPU_KEYS and name not in seen:
+            seen[name] = ln
+    return "\n".join(seen.values()) or platform.machine()
+
+
+def _compiler(cc: str) -> list[str]:
+    return shlex.split(cc)  # CC may carry arguments ("ccache gcc")
 
 
 def _library_path(cc: str) -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode() + _cpu_id().encode()).hexdigest()[:16]
+    """The cached library for this source, compiler (and its version), flags, libc and CPU."""
+    try:
+        version = subprocess.run([*_compiler(cc), "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    parts = [SOURCE.read_bytes(), " ".join([cc, *COMPILE_FLAGS, *LINK_FLAGS]).encode(), version.encode(),
+             repr(platform.libc_ver()).encode(), _cpu_id().encode()]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     return cache_dir() / f"landmark_cpu-{key}.so"
+
+
+def _private_temp_dir() -> Path:
+    """A per-user directory under the temp dir, made 0700 and checked to be this user's and
+    writable by nobody else (a library loaded from a directory another user controls would
+    run their code)."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    d = Path(tempfile.gettempdir()) / f"folio-kernels-{uid}"
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = d.lstat()
+    if not d.is_dir() or d.is_symlink() or (hasattr(os, "getuid") and st.st_uid != uid) or st.st_mode & 0o022:
+        raise RuntimeError(f"{d} is not a private directory of this user (owner {st.st_uid}, mode "
+                           f"{oct(st.st_mode & 0o777)}): set FOLIO_KERNEL_CACHE to a directory of your own")
+    return d
 
 
 def build(cc: str | None = None) -> Path:
     """Compile the kernels (if not cached) and return the library's path. Raises
     RuntimeError with the compiler's message when the build fails. A cache directory that
-    cannot be written (read-only home) is replaced by one under the system's temp dir."""
+    cannot be made or written (read-only home) is replaced by a private one under the
+    system's temp dir."""
     cc = cc or os.environ.get("CC") or "cc"
+    argv = _compiler(cc)
+    if not argv or shutil.which(argv[0]) is None:
+        raise RuntimeError(f"no C compiler: {cc!r} is not on PATH (set CC to one)")
     path = _library_path(cc)
     if path.exists():
         return path
-    if shutil.which(cc) is None:
-        raise RuntimeError(f"no C compiler: {cc!r} is not on PATH (set CC to one)")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if not os.access(path.parent, os.W_OK):
             raise PermissionError(f"{path.parent} is not writable")
     except OSError:
-        path = Path(tempfile.gettempdir()) / f"folio-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}" / path.name
+        path = _private_temp_dir() / path.name
         if path.exists():
             return path
-        path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)  # atomic: concurrent ranks may build
-    os.close(fd)
-    try:
-        proc = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
-                              timeout=120)
-        if proc.returncode != 0:
-            raise RuntimeError(f"building {SOURCE.name} with {cc} failed:\n{proc.stderr.strip()[-2000:]}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with tempfile.TemporaryDirectory(dir=path.parent) as work:  # atomic: concurrent ranks may build
+        obj, lib = os.path.join(work, "landmark_cpu.o"), os.path.join(work, "lib.so")
+        for cmd in ([*argv, *COMPILE_FLAGS, "-o", obj, str(SOURCE)], [*argv, *LINK_FLAGS, "-o", lib, obj, "-lm"]):
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            if proc.returncode != 0:
+                raise RuntimeError(f"building {SOURCE.name} with {cc} failed:\n{proc.stderr.strip()[-2000:]}")
+        os.replace(lib, path)
     return path
 
 
@@ -116,7 +149,12 @@ def get() -> ctypes.CDLL | None:
     with _lock:
         if not _tried:
             try:
-                _lib = _load(build())
+                path = build()
+                try:
+                    _lib = _load(path)
+                except OSError:  # a cached build this machine cannot load (shared cache): rebuild once
+                    path.unlink(missing_ok=True)
+                    _lib = _load(build())
             except (RuntimeError, OSError, subprocess.SubprocessError) as e:
                 warnings.warn(f"folio: fused CPU attention kernels unavailable, using the torch path "
                               f"(same results, slower): {e}", RuntimeWarning, stacklevel=2)

@@ -517,6 +517,8 @@ class DiskTier(Tier):
         written (they read as absent, like rows whose chunks delete_rows removed)."""
         self._check_writable()
         self.ensure_capacity(start + len(stream_codes))
+        for sset in self._shards.values():  # rows past these count as seen: a shard they end is complete
+            sset.set_rows_seen(start + len(stream_codes))
         self._append_meta(start, stream_codes, ordinals)
 
     def _append_meta(self, start: int, stream_codes: np.ndarray, ordinals: np.ndarray) -> None:

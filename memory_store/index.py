@@ -56,6 +56,7 @@ FORMAT_NAME = "folio-landmark-index"
 FORMAT_VERSION = 1
 _SCORE_CHUNK_ELEMS = 1 << 24  # exact search: at most 16M scores (64 MB) alive per chunk
 _MAX_CHUNK_ELEMS = 1 << 20  # search_max: 1M scores (4 MB) per key tile (cache-sized; GPUs do not mind)
+_ROWS_CACHE_MAX = 64  # distinct stream sets whose rows are kept between index changes
 _FEW_QUERIES = 16  # search_max with at most this many queries: one untiled matmul (decode)
 
 
@@ -213,8 +214,8 @@ class LandmarkIndex:
         """`add` for several (stream, ids, keys) parts at once: every part is checked (and
         ids across parts must be distinct) and the key storage grown before anything is
         written, so an error leaves the index as it was. The parts are checked and written
-        together (one id check, one key copy, one sorted-id insert: training adds every
-        lane's window each step)."""
+        together (one id check, one sorted-id insert; a key copy per part: training adds
+        every lane's window each step)."""
         with self._lock:
             checked = [c for c in (self._check_part(*part) for part in parts) if c is not None]
             if not checked:
@@ -511,6 +512,11 @@ class LandmarkIndex:
         if isinstance(streams, (str, bytes)) or (streams is not None and not all(isinstance(s, str) for s in streams)):
             raise LandmarkIndexError(f"search: streams={streams!r}, expected None or a sequence of str")
 
+    def _bound_rows_cache(self) -> None:
+        """Keep the row cache small when many stream sets are searched between changes."""
+        if len(self._rows_cache) >= _ROWS_CACHE_MAX:
+            self._rows_cache.clear()
+
     def _lanes_layout(self, streams: Sequence[Sequence[str]], H: int):
         """search_max_lanes' view of the lanes (cached with the stream rows, until the next add
         or delete; every layer of a training step asks for the same lanes): each lane's rows
@@ -522,6 +528,7 @@ class LandmarkIndex:
         key = ("lanes", H, tuple(frozenset(st) for st in streams))
         got = self._rows_cache.get(key)
         if got is None:
+            self._bound_rows_cache()
             lane_rows = []
             for st in streams:
                 rows, _ = self._stream_rows(st)
@@ -546,6 +553,7 @@ class LandmarkIndex:
         if streams is not None:
             key = frozenset(streams)
             if key not in self._rows_cache:
+                self._bound_rows_cache()
                 codes = [self._stream_code[s] for s in key if s in self._stream_code]
                 # shared by every search until the next change: callers only read it (it is not
                 # flagged read-only because torch.from_numpy warns about such arrays)

@@ -483,7 +483,8 @@ class TieredStore:
                 if alive.all():
                     self._disk.write_rows(job.start, job.k, job.v, job.landmarks, job.codes, job.ordinals)
                 else:  # rows deleted while queued (their stream ended): never written, only recorded
-                    self._disk.write_rows_meta(job.start, job.codes, job.ordinals)
+                    for a, b in _runs(~alive):
+                        self._disk.write_rows_meta(job.start + a, job.codes[a:b], job.ordinals[a:b])
                     for a, b in _runs(alive):
                         self._disk.write_rows(job.start + a, job.k[a:b], job.v[a:b], job.landmarks[a:b],
                                               job.codes[a:b], job.ordinals[a:b])
@@ -630,9 +631,10 @@ class TieredStore:
             flat = torch.from_numpy(pos * H + heads).to(k_u.device)
             got = k_u.reshape(-1, T, D).index_select(0, flat), v_u.reshape(-1, T, D).index_select(0, flat)
         else:
-            got = (self._to_device(got[0]), self._to_device(got[1]))
-            if self._copy_stream is not None:
-                torch.cuda.current_stream(self.device).synchronize()
+            if got[0].device != self.device:  # a host-side device tier (CPU store): copy over
+                got = (self._to_device(got[0]), self._to_device(got[1]))
+                if self._copy_stream is not None:
+                    torch.cuda.current_stream(self.device).synchronize()
             self._stats.latencies.append(time.perf_counter() - t0)
         k, v = (t.view(*s.shape, T, D) for t in got)
         if not valid.all():

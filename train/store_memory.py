@@ -41,8 +41,13 @@ class StoreWindowMemory(WindowMemory):
         # document's stream lives a few steps and is deleted when it ends, so its blocks stay in
         # the write queue and are mostly never written (disk writes took ~2 ms of CPU per step
         # from compute); a checkpoint's flush writes what is alive.
+        # The queue holds at least 8 lane-windows (64 MiB for the tiny model; a large model's
+        # window of blocks can be bigger than that alone, and a put bigger than the queue would
+        # wait for it to drain every step).
+        itemsize = 4 if cfg.dtype == "float32" else 2  # the store keeps the model's dtype
+        lane_window = window * cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * itemsize
         sc = store_config or StoreConfig(device_budget_bytes=256 << 20, host_budget_bytes=1 << 30,
-                                         lazy_writes=True, write_queue_bytes=64 << 20)
+                                         lazy_writes=True, write_queue_bytes=max(64 << 20, 8 * lane_window))
         Path(store_dir).parent.mkdir(parents=True, exist_ok=True)
         self.store = open_store(str(store_dir), cfg, "w" if fresh else "a", config=sc)
         self._fetched = 0

@@ -4,6 +4,7 @@ use, cached, equal to the torch path, and a clean fallback where they cannot be 
 import os
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -125,3 +126,30 @@ def test_a_cache_dir_that_cannot_be_made_builds_under_the_temp_dir(fresh, monkey
         pytest.skip(f"no working C compiler here: {e}")
     assert path.parent.parent == tmp_path / "tmp" and path.exists()
     assert cpu_kernels.build() == path  # found there again, not rebuilt
+
+
+def test_loading_the_kernels_leaves_float_semantics_alone(fresh):
+    """-ffast-math only compiles the kernels: linking with it would add gcc's crtfastmath
+    constructor, which turns flush-to-zero on for the process when the library loads."""
+    import subprocess
+
+    if cpu_kernels.get() is None:
+        pytest.skip("no working C compiler here")
+    tiny = torch.tensor([1e-30], dtype=torch.float32) * torch.tensor([1e-10], dtype=torch.float32)
+    assert tiny.item() != 0.0, "a subnormal float32 was flushed to zero after loading the kernels"
+    assert float(np.float32(1e-30) * np.float32(1e-10)) != 0.0
+    (so,) = fresh.glob("landmark_cpu-*.so")
+    syms = subprocess.run(["nm", "-D", "--defined-only", str(so)], capture_output=True, text=True).stdout + \
+        subprocess.run(["nm", str(so)], capture_output=True, text=True).stdout
+    assert "set_fast_math" not in syms
+
+
+def test_the_temp_dir_fallback_refuses_a_directory_others_can_write(fresh, monkeypatch, tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")
+    monkeypatch.setenv("FOLIO_KERNEL_CACHE", str(tmp_path / "a-file" / "kernels"))
+    monkeypatch.setattr(cpu_kernels.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    planted = tmp_path / "tmp" / f"folio-kernels-{os.getuid()}"
+    planted.mkdir(parents=True)
+    planted.chmod(0o777)  # anyone could have put a library there
+    with pytest.raises(RuntimeError, match="not a private directory"):
+        cpu_kernels.build()

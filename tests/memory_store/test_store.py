@@ -594,3 +594,22 @@ def test_get_heads_gathers_each_lanes_and_heads_blocks(tmp_path, device_entries,
                 s.get_heads(bad, 0)
         with pytest.raises(UnknownBlockError):
             s.get_heads(torch.tensor([[[0], [99]]]), 0)
+
+
+def test_lazy_writes_a_shard_whose_rows_were_never_written_is_still_removed(tmp_path):
+    """Rows deleted before the writer reached them still complete their shard: once every
+    row of the shard is deleted, its file goes (as when all were written)."""
+    k, v, lm = make_blocks(4, seed=43)
+    cfg = small_config(lazy_writes=True, shard_rows=4)
+    with TieredStore.open(tmp_path / "s", "w", layout=LAYOUT, config=cfg) as s:
+        s.put_blocks("a", k[:2], v[:2], lm[:2])
+        s.flush()  # rows 0-1 written to shard 0
+        s.put_blocks("b", k[2:], v[2:], lm[2:])
+        s.delete_stream("b")
+        s.flush()  # rows 2-3 never written
+        assert _chunk_files(tmp_path / "s") == ["c.0.0.0.0.0.0"]
+        s.delete_stream("a")
+        s.flush()
+        assert _chunk_files(tmp_path / "s") == []
+    with TieredStore.open(tmp_path / "s", "r", config=cfg) as r:
+        assert r.streams() == [] and len(r) == 0
