@@ -21,7 +21,10 @@ into causal attention with landmark columns masked and a per-(query, block) bias
 the blockwise version is a plain online softmax (FlashAttention-style) over key chunks.
 
   1. `landmark_attention_reference` — loops, float64, the paper's definition literally.
-  2. `landmark_attention` — vectorized over a training window; (B, H, T, S) scores.
+  2. `landmark_attention` — vectorized over a training window; (B, H, T, S) scores. On
+     the CPU in float32 its softmax passes run in fused C row kernels
+     (engine/landmark_cpu.c via engine/cpu_kernels.py; the same formulas as the torch
+     code below, which is the fallback and is tested equal to them).
   3. `landmark_attention_blockwise` — online softmax over key chunks with a custom
      backward that recomputes tiles; peak memory is linear in the sequence length.
 """
@@ -178,6 +181,8 @@ VECTORIZED_Q_CHUNK = 128  # query rows per chunk of implementation 2 (times G he
 #     landmark of an earlier block b:   w_b - g_b * delta
 # (chain rule through beta_b = s_lm_b - logsumexp_b: softmax_b(j) = P_j / g_b), so it is
 # W - P * mu with a per-(row, block) mu: three passes over the tile.
+# The fused CPU kernels (engine/landmark_cpu.c) do the same per row while it is in L1: two
+# passes each way (they always subtract the block max: it costs nothing there).
 
 
 def _block_positions(q_pos: torch.Tensor, nb: int, L: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -220,7 +220,8 @@ def _gather_selected(store, layer: int, sel: torch.Tensor, device, promote: bool
 
 
 class BatchMemory:
-    """One `RetrievalMemory` per batch row (each row its own stream): splits the batch."""
+    """One `RetrievalMemory` per batch row (each row its own stream): all lanes in one pass
+    per layer when they can share it (`_attend_lanes`), else row by row."""
 
     def __init__(self, memories: Sequence["RetrievalMemory"]):
         self.memories = list(memories)
