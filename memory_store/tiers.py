@@ -255,16 +255,24 @@ class MemoryTier(Tier):
         self._check_open()
         return key in self._slot
 
-    def gather_heads(self, keys: Sequence[Key], pos: np.ndarray, heads: np.ndarray
-                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """One head of several entries in one gather: row i of the result is head heads[i] of
-        entry keys[pos[i]]; K, V (n, T, D) each. None (nothing touched) when any key misses."""
+    def _touched_slots(self, keys: Sequence[Key]) -> list[int] | None:
+        """The slots of every key, each touched in the eviction policy; None (nothing
+        touched) when any key misses."""
         self._check_open()
         slots = [self._slot.get(key) for key in keys]
         if any(s is None for s in slots):
             return None
         for key in keys:
             self.policy.touch(key)
+        return slots
+
+    def gather_heads(self, keys: Sequence[Key], pos: np.ndarray, heads: np.ndarray
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One head of several entries in one gather: row i of the result is head heads[i] of
+        entry keys[pos[i]]; K, V (n, T, D) each. None (nothing touched) when any key misses."""
+        slots = self._touched_slots(keys)
+        if slots is None:
+            return None
         H, T, D = self.layout.kv_shape
         flat = np.asarray(slots, dtype=np.int64)[pos] * H + heads  # (n,) rows of the (S*H, T, D) slab
         if self._np:
@@ -275,12 +283,9 @@ class MemoryTier(Tier):
         return self._k.view(-1, T, D).index_select(0, idx), self._v.view(-1, T, D).index_select(0, idx)
 
     def get_stacked(self, keys: Sequence[Key]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        self._check_open()
-        slots = [self._slot.get(key) for key in keys]
-        if any(s is None for s in slots):
+        slots = self._touched_slots(keys)
+        if slots is None:
             return None
-        for key in keys:
-            self.policy.touch(key)
         if self._np:
             lay = self.layout
             return (lay.from_storage(np.take(self._kn, slots, axis=0)),  # (M, H, T, D)
