@@ -264,9 +264,10 @@ class BatchMemory:
     def _lanes_batchable(self, layer: int) -> bool:
         """Whether every lane can go through `_attend_lanes`: one store, one config with
         chunk selection and stingy positions (the same key axis for every lane), the same
-        local window length, and explicit streams to search."""
+        local window length, and explicit streams to search (a store with search_max_lanes
+        and get_heads)."""
         m0 = self.memories[0]
-        return (len(self.memories) > 1 and hasattr(m0.store, "search_max_lanes")
+        return (len(self.memories) > 1 and hasattr(m0.store, "search_max_lanes") and hasattr(m0.store, "get_heads")
                 and m0.rc.selection == "chunk" and m0.rc.positions == "stingy" and m0.rc.top_k > 0
                 and all(m.store is m0.store and m.rc == m0.rc and m.read_streams is not None
                         and m.local_k[layer].shape[2] == m0.local_k[layer].shape[2] for m in self.memories))
@@ -277,7 +278,6 @@ class BatchMemory:
         blocks, one rotation of all local keys and queries. Same result as the per-lane
         path (tested)."""
         mems, m0 = self.memories, self.memories[0]
-        B = q.shape[0]
         for b, m in enumerate(mems):
             m._pending[layer] = (k[b:b + 1], v[b:b + 1])
         n_before = m0.local_k[layer].shape[2]
@@ -297,11 +297,11 @@ class BatchMemory:
         # document's first window) stay in the same call, their prefix absent: a second call for
         # them measured ~1.2 ms per step slower (the row gathers and their backward scatters
         # cost more than the fused kernel spends on absent blocks)
-        return self._attend_rows(layer, q_rot, k_loc, v_loc, sel, n_before, list(range(B))).to(q.dtype)
+        return self._attend_rows(layer, q_rot, k_loc, v_loc, sel, n_before).to(q.dtype)
 
-    def _attend_rows(self, layer, q_rot, k_loc_rot, v_loc, sel, n_before: int, lanes: list[int]) -> torch.Tensor:
-        """The kernel call of `_attend_lanes` for some of the lanes (`lanes`: their indices;
-        queries and local keys rotated), with sel trimmed to the slots any of them fills."""
+    def _attend_rows(self, layer, q_rot, k_loc_rot, v_loc, sel, n_before: int) -> torch.Tensor:
+        """The kernel call of `_attend_lanes` (queries and local keys rotated), with sel
+        trimmed to the slots any lane fills."""
         m0 = self.memories[0]
         rc, L = m0.rc, m0.L
         n_loc = k_loc_rot.shape[2]
@@ -309,7 +309,7 @@ class BatchMemory:
         sel = sel[:, :, sel.shape[2] - kk:]
         if kk == 0:
             return rc.attention(q_rot, k_loc_rot, v_loc, L, q_offset=n_before, kv_valid=None)
-        k_ret, v_ret, valid_ret = self._fetch_lanes(layer, sel, lanes)
+        k_ret, v_ret, valid_ret = self._fetch_lanes(layer, sel)
         k_all = torch.cat([k_ret, k_loc_rot], dim=2)  # (B, Hkv, kk*L + n_loc, D)
         v_all = torch.cat([v_ret, v_loc], dim=2)
         return rc.attention(q_rot, k_all, v_all, L, q_offset=kk * L + n_before, kv_valid=_key_valid(valid_ret, n_loc),
@@ -343,63 +343,38 @@ class BatchMemory:
             scores = torch.stack([_without(ids[b], scores[b], e) for b, e in enumerate(excludes)])
         return _choose(ids, scores, kk)
 
-    def _fetch_lanes(self, layer: int, sel: torch.Tensor, lanes: list[int]):
-        """`RetrievalMemory._fetch_rotated` (stingy) of these lanes with one store fetch.
+    def _fetch_lanes(self, layer: int, sel: torch.Tensor):
+        """`RetrievalMemory._fetch_rotated` (stingy) of every lane with one store gather.
 
-        sel (B, Hkv, kk), row i for lane lanes[i]. Returns k_rot, v (B, Hkv, kk*L, D),
-        valid (B, Hkv, kk*L) bool.
+        sel (B, Hkv, kk). Returns k_rot, v (B, Hkv, kk*L, D), valid (B, Hkv, kk*L) bool.
         """
         m0 = self.memories[0]
         kk = sel.shape[2]
         L, dev = m0.L, m0.device
-        if hasattr(m0.store, "get_heads"):  # one gather of each lane's and head's blocks
-            k_sel, v_sel = m0.store.get_heads(sel, layer)  # (B, Hkv, kk, L, D)
-            k_sel, v_sel = k_sel.to(dev).float(), v_sel.to(dev).float()
-        else:
-            k_sel, v_sel, _, _ = _gather_selected(m0.store, layer, sel, dev)
+        k_sel, v_sel = m0.store.get_heads(sel, layer)  # (B, Hkv, kk, L, D): each lane's and head's blocks
+        k_sel, v_sel = k_sel.to(dev).float(), v_sel.to(dev).float()
         # per-lane accounting, as if each lane fetched its own: its distinct blocks
         srt = np.sort(sel.reshape(sel.shape[0], -1).numpy(), axis=1)
         distinct = (srt[:, 0] >= 0) + ((srt[:, 1:] != srt[:, :-1]) & (srt[:, 1:] >= 0)).sum(1)
-        for b, n in zip(lanes, distinct.tolist()):
+        for m, n in zip(self.memories, distinct.tolist()):
             if n:
-                self.memories[b]._count_fetched(layer, n)
+                m._count_fetched(layer, n)
         first = (m0.rc.top_k - kk) * L  # trimmed slots: the real blocks keep their positions
         cos, sin = self._rope(first, kk * L)
         return _rotated_prefix(k_sel, v_sel, sel, cos, sin)
 
 
-def _to_store_layout(k: torch.Tensor, v: torch.Tensor, L: int, dtype, device):
-    """k, v (n_layers, Hkv, S, D) pre-RoPE, S whole blocks, or lists of such (lanes, one
-    after the other) -> the store's K, V (N, n_layers, Hkv, L, D) and landmark keys (each
-    block's last slot, (N, n_layers, Hkv, D)), written with one copy per tensor and lane."""
-    ks, vs = (k, v) if isinstance(k, (list, tuple)) else ([k], [v])
-    nl, Hkv, _, D = ks[0].shape
-    N = sum(x.shape[2] for x in ks) // L
+def _to_store_layout(k: Sequence[torch.Tensor], v: Sequence[torch.Tensor], L: int, dtype, device):
+    """Per layer, K and V (Hkv, S, D) pre-RoPE of S whole blocks (a (n_layers, Hkv, S, D)
+    tensor, or one tensor per layer) -> the store's K, V (N, n_layers, Hkv, L, D) and landmark
+    keys (each block's last slot, (N, n_layers, Hkv, D)): one copy per layer and tensor."""
+    nl, (Hkv, S, D) = len(k), k[0].shape
+    N = S // L
     K = torch.empty(N, nl, Hkv, L, D, dtype=dtype, device=device)
     V = torch.empty_like(K)
-    row = 0
-    for kx, vx in zip(ks, vs):
-        n = kx.shape[2] // L
-        K[row:row + n].copy_(kx.detach().unflatten(2, (n, L)).permute(2, 0, 1, 3, 4))
-        V[row:row + n].copy_(vx.detach().unflatten(2, (n, L)).permute(2, 0, 1, 3, 4))
-        row += n
-    return K, V, K[:, :, :, L - 1].contiguous()
-
-
-def _lanes_to_store_layout(memories: Sequence["RetrievalMemory"], L: int, dtype, device):
-    """`_to_store_layout` of every lane's pending chunk when all have the same length: per
-    layer one concatenation of the lanes and one copy into the store layout (instead of a
-    stack and a copy per lane). The lanes' blocks one lane after the other, as there."""
-    B, nl = len(memories), len(memories[0]._pending)
-    _, Hkv, T, D = memories[0]._pending[0][0].shape
-    n = T // L
-    K = torch.empty(B, n, nl, Hkv, L, D, dtype=dtype, device=device)
-    V = torch.empty_like(K)
     for layer in range(nl):
-        for out, i in ((K, 0), (V, 1)):
-            lanes = torch.cat([m._pending[layer][i] for m in memories]).detach()  # (B, Hkv, T, D)
-            out[:, :, layer].copy_(lanes.view(B, Hkv, n, L, D).transpose(1, 2))
-    K, V = K.view(B * n, nl, Hkv, L, D), V.view(B * n, nl, Hkv, L, D)
+        K[:, layer].copy_(k[layer].detach().view(Hkv, N, L, D).transpose(0, 1))
+        V[:, layer].copy_(v[layer].detach().view(Hkv, N, L, D).transpose(0, 1))
     return K, V, K[:, :, :, L - 1].contiguous()
 
 
@@ -415,11 +390,11 @@ def end_chunks(memories: Sequence["RetrievalMemory"]) -> list[int]:
         return [m.end_chunk() for m in memories]
     m0 = memories[0]
     T = [m._pending[0][0].shape[2] for m in memories]
-    if len(set(T)) == 1:  # training: every lane one window of the same length, layer by layer
-        K, V, lm = _lanes_to_store_layout(memories, m0.L, m0.dtype, m0.device)
-    else:
-        pend = [m._pending_chunk() for m in memories]  # per lane (n_layers, Hkv, T, D)
-        K, V, lm = _to_store_layout([p[0] for p in pend], [p[1] for p in pend], m0.L, m0.dtype, m0.device)
+    # per layer, every lane's chunk one after the other along the positions: the lanes'
+    # blocks in lane order, as put_streams takes them
+    lanes = [[torch.cat([m._pending[layer][i][0] for m in memories], dim=1) for layer in range(len(m0._pending))]
+             for i in (0, 1)]
+    K, V, lm = _to_store_layout(lanes[0], lanes[1], m0.L, m0.dtype, m0.device)
     ids = store.put_streams([(m.stream, t // m0.L) for m, t in zip(memories, T)], K, V, lm,
                             copy=False)  # K, V are this call's own: the store may keep them
     for m, t, got in zip(memories, T, ids):
@@ -675,14 +650,9 @@ class RetrievalMemory:
         """`end_chunk` when `_whole_chunk_put()`: the chunk's K/V go to the store as they
         are, without passing through the local window. Same store contents as the general path.
         The chunk ends only once the put succeeded."""
-        n = len(self._put_blocks(*self._pending_chunk()))
+        n = len(self._put_blocks([p[0][0] for p in self._pending], [p[1][0] for p in self._pending]))
         self._end_whole_chunk(T)
         return n
-
-    def _pending_chunk(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pending chunk's K, V as (n_layers, Hkv, T, D), detached."""
-        return (torch.stack([p[0][0] for p in self._pending]).detach(),  # (nl, Hkv, T, D)
-                torch.stack([p[1][0] for p in self._pending]).detach())
 
     def _end_whole_chunk(self, T: int) -> None:
         """A whole-block chunk of T positions went to the store: the window is empty again."""
@@ -690,8 +660,8 @@ class RetrievalMemory:
         self.n_pos += T
         self.local_start += T
 
-    def _put_blocks(self, k: torch.Tensor, v: torch.Tensor) -> np.ndarray:
-        """Put whole blocks, k and v (n_layers, Hkv, new*L, D) pre-RoPE, into the store under
+    def _put_blocks(self, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> np.ndarray:
+        """Put whole blocks, per layer k and v (Hkv, new*L, D) pre-RoPE, into the store under
         the memory's stream, with their landmark keys. Returns the ids."""
         ids = self.store.put_blocks(self.stream, *_to_store_layout(k, v, self.L, self.dtype, self.device))
         self.stats.blocks_put += len(ids)

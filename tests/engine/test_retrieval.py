@@ -308,9 +308,9 @@ def test_batch_memory_with_lanes_at_different_depths_matches_row_by_row(top_k, r
     calls = []
     orig = BatchMemory._attend_rows
 
-    def spy(self, layer, q, k_loc, v_loc, sel, n_before, lanes):
-        calls.append((lanes, int((sel >= 0).sum(-1).max())))
-        return orig(self, layer, q, k_loc, v_loc, sel, n_before, lanes)
+    def spy(self, layer, q, k_loc, v_loc, sel, n_before):
+        calls.append((list(range(q.shape[0])), int((sel >= 0).sum(-1).max())))
+        return orig(self, layer, q, k_loc, v_loc, sel, n_before)
 
     def run(batched):
         m = _model().train()
