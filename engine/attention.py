@@ -365,7 +365,6 @@ class _VectorizedLandmark(torch.autograd.Function):
         saved = []
         for t0, t1 in _chunks(T, q_chunk):
             C = t1 - t0
-            q_pos = q_offset + torch.arange(t0, t1, device=q.device)  # (C,)
             Kc = -(-(q_offset + t1) // L) * L  # keys past the chunk's last row never count
             nb = Kc // L
             qc = (q5[:, :, :, t0:t1].to(cd) * scale).reshape(B * Hkv, G * C, D)
@@ -373,8 +372,8 @@ class _VectorizedLandmark(torch.autograd.Function):
             if lib is not None:  # the same arithmetic, fused row by row (engine/landmark_cpu.c)
                 g = torch.empty(B, Hkv, G, C, nb, dtype=cd)
                 cpu_kernels.landmark_forward(lib, x, g, pres, C, L, q_offset + t0)
-                earlier = None
             else:
+                q_pos = q_offset + torch.arange(t0, t1, device=q.device)  # (C,)
                 x6 = x.view(B, Hkv, G, C, nb, L)
                 kv6 = None if kvp is None else kvp[..., :Kc].reshape(B, Hkv, 1, 1, nb, L)
                 s_lm, m, ssum = _exp_blocks(x6, q_pos, q_offset + t0, 0, L, kv6, shift)
