@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import ModelConfig
-from engine.inference import open_store
+from engine.inference import open_store, store_layout_for
 from engine.retrieval import BatchMemory, RetrievalConfig, RetrievalMemory, end_chunks
 from train.windows import DocumentState, WindowMemory
 
@@ -39,13 +39,12 @@ class StoreWindowMemory(WindowMemory):
         self.rc = RetrievalConfig(top_k=top_k, local_blocks=0, chunk_len=window, kernel="vectorized")
         # no fsync on the hot path: durability is asked for at checkpoints only. Write-back: a
         # document's stream lives a few steps and is deleted when it ends, so its blocks stay in
-        # the write queue and are mostly never written (disk writes took ~2 ms of CPU per step
-        # from compute); a checkpoint's flush writes what is alive.
+        # the write queue and are mostly never written (write-behind cost ~5 ms per step on the
+        # 2-core test machine, same-process A/B); a checkpoint's flush writes what is alive.
         # The queue holds at least 8 lane-windows (64 MiB for the tiny model; a large model's
         # window of blocks can be bigger than that alone, and a put bigger than the queue would
         # wait for it to drain every step).
-        itemsize = 4 if cfg.dtype == "float32" else 2  # the store keeps the model's dtype
-        lane_window = window * cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * itemsize
+        lane_window = window // cfg.block_len * cfg.n_layers * store_layout_for(cfg).block_bytes()
         sc = store_config or StoreConfig(device_budget_bytes=256 << 20, host_budget_bytes=1 << 30,
                                          lazy_writes=True, write_queue_bytes=max(64 << 20, 8 * lane_window))
         Path(store_dir).parent.mkdir(parents=True, exist_ok=True)
