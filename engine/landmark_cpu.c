@@ -33,6 +33,30 @@ typedef struct {
     long present_stride, R, C, nb, L, p0;
 } job_t;
 
+/* exp for x <= 80 (scores minus their block max, clamped): Cephes' expf (range reduction
+ * by n*ln2 in two parts, degree-6 polynomial; about 1 ulp) written inline so that gcc
+ * vectorizes the whole loop: about 3x faster than libmvec's vector expf, which is a call
+ * per vector. Inputs below -86 give exp(-86) ~ 4e-38 (a normal float) instead of a
+ * smaller value: negligible next to the block's largest weight, 1. */
+static inline float exp_inline(float x) {
+    x = fmaxf(x, -86.f);
+    const float n = rintf(x * 1.44269504088896341f);
+    float r = fmaf(n, -0.693359375f, x);
+    r = fmaf(n, 2.12194440e-4f, r);
+    float p = 1.9875691500e-4f;
+    p = fmaf(p, r, 1.3981999507e-3f);
+    p = fmaf(p, r, 8.3334519073e-3f);
+    p = fmaf(p, r, 4.1665795894e-2f);
+    p = fmaf(p, r, 1.6666665459e-1f);
+    p = fmaf(p, r, 5.0000001201e-1f);
+    p = fmaf(p, r * r, r) + 1.f;
+    int32_t bits;
+    memcpy(&bits, &p, sizeof bits);
+    bits += (int32_t)n << 23; /* times 2^n: n in [-125, 116], the result stays normal */
+    memcpy(&p, &bits, sizeof p);
+    return p;
+}
+
 static inline long n_allowed(long b, long own, long p, long L) {
     if (b < own) return L - 1;
     if (b > own) return 0;
@@ -40,8 +64,11 @@ static inline long n_allowed(long b, long own, long p, long L) {
     return k < L - 1 ? k : L - 1;
 }
 
-static int fwd_rows(job_t *a, long r, float *a0, float *sums) {
-    const long L = a->L, nb = a->nb, Kc = nb * L;
+/* One row of the forward; L is a parameter so that the dispatch below can inline it with
+ * L = 64 as a constant (the usual block: fixed-length loops, fully vectorized, no
+ * remainder loops), and once more for any other L. */
+static inline __attribute__((always_inline)) void fwd_row(job_t *a, long r, float *a0, float *sums, const long L) {
+    const long nb = a->nb, Kc = nb * L;
     const long mat = r / a->R, c = (r % a->R) % a->C, p = a->p0 + c, own = p / L;
     const uint8_t *pres = a->present ? a->present + mat * a->present_stride : NULL;
     float *xr = a->x + r * Kc, *gr = a->g + r * nb;
@@ -53,14 +80,16 @@ static int fwd_rows(job_t *a, long r, float *a0, float *sums) {
         float *xb = xr + b * L;
         const float lm = xb[L - 1];
         float m = -FLT_MAX, s = 0.f;
-        for (long j = 0; j < n; j++) m = fmaxf(m, xb[j]);
-        /* whole block (L is a multiple of the vector width in practice: no scalar tail);
-           the slots that are not allowed are zeroed after */
-        for (long j = 0; j < L; j++) xb[j] = expf(fminf(xb[j] - m, 80.f));
-        for (long j = n; j < L; j++) xb[j] = 0.f;
-        for (long j = 0; j < L; j++) s += xb[j];
+        /* whole-block loops (masked by j < n) rather than loops of n: fixed trip counts */
+        for (long j = 0; j < L; j++) m = fmaxf(m, j < n ? xb[j] : -FLT_MAX);
+        for (long j = 0; j < L; j++) {
+            const float e = exp_inline(fminf(xb[j] - m, 80.f));
+            xb[j] = j < n ? e : 0.f;
+            s += xb[j];
+        }
         sums[b] = s;
-        a0[b] = b < own ? lm : m + logf(s);
+        a0[b] = b < own ? lm : m; /* the own block's log mass is added below: one log per row */
+        if (b == own) a0[b] += logf(s);
         if (a0[b] > amax) amax = a0[b];
     }
     float z = 0.f;
@@ -76,11 +105,15 @@ static int fwd_rows(job_t *a, long r, float *a0, float *sums) {
         const float sc = sums[b] > 0.f ? gb / sums[b] : 0.f;
         for (long j = 0; j < L; j++) xb[j] *= sc; /* not-allowed slots are 0 already */
     }
-    return 0;
 }
 
-static void bwd_rows(job_t *a, long r) {
-    const long L = a->L, nb = a->nb, Kc = nb * L;
+static void fwd_rows(job_t *a, long r, float *a0, float *sums) {
+    if (a->L == 64) fwd_row(a, r, a0, sums, 64);
+    else fwd_row(a, r, a0, sums, a->L);
+}
+
+static inline __attribute__((always_inline)) void bwd_row(job_t *a, long r, const long L) {
+    const long nb = a->nb, Kc = nb * L;
     const long mat = r / a->R, c = (r % a->R) % a->C, p = a->p0 + c, own = p / L;
     const uint8_t *pres = a->present ? a->present + mat * a->present_stride : NULL;
     const float *pr = a->p + r * Kc, *gr = a->g + r * nb;
@@ -98,6 +131,11 @@ static void bwd_rows(job_t *a, long r) {
         for (long j = 0; j < L; j++) db[j] = pb[j] * (db[j] - mu);
         db[L - 1] = earlier ? w - gb * d : 0.f;
     }
+}
+
+static void bwd_rows(job_t *a, long r) {
+    if (a->L == 64) bwd_row(a, r, 64);
+    else bwd_row(a, r, a->L);
 }
 
 /* Rows are split over `threads` OpenMP threads. Loaded into a process that has torch,
