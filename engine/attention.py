@@ -308,10 +308,12 @@ def _prepare_kv_valid(kv_valid: torch.Tensor | None, kp: torch.Tensor, vp: torch
 
     When every block is either wholly valid or wholly absent (how retrieval pads: absent
     blocks, never absent single keys), the absent blocks' keys and values are zeroed (new
-    tensors) and `present` (B, Hkv, 1, 1, nb) bool only removes them from group 0: their
-    weight g is then 0, so their P, dK and dV are exactly 0, with no pass over the score
-    tiles (the per-key path below masks each tile three times: ~25% of a training step's
-    attention). Positions past S are counted valid here: no row ever sees them.
+    tensors; unless they are zeros already, as the store pads them: then kp and vp are
+    returned as they are) and `present` (B, Hkv, 1, 1, nb) bool only removes them from
+    group 0: their weight g is then 0, so their P, dK and dV are exactly 0, with no pass
+    over the score tiles (the per-key path below masks each tile three times: ~25% of a
+    training step's attention). Positions past S are counted valid here: no row ever sees
+    them.
     Otherwise kvp is the (B, Hkv, Sp) mask padded with False, applied key by key, and
     present is None. Without a mask both are None.
     """
@@ -322,8 +324,13 @@ def _prepare_kv_valid(kv_valid: torch.Tensor | None, kp: torch.Tensor, vp: torch
     keys = F.pad(kv_valid, (0, Sp - S), value=True).view(B, Hkv, Sp // L, L)
     present = keys.all(-1)  # (B, Hkv, nb)
     if torch.equal(present, keys.any(-1)):
-        on = keys.reshape(B, Hkv, Sp, 1)
-        return kp.masked_fill(~on, 0.0), vp.masked_fill(~on, 0.0), None, present[:, :, None, None]
+        absent = ~present
+        D = kp.shape[-1]
+        # only the absent blocks are read to see whether they need zeroing (two whole copies)
+        if bool(kp.view(B, Hkv, -1, L, D)[absent].any()) or bool(vp.view(B, Hkv, -1, L, D)[absent].any()):
+            on = keys.reshape(B, Hkv, Sp, 1)
+            kp, vp = kp.masked_fill(~on, 0.0), vp.masked_fill(~on, 0.0)
+        return kp, vp, None, present[:, :, None, None]
     return kp, vp, F.pad(kv_valid, (0, Sp - S), value=False), None
 
 

@@ -364,17 +364,24 @@ class BatchMemory:
         return _rotated_prefix(k_sel, v_sel, sel, cos, sin)
 
 
-def _to_store_layout(k: Sequence[torch.Tensor], v: Sequence[torch.Tensor], L: int, dtype, device):
-    """Per layer, K and V (Hkv, S, D) pre-RoPE of S whole blocks (a (n_layers, Hkv, S, D)
-    tensor, or one tensor per layer) -> the store's K, V (N, n_layers, Hkv, L, D) and landmark
-    keys (each block's last slot, (N, n_layers, Hkv, D)): one copy per layer and tensor."""
-    nl, (Hkv, S, D) = len(k), k[0].shape
-    N = S // L
-    K = torch.empty(N, nl, Hkv, L, D, dtype=dtype, device=device)
+def _to_store_layout(k: Sequence, v: Sequence, L: int, dtype, device):
+    """Per layer, K and V (Hkv, S, D) pre-RoPE of S whole blocks -> the store's K, V (N,
+    n_layers, Hkv, L, D) and landmark keys (each block's last slot, (N, n_layers, Hkv, D)).
+    k[layer] (and v[layer]) is one tensor (a (n_layers, Hkv, S, D) tensor works too) or a
+    sequence of them, e.g. one per lane, whose blocks follow each other (the same as their
+    concatenation along the positions, without making it): one copy per part."""
+    k = [[t] if isinstance(t, torch.Tensor) else list(t) for t in k]
+    v = [[t] if isinstance(t, torch.Tensor) else list(t) for t in v]
+    nl, (Hkv, _, D) = len(k), k[0][0].shape
+    sizes = [t.shape[1] // L for t in k[0]]
+    K = torch.empty(sum(sizes), nl, Hkv, L, D, dtype=dtype, device=device)
     V = torch.empty_like(K)
     for layer in range(nl):
-        K[:, layer].copy_(k[layer].detach().view(Hkv, N, L, D).transpose(0, 1))
-        V[:, layer].copy_(v[layer].detach().view(Hkv, N, L, D).transpose(0, 1))
+        n0 = 0
+        for tk, tv, n in zip(k[layer], v[layer], sizes):
+            K[n0:n0 + n, layer].copy_(tk.detach().view(Hkv, n, L, D).transpose(0, 1))
+            V[n0:n0 + n, layer].copy_(tv.detach().view(Hkv, n, L, D).transpose(0, 1))
+            n0 += n
     return K, V, K[:, :, :, L - 1].contiguous()
 
 
@@ -390,10 +397,9 @@ def end_chunks(memories: Sequence["RetrievalMemory"]) -> list[int]:
         return [m.end_chunk() for m in memories]
     m0 = memories[0]
     T = [m._pending[0][0].shape[2] for m in memories]
-    # per layer, every lane's chunk one after the other along the positions: the lanes'
-    # blocks in lane order, as put_streams takes them
-    lanes = [[torch.cat([m._pending[layer][i][0] for m in memories], dim=1) for layer in range(len(m0._pending))]
-             for i in (0, 1)]
+    # per layer, every lane's chunk one after the other: the lanes' blocks in lane order, as
+    # put_streams takes them
+    lanes = [[[m._pending[layer][i][0] for m in memories] for layer in range(len(m0._pending))] for i in (0, 1)]
     K, V, lm = _to_store_layout(lanes[0], lanes[1], m0.L, m0.dtype, m0.device)
     ids = store.put_streams([(m.stream, t // m0.L) for m, t in zip(memories, T)], K, V, lm,
                             copy=False)  # K, V are this call's own: the store may keep them

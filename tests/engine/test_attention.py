@@ -224,6 +224,22 @@ def test_absent_blocks_holding_huge_values_change_nothing(exp_path, impl):
         assert torch.isfinite(b).all() and (a - b).abs().max() <= TOL
 
 
+def test_absent_blocks_already_zero_are_not_copied():
+    """Whole absent blocks are zeroed in new tensors only when they hold something: zeros
+    (what the store pads with) keep the caller's tensors; anything else is zeroed."""
+    B, Hkv, S, D, L = 2, 2, 12, 4, 4
+    k, v = torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
+    valid = torch.ones(B, Hkv, S, dtype=torch.bool)
+    valid[1, 0, :L] = False
+    kp, vp, kvp, present = attention._prepare_kv_valid(valid, k, v, L)
+    assert kvp is None and not bool(present[1, 0, 0, 0, 0]) and bool(present.sum() == B * Hkv * 3 - 1)
+    assert kp is not k and bool((kp[1, 0, :L] == 0).all()) and torch.equal(kp[0], k[0])
+    assert bool((vp[1, 0, :L] == 0).all()) and torch.equal(vp[1, 1], v[1, 1])
+    k[1, 0, :L], v[1, 0, :L] = 0.0, 0.0
+    kp, vp, _, _ = attention._prepare_kv_valid(valid, k, v, L)
+    assert kp is k and vp is v
+
+
 def test_kv_valid_within_a_block_masks_single_keys_in_both_kernels(exp_path):
     """A mask that drops single keys (not whole blocks) takes the per-key path: both
     kernels agree, forward and backward, and a masked key gets no weight."""
