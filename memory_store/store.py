@@ -615,12 +615,13 @@ class TieredStore:
         layer = self._check_layer(layer)
         s = sel.detach().cpu().numpy()
         valid = s >= 0
-        uniq = np.unique(s[valid])
+        uniq = np.sort(s[valid])  # np.unique, without its overhead (a few us here, not 30)
+        uniq = uniq[np.concatenate(([True], uniq[1:] != uniq[:-1]))] if uniq.size else uniq
         if not uniq.size:
             z = torch.zeros((*s.shape, T, D), dtype=self.layout.torch_dtype, device=self.device)
             return z, z.clone()
         pos = np.searchsorted(uniq, np.where(valid, s, uniq[0])).reshape(-1)  # entry of uniq per slot
-        heads = np.broadcast_to(np.arange(H)[None, :, None], s.shape).reshape(-1)
+        heads = np.arange(s.size) // s.shape[2] % H  # the head of each slot (B, H, k) flattened
         with self._lock:
             self._check_ids(uniq)
             got = self._device_tier.gather_heads([(int(r), layer) for r in uniq], pos, heads)
@@ -636,11 +637,11 @@ class TieredStore:
                 if self._copy_stream is not None:
                     torch.cuda.current_stream(self.device).synchronize()
             self._stats.latencies.append(time.perf_counter() - t0)
-        k, v = (t.view(*s.shape, T, D) for t in got)
-        if not valid.all():
-            absent = torch.from_numpy(~valid).to(k.device)[..., None, None]
-            k, v = k.masked_fill(absent, 0.0), v.masked_fill(absent, 0.0)
-        return k, v
+        if not valid.all():  # the gathers are new tensors: their absent slots are zeroed in place
+            absent = torch.from_numpy(np.flatnonzero(~valid)).to(got[0].device)
+            for t in got:
+                t.index_fill_(0, absent, 0.0)
+        return tuple(t.view(*s.shape, T, D) for t in got)
 
     def get(self, block_id: int) -> Block | None:
         """The whole block (all layers) or None when the id is unknown or deleted."""
