@@ -14,6 +14,9 @@ in the same run:
 
   step_time_retrieval_vs_none          train step with retrieval from the store / the
                                        same step without (goal <= 1.3)
+Runs on the allocator `folio train` runs on (engine/allocator.py: jemalloc, keeping freed
+pages, when the machine has it; FOLIO_MALLOC=system for glibc's malloc): it re-executes
+itself with it first. The JSON's `machine` says which.
 Writes bench/results/train.json.
 """
 
@@ -31,12 +34,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
+if __name__ == "__main__":  # before torch loads: the allocator `folio train` runs on
+    from engine.allocator import TRAINING_CONF, maybe_reexec
 
-from train.config import TrainConfig, train_preset
-from train.data import DocumentMixer, build_source
-from train.loop import DSOptions, LanguageModelLoss, default_model_factory, lr_multiplier, train
-from train.windows import LaneBatcher
+    maybe_reexec(["-m", "bench.train", *sys.argv[1:]], conf=TRAINING_CONF)
+
+import torch  # noqa: E402
+
+from engine.allocator import active  # noqa: E402
+from train.config import TrainConfig, train_preset  # noqa: E402
+from train.data import DocumentMixer, build_source  # noqa: E402
+from train.loop import DSOptions, LanguageModelLoss, default_model_factory, lr_multiplier, train  # noqa: E402
+from train.windows import LaneBatcher  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "train.json"
 
@@ -171,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "command": "python -m bench.train" + (" --quick" if args.quick else ""),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "cuda": torch.cuda.is_available(), "threads": torch.get_num_threads()},
+                    "cuda": torch.cuda.is_available(), "threads": torch.get_num_threads(),
+                    "allocator": active(), "malloc_conf": os.environ.get("MALLOC_CONF", "")},
         "setup": {"model": cfg.model, "window": cfg.window, "micro_batch": cfg.micro_batch,
                   "steps_per_round": cfg.max_steps, "rounds": ROUNDS[args.quick], "data": list(cfg.data)},
     }

@@ -422,7 +422,8 @@ class TieredStore:
                 self._jobs.append(job)
                 self._job_starts.append(job.start)
                 self._queued_bytes += job.nbytes
-                self._cv.notify_all()
+                if self._writer_may_write():  # (a lazy writer that would go back to sleep is left asleep:
+                    self._cv.notify_all()     # waking it costs the main thread a GIL hand-over)
             else:
                 self._disk.write_rows(job.start, job.k, job.v, job.landmarks, job.codes, job.ordinals)
                 self._written_upto = job.end

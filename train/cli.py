@@ -227,10 +227,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `folio` console script. Returns the exit code."""
     if argv is None:  # the console script itself (not a call from Python): jemalloc if the machine has it
-        from engine.allocator import maybe_reexec
+        from engine.allocator import TRAINING_CONF, maybe_reexec
 
+        training = len(sys.argv) > 1 and sys.argv[1] in ("train", "demo")
         try:
-            maybe_reexec(sys.argv)
+            maybe_reexec(sys.argv, conf=TRAINING_CONF if training else None)
         except ValueError as e:
             print(f"folio: error: {e}", file=sys.stderr)
             return 2

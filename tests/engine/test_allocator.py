@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.allocator import find_jemalloc, preload_env
+from engine.allocator import TRAINING_CONF, find_jemalloc, preload_env
 
 FOLIO = Path(sys.executable).parent / "folio"
 
@@ -24,6 +24,18 @@ def test_preload_env_choices(tmp_path):
     assert preload_env({"FOLIO_MALLOC": str(lib), "LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}) is None
     with pytest.raises(ValueError, match="no such file"):
         find_jemalloc({"FOLIO_MALLOC": str(tmp_path / "missing.so")})
+
+
+def test_training_conf_is_set_unless_the_user_set_one(tmp_path):
+    """Training re-executes with jemalloc keeping freed pages (TRAINING_CONF); a MALLOC_CONF
+    the user set wins; other commands get jemalloc's defaults."""
+    lib = tmp_path / "libjemalloc.so.2"
+    lib.write_bytes(b"")
+    base = {"FOLIO_MALLOC": str(lib)}
+    assert preload_env(base, conf=TRAINING_CONF)["MALLOC_CONF"] == TRAINING_CONF
+    assert "dirty_decay_ms:-1" in TRAINING_CONF and "muzzy_decay_ms:-1" in TRAINING_CONF
+    assert preload_env({**base, "MALLOC_CONF": "narenas:2"}, conf=TRAINING_CONF)["MALLOC_CONF"] == "narenas:2"
+    assert "MALLOC_CONF" not in preload_env(base)
 
 
 @pytest.mark.skipif(not FOLIO.exists() or not sys.platform.startswith("linux"), reason="needs the installed folio script")
