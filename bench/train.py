@@ -50,7 +50,7 @@ from train.windows import LaneBatcher  # noqa: E402
 RESULTS = Path(__file__).parent / "results" / "train.json"
 
 
-ROUNDS = {True: 2, False: 8}  # configurations alternate in rounds: a noisy spell hits all of them (5: medians steady to ~±0.03; 8: ~±0.02)
+ROUNDS = {True: 4, False: 8}  # configurations alternate in rounds: a noisy spell hits all of them (5: medians steady to ~±0.03; 8: ~±0.02)
 STEPS = {True: 8, False: 16}  # per configuration per round
 
 
