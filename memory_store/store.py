@@ -199,6 +199,7 @@ class TieredStore:
         self._disk = disk
         self._lock = threading.RLock()
         self._cv = threading.Condition(self._lock)
+        self._flush_lock = threading.Lock()  # one flush at a time (taken before _lock)
         self._closed = False
         self._read_only = mode == "r"
 
@@ -507,30 +508,47 @@ class TieredStore:
 
     def flush(self) -> None:
         """Return once every block, deletion and stream meta change made so far is durable and committed.
-        No-op on a read-only store."""
+        No-op on a read-only store.
+
+        What is committed is the store as it was when flush was called: puts, deletes and meta
+        changes another thread makes while flush waits for the writer belong to the next
+        flush (the commit never counts rows the writer may not have written yet, and rows are
+        unlinked only after every job that wrote them finished). Concurrent flushes run one
+        after the other."""
         self._check_open()
         if self._read_only:
             return
-        with self._cv:
+        with self._flush_lock, self._cv:
             self._check_writable()
-            target = self._seq
-            self._drain_seq = max(self._drain_seq, target)  # a lazy writer writes up to here now
-            self._cv.notify_all()
-            while self._done_seq < target and self._writer_error is None:
-                self._cv.wait()
-            self._check_writable()
-            if not self._dirty:
-                return
-            self._disk.make_durable()
-            record = CommitRecord(generation=self._generation + 1, n_rows=self._next_id, layout=self.layout,
-                                  streams=copy.deepcopy(self._streams), writer_stats=self._stats_counters())
-            self._disk.commit(record)
+            target = self._seq  # every row < _next_id is in a job <= target
+            snapshot = None
+            if self._dirty:
+                snapshot = (self._next_id, copy.deepcopy(self._streams), self._pending_deletes)
+                self._pending_deletes, self._dirty = [], False
+            try:
+                self._drain_seq = max(self._drain_seq, target)  # a lazy writer writes up to here now
+                self._cv.notify_all()
+                while self._done_seq < target and self._writer_error is None:
+                    self._cv.wait()
+                self._check_writable()
+                if snapshot is None:
+                    return
+                n_rows, streams, deletes = snapshot
+                self._disk.make_durable()
+                record = CommitRecord(generation=self._generation + 1, n_rows=n_rows, layout=self.layout,
+                                      streams=streams, writer_stats=self._stats_counters())
+                self._disk.commit(record)
+            except BaseException:
+                if snapshot is not None:  # not committed: the next flush commits it
+                    self._pending_deletes = snapshot[2] + self._pending_deletes
+                    self._dirty = True
+                raise
             self._generation = record.generation
-            self._dirty = False
-            if self._pending_deletes:
-                self._disk.delete_rows(self._pending_deletes)
-                self._pending_deletes = []
-            if self.config.save_index == "flush":
+            if deletes:
+                self._disk.delete_rows(deletes)
+            # the index as committed: only when nothing changed while flush waited (else the next
+            # flush saves it; an index of another generation is rebuilt at open)
+            if self.config.save_index == "flush" and not self._dirty:
                 self._save_index()
 
     def delete_stream(self, stream: str) -> int:

@@ -558,6 +558,50 @@ def test_lazy_writes_write_when_the_queue_passes_half_and_a_big_put_never_deadlo
         assert torch.equal(K, k[:, 0]) and torch.equal(V, v[:, 0])
 
 
+def test_flush_commits_the_store_as_it_was_when_called(tmp_path):
+    """Puts and deletes another thread makes while flush waits for the writer belong to the
+    next flush: the commit never counts rows the writer may not have written yet, and a
+    deleted stream's rows are unlinked only by a flush that waited for every job before."""
+    import threading
+
+    k, v, lm = make_blocks(6, seed=43)
+    cfg = small_config(device_budget_bytes=0, host_budget_bytes=0)
+    path = tmp_path / "s"
+    with TieredStore.open(path, "w", layout=LAYOUT, config=cfg) as s:
+        s.put_blocks("a", k[:2], v[:2], lm[:2])
+        s.flush()
+        gate, entered = threading.Event(), threading.Event()
+        real = s._disk.write_rows
+
+        def held_write(*a, **kw):  # the writer stops inside its next job until the gate opens
+            entered.set()
+            assert gate.wait(10)
+            return real(*a, **kw)
+
+        s._disk.write_rows = held_write
+        s.put_blocks("b", k[2:4], v[2:4], lm[2:4])
+        assert entered.wait(10)
+        flusher = threading.Thread(target=s.flush)
+        flusher.start()  # waits for the job of "b"
+        time.sleep(0.2)
+        s.put_blocks("c", k[4:6], v[4:6], lm[4:6])  # both after flush was called
+        assert s.delete_stream("a") == 2
+        gate.set()
+        flusher.join(10)
+        assert not flusher.is_alive()
+        with TieredStore.open(path, "r", config=cfg) as r:  # what that flush committed
+            assert r.streams() == ["a", "b"] and len(r) == 4
+            K, V = r.get_layer([0, 1, 2, 3], 1)
+            assert torch.equal(K, k[:4, 1]) and torch.equal(V, v[:4, 1])
+        s.flush()
+        with TieredStore.open(path, "r", config=cfg) as r:
+            assert r.streams() == ["b", "c"] and len(r) == 4
+            K, V = r.get_layer([2, 3, 4, 5], 0)
+            assert torch.equal(K, k[2:, 0]) and torch.equal(V, v[2:, 0])
+            with pytest.raises(UnknownBlockError):
+                r.get_layer([0], 0)
+
+
 def test_lazy_writes_need_the_background_writer():
     with pytest.raises(ValueError, match="lazy_writes"):
         StoreConfig(lazy_writes=True, write_behind=False)
