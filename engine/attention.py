@@ -327,7 +327,7 @@ def _prepare_kv_valid(kv_valid: torch.Tensor | None, kp: torch.Tensor, vp: torch
         absent = ~present
         D = kp.shape[-1]
         # only the absent blocks are read to see whether they need zeroing (two whole copies)
-        if bool(kp.view(B, Hkv, -1, L, D)[absent].any()) or bool(vp.view(B, Hkv, -1, L, D)[absent].any()):
+        if bool(kp.view(B, Hkv, -1, L, D)[absent].any() | vp.view(B, Hkv, -1, L, D)[absent].any()):  # one sync
             on = keys.reshape(B, Hkv, Sp, 1)
             kp, vp = kp.masked_fill(~on, 0.0), vp.masked_fill(~on, 0.0)
         return kp, vp, None, present[:, :, None, None]

@@ -50,9 +50,9 @@ static inline float exp_inline(float x) {
     p = fmaf(p, r, 1.6666665459e-1f);
     p = fmaf(p, r, 5.0000001201e-1f);
     p = fmaf(p, r * r, r) + 1.f;
-    int32_t bits;
+    uint32_t bits;
     memcpy(&bits, &p, sizeof bits);
-    bits += (int32_t)n << 23; /* times 2^n: n in [-125, 116], the result stays normal */
+    bits += (uint32_t)(int32_t)n << 23; /* times 2^n: n in [-124, 115], the result stays normal */
     memcpy(&p, &bits, sizeof p);
     return p;
 }

@@ -224,14 +224,22 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errs)
 
 
+def _command(args: Sequence[str]) -> str | None:
+    """The subcommand of a `folio` command line (its arguments after the program), skipping
+    options before it: the deepspeed launcher puts --local_rank=N (or --local_rank N) first."""
+    i = 0
+    while i < len(args) and args[i].startswith("-"):
+        i += 2 if args[i] in ("--local_rank", "--local-rank") else 1
+    return args[i] if i < len(args) else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `folio` console script. Returns the exit code."""
     if argv is None:  # the console script itself (not a call from Python): jemalloc if the machine has it
         from engine.allocator import TRAINING_CONF, maybe_reexec
 
-        training = len(sys.argv) > 1 and sys.argv[1] in ("train", "demo")
         try:
-            maybe_reexec(sys.argv, conf=TRAINING_CONF if training else None)
+            maybe_reexec(sys.argv, conf=TRAINING_CONF if _command(sys.argv[1:]) in ("train", "demo") else None)
         except ValueError as e:
             print(f"folio: error: {e}", file=sys.stderr)
             return 2

@@ -104,3 +104,38 @@ def test_the_shipped_checkpoints_documented_commands_still_train(tmp_path):
     recs = read_metrics(s2 / "metrics.jsonl")
     assert len(recs) == 3 and all(r["loss"] == r["loss"] for r in recs)  # finite
     assert sum(sum(r["pulled_bytes"].values()) for r in recs) > 0  # stage 2 retrieves from the store
+
+
+@pytest.mark.parametrize("argv,conf", [
+    (["folio", "train", "--steps", "1"], True),
+    (["folio", "--local_rank=0", "train"], True),  # the deepspeed launcher's option first
+    (["folio", "--local_rank", "1", "demo"], True),
+    (["folio", "ask", "--model", "m"], False),
+    (["folio"], False),
+])
+def test_training_commands_reexecute_with_the_training_allocator_setting(argv, conf, monkeypatch, tmp_path):
+    """`folio train` / `folio demo` re-execute with jemalloc keeping freed pages
+    (engine.allocator.TRAINING_CONF); other commands with jemalloc's defaults."""
+    import engine.allocator as allocator
+
+    lib = tmp_path / "libjemalloc.so.2"
+    lib.write_bytes(b"")
+    for name in ("FOLIO_MALLOC_ACTIVE", "LD_PRELOAD", "MALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FOLIO_MALLOC", str(lib))
+    monkeypatch.setattr("sys.argv", argv)
+
+    class Reexec(Exception):
+        pass
+
+    def fake_execve(path, args, env):
+        raise Reexec(env)
+
+    monkeypatch.setattr(allocator.os, "execve", fake_execve)
+    if not allocator.sys.platform.startswith("linux"):
+        pytest.skip("the allocator switch is Linux only")
+    with pytest.raises(Reexec) as got:
+        main()
+    env = got.value.args[0]
+    assert env["LD_PRELOAD"] == str(lib)
+    assert env.get("MALLOC_CONF") == (allocator.TRAINING_CONF if conf else None)
