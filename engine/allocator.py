@@ -78,6 +78,60 @@ def preload_env(env: Mapping[str, str] | None = None, conf: str | None = None) -
     return env
 
 
+JEMALLOC_DEFAULT_DECAY_MS = (10_000, 0)  # jemalloc 5.3's own dirty / muzzy decay times
+
+
+def _mallctl():
+    """jemalloc's mallctl when jemalloc is loaded into this process, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        f = ctypes.CDLL(None).mallctl
+    except (AttributeError, OSError):
+        return None
+    f.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.c_void_p,
+                  ctypes.c_size_t]
+    f.restype = ctypes.c_int
+    return f
+
+
+def page_decay() -> tuple[int, int] | None:
+    """(dirty, muzzy) decay times in ms of jemalloc's arena 0 (-1: freed pages are kept), or
+    None when jemalloc is not loaded."""
+    f = _mallctl()
+    if f is None:
+        return None
+    out = []
+    for kind in ("dirty", "muzzy"):
+        v, size = ctypes.c_ssize_t(), ctypes.c_size_t(ctypes.sizeof(ctypes.c_ssize_t))
+        if f(f"arena.0.{kind}_decay_ms".encode(), ctypes.byref(v), ctypes.byref(size), None, 0) != 0:
+            return None
+        out.append(int(v.value))
+    return out[0], out[1]
+
+
+def set_page_decay(dirty_ms: int, muzzy_ms: int) -> bool:
+    """Set jemalloc's decay times at run time, for every arena and the ones made later, and
+    give pages freed so far back to the system when decay is on (a training run hands over to
+    inference: `folio demo`). False (nothing done) when jemalloc is not loaded."""
+    f = _mallctl()
+    if f is None:
+        return False
+    n, size = ctypes.c_uint(), ctypes.c_size_t(ctypes.sizeof(ctypes.c_uint))
+    if f(b"arenas.narenas", ctypes.byref(n), ctypes.byref(size), None, 0) != 0:
+        return False
+    for scope in ["arenas", *(f"arena.{i}" for i in range(n.value))]:
+        for kind, ms in (("dirty", dirty_ms), ("muzzy", muzzy_ms)):
+            v = ctypes.c_ssize_t(ms)
+            # an arena slot not yet in use refuses (it takes the "arenas" default when made)
+            if f(f"{scope}.{kind}_decay_ms".encode(), None, None, ctypes.byref(v), ctypes.sizeof(v)) != 0 \
+                    and scope == "arenas":
+                return False
+    if dirty_ms >= 0:
+        f(b"arena.4096.purge", None, None, None, 0)  # 4096: MALLCTL_ARENAS_ALL
+    return True
+
+
 def active() -> str:
     """'jemalloc' if it is loaded into this process, else 'system'."""
     try:

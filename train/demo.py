@@ -18,6 +18,7 @@ import os
 import time
 from pathlib import Path
 
+from engine.allocator import JEMALLOC_DEFAULT_DECAY_MS, set_page_decay
 from train.checkpoint import export_from_checkpoint
 from train.config import train_preset
 from train.loop import DSOptions, TrainResult, train
@@ -54,6 +55,9 @@ def run_demo(*, out_dir: str | os.PathLike = "runs/demo", steps: int | None = No
         print(f"demo: held-out stdlib loss {result.eval_loss:.3f} nats/byte "
               f"(perplexity {math.exp(result.eval_loss):.2f}) over {tcfg.eval_windows} windows")
     print(f"demo: exported model -> {export} (model.safetensors + config.json)")
+    # training ran with jemalloc keeping freed pages (engine/allocator.py); the long ingests
+    # below are inference: back to jemalloc's defaults, which keep their peak RSS lower
+    set_page_decay(*JEMALLOC_DEFAULT_DECAY_MS)
     held_out_perplexity(export, windows=48)
     if lengths:
         evaluate_passkey(export, Path(tcfg.out_dir) / "passkey", lengths=lengths, depths=depths,

@@ -86,3 +86,24 @@ def test_auto_finds_the_copy_in_the_virtual_environment(tmp_path, monkeypatch):
     (tmp_path / "lib" / "libjemalloc.so.2").write_bytes(b"")
     assert find_jemalloc({}) == str(tmp_path / "lib" / "libjemalloc.so.2")
     assert preload_env({})["LD_PRELOAD"] == str(tmp_path / "lib" / "libjemalloc.so.2")
+
+
+def test_page_decay_switches_at_run_time():
+    """set_page_decay changes jemalloc's decay for every arena in a running process (the demo
+    hands training's kept pages back before its long ingests); without jemalloc: a no-op."""
+    from engine.allocator import active, page_decay, set_page_decay
+
+    if active() != "jemalloc":
+        assert page_decay() is None and set_page_decay(10_000, 0) is False
+    lib = find_jemalloc({})
+    if lib is None or not sys.platform.startswith("linux"):
+        pytest.skip("no jemalloc on this machine")
+    code = ("from engine.allocator import page_decay, set_page_decay, JEMALLOC_DEFAULT_DECAY_MS as D\n"
+            "import torch\n"
+            "x = [torch.empty(1 << 20) for _ in range(64)]; del x\n"
+            "print(page_decay()); print(set_page_decay(*D)); print(page_decay())\n")
+    env = {**os.environ, "LD_PRELOAD": lib, "MALLOC_CONF": TRAINING_CONF}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:3] == ["(-1, -1)", "True", "(10000, 0)"], out.stdout
