@@ -27,6 +27,7 @@ names the library. Nothing is downloaded at run time; Linux only (elsewhere this
 
 from __future__ import annotations
 
+import contextlib
 import ctypes.util
 import os
 import sys
@@ -130,6 +131,21 @@ def set_page_decay(dirty_ms: int, muzzy_ms: int) -> bool:
     if dirty_ms >= 0:
         f(b"arena.4096.purge", None, None, None, 0)  # 4096: MALLCTL_ARENAS_ALL
     return True
+
+
+@contextlib.contextmanager
+def kept_pages():
+    """Within: jemalloc keeps freed pages (TRAINING_CONF's decay times), when jemalloc is loaded
+    and MALLOC_CONF is not set (a process started without `folio`'s re-execution: jemalloc
+    preloaded by a container, torchrun, Python); the previous times are restored after.
+    `train.loop.train` runs inside it."""
+    prev = None if os.environ.get("MALLOC_CONF") else page_decay()
+    changed = prev is not None and prev != (-1, -1) and set_page_decay(-1, -1)
+    try:
+        yield
+    finally:
+        if changed:
+            set_page_decay(*prev)
 
 
 def active() -> str:

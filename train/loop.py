@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.allocator import kept_pages
 from engine.config import ModelConfig
 from engine.landmarks import IGNORE_INDEX
 from train import ds_engine
@@ -269,7 +270,7 @@ def train(tcfg: TrainConfig, *, ds: DSOptions | None = None, resume: str | os.Pa
     eval_source = (build_source(tcfg.eval_data, seed=tcfg.seed, jsonl_field=tcfg.jsonl_field,
                                 synthetic_chars=tcfg.synthetic_chars) if tcfg.eval_windows else None)
 
-    with ds_engine.distributed_env() as env:
+    with ds_engine.distributed_env() as env, kept_pages():  # jemalloc: freed pages kept (engine/allocator.py)
         engine = None
         stop = _StopFlag()
         try:

@@ -107,3 +107,23 @@ def test_page_decay_switches_at_run_time():
                          cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:3] == ["(-1, -1)", "True", "(10000, 0)"], out.stdout
+
+
+@pytest.mark.parametrize("malloc_conf,inside", [(None, "(-1, -1)"), ("narenas:4", "(10000, 0)")])
+def test_kept_pages_inside_training_unless_malloc_conf_is_set(malloc_conf, inside):
+    """A process that has jemalloc without folio's re-execution (preloaded by a container,
+    torchrun) keeps freed pages inside `kept_pages` (train runs in it) and returns to its
+    previous decay after; a MALLOC_CONF the user set is left alone."""
+    lib = find_jemalloc({})
+    if lib is None or not sys.platform.startswith("linux"):
+        pytest.skip("no jemalloc on this machine")
+    code = ("from engine.allocator import kept_pages, page_decay\n"
+            "with kept_pages():\n    print(page_decay())\nprint(page_decay())\n")
+    env = {**os.environ, "LD_PRELOAD": lib}
+    env.pop("MALLOC_CONF", None)
+    if malloc_conf:
+        env["MALLOC_CONF"] = malloc_conf
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == [inside, "(10000, 0)"], out.stdout
