@@ -96,38 +96,52 @@ def _mallctl():
     return f
 
 
-def page_decay() -> tuple[int, int] | None:
-    """(dirty, muzzy) decay times in ms of jemalloc's arena 0 (-1: freed pages are kept), or
-    None when jemalloc is not loaded."""
+def _get(f, name: str, ctype):
+    v = ctype()
+    size = ctypes.c_size_t(ctypes.sizeof(v))
+    return int(v.value) if f(name.encode(), ctypes.byref(v), ctypes.byref(size), None, 0) == 0 else None
+
+
+def _set(f, name: str, value: int) -> bool:
+    v = ctypes.c_ssize_t(value)
+    return f(name.encode(), None, None, ctypes.byref(v), ctypes.sizeof(v)) == 0
+
+
+def _huge_arena(f) -> int | None:
+    """Index of jemalloc's arena for huge allocations (>= opt.oversize_threshold), if any."""
+    if not _get(f, "opt.oversize_threshold", ctypes.c_size_t):
+        return None
+    return _get(f, "opt.narenas", ctypes.c_uint)  # it follows the automatic arenas
+
+
+def page_decay(arena: int | None = None) -> tuple[int, int] | None:
+    """(dirty, muzzy) decay times in ms (-1: freed pages are kept) that jemalloc gives new
+    arenas, or those of one arena; None when jemalloc is not loaded (or no such arena)."""
     f = _mallctl()
     if f is None:
         return None
-    out = []
-    for kind in ("dirty", "muzzy"):
-        v, size = ctypes.c_ssize_t(), ctypes.c_size_t(ctypes.sizeof(ctypes.c_ssize_t))
-        if f(f"arena.0.{kind}_decay_ms".encode(), ctypes.byref(v), ctypes.byref(size), None, 0) != 0:
-            return None
-        out.append(int(v.value))
-    return out[0], out[1]
+    scope = "arenas" if arena is None else f"arena.{arena}"
+    got = [_get(f, f"{scope}.{kind}_decay_ms", ctypes.c_ssize_t) for kind in ("dirty", "muzzy")]
+    return None if None in got else (got[0], got[1])
 
 
 def set_page_decay(dirty_ms: int, muzzy_ms: int) -> bool:
-    """Set jemalloc's decay times at run time, for every arena and the ones made later, and
-    give pages freed so far back to the system when decay is on (a training run hands over to
-    inference: `folio demo`). False (nothing done) when jemalloc is not loaded."""
+    """Set jemalloc's decay times at run time: the default for arenas made from now on, then
+    every arena in use (its arena of huge allocations as jemalloc itself would: 0 where the
+    default decays, it purges those eagerly), and give the pages freed so far back when
+    decay is on. False (nothing done) when jemalloc is not loaded."""
     f = _mallctl()
     if f is None:
         return False
-    n, size = ctypes.c_uint(), ctypes.c_size_t(ctypes.sizeof(ctypes.c_uint))
-    if f(b"arenas.narenas", ctypes.byref(n), ctypes.byref(size), None, 0) != 0:
+    if not (_set(f, "arenas.dirty_decay_ms", dirty_ms) and _set(f, "arenas.muzzy_decay_ms", muzzy_ms)):
         return False
-    for scope in ["arenas", *(f"arena.{i}" for i in range(n.value))]:
-        for kind, ms in (("dirty", dirty_ms), ("muzzy", muzzy_ms)):
-            v = ctypes.c_ssize_t(ms)
-            # an arena slot not yet in use refuses (it takes the "arenas" default when made)
-            if f(f"{scope}.{kind}_decay_ms".encode(), None, None, ctypes.byref(v), ctypes.sizeof(v)) != 0 \
-                    and scope == "arenas":
-                return False
+    huge = _huge_arena(f)
+    for i in range(_get(f, "arenas.narenas", ctypes.c_uint) or 0):
+        d, m = dirty_ms, muzzy_ms
+        if i == huge:
+            d, m = (0 if d > 0 else d), (0 if m > 0 else m)
+        _set(f, f"arena.{i}.dirty_decay_ms", d)  # a slot not in use refuses: it takes the default when made
+        _set(f, f"arena.{i}.muzzy_decay_ms", m)
     if dirty_ms >= 0:
         f(b"arena.4096.purge", None, None, None, 0)  # 4096: MALLCTL_ARENAS_ALL
     return True
@@ -138,7 +152,8 @@ def kept_pages():
     """Within: jemalloc keeps freed pages (TRAINING_CONF's decay times), when jemalloc is loaded
     and MALLOC_CONF is not set (a process started without `folio`'s re-execution: jemalloc
     preloaded by a container, torchrun, Python); the previous times are restored after.
-    `train.loop.train` runs inside it."""
+    `train.loop.train` runs inside it. (Restores with set_page_decay: per-arena times someone
+    set by hand inside are not kept.)"""
     prev = None if os.environ.get("MALLOC_CONF") else page_decay()
     changed = prev is not None and prev != (-1, -1) and set_page_decay(-1, -1)
     try:

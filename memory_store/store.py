@@ -241,6 +241,10 @@ class TieredStore:
         self._seq = 0
         self._done_seq = 0
         self._drain_seq = 0  # lazy_writes: flush() asks the writer to write every job up to this one
+        # a flush's snapshot: rows alive when it was taken, for the jobs up to its target (the writer
+        # writes their data even if they are deleted meanwhile: the commit counts them alive)
+        self._flush_alive: np.ndarray | None = None
+        self._flush_target = 0
         self._put_waiting = 0  # puts waiting for room in the queue
         self._written_upto = n  # rows below are on disk (written, maybe not yet durable)
         self._writer_error: BaseException | None = None
@@ -481,6 +485,8 @@ class TieredStore:
                     return
                 job = self._jobs[0]
                 alive = self._alive[job.start:job.end].copy()
+                if self._flush_alive is not None and job.seq <= self._flush_target:
+                    alive |= self._flush_alive[job.start:job.end]
             try:
                 if alive.all():
                     self._disk.write_rows(job.start, job.k, job.v, job.landmarks, job.codes, job.ordinals)
@@ -525,11 +531,13 @@ class TieredStore:
             if self._dirty:
                 snapshot = (self._next_id, copy.deepcopy(self._streams), self._pending_deletes)
                 self._pending_deletes, self._dirty = [], False
+                self._flush_alive, self._flush_target = self._alive[:self._next_id].copy(), target
             try:
                 self._drain_seq = max(self._drain_seq, target)  # a lazy writer writes up to here now
                 self._cv.notify_all()
                 while self._done_seq < target and self._writer_error is None:
                     self._cv.wait()
+                self._flush_alive = None
                 self._check_writable()
                 if snapshot is None:
                     return
@@ -539,13 +547,19 @@ class TieredStore:
                                       streams=streams, writer_stats=self._stats_counters())
                 self._disk.commit(record)
             except BaseException:
+                self._flush_alive = None
                 if snapshot is not None:  # not committed: the next flush commits it
                     self._pending_deletes = snapshot[2] + self._pending_deletes
                     self._dirty = True
                 raise
             self._generation = record.generation
             if deletes:
-                self._disk.delete_rows(deletes)
+                try:
+                    self._disk.delete_rows(deletes)
+                except BaseException:
+                    self._pending_deletes = deletes + self._pending_deletes  # retried by the next flush
+                    self._dirty = True
+                    raise
             # the index as committed: only when nothing changed while flush waited (else the next
             # flush saves it; an index of another generation is rebuilt at open)
             if self.config.save_index == "flush" and not self._dirty:
@@ -1048,7 +1062,8 @@ class TieredStore:
                 self.flush()
                 if self.config.save_index != "never" and self._next_id:
                     with self._lock:
-                        self._save_index()
+                        if not self._dirty:  # (changed by another thread since: rebuilt at open)
+                            self._save_index()
         finally:
             with self._cv:
                 self._stopping = True

@@ -18,7 +18,7 @@ import os
 import time
 from pathlib import Path
 
-from engine.allocator import JEMALLOC_DEFAULT_DECAY_MS, set_page_decay
+from engine.allocator import JEMALLOC_DEFAULT_DECAY_MS, TRAINING_CONF, set_page_decay
 from train.checkpoint import export_from_checkpoint
 from train.config import train_preset
 from train.loop import DSOptions, TrainResult, train
@@ -57,7 +57,8 @@ def run_demo(*, out_dir: str | os.PathLike = "runs/demo", steps: int | None = No
     print(f"demo: exported model -> {export} (model.safetensors + config.json)")
     # training ran with jemalloc keeping freed pages (engine/allocator.py); the long ingests
     # below are inference: back to jemalloc's defaults, which keep their peak RSS lower
-    set_page_decay(*JEMALLOC_DEFAULT_DECAY_MS)
+    if os.environ.get("MALLOC_CONF") == TRAINING_CONF:  # (set by folio's re-execution, not the user)
+        set_page_decay(*JEMALLOC_DEFAULT_DECAY_MS)
     held_out_perplexity(export, windows=48)
     if lengths:
         evaluate_passkey(export, Path(tcfg.out_dir) / "passkey", lengths=lengths, depths=depths,

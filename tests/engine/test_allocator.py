@@ -98,15 +98,18 @@ def test_page_decay_switches_at_run_time():
     lib = find_jemalloc({})
     if lib is None or not sys.platform.startswith("linux"):
         pytest.skip("no jemalloc on this machine")
-    code = ("from engine.allocator import page_decay, set_page_decay, JEMALLOC_DEFAULT_DECAY_MS as D\n"
+    code = ("from engine.allocator import page_decay, set_page_decay, _huge_arena, _mallctl, JEMALLOC_DEFAULT_DECAY_MS as D\n"
             "import torch\n"
-            "x = [torch.empty(1 << 20) for _ in range(64)]; del x\n"
-            "print(page_decay()); print(set_page_decay(*D)); print(page_decay())\n")
+            "x = [torch.empty(1 << 20) for _ in range(64)] + [torch.empty(8 << 20)]; del x\n"
+            "h = _huge_arena(_mallctl())\n"
+            "print(page_decay()); print(set_page_decay(*D)); print(page_decay())\n"
+            "print(page_decay(0), page_decay(h))\n")
     env = {**os.environ, "LD_PRELOAD": lib, "MALLOC_CONF": TRAINING_CONF}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[:3] == ["(-1, -1)", "True", "(10000, 0)"], out.stdout
+    # every arena back to jemalloc's defaults; its arena of huge allocations purges eagerly (0)
+    assert out.stdout.split("\n")[:4] == ["(-1, -1)", "True", "(10000, 0)", "(10000, 0) (0, 0)"], out.stdout
 
 
 @pytest.mark.parametrize("malloc_conf,inside", [(None, "(-1, -1)"), ("narenas:4", "(10000, 0)")])
@@ -117,8 +120,11 @@ def test_kept_pages_inside_training_unless_malloc_conf_is_set(malloc_conf, insid
     lib = find_jemalloc({})
     if lib is None or not sys.platform.startswith("linux"):
         pytest.skip("no jemalloc on this machine")
-    code = ("from engine.allocator import kept_pages, page_decay\n"
-            "with kept_pages():\n    print(page_decay())\nprint(page_decay())\n")
+    code = ("from engine.allocator import kept_pages, page_decay, _huge_arena, _mallctl\n"
+            "import torch\n"
+            "x = torch.empty(8 << 20); del x\n"  # jemalloc's arena of huge allocations exists
+            "h = _huge_arena(_mallctl())\n"
+            "with kept_pages():\n    print(page_decay())\nprint(page_decay())\nprint(page_decay(h))\n")
     env = {**os.environ, "LD_PRELOAD": lib}
     env.pop("MALLOC_CONF", None)
     if malloc_conf:
@@ -126,4 +132,4 @@ def test_kept_pages_inside_training_unless_malloc_conf_is_set(malloc_conf, insid
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[:2] == [inside, "(10000, 0)"], out.stdout
+    assert out.stdout.split("\n")[:3] == [inside, "(10000, 0)", "(0, 0)"], out.stdout

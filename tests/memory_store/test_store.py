@@ -558,14 +558,16 @@ def test_lazy_writes_write_when_the_queue_passes_half_and_a_big_put_never_deadlo
         assert torch.equal(K, k[:, 0]) and torch.equal(V, v[:, 0])
 
 
-def test_flush_commits_the_store_as_it_was_when_called(tmp_path):
+@pytest.mark.parametrize("lazy", [False, True])
+def test_flush_commits_the_store_as_it_was_when_called(tmp_path, lazy):
     """Puts and deletes another thread makes while flush waits for the writer belong to the
-    next flush: the commit never counts rows the writer may not have written yet, and a
-    deleted stream's rows are unlinked only by a flush that waited for every job before."""
+    next flush: the commit never counts rows the writer may not have written yet, a stream
+    deleted while its job still waits in the queue is written in full (the commit counts it
+    alive), and a deleted stream's rows are unlinked only by a flush that waited for them."""
     import threading
 
-    k, v, lm = make_blocks(6, seed=43)
-    cfg = small_config(device_budget_bytes=0, host_budget_bytes=0)
+    k, v, lm = make_blocks(8, seed=43)
+    cfg = small_config(device_budget_bytes=0, host_budget_bytes=0, lazy_writes=lazy)
     path = tmp_path / "s"
     with TieredStore.open(path, "w", layout=LAYOUT, config=cfg) as s:
         s.put_blocks("a", k[:2], v[:2], lm[:2])
@@ -580,26 +582,29 @@ def test_flush_commits_the_store_as_it_was_when_called(tmp_path):
 
         s._disk.write_rows = held_write
         s.put_blocks("b", k[2:4], v[2:4], lm[2:4])
-        assert entered.wait(10)
+        s.put_blocks("c", k[4:6], v[4:6], lm[4:6])  # queued behind "b"
         flusher = threading.Thread(target=s.flush)
-        flusher.start()  # waits for the job of "b"
-        time.sleep(0.2)
-        s.put_blocks("c", k[4:6], v[4:6], lm[4:6])  # both after flush was called
-        assert s.delete_stream("a") == 2
+        flusher.start()
+        deadline = time.monotonic() + 10
+        while (s._dirty or not entered.is_set()) and time.monotonic() < deadline:
+            time.sleep(0.001)  # until flush took its snapshot and the writer is inside "b"
+        assert not s._dirty and entered.is_set()
+        s.put_blocks("d", k[6:8], v[6:8], lm[6:8])  # all three after flush was called
+        assert s.delete_stream("c") == 2 and s.delete_stream("a") == 2
         gate.set()
         flusher.join(10)
         assert not flusher.is_alive()
         with TieredStore.open(path, "r", config=cfg) as r:  # what that flush committed
-            assert r.streams() == ["a", "b"] and len(r) == 4
-            K, V = r.get_layer([0, 1, 2, 3], 1)
-            assert torch.equal(K, k[:4, 1]) and torch.equal(V, v[:4, 1])
+            assert r.streams() == ["a", "b", "c"] and len(r) == 6
+            K, V = r.get_layer(np.arange(6), 1)
+            assert torch.equal(K, k[:6, 1]) and torch.equal(V, v[:6, 1])
         s.flush()
         with TieredStore.open(path, "r", config=cfg) as r:
-            assert r.streams() == ["b", "c"] and len(r) == 4
-            K, V = r.get_layer([2, 3, 4, 5], 0)
-            assert torch.equal(K, k[2:, 0]) and torch.equal(V, v[2:, 0])
+            assert r.streams() == ["b", "d"] and len(r) == 4
+            K, V = r.get_layer([2, 3, 6, 7], 0)
+            assert torch.equal(K, k[[2, 3, 6, 7], 0]) and torch.equal(V, v[[2, 3, 6, 7], 0])
             with pytest.raises(UnknownBlockError):
-                r.get_layer([0], 0)
+                r.get_layer([0, 4], 0)
 
 
 def test_lazy_writes_need_the_background_writer():
