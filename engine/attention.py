@@ -182,7 +182,7 @@ VECTORIZED_Q_CHUNK = 128  # query rows per chunk of implementation 2 (times G he
 # (chain rule through beta_b = s_lm_b - logsumexp_b: softmax_b(j) = P_j / g_b), so it is
 # W - P * mu with a per-(row, block) mu: three passes over the tile.
 # The fused CPU kernels (engine/landmark_cpu.c) do the same per row while it is in L1: two
-# passes each way (they always subtract the block max: it costs nothing there).
+# passes each way (they always subtract the block max: one more read of each block, in L1).
 
 
 def _block_positions(q_pos: torch.Tensor, nb: int, L: int) -> tuple[torch.Tensor, torch.Tensor]:
