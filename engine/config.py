@@ -9,12 +9,78 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 ATTENTION_MODES = ("landmark", "causal")
 DTYPES = ("float32", "bfloat16", "float16")
+ROPE_SCALING_TYPES = ("llama3", "linear")
+# fields added after stores and checkpoints were first written: left out of the fingerprint
+# while they hold their default, so existing stores and checkpoints keep theirs
+_LATER_FIELDS = {"rope_scaling": None, "qkv_bias": False, "o_bias": False, "source": ""}
+
+
+@dataclass(frozen=True, slots=True)
+class RopeScaling:
+    """RoPE frequency scaling of long-context checkpoints (hashable, for rope tables).
+
+    llama3: Llama 3.1's piecewise rule (wavelengths longer than
+    original_max_position_embeddings / low_freq_factor are divided by `factor`, shorter than
+    ... / high_freq_factor kept, smooth in between); linear: every frequency divided by `factor`.
+    """
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def inv_freq(self, inv: "Any") -> "Any":
+        """Scale base inverse frequencies (a float64 tensor (D/2,)) -> scaled (D/2,)."""
+        if self.rope_type == "linear":
+            return inv / self.factor
+        old = self.original_max_position_embeddings
+        low_wl, high_wl = old / self.low_freq_factor, old / self.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = inv.where(wavelen <= low_wl, inv / self.factor)  # long wavelengths: divided
+        smooth = (old / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+        medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+        return smoothed.where(medium, scaled)
+
+
+def rope_scaling_from_dict(d: dict[str, Any] | None) -> RopeScaling | None:
+    """A config's `rope_scaling` dict (Hugging Face's keys) -> RopeScaling, or None.
+
+    Raises ValueError naming the key when the type or a value is not supported."""
+    if d is None:
+        return None
+    if not isinstance(d, dict):
+        _fail("rope_scaling", d, "None or a dict with rope_type and factor")
+    kind = d.get("rope_type", d.get("type"))
+    if kind in (None, "default"):
+        return None
+    if kind not in ROPE_SCALING_TYPES:
+        _fail("rope_scaling", d, f"rope_type one of {ROPE_SCALING_TYPES} (or default)")
+    try:
+        factor = float(d["factor"])
+    except (KeyError, TypeError, ValueError):
+        _fail("rope_scaling", d, "needs a numeric 'factor'")
+    if not factor >= 1:
+        _fail("rope_scaling", d, "factor must be >= 1")
+    if kind == "linear":
+        return RopeScaling("linear", factor)
+    try:
+        rs = RopeScaling("llama3", factor, float(d.get("low_freq_factor", 1.0)),
+                         float(d.get("high_freq_factor", 4.0)),
+                         int(d.get("original_max_position_embeddings", 8192)))
+    except (TypeError, ValueError):
+        _fail("rope_scaling", d, "numeric low_freq_factor, high_freq_factor, original_max_position_embeddings")
+    if not rs.high_freq_factor > rs.low_freq_factor > 0 or rs.original_max_position_embeddings < 1:
+        _fail("rope_scaling", d, "0 < low_freq_factor < high_freq_factor and original_max_position_embeddings >= 1")
+    return rs
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
@@ -45,12 +111,22 @@ class ModelConfig:
     """RoPE base."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
-    attention: str = "landmark"
+    attention: Literal["landmark", "causal"] = "landmark"
     """'landmark' (grouped softmax, the paper's) or 'causal' (plain, a baseline)."""
     tie_embeddings: bool = False
     """Share the input embedding and the output projection."""
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Parameter dtype: float32, bfloat16 or float16."""
+    rope_scaling: dict[str, Any] | None = None
+    """RoPE frequency scaling as in a Hugging Face config (rope_type 'llama3' or 'linear'), or None."""
+    qkv_bias: bool = False
+    """Bias on the query, key and value projections (Qwen2; Llama with attention_bias)."""
+    o_bias: bool = False
+    """Bias on the attention output projection (Llama with attention_bias)."""
+    source: str = ""
+    """Where imported weights came from (file name and a hash of the weights), '' for Folio's
+    own models: part of the fingerprint, so a store written by one checkpoint refuses another
+    of the same shape."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
@@ -74,6 +150,19 @@ class ModelConfig:
             _fail("rope_theta", self.rope_theta, "must be > 0")
         if not self.norm_eps > 0:
             _fail("norm_eps", self.norm_eps, "must be > 0")
+        rope_scaling_from_dict(self.rope_scaling)  # raises on an unsupported scaling
+        for name in ("qkv_bias", "o_bias"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "must be a bool")
+        if not isinstance(self.source, str):
+            _fail("source", self.source, "must be a str")
+
+    @property
+    def rope(self) -> tuple[float, RopeScaling | None]:
+        """(theta, scaling): what RoPE tables are computed from."""
+        if self.rope_scaling is None:  # the hot path: every layer call of retrieval asks
+            return float(self.rope_theta), None
+        return float(self.rope_theta), rope_scaling_from_dict(self.rope_scaling)
 
     @property
     def head_dim(self) -> int:
@@ -87,6 +176,7 @@ class ModelConfig:
         """Parameter count computed from the shapes (no model is built)."""
         d, hd = self.d_model, self.head_dim
         attn = d * self.n_heads * hd + 2 * d * self.n_kv_heads * hd + self.n_heads * hd * d
+        attn += (self.n_heads + 2 * self.n_kv_heads) * hd * self.qkv_bias + d * self.o_bias
         ffn = 3 * d * self.ffn_hidden
         per_layer = attn + ffn + 2 * d
         emb = self.vocab_size * d
@@ -115,7 +205,8 @@ class ModelConfig:
         """A short stable hash of the fields that change what the KV store holds."""
         import hashlib
 
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        d = {k: v for k, v in self.to_dict().items() if not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -27,9 +27,33 @@ from engine.config import ModelConfig
 from engine.landmarks import insert_landmarks
 from engine.model import LandmarkTransformer
 from engine.retrieval import RetrievalConfig, RetrievalMemory
-from engine.tokenizer import ByteTokenizer
+from engine.tokenizer import ByteTokenizer, Tokenizer
+from engine.training_free import TrainingFreeConfig, TrainingFreeMemory
 
 TOKENIZER = ByteTokenizer()
+AnyRetrievalConfig = RetrievalConfig | TrainingFreeConfig
+
+
+def retrieval_for(cfg: ModelConfig, retrieval: AnyRetrievalConfig | None) -> AnyRetrievalConfig:
+    """The retrieval config a model uses: landmark retrieval for a landmark-trained model,
+    training-free retrieval for a plain causal one (defaults when None). Raises ValueError
+    when the given config is of the other kind."""
+    want = RetrievalConfig if cfg.landmarks else TrainingFreeConfig
+    if retrieval is None:
+        return want()
+    if not isinstance(retrieval, want):
+        raise ValueError(f"a model with attention={cfg.attention!r} takes a {want.__name__}, "
+                         f"got a {type(retrieval).__name__}")
+    return retrieval
+
+
+def make_memory(cfg: ModelConfig, store, *, stream: str | None, retrieval: AnyRetrievalConfig | None,
+                persist: bool, read_streams="own"):
+    """The retrieval memory for this model: `RetrievalMemory` (landmarks) or
+    `TrainingFreeMemory` (a pretrained model without landmarks)."""
+    rc = retrieval_for(cfg, retrieval)
+    cls = RetrievalMemory if cfg.landmarks else TrainingFreeMemory
+    return cls(cfg, store, stream=stream, retrieval=rc, persist=persist, read_streams=read_streams)
 
 
 def store_layout_for(cfg: ModelConfig):
@@ -72,10 +96,17 @@ def _progress(total: int, desc: str, enabled: bool):
 
 @torch.no_grad()
 def ingest(model: LandmarkTransformer, store, stream: str, tokens: Sequence[int] | torch.Tensor, *,
-           source: str | None = None, retrieval: RetrievalConfig | None = None,
+           source: str | None = None, retrieval: AnyRetrievalConfig | None = None,
            flush_interval_s: float = 5.0, flush_every: int | None = None,
-           progress: bool = False) -> IngestResult:
+           progress: bool = False, tokenizer: Tokenizer | None = None,
+           meta_update: dict | None = None) -> IngestResult:
     """Append ordinary `tokens` (no landmarks) to `stream`, prefilling in chunks.
+
+    tokenizer: the model's (default: the byte tokenizer); its landmark id may not appear in
+    `tokens`. A landmark model gets a landmark after every block_len - 1 tokens; a causal
+    model's blocks are block_len ordinary tokens (training-free retrieval).
+    meta_update: fields recorded in the stream's metadata with the first commit (e.g.
+    {CHAT_META: True} for a document made by `chat_document`).
 
     source: a name for these tokens (e.g. a file path). If the stream's metadata says
     n tokens of this source were already ingested, the first n are skipped (resume).
@@ -92,24 +123,29 @@ def ingest(model: LandmarkTransformer, store, stream: str, tokens: Sequence[int]
         raise ValueError(f"flush_every={flush_every!r}: expected None or an int >= 1 (chunks)")
     if not isinstance(stream, str) or not stream:
         raise ValueError(f"stream={stream!r} is invalid: a non-empty name")
-    rc = retrieval or RetrievalConfig()
     cfg = model.cfg
+    rc = retrieval_for(cfg, retrieval)
+    tok = tokenizer or TOKENIZER
+    byte = isinstance(tok, ByteTokenizer)
+    top, what = (255, "byte tokens") if byte else (tok.vocab_size - 1, "token ids")
     toks = tokens if isinstance(tokens, torch.Tensor) else torch.as_tensor(np.asarray(tokens))
     toks = toks.reshape(-1)  # kept in the caller's dtype: a 1M-token uint8 document stays 1 MB
     if toks.numel() and (toks.is_floating_point() or toks.is_complex()):
-        raise ValueError(f"ingest takes integer byte tokens 0..255, got dtype {toks.dtype}")
-    if toks.numel() and (int(toks.min()) < 0 or int(toks.max()) > 255):
-        raise ValueError("ingest takes ordinary byte tokens 0..255 (specials and landmarks are added here)")
-    meta = store.get_stream_meta(stream)
+        raise ValueError(f"ingest takes integer {what} 0..{top}, got dtype {toks.dtype}")
+    if toks.numel() and (int(toks.min()) < 0 or int(toks.max()) > top or bool((toks == tok.landmark_id).any())):
+        raise ValueError(f"ingest takes ordinary {what} 0..{top}, not the landmark {tok.landmark_id} "
+                         f"(specials and landmarks are added here)")
+    meta = {**store.get_stream_meta(stream), **(meta_update or {})}
     sources = dict(meta.get("sources", {}))
     skip = int(sources.get(source, 0)) if source else 0
     skip = min(skip, toks.numel())
     new = toks[skip:]
     tail = torch.as_tensor(meta.get("tail", []), dtype=torch.long)
     t0 = time.perf_counter()
-    mem = RetrievalMemory(cfg, store, stream=stream, retrieval=rc, persist=True)
+    mem = make_memory(cfg, store, stream=stream, retrieval=rc, persist=True)
     mem.resume_from_store()
-    seq = _LandmarkedStream(tail, new, cfg.block_len, TOKENIZER.LANDMARK)  # starts at a block boundary
+    # starts at a block boundary
+    seq = _LandmarkedStream(tail, new, cfg.block_len, tok.landmark_id if cfg.landmarks else None)
     bar = _progress(new.numel(), f"ingest {stream}", progress)
     done_pos = 0
     chunks = since_flush = 0
@@ -129,7 +165,7 @@ def ingest(model: LandmarkTransformer, store, stream: str, tokens: Sequence[int]
         done_pos = a + chunk.numel()
         chunks += 1
         if bar is not None:
-            ord_done = done_pos - done_pos // cfg.block_len - tail.numel()
+            ord_done = seq.ordinary_before(done_pos) - tail.numel()
             bar.n = max(0, min(new.numel(), ord_done))
             moved = store.stats().get("bytes_moved", {})
             bar.set_postfix_str(
@@ -160,17 +196,22 @@ class _LandmarkedStream:
 
     PIECE_BLOCKS = 256  # blocks landmarked per piece
 
-    def __init__(self, tail: torch.Tensor, new: torch.Tensor, block_len: int, landmark: int):
+    def __init__(self, tail: torch.Tensor, new: torch.Tensor, block_len: int, landmark: int | None):
         self.tail, self.new, self.L, self.landmark = tail, new, block_len, landmark
+        self._per = block_len - 1 if landmark is not None else block_len  # ordinary tokens per block
         self._n_ord = tail.numel() + new.numel()  # ordinary tokens, tail included
-        self._numel = self._n_ord + self._n_ord // (block_len - 1)
-        self._piece_ord = self.PIECE_BLOCKS * (block_len - 1)  # ordinary tokens per piece
+        self._numel = self._n_ord + (self._n_ord // self._per if landmark is not None else 0)
+        self._piece_ord = self.PIECE_BLOCKS * self._per  # ordinary tokens per piece
         self._buf = torch.empty(0, dtype=torch.long)
         self._buf_start = 0  # stream position (in this sequence) of _buf[0]
         self._next_ord = 0  # ordinary tokens (tail included) landmarked so far
 
     def numel(self) -> int:
         return self._numel
+
+    def ordinary_before(self, pos: int) -> int:
+        """Ordinary tokens (tail included) among the first `pos` positions."""
+        return pos - pos // self.L if self.landmark is not None else pos
 
     def _ordinary(self, a: int, b: int) -> torch.Tensor:
         """Ordinary tokens [a, b) of cat([tail, new]) as int64."""
@@ -192,7 +233,9 @@ class _LandmarkedStream:
             self._buf_start = keep
         while self._buf_start + self._buf.numel() < b and self._next_ord < self._n_ord:
             hi = min(self._n_ord, self._next_ord + self._piece_ord)  # pieces start at block boundaries
-            piece = insert_landmarks(self._ordinary(self._next_ord, hi), self.L, self.landmark)
+            piece = self._ordinary(self._next_ord, hi)
+            if self.landmark is not None:
+                piece = insert_landmarks(piece, self.L, self.landmark)
             self._buf = torch.cat([self._buf, piece])
             self._next_ord = hi
         return self._buf[a - self._buf_start:b - self._buf_start]
@@ -229,7 +272,7 @@ def _commit(store, stream, meta, sources, source, seq, done_pos, cfg, skip, n_ta
     L = cfg.block_len
     complete = (done_pos // L) * L
     tail = seq[complete:done_pos].tolist()  # ordinary tokens of the unfinished block
-    ord_done = done_pos - done_pos // L  # ordinary tokens processed (old tail included)
+    ord_done = seq.ordinary_before(done_pos)  # ordinary tokens processed (old tail included)
     if source:
         sources[source] = skip + max(0, ord_done - n_tail_old)
     new_meta = {**meta, "tail": tail, "sources": sources,
@@ -259,9 +302,9 @@ class GenerateConfig:
             raise ValueError(f"GenerateConfig.top_p={self.top_p!r}: must be in (0, 1]")
 
 
-def _sample(logits: torch.Tensor, gc: GenerateConfig, gen: torch.Generator) -> int:
+def _sample(logits: torch.Tensor, gc: GenerateConfig, gen: torch.Generator, banned: torch.Tensor) -> int:
     logits = logits.float()
-    logits[256:] = float("-inf")  # decode ordinary bytes only; landmarks are inserted, not sampled
+    logits[banned] = float("-inf")  # landmarks are inserted, not sampled (and the byte model's specials)
     if gc.temperature == 0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits / gc.temperature, -1)
@@ -275,60 +318,104 @@ def _sample(logits: torch.Tensor, gc: GenerateConfig, gen: torch.Generator) -> i
 
 @torch.no_grad()
 def generate(model: LandmarkTransformer, store, prompt: Sequence[int] | torch.Tensor, *,
-             streams: Sequence[str] | None = None, retrieval: RetrievalConfig | None = None,
+             streams: Sequence[str] | None = None, retrieval: AnyRetrievalConfig | None = None,
              gen: GenerateConfig | None = None, continue_stream: bool = True,
-             on_text: Callable[[str], None] | None = None) -> Iterator[int]:
+             on_text: Callable[[str], None] | None = None, tokenizer: Tokenizer | None = None) -> Iterator[int]:
     """Decode after `prompt` (ordinary tokens), retrieving from `streams` at every step.
 
     streams: None = every stream in the store. With exactly one stream and
-    continue_stream, the stream's unfinished tail is placed before the prompt, so a
-    question continues its document. Nothing is written to the store.
+    continue_stream, the prompt continues that stream: its unfinished tail is placed before
+    the prompt (and, for a model without landmarks, its last blocks are the local window and
+    its first the attention sinks), so a question continues its document. Nothing is written
+    to the store. Decoding stops at `gen.stop` strings and at the tokenizer's end-of-sequence
+    token (not for the byte tokenizer, which never samples it).
     Yields token ids; `on_text` receives decoded text as it is produced (streaming).
     """
     gc = gen or GenerateConfig()
-    rc = retrieval or RetrievalConfig()
     cfg = model.cfg
+    rc = retrieval_for(cfg, retrieval)
+    tok = tokenizer or TOKENIZER
     L = cfg.block_len
     dev = model.tok_emb.weight.device
     prompt = torch.as_tensor(prompt, dtype=torch.long).reshape(-1)
     tail = []
-    if streams is not None and len(streams) == 1 and continue_stream:
+    one = streams is not None and len(streams) == 1 and continue_stream
+    if one:
         tail = store.get_stream_meta(streams[0]).get("tail", [])
-    mem = RetrievalMemory(cfg, store, stream=None, retrieval=rc, persist=False, read_streams=streams)
-    seq = insert_landmarks(torch.cat([torch.as_tensor(tail, dtype=torch.long), prompt]), L, TOKENIZER.LANDMARK)
+    mem = make_memory(cfg, store, stream=None, retrieval=rc, persist=False, read_streams=streams)
+    seq = torch.cat([torch.as_tensor(tail, dtype=torch.long), prompt])
+    if cfg.landmarks:
+        seq = insert_landmarks(seq, L, tok.landmark_id)
+    elif one:
+        mem.resume_from_store(streams[0])
     if seq.numel() == 0:
-        seq = torch.tensor([TOKENIZER.BOS])
+        seq = torch.tensor([tok.bos_id if tok.bos_id is not None else 0])
     logits = None
     chunk_len = rc.chunk_for(cfg)
     for a in range(0, seq.numel(), chunk_len):
         logits = model(seq[None, a:a + chunk_len].to(dev), memory=mem)
         mem.end_chunk()
     rng = torch.Generator().manual_seed(gc.seed)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds split characters
+    banned = torch.tensor(tok.never_sampled(), dtype=torch.long)
+    eos = None if isinstance(tok, ByteTokenizer) else tok.eos_id
+    decoder = tok.stream_decoder()
     decoded = ""
     for _ in range(gc.max_new_tokens):
-        tok = _sample(logits[0, -1], gc, rng)
-        yield tok
-        piece = decoder.decode(bytes([tok]))
+        t = _sample(logits[0, -1], gc, rng, banned)
+        if t == eos:
+            return
+        yield t
+        piece = decoder.push(t)
         decoded += piece
         if piece and on_text is not None:
             on_text(piece)
         if any(s and s in decoded for s in gc.stop):
             return
-        step = [tok]
-        if (mem.n_pos + 1) % L == L - 1:  # the next slot is a landmark: insert it
-            step.append(TOKENIZER.LANDMARK)
+        step = [t]
+        if cfg.landmarks and (mem.n_pos + 1) % L == L - 1:  # the next slot is a landmark: insert it
+            step.append(tok.landmark_id)
         logits = model(torch.tensor([step], device=dev), memory=mem)
         mem.end_chunk()
 
 
+CHAT_META = "chat"  # stream metadata: the stream is the user's text of one chat turn
+
+
+def chat_document(tokenizer: Tokenizer, text: str) -> list[int]:
+    """A document as the start of a user turn of the tokenizer's chat template (a question
+    asked later closes the turn; see `ask`); the plain tokens without a template."""
+    parts = tokenizer.chat_parts()
+    if parts is None:
+        return tokenizer.encode(text)
+    return tokenizer.encode(parts[0], specials=True) + tokenizer.encode(text)
+
+
+def question_tokens(tokenizer: Tokenizer, question: str, *, chat: bool, continues_turn: bool) -> list[int]:
+    """The prompt for a question: the rest of the user's turn after a document ingested with
+    `chat_document` (continues_turn), one whole user turn, or the raw text (chat=False or no
+    chat template)."""
+    parts = tokenizer.chat_parts() if chat else None
+    if parts is None:
+        return tokenizer.encode(question)
+    if continues_turn:
+        return tokenizer.encode("\n\n" + question) + tokenizer.encode(parts[1], specials=True)
+    return tokenizer.encode(parts[0], specials=True) + tokenizer.encode(question) + tokenizer.encode(parts[1], specials=True)
+
+
 def ask(model: LandmarkTransformer, store, question: str, *, streams: Sequence[str] | None = None,
-        retrieval: RetrievalConfig | None = None, gen: GenerateConfig | None = None,
-        on_text: Callable[[str], None] | None = None) -> str:
-    """Answer `question` from what the store holds; returns the decoded answer."""
-    ids = list(generate(model, store, TOKENIZER.encode(question), streams=streams, retrieval=retrieval,
-                        gen=gen, on_text=on_text))
-    text = TOKENIZER.decode(ids)
+        retrieval: AnyRetrievalConfig | None = None, gen: GenerateConfig | None = None,
+        on_text: Callable[[str], None] | None = None, tokenizer: Tokenizer | None = None,
+        chat: bool = True) -> str:
+    """Answer `question` from what the store holds; returns the decoded answer.
+
+    chat: when the tokenizer has a chat template, the question is asked in it: it closes the
+    user turn a stream ingested with `chat_document` opened (one stream), or is a user turn
+    of its own. False sends the raw text."""
+    tok = tokenizer or TOKENIZER
+    continues = bool(streams is not None and len(streams) == 1 and store.get_stream_meta(streams[0]).get(CHAT_META))
+    ids = list(generate(model, store, question_tokens(tok, question, chat=chat, continues_turn=continues),
+                        streams=streams, retrieval=retrieval, gen=gen, on_text=on_text, tokenizer=tok))
+    text = tok.decode(ids)
     for s in (gen.stop if gen else ()):
         if s and s in text:
             text = text[:text.index(s)]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from engine.attention import (causal_attention, landmark_attention,
                               landmark_attention_blockwise)
-from engine.config import ModelConfig
+from engine.config import ModelConfig, RopeScaling
 from engine.kv_cache import KVCache
 
 IMPLS = ("auto", "vectorized", "blockwise", "sdpa")
@@ -30,33 +30,39 @@ _rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _rope_compute(positions: torch.Tensor, head_dim: int, theta: float,
-                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                  dtype: torch.dtype, scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device,
                                          dtype=torch.float64) / head_dim))  # (D/2,)
+    if scaling is not None:
+        inv = scaling.inv_freq(inv)
     ang = positions.to(torch.float64)[:, None] * inv[None, :]  # (T, D/2)
     ang = torch.cat([ang, ang], dim=-1)  # (T, D)
     return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float | tuple[float, RopeScaling | None],
                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin tables for the given positions: each (T, head_dim).
+
+    theta: the RoPE base, or `ModelConfig.rope` (base, frequency scaling or None).
 
     Small non-negative integer positions (the local window, stingy prefixes, training
     windows) are gathered from a per-(head_dim, theta, dtype, device) table computed the
     same way, so the values are bit-identical to computing them directly."""
+    theta, scaling = theta if isinstance(theta, tuple) else (theta, None)
     if (positions.numel() and not positions.is_floating_point() and not positions.requires_grad
             and positions.device.type == "cpu"):
         lo, hi = int(positions.min()), int(positions.max())
         if lo >= 0 and hi < _ROPE_CACHE_MAX:
-            key = (head_dim, float(theta), dtype, positions.device)
+            key = (head_dim, float(theta), scaling, dtype, positions.device)
             tab = _rope_tables.get(key)
             if tab is None:
-                tab = _rope_compute(torch.arange(_ROPE_CACHE_MAX, device=positions.device), head_dim, theta, dtype)
+                tab = _rope_compute(torch.arange(_ROPE_CACHE_MAX, device=positions.device), head_dim, theta,
+                                    dtype, scaling)
                 _rope_tables[key] = tab
             idx = positions.reshape(-1)
             return tab[0].index_select(0, idx), tab[1].index_select(0, idx)
-    return _rope_compute(positions, head_dim, theta, dtype)
+    return _rope_compute(positions, head_dim, theta, dtype, scaling)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -101,10 +107,10 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * self.hd, bias=False)
-        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.hd, bias=False)
-        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.hd, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * self.hd, cfg.d_model, bias=False)
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * self.hd, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.hd, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.hd, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_heads * self.hd, cfg.d_model, bias=cfg.o_bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], impl: str,
                 layer_cache: "KVCache.Layer | None" = None, memory=None, layer_idx: int = 0
@@ -169,6 +175,8 @@ class LandmarkTransformer(nn.Module):
     def _init(m: nn.Module) -> None:
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
 
     def _check_tokens(self, tokens: torch.Tensor) -> None:
         if not isinstance(tokens, torch.Tensor):
@@ -225,7 +233,7 @@ class LandmarkTransformer(nn.Module):
         if positions is None:
             positions = torch.arange(start, start + T, device=tokens.device)
         dt = self.tok_emb.weight.dtype
-        rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, dt)
+        rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope, dt)
         x = self.tok_emb(tokens)  # (B, T, d)
         kvs = []
         for i, layer in enumerate(self.layers):

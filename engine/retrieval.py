@@ -125,7 +125,7 @@ def _search_vectors(q: torch.Tensor, q_local_pos: torch.Tensor, cfg: ModelConfig
     """
     B, H, T, D = q.shape
     Hkv = cfg.n_kv_heads
-    cos, sin = rope_cos_sin(q_local_pos + 1, D, cfg.rope_theta, q.dtype)
+    cos, sin = rope_cos_sin(q_local_pos + 1, D, cfg.rope, q.dtype)
     qs = apply_rope(q.float(), cos, sin)  # (B, H, T, D)
     return qs.view(B, Hkv, H // Hkv, T, D).permute(0, 2, 3, 1, 4).reshape(B, -1, Hkv, D)
 
@@ -150,7 +150,7 @@ def _key_valid(valid_ret: torch.Tensor, n_loc: int) -> torch.Tensor | None:
 
 
 @functools.lru_cache(maxsize=64)
-def _rope_key_map(position: int, head_dim: int, theta: float) -> torch.Tensor:
+def _rope_key_map(position: int, head_dim: int, theta) -> torch.Tensor:
     """(D, D) matrix M with k @ M == k rotated by RoPE to `position` (for a key map in search).
     Cached: callers must not modify it."""
     cos, sin = rope_cos_sin(torch.tensor([position]), head_dim, theta)
@@ -235,7 +235,7 @@ class BatchMemory:
             m0 = self.memories[0]
             pos = (m0._positions(stingy_top, n, first) if stingy_top is not None
                    else torch.arange(first, first + n, device=m0.device))
-            self._ropes[key] = rope_cos_sin(pos, m0.cfg.head_dim, m0.cfg.rope_theta)
+            self._ropes[key] = rope_cos_sin(pos, m0.cfg.head_dim, m0.cfg.rope)
         return self._ropes[key]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -334,7 +334,7 @@ class BatchMemory:
         Hkv = cfg.n_kv_heads
         qs = q_rot.reshape(B, Hkv, H // Hkv * T, D)  # each KV head's queries (its G heads' rows)
         ids, scores = m0.store.search_max_lanes(layer, qs, k_search, [m.read_streams for m in mems],
-                                                key_map=_rope_key_map(kk * m0.L - 1, D, cfg.rope_theta),
+                                                key_map=_rope_key_map(kk * m0.L - 1, D, cfg.rope),
                                                 heads_first=True)
         for m in mems:
             m.stats.searches += 1
@@ -529,7 +529,7 @@ class RetrievalMemory:
         self._count_fetched(layer, n_new)
         if self.rc.positions == "stingy":
             p = torch.arange(kk * L, device=self.device)  # same prefix for every head
-            cos, sin = rope_cos_sin(p, D, self.cfg.rope_theta)
+            cos, sin = rope_cos_sin(p, D, self.cfg.rope)
         else:
             ords = torch.zeros(Hkv, kk, dtype=torch.long)
             if len(uniq):
@@ -537,7 +537,7 @@ class RetrievalMemory:
                 ords_u = torch.as_tensor(o, dtype=torch.long)
                 ords = torch.where(valid_blk, ords_u[torch.searchsorted(uniq, sel.clamp(min=0))], ords)
             p = (ords[..., None] * L + torch.arange(L)).reshape(Hkv, kk * L).to(self.device)
-            cos, sin = rope_cos_sin(p.reshape(-1), D, self.cfg.rope_theta)
+            cos, sin = rope_cos_sin(p.reshape(-1), D, self.cfg.rope)
             cos, sin = cos.view(Hkv, kk * L, D), sin.view(Hkv, kk * L, D)
         return _rotated_prefix(k_sel, v_sel, sel[None], cos, sin)
 
@@ -596,7 +596,7 @@ class RetrievalMemory:
         sel = self.select(layer, q, q_local)  # (Hkv, kk)
         kk = sel.shape[1]
         k_ret, v_ret, valid_ret = self._retrieved(layer, sel)
-        cos, sin = rope_cos_sin(self._positions(kk, n_loc, 0), D, self.cfg.rope_theta)
+        cos, sin = rope_cos_sin(self._positions(kk, n_loc, 0), D, self.cfg.rope)
         k_loc_rot = apply_rope(k_loc.float(), cos, sin)
         qc, qs = cos[q_local[0]:q_local[-1] + 1], sin[q_local[0]:q_local[-1] + 1]
         q_rot = apply_rope(q.float(), qc, qs)  # (1, H, T, D)

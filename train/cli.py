@@ -191,6 +191,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The root `folio` parser with every subcommand registered."""
     from engine.cli import add_engine_commands
+    from engine.corpora_cli import add_data_command
+    from train.plan import add_plan_command
 
     parser = argparse.ArgumentParser(prog="folio", description="Landmark-attention transformers over a "
                                      "tiered KV-block store, and their DeepSpeed trainer.")
@@ -203,25 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_demo(sub)
     _add_perplexity(sub)
-    # --- `folio plan` (train/plan.py, written separately): registered when present ---
-    try:
-        from train.plan import add_plan_command
-    except ImportError:
-        pass
-    else:
-        add_plan_command(sub)
+    add_plan_command(sub)
+    add_data_command(sub)
     return parser
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    errs: list[type[BaseException]] = [TrainError, ValueError, FileNotFoundError]
-    try:
-        from memory_store.errors import StoreError
-    except ImportError:
-        pass
-    else:
-        errs.append(StoreError)
-    return tuple(errs)
+    from engine.errors import EngineError
+    from memory_store.errors import StoreError
+
+    return (TrainError, EngineError, StoreError, ValueError, FileNotFoundError)
 
 
 def _command(args: Sequence[str]) -> str | None:

@@ -1,4 +1,4 @@
-"""Document sources: text files and folders, JSONL, built-in generators, the stdlib corpus.
+"""Document sources: text files and folders, JSONL, built-in generators, the named corpora.
 
 A source is an endless, indexable sequence of documents: `document(i)` is a pure
 function of (seed, i), so a run can be resumed from a few integers and every process
@@ -10,6 +10,12 @@ The default real corpus is the Python standard library's own .py files, found at
 time under `sysconfig.get_paths()["stdlib"]` (every machine with Python has them). A
 fixed 10% of its files (by a hash of their relative path) is held out: 'stdlib' trains
 on the rest, 'stdlib-heldout' is the evaluation split.
+
+The named corpora of `engine.corpora` (fetched at install time) are sources too:
+'austen', 'sotu' and 'sample' train on their documents outside the held-out split
+(`engine.corpora.HELD_OUT`, the one place that split is declared), 'austen-heldout',
+'sotu-heldout' and 'sample-heldout' are the evaluation documents, and one document is
+its name, e.g. 'austen:emma' or 'sotu:1862-lincoln'.
 
 Synthetic sources take options in their spec, `name:key=value,...`:
 
@@ -34,18 +40,18 @@ import json
 import os
 import random
 import re
-import sysconfig
-import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.corpora import (FETCHED, CorpusError, held_out_documents, is_held_out, load, stdlib_dir,
+                            stdlib_relpaths, training_documents)
 from train.errors import DataError
 from train.tasks import passkey_prompt, recall_document, repeat_document
 
 _SNIFF_BYTES = 8192
-_HELDOUT_MOD = 10  # one file in ten is held out
+_NAMED_CORPORA = (*FETCHED, "sample")  # 'stdlib' keeps its FileSource (same names, same order)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +121,23 @@ class SyntheticSource(DocumentSource):
         return Document(f"{self.kind}#{i}", text, spans, self.answer_weight)
 
 
+class _EpochOrder:
+    """Which of n items the i-th visit takes: a seeded shuffle per epoch, each item once per epoch."""
+
+    def __init__(self, seed: int, name: str, n: int) -> None:
+        self.seed, self.name, self.n = seed, name, n
+        self._epoch = -1
+        self._perm: list[int] = []
+
+    def __call__(self, i: int) -> int:
+        epoch, k = divmod(i, self.n)
+        if epoch != self._epoch:
+            self._perm = list(range(self.n))
+            random.Random(f"{self.seed}:{self.name}:epoch{epoch}").shuffle(self._perm)
+            self._epoch = epoch
+        return self._perm[k]
+
+
 @dataclass(frozen=True, slots=True)
 class _Entry:
     path: Path
@@ -165,8 +188,7 @@ class FileSource(DocumentSource):
             raise DataError(f"data source {self.name!r} holds no text "
                             f"(no non-empty UTF-8 text files or JSONL records found)")
         self._entries = entries
-        self._perm_epoch = -1
-        self._perm: list[int] = []
+        self._order = _EpochOrder(seed, self.name, len(entries))
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -216,19 +238,54 @@ class FileSource(DocumentSource):
         return rec[self.jsonl_field]
 
     def document(self, i: int) -> Document:
-        n = len(self._entries)
-        epoch, k = divmod(i, n)
-        if epoch != self._perm_epoch:
-            self._perm = list(range(n))
-            random.Random(f"{self.seed}:{self.name}:epoch{epoch}").shuffle(self._perm)
-            self._perm_epoch = epoch
-        e = self._entries[self._perm[k]]
+        e = self._entries[self._order(i)]
         return Document(f"{self.name}:{e.label}", self._read(e))
 
 
-def stdlib_dir() -> Path:
-    """The running interpreter's standard-library directory."""
-    return Path(sysconfig.get_paths()["stdlib"])
+class NamedDocumentSource(DocumentSource):
+    """Documents of `engine.corpora` by name ('austen:emma', ...), each once per epoch, shuffled.
+
+    Raises DataError when `names` is empty (e.g. a corpus not fetched yet) or a name is unknown.
+    """
+
+    def __init__(self, names: Sequence[str], *, seed: int, name: str, cache_dir: Path | None = None) -> None:
+        if not names:
+            raise DataError(f"data source {name!r} holds no documents: austen and sotu are fetched at install "
+                            f"time (`folio data fetch`); without a network use 'sample'")
+        self.name, self.names, self.seed, self._cache_dir = name, list(names), seed, cache_dir
+        self._order = _EpochOrder(seed, name, len(self.names))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def document(self, i: int) -> Document:
+        doc = self.names[self._order(i)]
+        try:
+            return Document(doc, load(doc, cache_dir=self._cache_dir))
+        except CorpusError as e:
+            raise DataError(str(e)) from None
+
+
+def named_source(spec: str, *, seed: int) -> NamedDocumentSource | None:
+    """'austen', 'austen-heldout', 'sotu', 'sample', 'austen:emma', ... as a source; None for other specs.
+
+    Raises DataError for an unknown document or a corpus that is not fetched.
+    """
+    corpus, sep, _ = spec.partition(":")
+    base, dash, split = spec.rpartition("-")
+    try:
+        if sep and corpus in (*_NAMED_CORPORA, "stdlib"):
+            load(spec)  # fail now, not at the first draw, on a name that is not there
+            names = [spec]
+        elif spec in _NAMED_CORPORA:
+            names = training_documents(spec)
+        elif dash and split == "heldout" and base in _NAMED_CORPORA:
+            names = held_out_documents(base)
+        else:
+            return None
+    except CorpusError as e:
+        raise DataError(f"data source {spec!r}: {e}") from None
+    return NamedDocumentSource(names, seed=seed, name=spec)
 
 
 def stdlib_files(split: str = "train") -> list[Path]:
@@ -242,18 +299,8 @@ def stdlib_files(split: str = "train") -> list[Path]:
     root = stdlib_dir()
     if not root.is_dir():
         raise DataError(f"the standard library directory {str(root)!r} does not exist")
-    skip = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
-    out: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in skip and not d.startswith("."))
-        for n in sorted(filenames):
-            if n.endswith(".py"):
-                f = Path(dirpath) / n
-                rel = f.relative_to(root).as_posix()
-                held = zlib.crc32(rel.encode()) % _HELDOUT_MOD == 0
-                if held == (split == "heldout"):
-                    out.append(f)
-    return out
+    held = split == "heldout"
+    return [root / rel for rel in stdlib_relpaths() if is_held_out(f"stdlib:{rel}") == held]
 
 
 def stdlib_source(split: str = "train", *, seed: int = 0) -> FileSource:
@@ -292,12 +339,15 @@ def parse_synthetic_spec(spec: str) -> tuple[str, dict] | None:
 
 def build_source(spec: str, *, seed: int, jsonl_field: str = "text",
                  synthetic_chars: tuple[int, int] = (300, 1500)) -> DocumentSource:
-    """One source from its spec: 'passkey', 'recall', 'repeat', 'stdlib', 'stdlib-heldout' or a path.
+    """One source from its spec: a generator, 'stdlib[-heldout]', a named corpus, a document name or a path.
 
-    Synthetic specs take options, e.g. 'passkey:answer_weight=16,key_digits=1-5' (see
-    the module docstring). Built-in names win over a file of the same name; write
-    './passkey' for the file. Raises DataError for a path that does not exist or holds
-    no text, ValueError for a malformed synthetic option.
+    Generators: 'passkey', 'recall', 'repeat', with options, e.g.
+    'passkey:answer_weight=16,key_digits=1-5' (see the module docstring). Named corpora:
+    'austen', 'sotu', 'sample' (their training documents) and 'austen-heldout', ...;
+    one document: 'austen:emma', 'stdlib:json/decoder.py'. Built-in names win over a
+    file of the same name; write './passkey' for the file. Raises DataError for a path
+    that does not exist or holds no text, or a corpus not fetched, ValueError for a
+    malformed synthetic option.
     """
     synthetic = parse_synthetic_spec(spec)
     if synthetic is not None:
@@ -307,6 +357,9 @@ def build_source(spec: str, *, seed: int, jsonl_field: str = "text",
         return stdlib_source("train", seed=seed)
     if spec == "stdlib-heldout":
         return stdlib_source("heldout", seed=seed)
+    named = named_source(spec, seed=seed)
+    if named is not None:
+        return named
     return FileSource([spec], seed=seed, jsonl_field=jsonl_field)
 
 

@@ -1,0 +1,273 @@
+"""Training-free retrieval for pretrained models that never saw a landmark (InfLLM-style).
+
+A checkpoint imported as it is (`engine.convert`) has plain causal attention. Its past
+context is still cut into blocks of `block_len` ordinary tokens (no landmark token) kept in
+the same tiered store; each block's index key is computed from the block's own pre-RoPE
+keys (`block_key`: their mean, per KV head). Per layer and KV head a chunk's queries pick
+the top-k blocks (max over the chunk's queries, as the landmark path's chunk selection),
+and attention is ONE ordinary softmax over
+
+    [attention sinks: the stream's first `sink_blocks` blocks] + [retrieved blocks] + [local window]
+
+with positions compressed as the landmark path's "stingy" ones: sinks at 0.., retrieved
+blocks right after them in stream order, then the local window and the chunk, so every
+position stays inside the model's trained range however long the document is.
+
+Same store, index and chunked prefill as `engine.retrieval.RetrievalMemory` (it is the
+memory `ingest`/`generate` use for a causal model); see InfLLM (arXiv 2402.04617).
+
+Shapes: Hkv KV heads, G = H // Hkv, L block_len, D head dim, kk = top_k, S sink positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.config import ModelConfig
+from engine.errors import ModelMismatchError
+from engine.model import apply_rope, rope_cos_sin
+from engine.retrieval import RetrievalStats, _choose, _gather_selected, _without
+
+BLOCK_KEYS = ("mean", "max-norm")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainingFreeConfig:
+    """How a model without landmarks picks and sees stored blocks."""
+
+    top_k: int = 8
+    """Blocks retrieved per layer and KV head (0 = sinks + local window only)."""
+    local_blocks: int = 16
+    """Complete blocks kept in the local window (attended directly, never retrieved)."""
+    sink_blocks: int = 1
+    """The stream's first blocks, always attended (attention sinks; 0 = none)."""
+    chunk_len: int = 512
+    """Tokens per forward during prefill; retrieval is chosen once per chunk."""
+    block_key: Literal["mean", "max-norm"] = "mean"
+    """The index key of a block: the mean of its pre-RoPE keys, or its key of largest norm."""
+    search_distance: int | None = None
+    """Queries are rotated by this distance before they score block keys (RoPE scores depend
+    on distance only); None: unrotated, i.e. distance 0 (the block keys carry no position)."""
+
+    def __post_init__(self) -> None:
+        for name in ("top_k", "local_blocks", "sink_blocks"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"TrainingFreeConfig.{name}={v!r} is invalid: must be an int >= 0")
+        if not isinstance(self.chunk_len, int) or isinstance(self.chunk_len, bool) or self.chunk_len < 1:
+            raise ValueError(f"TrainingFreeConfig.chunk_len={self.chunk_len!r} is invalid: must be an int >= 1")
+        if self.block_key not in BLOCK_KEYS:
+            raise ValueError(f"TrainingFreeConfig.block_key={self.block_key!r} is invalid: one of {BLOCK_KEYS}")
+        if self.search_distance is not None and (not isinstance(self.search_distance, int) or self.search_distance < 0):
+            raise ValueError(f"TrainingFreeConfig.search_distance={self.search_distance!r} is invalid: "
+                             f"None or an int >= 0")
+
+    def chunk_for(self, cfg: ModelConfig) -> int:
+        return self.chunk_len
+
+    def span(self, cfg: ModelConfig) -> int:
+        """The most positions one query can see: sinks + retrieved + local + a chunk."""
+        return (self.sink_blocks + self.top_k + self.local_blocks + 1) * cfg.block_len + self.chunk_len
+
+
+def block_keys(k: torch.Tensor, L: int, how: str) -> torch.Tensor:
+    """Index keys of whole blocks. k (N, n_layers, Hkv, L, D) pre-RoPE -> (N, n_layers, Hkv, D)."""
+    if how == "mean":
+        return k.float().mean(dim=3).to(k.dtype)
+    norms = k.float().norm(dim=-1)  # (N, nl, Hkv, L)
+    idx = norms.argmax(dim=-1)  # (N, nl, Hkv)
+    return k.gather(3, idx[..., None, None].expand(*idx.shape, 1, k.shape[-1])).squeeze(3)
+
+
+class TrainingFreeMemory:
+    """Sinks + retrieved blocks + local window for one stream (batch size 1).
+
+    The same roles as `RetrievalMemory`: store (layout matching the model), stream (where
+    completed blocks go with persist=True), read_streams (searched; "own" = [stream], None =
+    every stream), persist=False keeps completed blocks local (questions never write).
+    """
+
+    def __init__(self, cfg: ModelConfig, store, *, stream: str | None,
+                 retrieval: TrainingFreeConfig | None = None, persist: bool = True,
+                 read_streams: Sequence[str] | None | str = "own"):
+        if cfg.landmarks:
+            raise ModelMismatchError("training-free retrieval is for models without landmarks "
+                                     "(attention='causal'); this one is landmark-trained: use RetrievalMemory")
+        lay = store.layout
+        want = (cfg.n_layers, cfg.n_kv_heads, cfg.block_len, cfg.head_dim)
+        have = (lay.n_layers, lay.n_kv_heads, lay.block_len, lay.head_dim)
+        if want != have:
+            raise ModelMismatchError(f"store layout (n_layers, n_kv_heads, block_len, head_dim)={have} does not "
+                                     f"match the model's {want}")
+        if persist and not stream:
+            raise ValueError("persist=True needs a stream name to write blocks to")
+        self.cfg, self.store, self.stream, self.persist = cfg, store, stream, persist
+        self.rc = retrieval or TrainingFreeConfig()
+        self.read_streams = [stream] if read_streams == "own" else read_streams
+        self.L = cfg.block_len
+        self.dtype, self.device = lay.torch_dtype, store.device
+        empty = torch.zeros(1, cfg.n_kv_heads, 0, cfg.head_dim, device=self.device)
+        nl = cfg.n_layers
+        self.local_k, self.local_v = [empty] * nl, [empty] * nl  # (1, Hkv, n_local, D) pre-RoPE
+        self.sink_k, self.sink_v = [empty] * nl, [empty] * nl  # (1, Hkv, S, D) pre-RoPE
+        self.local_ids: list[int | None] = []  # per complete local block: its store id (None: not stored)
+        self.sink_ids: list[int] = []
+        self.local_first_block = 0  # stream block index of the first local block
+        self.n_pos = 0
+        self._pending: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * nl
+        self._blocks: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(nl)]
+        self.stats = RetrievalStats(per_layer_blocks=[0] * nl)
+
+    # -- state ---------------------------------------------------------------------------
+    def resume_from_store(self, stream: str | None = None) -> None:
+        """Continue after `stream`'s (default: the memory's own) last stored block: its first
+        blocks become the sinks, its last `local_blocks` the local window."""
+        stream = stream or self.stream
+        ids = self.store.stream_blocks(stream) if stream else np.empty(0, np.int64)
+        n, sb = len(ids), self.rc.sink_blocks
+        sinks = ids[:min(n, sb)]
+        first_local = max(len(sinks), n - self.rc.local_blocks)
+        local = ids[first_local:]
+        self.n_pos = n * self.L
+        self.local_first_block = first_local
+        self.sink_ids = [int(i) for i in sinks]
+        self.local_ids = [int(i) for i in local]
+        for layer in range(self.cfg.n_layers):
+            for which, part in (("sink", sinks), ("local", local)):
+                if len(part):
+                    k, v = self.store.get_layer(part, layer)  # (m, Hkv, L, D)
+                    k = k.to(self.device).float().permute(1, 0, 2, 3).reshape(1, k.shape[1], -1, k.shape[3])
+                    v = v.to(self.device).float().permute(1, 0, 2, 3).reshape(1, v.shape[1], -1, v.shape[3])
+                    getattr(self, f"{which}_k")[layer], getattr(self, f"{which}_v")[layer] = k, v
+
+    def unfinished_positions(self) -> int:
+        return self.n_pos % self.L
+
+    # -- selection -----------------------------------------------------------------------
+    def select(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Top-k block ids per KV head for the chunk's queries q (1, H, T, D) pre-RoPE:
+        (Hkv, top_k) int64 ascending (stream order), absent (-1) first."""
+        kk, Hkv = self.rc.top_k, self.cfg.n_kv_heads
+        if kk == 0 or len(self.store) == 0:
+            return torch.full((Hkv, kk), -1, dtype=torch.long)
+        _, H, T, D = q.shape
+        qf = q.float()
+        if self.rc.search_distance is not None:
+            cos, sin = rope_cos_sin(torch.tensor([self.rc.search_distance]), D, self.cfg.rope)
+            qf = apply_rope(qf, cos, sin)
+        qs = qf[0].view(Hkv, H // Hkv, T, D).permute(1, 2, 0, 3).reshape(-1, Hkv, D)  # (G*T, Hkv, D)
+        exclude = self.sink_ids + [i for i in self.local_ids if i is not None]
+        ids, scores = self.store.search_max(layer, qs, kk + len(exclude), streams=self.read_streams)
+        self.stats.searches += 1
+        ids, scores = ids.cpu(), scores.float().cpu()
+        return _choose(ids, _without(ids, scores, exclude), kk)[0]
+
+    def _fetch(self, layer: int, sel: torch.Tensor, promote: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of the selected blocks, (1, Hkv, kk*L, D) float32 pre-RoPE, zeros where absent.
+        Blocks of this layer's previous selection are reused, not fetched again."""
+        Hkv, kk = sel.shape
+        k_sel, v_sel, _, n_new = _gather_selected(self.store, layer, sel[None], self.device, promote=promote,
+                                                  cache=self._blocks[layer])  # (1, Hkv, kk, L, D)
+        if n_new:
+            lay = self.store.layout
+            self.stats.blocks_fetched += n_new
+            self.stats.per_layer_blocks[layer] += n_new
+            self.stats.bytes_fetched += n_new * 2 * lay.n_kv_heads * self.L * lay.head_dim * lay.itemsize
+        else:
+            self.stats.reused += 1
+        D = k_sel.shape[-1]
+        return k_sel.reshape(1, Hkv, kk * self.L, D), v_sel.reshape(1, Hkv, kk * self.L, D)
+
+    # -- attention -----------------------------------------------------------------------
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One layer's attention for the chunk. q (1, H, T, D); k, v (1, Hkv, T, D), pre-RoPE.
+        Returns (1, H, T, D) in q's dtype."""
+        if q.shape[0] != 1:
+            raise ValueError(f"retrieval memory works on batch size 1, got {q.shape[0]}")
+        self._pending[layer] = (k, v)
+        _, H, T, D = q.shape
+        Hkv = self.cfg.n_kv_heads
+        sel = self.select(layer, q)  # (Hkv, kk)
+        kk = sel.shape[1]
+        k_ret, v_ret = self._fetch(layer, sel, promote=T > 1)  # a decode step reads through
+        k_loc = torch.cat([self.local_k[layer], k.float()], dim=2)  # (1, Hkv, n_loc, D)
+        v_loc = torch.cat([self.local_v[layer], v.float()], dim=2)
+        S, n_before = self.sink_k[layer].shape[2], self.local_k[layer].shape[2]
+        n_ret, n_loc = kk * self.L, k_loc.shape[2]
+        k_all = torch.cat([self.sink_k[layer], k_ret, k_loc], dim=2)  # (1, Hkv, S + n_ret + n_loc, D)
+        v_all = torch.cat([self.sink_v[layer], v_ret, v_loc], dim=2)
+        pos = torch.arange(k_all.shape[2], device=self.device)
+        cos, sin = rope_cos_sin(pos, D, self.cfg.rope)
+        k_all = apply_rope(k_all, cos, sin)
+        q_first = S + n_ret + n_before
+        q_rot = apply_rope(q.float(), cos[q_first:], sin[q_first:])  # (1, H, T, D)
+        # which keys each query sees: sinks, present retrieved blocks, local keys up to itself
+        present = torch.ones(Hkv, k_all.shape[2], dtype=torch.bool, device=self.device)
+        if n_ret:
+            present[:, S:S + n_ret] = (sel >= 0).repeat_interleave(self.L, dim=1).to(self.device)
+        causal = pos[None, :] <= (q_first + torch.arange(T, device=self.device))[:, None]  # (T, S_all)
+        mask = present[:, None, :] & causal[None]  # (Hkv, T, S_all)
+        G = H // Hkv
+        out = F.scaled_dot_product_attention(
+            q_rot, k_all.repeat_interleave(G, dim=1), v_all.repeat_interleave(G, dim=1),
+            attn_mask=mask.repeat_interleave(G, dim=0)[None])  # (1, H, T, D)
+        return out.to(q.dtype)
+
+    # -- after each forward -------------------------------------------------------------
+    def end_chunk(self) -> int:
+        """Commit the chunk just processed: extend the local window, put completed blocks into
+        the store (persist=True) with their block keys, move the stream's first blocks to the
+        sinks and trim the window to `local_blocks`. Returns the number of blocks put."""
+        if any(p is None for p in self._pending):
+            raise RuntimeError("end_chunk() called before every layer attended this chunk")
+        T = self._pending[0][0].shape[2]
+        nl, L = self.cfg.n_layers, self.L
+        for layer, (k, v) in enumerate(self._pending):
+            self.local_k[layer] = torch.cat([self.local_k[layer], k.detach().to(self.device).float()], dim=2)
+            self.local_v[layer] = torch.cat([self.local_v[layer], v.detach().to(self.device).float()], dim=2)
+        self._pending = [None] * nl
+        self.n_pos += T
+        n_complete = self.local_k[0].shape[2] // L
+        new = n_complete - len(self.local_ids)
+        put = 0
+        if new > 0:
+            s0 = len(self.local_ids) * L
+            if self.persist:
+                K = torch.stack([lk[0, :, s0:s0 + new * L] for lk in self.local_k])  # (nl, Hkv, new*L, D)
+                V = torch.stack([lv[0, :, s0:s0 + new * L] for lv in self.local_v])
+                Hkv, D = K.shape[1], K.shape[3]
+                K = K.view(nl, Hkv, new, L, D).permute(2, 0, 1, 3, 4).to(self.dtype).contiguous()  # (new, nl, Hkv, L, D)
+                V = V.view(nl, Hkv, new, L, D).permute(2, 0, 1, 3, 4).to(self.dtype).contiguous()
+                ids = self.store.put_blocks(self.stream, K, V, block_keys(K, L, self.rc.block_key).contiguous())
+                self.stats.blocks_put += len(ids)
+                self.local_ids.extend(int(i) for i in ids)
+                put = new
+            else:
+                self.local_ids.extend([None] * new)
+        self._trim()
+        return put
+
+    def _trim(self) -> None:
+        """Keep `local_blocks` complete stored blocks (+ the unfinished one); blocks leaving the
+        window that are among the stream's first `sink_blocks` become sinks."""
+        L, drop = self.L, 0
+        while len(self.local_ids) - drop > self.rc.local_blocks and self.local_ids[drop] is not None:
+            drop += 1
+        if not drop:
+            return
+        n_sink = max(0, min(drop, self.rc.sink_blocks - self.local_first_block))
+        for layer in range(self.cfg.n_layers):
+            if n_sink:
+                self.sink_k[layer] = torch.cat([self.sink_k[layer], self.local_k[layer][:, :, :n_sink * L]], dim=2)
+                self.sink_v[layer] = torch.cat([self.sink_v[layer], self.local_v[layer][:, :, :n_sink * L]], dim=2)
+            self.local_k[layer] = self.local_k[layer][:, :, drop * L:]
+            self.local_v[layer] = self.local_v[layer][:, :, drop * L:]
+        self.sink_ids.extend(int(i) for i in self.local_ids[:n_sink])
+        self.local_ids = self.local_ids[drop:]
+        self.local_first_block += drop

@@ -1,0 +1,155 @@
+"""Training-free retrieval (a model without landmarks) through the store: exactness when every
+block is retrieved, sinks and window bookkeeping, resumable ingest, ask writes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.config import ModelConfig
+from engine.inference import GenerateConfig, generate, ingest, make_memory, open_store
+from engine.model import LandmarkTransformer
+from engine.tokenizer import ByteTokenizer
+from engine.training_free import TrainingFreeConfig, TrainingFreeMemory, block_keys
+from memory_store import StoreConfig
+
+L = 8
+
+
+def _model(seed: int = 0) -> LandmarkTransformer:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=260, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64,
+                      max_seq_len=512, block_len=L, attention="causal")
+    return LandmarkTransformer(cfg).eval()
+
+
+def _tokens(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("chunk", [L, 3 * L, 5])
+def test_every_block_retrieved_equals_full_attention(tmp_path, chunk):
+    """No sinks, top_k >= every block that left the window: each query sees every earlier key at
+    its true distance (the present blocks abut the window), so chunked prefill through the store
+    gives the logits of one causal forward over the whole sequence."""
+    m = _model()
+    toks = _tokens(12 * L + 3)
+    rc = TrainingFreeConfig(top_k=16, local_blocks=2, sink_blocks=0, chunk_len=chunk)
+    store = open_store(tmp_path / "s", m.cfg, "a")
+    mem = make_memory(m.cfg, store, stream="doc", retrieval=rc, persist=True)
+    assert isinstance(mem, TrainingFreeMemory)
+    with torch.no_grad():
+        want = m(toks[None])
+        got = []
+        for a in range(0, toks.numel(), chunk):
+            got.append(m(toks[None, a:a + chunk], memory=mem))
+            mem.end_chunk()
+    got = torch.cat(got, dim=1)
+    diff = (got - want).abs()
+    assert diff.max() < 1e-4, f"max {diff.max():.2e} mean {diff.mean():.2e}"
+    assert len(store) == 12 and mem.stats.blocks_fetched > 0
+    store.close()
+
+
+def test_top_k_limits_what_is_seen(tmp_path):
+    """With top_k=1 the far past is mostly out of sight: the logits differ from full attention."""
+    m = _model()
+    toks = _tokens(12 * L)
+    store = open_store(tmp_path / "s", m.cfg, "a")
+    mem = make_memory(m.cfg, store, stream="doc", persist=True,
+                      retrieval=TrainingFreeConfig(top_k=1, local_blocks=1, sink_blocks=0, chunk_len=L))
+    with torch.no_grad():
+        want = m(toks[None])
+        got = []
+        for a in range(0, toks.numel(), L):
+            got.append(m(toks[None, a:a + L], memory=mem))
+            mem.end_chunk()
+    assert (torch.cat(got, 1) - want)[:, 4 * L:].abs().max() > 1e-3
+    store.close()
+
+
+def test_sinks_are_the_streams_first_blocks_and_survive_reopen(tmp_path):
+    m = _model()
+    tok = ByteTokenizer()
+    rc = TrainingFreeConfig(top_k=2, local_blocks=2, sink_blocks=2, chunk_len=L)
+    store = open_store(tmp_path / "s", m.cfg, "a")
+    ingest(m, store, "doc", _tokens(10 * L + 5), retrieval=rc, tokenizer=tok)
+    ids = store.stream_blocks("doc")
+    assert len(ids) == 10
+    k0, _ = store.get_layer(ids[:2], 0)
+    store.close()
+    store = open_store(tmp_path / "s", m.cfg, "r")
+    mem = TrainingFreeMemory(m.cfg, store, stream=None, retrieval=rc, persist=False, read_streams=["doc"])
+    mem.resume_from_store("doc")
+    assert mem.sink_ids == [int(i) for i in ids[:2]] and mem.local_ids == [int(i) for i in ids[-2:]]
+    sink = mem.sink_k[0][0].view(m.cfg.n_kv_heads, 2, L, -1).transpose(0, 1)  # (2, Hkv, L, D)
+    assert torch.equal(sink, k0.float())
+    # the sinks and the local window are never among the retrieved
+    with torch.no_grad():
+        m(_tokens(2 * L, seed=5)[None], memory=mem)
+    sel = mem.select(0, torch.randn(1, 4, 3, m.cfg.head_dim))
+    chosen = set(sel[sel >= 0].tolist())
+    assert chosen and not chosen & (set(mem.sink_ids) | {i for i in mem.local_ids if i is not None})
+    store.close()
+
+
+def test_resumed_ingest_stores_what_one_ingest_stores(tmp_path):
+    m = _model()
+    toks = _tokens(9 * L + 3)
+    rc = TrainingFreeConfig(top_k=2, local_blocks=1, sink_blocks=1, chunk_len=2 * L)
+    a = open_store(tmp_path / "a", m.cfg, "a")
+    ingest(m, a, "doc", toks, source="f", retrieval=rc)
+    b = open_store(tmp_path / "b", m.cfg, "a")
+    ingest(m, b, "doc", toks[:4 * L + 2], source="f", retrieval=rc)
+    b.close()
+    b = open_store(tmp_path / "b", m.cfg, "a")
+    r = ingest(m, b, "doc", toks, source="f", retrieval=rc)
+    assert r.skipped == 4 * L + 2
+    ia, ib = a.stream_blocks("doc"), b.stream_blocks("doc")
+    assert len(ia) == len(ib) == 9
+    for layer in range(m.cfg.n_layers):
+        ka, va = a.get_layer(ia, layer)
+        kb, vb = b.get_layer(ib, layer)
+        assert (ka - kb).abs().max() < 1e-5 and (va - vb).abs().max() < 1e-5
+    assert a.get_stream_meta("doc")["tail"] == b.get_stream_meta("doc")["tail"] == toks[-3:].tolist()
+    a.close()
+    b.close()
+
+
+def test_generate_reads_only_and_stops(tmp_path):
+    m = _model()
+    store = open_store(tmp_path / "s", m.cfg, "a")
+    ingest(m, store, "doc", _tokens(6 * L))
+    n = len(store)
+    out = list(generate(m, store, _tokens(5, seed=3), streams=["doc"], gen=GenerateConfig(max_new_tokens=7)))
+    assert len(out) == 7 and all(0 <= t < 256 for t in out)
+    assert len(store) == n
+    store.close()
+
+
+def test_block_keys_and_config_errors():
+    k = torch.randn(3, 2, 2, L, 4)  # (N, layers, Hkv, L, D)
+    assert torch.allclose(block_keys(k, L, "mean"), k.mean(3))
+    mx = block_keys(k, L, "max-norm")
+    idx = k.norm(dim=-1).argmax(-1)
+    assert torch.equal(mx[1, 0, 1], k[1, 0, 1, idx[1, 0, 1]])
+    with pytest.raises(ValueError, match="block_key"):
+        TrainingFreeConfig(block_key="first")
+    with pytest.raises(ValueError, match="top_k"):
+        TrainingFreeConfig(top_k=-1)
+
+
+def test_landmark_and_causal_models_do_not_share_stores_or_configs(tmp_path):
+    from engine.config import preset
+    from engine.retrieval import RetrievalConfig
+    from memory_store.errors import LayoutMismatchError
+
+    causal = _model()
+    store = open_store(tmp_path / "s", causal.cfg, "a")
+    with pytest.raises(ValueError, match="TrainingFreeConfig"):
+        ingest(causal, store, "doc", _tokens(20), retrieval=RetrievalConfig())
+    ingest(causal, store, "doc", _tokens(20))
+    store.close()
+    lm_cfg = preset("tiny", block_len=L, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2)
+    with pytest.raises(LayoutMismatchError):
+        open_store(tmp_path / "s", lm_cfg, "r", config=StoreConfig())
