@@ -193,13 +193,15 @@ class TrainingFreeMemory:
         self._pending[layer] = (k, v)
         _, H, T, D = q.shape
         Hkv = self.cfg.n_kv_heads
-        sel = self.select(layer, q)  # (Hkv, kk)
-        kk = sel.shape[1]
+        sel = self.select(layer, q)  # (Hkv, kk), absent (-1) first
+        # leading slots no head fills are dropped: the present blocks keep abutting the window
+        kk = int((sel >= 0).sum(-1).max()) if sel.numel() else 0
+        sel = sel[:, sel.shape[1] - kk:]
         k_ret, v_ret = self._fetch(layer, sel, promote=T > 1)  # a decode step reads through
         k_loc = torch.cat([self.local_k[layer], k.float()], dim=2)  # (1, Hkv, n_loc, D)
         v_loc = torch.cat([self.local_v[layer], v.float()], dim=2)
         S, n_before = self.sink_k[layer].shape[2], self.local_k[layer].shape[2]
-        n_ret, n_loc = kk * self.L, k_loc.shape[2]
+        n_ret = kk * self.L
         k_all = torch.cat([self.sink_k[layer], k_ret, k_loc], dim=2)  # (1, Hkv, S + n_ret + n_loc, D)
         v_all = torch.cat([self.sink_v[layer], v_ret, v_loc], dim=2)
         pos = torch.arange(k_all.shape[2], device=self.device)
@@ -208,15 +210,16 @@ class TrainingFreeMemory:
         q_first = S + n_ret + n_before
         q_rot = apply_rope(q.float(), cos[q_first:], sin[q_first:])  # (1, H, T, D)
         # which keys each query sees: sinks, present retrieved blocks, local keys up to itself
-        present = torch.ones(Hkv, k_all.shape[2], dtype=torch.bool, device=self.device)
-        if n_ret:
+        mask = None
+        if T > 1:
+            mask = (pos[None, :] <= (q_first + torch.arange(T, device=self.device))[:, None])[None, None]  # (1, 1, T, S_all)
+        if bool((sel < 0).any()):  # some head has fewer blocks: a mask per head
+            present = torch.ones(Hkv, k_all.shape[2], dtype=torch.bool, device=self.device)
             present[:, S:S + n_ret] = (sel >= 0).repeat_interleave(self.L, dim=1).to(self.device)
-        causal = pos[None, :] <= (q_first + torch.arange(T, device=self.device))[:, None]  # (T, S_all)
-        mask = present[:, None, :] & causal[None]  # (Hkv, T, S_all)
-        G = H // Hkv
-        out = F.scaled_dot_product_attention(
-            q_rot, k_all.repeat_interleave(G, dim=1), v_all.repeat_interleave(G, dim=1),
-            attn_mask=mask.repeat_interleave(G, dim=0)[None])  # (1, H, T, D)
+            per_head = present.repeat_interleave(H // Hkv, dim=0)[None, :, None, :]  # (1, H, 1, S_all)
+            mask = per_head if mask is None else per_head & mask
+        # grouped-query attention without copying keys per query head
+        out = F.scaled_dot_product_attention(q_rot, k_all, v_all, attn_mask=mask, enable_gqa=True)  # (1, H, T, D)
         return out.to(q.dtype)
 
     # -- after each forward -------------------------------------------------------------

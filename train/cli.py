@@ -129,19 +129,44 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write a trained model as model.safetensors + config.json",
-                       description="Export the newest complete checkpoint of a run (or the given step folder).")
-    p.add_argument("checkpoint", help="a run's output directory, its checkpoints/ folder, or a step folder")
-    p.add_argument("--out", required=True, help="directory to write model.safetensors + config.json into")
+    p = sub.add_parser("export", help="write a trained or imported model as a Folio or Hugging Face directory",
+                       description="Export the newest complete checkpoint of a run (or the given step folder), "
+                                   "or a Folio model directory. --format hf writes config.json + "
+                                   "model.safetensors + tokenizer files that transformers loads (models with "
+                                   "their checkpoint's own tokenizer: imported ones).")
+    p.add_argument("checkpoint", help="a run's output directory, its checkpoints/ folder, a step folder, "
+                                      "or a Folio model directory")
+    p.add_argument("--out", required=True, help="directory to write into")
+    p.add_argument("--format", choices=("folio", "hf"), default="folio",
+                   help="folio (model.safetensors + config.json, default) or hf (Hugging Face)")
     p.set_defaults(func=_cmd_export)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from engine.checkpoint import load_model
+    from engine.convert import export_hf
+    from engine.tokenizer import HFTokenizer, load_tokenizer
     from train.checkpoint import export_from_checkpoint, find_checkpoint
 
-    src = find_checkpoint(args.checkpoint)
-    out = export_from_checkpoint(src, args.out)
-    print(f"exported {src} -> {out}")
+    src = Path(args.checkpoint)
+    is_model_dir = (src / "config.json").is_file() and (src / "model.safetensors").is_file() \
+        and not (src / "folio_meta.json").is_file()
+    if args.format == "folio":
+        out = export_from_checkpoint(find_checkpoint(src), args.out)
+        print(f"exported {src} -> {out}")
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = src if is_model_dir else export_from_checkpoint(find_checkpoint(src), tmp)
+        model = load_model(model_dir)
+        tok = load_tokenizer(src if is_model_dir else model_dir, model_vocab=model.cfg.vocab_size - 1)
+        if not isinstance(tok, HFTokenizer):
+            raise ValueError(f"{src}: --format hf needs a model with its checkpoint's own tokenizer "
+                             f"(tokenizer.json, as `folio import` writes); Folio's byte-level models have none")
+        out = export_hf(model, tok, args.out)
+    print(f"exported {src} -> {out} (Hugging Face format)")
     return 0
 
 

@@ -8,6 +8,7 @@ a test dependency only.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,3 +171,35 @@ def test_unsupported_fields_are_named(tmp_path):
     (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"\x80\x04not read")
     with pytest.raises(UnsupportedCheckpointError, match="never unpickles"):
         import_checkpoint(tmp_path / "pickled")
+
+
+SMOLLM2 = Path(__file__).resolve().parents[2] / ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+PROSE = ("Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who, for his own amusement, "
+         "never took up any book but the Baronetage; there he found occupation for an idle hour, and "
+         "consolation in a distressed one.")
+
+
+@pytest.mark.skipif(not SMOLLM2.is_file(), reason="SmolLM2 not fetched (make model)")
+def test_smollm2_logits_equal_transformers_and_decode_incrementally():
+    """The real model: Folio's import of the GGUF file against transformers' Llama built from the
+    same dequantized weights (engine.gguf_import's own test checks those equal transformers'
+    GGUF loader), on real prose, and incremental decoding against one forward."""
+    from engine.gguf_import import read_gguf
+
+    model, tok = import_checkpoint(SMOLLM2)
+    ck = read_gguf(SMOLLM2)
+    ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(**ck.config)).eval()
+    missing, unexpected = ref.load_state_dict(ck.state_dict, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    ref.tie_weights()
+    ids = torch.tensor([tok.encode(PROSE)])
+    with torch.no_grad():
+        want = ref(ids).logits
+        got = model(ids)
+        cache = model.new_cache(1, ids.shape[1])
+        inc = torch.cat([model(ids[:, :20], cache=cache)] +
+                        [model(ids[:, t:t + 1], cache=cache) for t in range(20, ids.shape[1])], dim=1)
+    diff = (got[..., :-1] - want).abs()
+    assert diff.max() < 1e-4, f"max {diff.max():.2e} mean {diff.mean():.2e}"
+    assert (inc - got).abs().max() < 1e-4
+    assert model.cfg.n_layers == 30 and model.cfg.vocab_size == 49153 and tok.chat_parts() is not None
