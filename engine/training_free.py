@@ -76,6 +76,17 @@ class TrainingFreeConfig:
         return (self.sink_blocks + self.top_k + self.local_blocks + 1) * cfg.block_len + self.chunk_len
 
 
+@dataclass(slots=True)
+class _Rotated:
+    """One layer's attended keys (rotated) and values with room to append, and what they hold."""
+
+    k: torch.Tensor  # (1, Hkv, cap, D)
+    v: torch.Tensor  # (1, Hkv, cap, D)
+    n: int  # filled positions
+    key: tuple  # (sink positions, first local block, selection shape): the layout of the positions
+    sel: torch.Tensor  # (Hkv, kk) the blocks in the retrieved part
+
+
 def block_keys(k: torch.Tensor, L: int, how: str) -> torch.Tensor:
     """Index keys of whole blocks. k (N, n_layers, Hkv, L, D) pre-RoPE -> (N, n_layers, Hkv, D)."""
     if how == "mean":
@@ -122,6 +133,7 @@ class TrainingFreeMemory:
         self.n_pos = 0
         self._pending: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * nl
         self._blocks: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(nl)]
+        self._rot: list[_Rotated | None] = [None] * nl
         self.stats = RetrievalStats(per_layer_blocks=[0] * nl)
 
     # -- state ---------------------------------------------------------------------------
@@ -185,6 +197,37 @@ class TrainingFreeMemory:
         return k_sel.reshape(1, Hkv, kk * self.L, D), v_sel.reshape(1, Hkv, kk * self.L, D)
 
     # -- attention -----------------------------------------------------------------------
+    def _rotated_keys(self, layer: int, sel: torch.Tensor, S: int, n_prefix: int, T: int) -> "_Rotated":
+        """This layer's rotated keys and values of [sinks | selected blocks | local window]
+        (positions 0..n_prefix-1), with room for T more. Decode steps that keep the selection
+        reuse the previous step's buffer (its new entries are the local window's now) instead of
+        fetching and rotating every key again; anything else rebuilds it."""
+        key = (S, self.local_first_block, tuple(sel.shape))
+        buf = self._rot[layer]
+        Hkv, D = self.cfg.n_kv_heads, self.cfg.head_dim
+        n_ret = sel.shape[1] * self.L
+        if buf is not None and buf.key == key and buf.n == n_prefix and buf.k.shape[2] >= n_prefix + T:
+            if torch.equal(buf.sel, sel):
+                self.stats.reused += 1
+                return buf
+            # a step that changed the blocks: only the retrieved part is fetched and rotated again
+            k_ret, v_ret = self._fetch(layer, sel, promote=T > 1)
+            cos, sin = rope_cos_sin(torch.arange(S, S + n_ret, device=self.device), D, self.cfg.rope)
+            buf.k[:, :, S:S + n_ret] = apply_rope(k_ret, cos, sin)
+            buf.v[:, :, S:S + n_ret] = v_ret
+            buf.sel = sel.clone()
+            return buf
+        k_ret, v_ret = self._fetch(layer, sel, promote=T > 1)  # a decode step reads through
+        cap = n_prefix + T + (self.L if T == 1 else 0)  # decode: room for a block of steps
+        k_buf = torch.empty(1, Hkv, cap, D, device=self.device)
+        v_buf = torch.empty(1, Hkv, cap, D, device=self.device)
+        cos, sin = rope_cos_sin(torch.arange(n_prefix, device=self.device), D, self.cfg.rope)
+        k_buf[:, :, :n_prefix] = apply_rope(torch.cat([self.sink_k[layer], k_ret, self.local_k[layer]], dim=2), cos, sin)
+        v_buf[:, :, :n_prefix] = torch.cat([self.sink_v[layer], v_ret, self.local_v[layer]], dim=2)
+        buf = _Rotated(k_buf, v_buf, n_prefix, key, sel.clone())
+        self._rot[layer] = buf
+        return buf
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One layer's attention for the chunk. q (1, H, T, D); k, v (1, Hkv, T, D), pre-RoPE.
         Returns (1, H, T, D) in q's dtype."""
@@ -197,18 +240,17 @@ class TrainingFreeMemory:
         # leading slots no head fills are dropped: the present blocks keep abutting the window
         kk = int((sel >= 0).sum(-1).max()) if sel.numel() else 0
         sel = sel[:, sel.shape[1] - kk:]
-        k_ret, v_ret = self._fetch(layer, sel, promote=T > 1)  # a decode step reads through
-        k_loc = torch.cat([self.local_k[layer], k.float()], dim=2)  # (1, Hkv, n_loc, D)
-        v_loc = torch.cat([self.local_v[layer], v.float()], dim=2)
         S, n_before = self.sink_k[layer].shape[2], self.local_k[layer].shape[2]
         n_ret = kk * self.L
-        k_all = torch.cat([self.sink_k[layer], k_ret, k_loc], dim=2)  # (1, Hkv, S + n_ret + n_loc, D)
-        v_all = torch.cat([self.sink_v[layer], v_ret, v_loc], dim=2)
-        pos = torch.arange(k_all.shape[2], device=self.device)
-        cos, sin = rope_cos_sin(pos, D, self.cfg.rope)
-        k_all = apply_rope(k_all, cos, sin)
         q_first = S + n_ret + n_before
-        q_rot = apply_rope(q.float(), cos[q_first:], sin[q_first:])  # (1, H, T, D)
+        buf = self._rotated_keys(layer, sel, S, q_first, T)  # [sinks | retrieved | local], rotated
+        cos, sin = rope_cos_sin(torch.arange(q_first, q_first + T, device=self.device), D, self.cfg.rope)
+        buf.k[:, :, q_first:q_first + T] = apply_rope(k.float(), cos, sin)
+        buf.v[:, :, q_first:q_first + T] = v.float()
+        buf.n = q_first + T
+        k_all, v_all = buf.k[:, :, :buf.n], buf.v[:, :, :buf.n]  # (1, Hkv, S + n_ret + n_loc, D)
+        q_rot = apply_rope(q.float(), cos, sin)  # (1, H, T, D)
+        pos = torch.arange(buf.n, device=self.device)
         # which keys each query sees: sinks, present retrieved blocks, local keys up to itself
         mask = None
         if T > 1:

@@ -153,3 +153,28 @@ def test_landmark_and_causal_models_do_not_share_stores_or_configs(tmp_path):
     lm_cfg = preset("tiny", block_len=L, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2)
     with pytest.raises(LayoutMismatchError):
         open_store(tmp_path / "s", lm_cfg, "r", config=StoreConfig())
+
+
+def test_decode_steps_reuse_rotated_keys_and_stay_exact(tmp_path):
+    """One-token steps after a chunked prefill (the decode path: its rotated-key buffer is reused
+    and appended to, refreshed when the selection changes, rebuilt when the window slides) give
+    the logits of one full forward when every block is retrieved."""
+    m = _model()
+    toks = _tokens(7 * L + 2 + 3 * L)
+    n_prefill = 7 * L + 2
+    rc = TrainingFreeConfig(top_k=16, local_blocks=2, sink_blocks=0, chunk_len=2 * L)
+    store = open_store(tmp_path / "s", m.cfg, "a")
+    mem = make_memory(m.cfg, store, stream="doc", retrieval=rc, persist=True)
+    with torch.no_grad():
+        want = m(toks[None])
+        got = []
+        for a in range(0, n_prefill, 2 * L):
+            got.append(m(toks[None, a:min(a + 2 * L, n_prefill)], memory=mem))
+            mem.end_chunk()
+        for t in range(n_prefill, toks.numel()):
+            got.append(m(toks[None, t:t + 1], memory=mem))
+            mem.end_chunk()
+    diff = (torch.cat(got, 1) - want).abs()
+    assert diff.max() < 1e-4, f"max {diff.max():.2e}"
+    assert mem.stats.reused > 0  # some steps kept their buffer
+    store.close()
