@@ -178,6 +178,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                    help="longest passkey document in tokens (default 1048576 = 2048x the "
                         "512-position window; 0 skips the evaluation)")
     p.add_argument("--trials", type=int, default=1, help="passkey trials per length and depth")
+    p.add_argument("--no-real", action="store_true",
+                   help="skip the real-model part (SmolLM2: ingest a real document, ask it, needle table)")
     p.set_defaults(func=_cmd_demo)
 
 
@@ -209,7 +211,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     lengths = tuple(n for n in DEMO_LENGTHS if n <= top)
     if top and top not in lengths:
         lengths += (top,)
-    run_demo(out_dir=args.out, steps=args.steps, lengths=lengths, trials=args.trials)
+    run_demo(out_dir=args.out, steps=args.steps, lengths=lengths, trials=args.trials, real=not args.no_real)
     return 0
 
 
