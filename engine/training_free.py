@@ -51,6 +51,10 @@ class TrainingFreeConfig:
     """Tokens per forward during prefill; retrieval is chosen once per chunk."""
     block_key: Literal["mean", "max-norm"] = "mean"
     """The index key of a block: the mean of its pre-RoPE keys, or its key of largest norm."""
+    decode_reselect: int = 16
+    """Decode steps (one token each) between two block selections of a layer: the blocks the
+    prompt's chunk chose serve the next steps, until this many steps passed or the local window
+    slid (1 = a new search every step). Chunks (prefill) always select anew."""
     search_distance: int | None = None
     """Queries are rotated by this distance before they score block keys (RoPE scores depend
     on distance only); None: unrotated, i.e. distance 0 (the block keys carry no position)."""
@@ -60,6 +64,9 @@ class TrainingFreeConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"TrainingFreeConfig.{name}={v!r} is invalid: must be an int >= 0")
+        if not isinstance(self.decode_reselect, int) or isinstance(self.decode_reselect, bool) or self.decode_reselect < 1:
+            raise ValueError(f"TrainingFreeConfig.decode_reselect={self.decode_reselect!r} is invalid: "
+                             f"must be an int >= 1 (steps)")
         if not isinstance(self.chunk_len, int) or isinstance(self.chunk_len, bool) or self.chunk_len < 1:
             raise ValueError(f"TrainingFreeConfig.chunk_len={self.chunk_len!r} is invalid: must be an int >= 1")
         if self.block_key not in BLOCK_KEYS:
@@ -134,6 +141,7 @@ class TrainingFreeMemory:
         self._pending: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * nl
         self._blocks: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(nl)]
         self._rot: list[_Rotated | None] = [None] * nl
+        self._steps = [0] * nl  # per layer, decode steps served by its current selection
         self.stats = RetrievalStats(per_layer_blocks=[0] * nl)
 
     # -- state ---------------------------------------------------------------------------
@@ -236,12 +244,19 @@ class TrainingFreeMemory:
         self._pending[layer] = (k, v)
         _, H, T, D = q.shape
         Hkv = self.cfg.n_kv_heads
-        sel = self.select(layer, q)  # (Hkv, kk), absent (-1) first
-        # leading slots no head fills are dropped: the present blocks keep abutting the window
-        kk = int((sel >= 0).sum(-1).max()) if sel.numel() else 0
-        sel = sel[:, sel.shape[1] - kk:]
         S, n_before = self.sink_k[layer].shape[2], self.local_k[layer].shape[2]
-        n_ret = kk * self.L
+        prev = self._rot[layer]
+        if (T == 1 and prev is not None and self._steps[layer] < self.rc.decode_reselect
+                and prev.key[:2] == (S, self.local_first_block) and prev.n == S + prev.sel.shape[1] * self.L + n_before):
+            sel = prev.sel  # a decode step keeps the layer's last selection (see decode_reselect)
+            self._steps[layer] += 1
+        else:
+            sel = self.select(layer, q)  # (Hkv, kk), absent (-1) first
+            # leading slots no head fills are dropped: the present blocks keep abutting the window
+            kk = int((sel >= 0).sum(-1).max()) if sel.numel() else 0
+            sel = sel[:, sel.shape[1] - kk:]
+            self._steps[layer] = 1
+        n_ret = sel.shape[1] * self.L
         q_first = S + n_ret + n_before
         buf = self._rotated_keys(layer, sel, S, q_first, T)  # [sinks | retrieved | local], rotated
         cos, sin = rope_cos_sin(torch.arange(q_first, q_first + T, device=self.device), D, self.cfg.rope)

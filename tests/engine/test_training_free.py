@@ -177,4 +177,26 @@ def test_decode_steps_reuse_rotated_keys_and_stay_exact(tmp_path):
     diff = (torch.cat(got, 1) - want).abs()
     assert diff.max() < 1e-4, f"max {diff.max():.2e}"
     assert mem.stats.reused > 0  # some steps kept their buffer
+    steps = toks.numel() - n_prefill
+    assert mem.stats.searches < (steps + 4) * m.cfg.n_layers  # decode steps kept selections (decode_reselect)
+    store.close()
+
+
+def test_decode_reselect_every_step_searches_every_step(tmp_path):
+    m = _model()
+    store = open_store(tmp_path / "s", m.cfg, "a")
+    ingest(m, store, "doc", _tokens(6 * L))
+    rc = TrainingFreeConfig(top_k=2, local_blocks=1, decode_reselect=1)
+    mem = TrainingFreeMemory(m.cfg, store, stream=None, retrieval=rc, persist=False, read_streams=["doc"])
+    mem.resume_from_store("doc")
+    with torch.no_grad():
+        m(_tokens(3)[None], memory=mem)
+        mem.end_chunk()
+        before = mem.stats.searches
+        for t in _tokens(5, seed=9).tolist():
+            m(torch.tensor([[t]]), memory=mem)
+            mem.end_chunk()
+    assert mem.stats.searches - before == 5 * m.cfg.n_layers
+    with pytest.raises(ValueError, match="decode_reselect"):
+        TrainingFreeConfig(decode_reselect=0)
     store.close()
