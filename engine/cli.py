@@ -16,6 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from engine.eval_cli import add_eval_commands
+
 
 def load_model_arg(spec: str):
     """(model, tokenizer) from --model: a Folio model directory, a Hugging Face checkpoint
@@ -122,6 +124,9 @@ def add_engine_commands(sub: "argparse._SubParsersAction") -> None:
                         "which a later `folio ask` closes with the question)")
     p.add_argument("--stream", help="stream name (default: the file's name)")
     p.add_argument("files", nargs="+", help="text files")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="when another process is writing to the store, wait up to this long for it "
+                        "(default 0: refuse at once, naming the writer)")
     p.add_argument("--flush-interval", type=float, default=5.0,
                    help="seconds between durable commits (a crash loses at most about this much; default 5)")
     p.add_argument("--no-progress", action="store_true")
@@ -143,6 +148,7 @@ def add_engine_commands(sub: "argparse._SubParsersAction") -> None:
 
     ev = sub.add_parser("eval", help="evaluations")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
+    add_eval_commands(ev_sub)
     p = ev_sub.add_parser("passkey", help="passkey retrieval accuracy per length and depth")
     p.add_argument("--model", required=True)
     p.add_argument("--lengths", default="512,2k,8k", help="comma list, e.g. 512,4k,32k,1M")
@@ -182,7 +188,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     model, tok = load_model_arg(args.model)
     rc = _retrieval_config(args, model.cfg)
     chat = not args.raw and tok.chat_parts() is not None
-    store = open_store(args.store, model.cfg, "a", config=_store_config(args))
+    store = open_store(args.store, model.cfg, "a", config=_store_config(args), wait_s=args.wait)
     try:
         for f in args.files:
             path = Path(f)

@@ -64,11 +64,12 @@ def store_layout_for(cfg: ModelConfig):
                        head_dim=cfg.head_dim, dtype=cfg.dtype, fingerprint=cfg.fingerprint())
 
 
-def open_store(where, cfg: ModelConfig, mode: str = "a", config=None):
-    """Open (or create) a store for this model; refuses a store of another model."""
+def open_store(where, cfg: ModelConfig, mode: str = "a", config=None, wait_s: float = 0.0):
+    """Open (or create) a store for this model; refuses a store of another model, and (writing)
+    a store another process is writing to, after waiting up to wait_s seconds for it."""
     from memory_store import TieredStore
 
-    return TieredStore.open(where, mode, layout=store_layout_for(cfg), config=config)
+    return TieredStore.open(where, mode, layout=store_layout_for(cfg), config=config, wait_s=wait_s)
 
 
 @dataclass(slots=True)

@@ -2,24 +2,25 @@
 
 Knows nothing of models. Entry points: `TieredStore.open(where, mode, layout=..., config=...)`,
 `StoreLayout`, `StoreConfig`, the tiers (`DeviceTier`, `HostTier`, `DiskTier`), `LRUPolicy`,
-`LandmarkIndex`, and the error hierarchy in `memory_store.errors`.
+`LandmarkIndex`, `WriterLock` (one writer per store), and the error hierarchy in `memory_store.errors`.
 """
 
 from .disk import CommitRecord, DiskTier
 from .errors import (BudgetError, ClosedError, CorruptBlockError, FormatVersionError, InvalidArgumentError,
                      LandmarkIndexError, LayoutMismatchError, ReadOnlyError, ShapeError, StoreError,
-                     StoreNotFoundError, UnknownBlockError, UnknownStreamError)
+                     StoreLockedError, StoreNotFoundError, UnknownBlockError, UnknownStreamError)
 from .eviction import EvictionPolicy, LRUPolicy
 from .index import LandmarkIndex
 from .layout import StoreLayout
 from .store import Block, StoreConfig, TieredStore
 from .tiers import DeviceTier, HostTier, MemoryTier, Tier
+from .writer_lock import NoWriterLockWarning, WriterLock
 
 __all__ = [
     "TieredStore", "StoreConfig", "StoreLayout", "Block", "LandmarkIndex",
     "Tier", "MemoryTier", "DeviceTier", "HostTier", "DiskTier", "CommitRecord",
-    "EvictionPolicy", "LRUPolicy",
+    "EvictionPolicy", "LRUPolicy", "WriterLock", "NoWriterLockWarning",
     "StoreError", "StoreNotFoundError", "LayoutMismatchError", "FormatVersionError", "ReadOnlyError", "ClosedError",
-    "UnknownBlockError", "UnknownStreamError", "CorruptBlockError", "InvalidArgumentError", "ShapeError",
-    "BudgetError", "LandmarkIndexError",
+    "StoreLockedError", "UnknownBlockError", "UnknownStreamError", "CorruptBlockError", "InvalidArgumentError",
+    "ShapeError", "BudgetError", "LandmarkIndexError",
 ]

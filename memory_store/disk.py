@@ -20,6 +20,7 @@ On-disk layout (a plain zarr v3 group that zarr-python opens and reads on its ow
     block_ordinal/          (capacity,) int64: ordinal of each row within its stream
     commit.json             the commit record (below)
     index/g<generation>/    the saved landmark index (derived; see store.py)
+    writer.lock             the writer lock (local stores; see writer_lock.py), not a zarr key
 
 Row r of every array is block id r: ids are never reused, so a row once written is
 never rewritten while it is visible. Every array uses the bytes codec followed by
@@ -47,6 +48,15 @@ this tier therefore fsyncs itself: one `syncfs(2)` of the file system when libc
 has it (one call instead of one fsync per chunk and directory), else an fsync of
 every file written and of every directory above it.
 
+One writer. Opening for writing (mode "a" or "w") takes the store's WriterLock before
+anything in it is read or written (a missing directory is created with the lock file and
+nothing else), and close() releases it; a second writer is refused at open with
+StoreLockedError. Readers never take it. Mode "w" clears the directory around the lock
+file (zarr's own "w" would delete the locked file with the rest), commit.json first, so
+an interrupted clear reads as an interrupted creation. A store that is not a local
+directory has no lock: it opens with a NoWriterLockWarning, one writer being the caller's
+job (an object store has no lock primitive that a killed writer releases).
+
 Fast paths. zarr's own indexing reads 256 random chunks at ~0.04x a numpy memmap
 here (per-chunk Python overhead in the codec pipeline), so chunk bytes are read and
 written directly: for a local directory with `preadv`/`pwritev` on open shard files
@@ -64,8 +74,10 @@ import asyncio
 import ctypes
 import json
 import os
+import shutil
 import threading
 import uuid
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -87,6 +99,7 @@ from .errors import (ClosedError, CorruptBlockError, FormatVersionError, LayoutM
 from .layout import StoreLayout
 from .shards import CRC_BYTES, ShardSet, check_crc
 from .tiers import Entry, Key, Tier
+from .writer_lock import LOCK_NAME, NoWriterLockWarning, WriterLock, check_wait_s
 
 __all__ = ["DiskTier", "CommitRecord", "StreamRecord", "FORMAT_NAME", "FORMAT_VERSION", "COMMIT_KEY"]
 
@@ -223,7 +236,8 @@ class DiskTier(Tier):
     name = "disk"
 
     def __init__(self, store: Store, group: zarr.Group, layout: StoreLayout, *, read_only: bool,
-                 sync_mode: str = "auto", where: str = "", record: CommitRecord | None = None) -> None:
+                 sync_mode: str = "auto", where: str = "", record: CommitRecord | None = None,
+                 writer_lock: WriterLock | None = None) -> None:
         if sync_mode not in ("auto", "syncfs", "fsync", "none"):
             raise ValueError(f"DiskTier sync_mode={sync_mode!r}: expected 'auto', 'syncfs', 'fsync' or 'none'")
         if sync_mode == "auto":
@@ -236,6 +250,7 @@ class DiskTier(Tier):
         self.where = where or str(store)
         self.sync_mode = sync_mode
         self._read_only = read_only
+        self._writer_lock = writer_lock  # released by close() (or when this tier is collected)
         self._root: str | None = str(store.root) if isinstance(store, LocalStore) else None
         self._arrays = {name: group[name] for name in _DATA_ARRAYS}
         # a writer killed inside ensure_capacity leaves some arrays grown and others not:
@@ -266,26 +281,52 @@ class DiskTier(Tier):
     # -- opening ------------------------------------------------------------------
     @classmethod
     def open(cls, where: str | os.PathLike | Store, mode: str = "a", *, layout: StoreLayout | None = None,
-             sync_mode: str = "auto", shard_rows: int | None = ROWS_PER_SHARD) -> tuple[DiskTier, CommitRecord]:
+             sync_mode: str = "auto", shard_rows: int | None = ROWS_PER_SHARD,
+             wait_s: float = 0.0) -> tuple[DiskTier, CommitRecord]:
         """Open or create the group; returns the tier and the current commit record.
 
         mode "r": must exist; "a": open, or create when missing (layout required); "w": create, replacing
         anything there. A stored layout other than `layout` raises LayoutMismatchError naming both.
         shard_rows (creation of a local store only): rows per shard file, or None for one file per
         chunk (format 3's layout; slower to write, see shards.py).
+        Modes "a" and "w" take the writer lock first, waiting up to `wait_s` seconds for another
+        writer: StoreLockedError (naming the holder) when it is still held, ReadOnlyError when the
+        directory cannot be written. A non-local store opens without a lock (NoWriterLockWarning).
         """
         check_shard_rows(shard_rows)
         if mode not in ("r", "a", "w"):
             raise ValueError(f"store mode={mode!r}: expected 'r', 'a' or 'w'")
+        wait_s = check_wait_s(wait_s)
         read_only = mode == "r"
         if isinstance(where, Store):
             store, label = where, str(where)
+            root = str(where.root) if isinstance(where, LocalStore) else None
         else:
             path = Path(where)
-            label = str(path)
+            label, root = str(path), str(path)
             if read_only and not (path / "zarr.json").exists():
                 raise StoreNotFoundError(f"no Folio store at {label} (no zarr.json)")
             store = LocalStore(path, read_only=read_only)
+        lock = None
+        if not read_only:
+            if root is not None:
+                lock = WriterLock.acquire(root, wait_s)  # before anything in the store is read or written
+            else:
+                warnings.warn(NoWriterLockWarning(
+                    f"{label} is not a local directory, so no writer lock is taken: nothing stops a second "
+                    f"writer from opening it at the same time and losing blocks; keep to one writer"),
+                    stacklevel=3)
+        try:
+            return cls._open_locked(store, label, mode, layout, sync_mode, shard_rows, lock)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+
+    @classmethod
+    def _open_locked(cls, store: Store, label: str, mode: str, layout: StoreLayout | None, sync_mode: str,
+                     shard_rows: int | None, lock: WriterLock | None) -> tuple[DiskTier, CommitRecord]:
+        read_only = mode == "r"
         raw = None if mode == "w" else _get_bytes(store, COMMIT_KEY)
         if raw is None and mode != "w":
             group_meta = _get_bytes(store, "zarr.json")
@@ -297,7 +338,7 @@ class DiskTier(Tier):
         if raw is None:
             if layout is None:
                 raise StoreNotFoundError(f"no Folio store at {label}; a layout is required to create one")
-            return cls._create(store, layout, label, sync_mode, shard_rows)
+            return cls._create(store, layout, label, sync_mode, shard_rows, lock)
         record = CommitRecord.from_json(raw, label)
         if layout is not None and layout != record.layout:
             raise LayoutMismatchError(
@@ -315,13 +356,19 @@ class DiskTier(Tier):
         missing = [name for name in _DATA_ARRAYS if name not in group]
         if missing:
             raise FormatVersionError(f"{label}: arrays {missing} are missing from the group")
-        tier = cls(store, group, record.layout, read_only=read_only, sync_mode=sync_mode, where=label, record=record)
+        tier = cls(store, group, record.layout, read_only=read_only, sync_mode=sync_mode, where=label, record=record,
+                   writer_lock=lock)
         return tier, record
 
     @classmethod
     def _create(cls, store: Store, layout: StoreLayout, label: str, sync_mode: str,
-                shard_rows: int | None = ROWS_PER_SHARD) -> tuple[DiskTier, CommitRecord]:
-        group = zarr.open_group(store, mode="w", zarr_format=3)
+                shard_rows: int | None = ROWS_PER_SHARD,
+                lock: WriterLock | None = None) -> tuple[DiskTier, CommitRecord]:
+        if isinstance(store, LocalStore):
+            _clear_local(str(store.root))  # (keeps the lock file, which zarr's "w" would delete)
+            group = zarr.open_group(store, mode="a", zarr_format=3)
+        else:
+            group = zarr.open_group(store, mode="w", zarr_format=3)
         L, H, T, D = layout.n_layers, layout.n_kv_heads, layout.block_len, layout.head_dim
         # a local directory shards kv and landmarks (appends into open files; see shards.py); any other
         # zarr store keeps one object per chunk (an object store has no append, and no file-creation cost)
@@ -343,7 +390,8 @@ class DiskTier(Tier):
                                 "note": "rows < commit.json n_rows whose stream is alive are valid blocks; "
                                         "bfloat16 is stored as uint16 bits"}
         record = CommitRecord(generation=0, n_rows=0, layout=layout, streams=[])
-        tier = cls(store, group, layout, read_only=False, sync_mode=sync_mode, where=label, record=record)
+        tier = cls(store, group, layout, read_only=False, sync_mode=sync_mode, where=label, record=record,
+                   writer_lock=lock)
         tier.make_durable()
         tier.commit(record)
         return tier, record
@@ -360,6 +408,11 @@ class DiskTier(Tier):
     @property
     def is_local(self) -> bool:
         return self._root is not None
+
+    @property
+    def writer_lock(self) -> WriterLock | None:
+        """The writer lock this tier holds (None: opened read-only, or not a local directory)."""
+        return self._writer_lock
 
     @property
     def capacity(self) -> int:
@@ -809,8 +862,30 @@ class DiskTier(Tier):
 
     def close(self) -> None:
         self._closed = True
-        for sset in self._shards.values():
-            sset.close()
+        try:
+            for sset in self._shards.values():
+                sset.close()
+        finally:
+            if self._writer_lock is not None:
+                self._writer_lock.release()
+
+
+def _clear_local(root: str) -> None:
+    """Delete everything in a local store directory but its writer lock: commit.json first, so
+    an interrupted clear leaves a store that reads as an interrupted creation (recreated)."""
+    if not os.path.isdir(root):
+        return
+    try:
+        os.unlink(os.path.join(root, COMMIT_KEY))
+    except FileNotFoundError:
+        pass
+    for entry in os.scandir(root):
+        if entry.name == LOCK_NAME:
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.unlink(entry.path)
 
 
 def _bytes_of(a: np.ndarray) -> memoryview:

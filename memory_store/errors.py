@@ -14,6 +14,7 @@ __all__ = [
     "LayoutMismatchError",
     "FormatVersionError",
     "ReadOnlyError",
+    "StoreLockedError",
     "ClosedError",
     "UnknownBlockError",
     "UnknownStreamError",
@@ -47,7 +48,19 @@ class FormatVersionError(StoreError):
 
 
 class ReadOnlyError(StoreError):
-    """A mutating call was made on a store opened with mode="r"."""
+    """A mutating call was made on a store opened with mode="r", or a store whose directory
+    cannot be written was opened for writing."""
+
+
+class StoreLockedError(StoreError):
+    """Another writer holds the store's writer lock (see writer_lock.py); raised at open, before
+    anything in the store was touched. `holder` is what the lock file says about that writer
+    ({"pid", "host", "since", "command"}; {} when it recorded nothing yet)."""
+
+    def __init__(self, message: str, *, path: str, holder: dict) -> None:
+        super().__init__(message)
+        self.path = path
+        self.holder = holder
 
 
 class ClosedError(StoreError):

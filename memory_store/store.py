@@ -29,11 +29,16 @@ blocks. The two memory tiers are exclusive: an entry lives in at most one of the
   through the zarr store) on close (or every flush with save_index="flush"), tagged
   with the commit generation; on open it is loaded when its generation matches the
   commit record, else rebuilt from the persisted landmark keys of the live blocks.
-- Readers (mode "r") see the commit record as of their open: rows < n_rows whose
-  stream is alive. A writer never rewrites a committed row, so many reader processes
-  can read while one writer appends. `delete_stream` is committed by the next flush;
-  its chunks are removed after that commit (a crash in between leaves unreachable
-  chunks, never a visible half-deleted stream).
+- One writer at a time, many readers. Opening with mode "a" or "w" takes the store's
+  writer lock (an OS file lock, released on close() or when the process dies; see
+  writer_lock.py) before touching anything; a second writer, in this process or
+  another, is refused at open with StoreLockedError naming the holder, or waits
+  `wait_s` seconds for it. Readers (mode "r") take no lock and see the commit record
+  as of their open: rows < n_rows whose stream is alive. A writer never rewrites a
+  committed row, so many reader processes can read while the writer appends.
+  `delete_stream` is committed by the next flush; its chunks are removed after that
+  commit (a crash in between leaves unreachable chunks, never a visible half-deleted
+  stream).
 
 Thread safety: one re-entrant lock around every public method; the writer and
 prefetch threads take it only for bookkeeping, never while doing I/O.
@@ -263,12 +268,18 @@ class TieredStore:
 
     @classmethod
     def open(cls, where: str | os.PathLike | Store, mode: str = "a", *, layout: StoreLayout | None = None,
-             config: StoreConfig | None = None) -> TieredStore:
+             config: StoreConfig | None = None, wait_s: float = 0.0) -> TieredStore:
         """Open a store at a local path or in any zarr Store.
 
         mode "r": read-only (must exist); "a": read/append, created when missing (layout required then);
         "w": create, replacing what is there (layout required). A layout other than the stored one raises
         LayoutMismatchError naming both; a missing store StoreNotFoundError; another format FormatVersionError.
+        Modes "a" and "w" take the writer lock, held until close(): when another writer holds it, wait up
+        to `wait_s` seconds (0: not at all; ignored by mode "r"), then raise StoreLockedError naming the
+        holder, before anything in the store was touched. A directory that cannot be written raises
+        ReadOnlyError. A store that is not a local directory has no lock (NoWriterLockWarning).
+        A store left unclosed keeps its lock until it is collected (its write-behind thread keeps it
+        alive until the process exits): close it, or use `with`.
         """
         if mode not in ("r", "a", "w"):
             raise InvalidArgumentError(f"TieredStore.open mode={mode!r}: expected 'r', 'a' or 'w'")
@@ -276,8 +287,12 @@ class TieredStore:
             raise InvalidArgumentError(f"TieredStore.open layout must be a StoreLayout, got {type(layout).__name__}")
         config = config or StoreConfig()
         disk, record = DiskTier.open(where, mode, layout=layout, sync_mode=config.sync_mode,
-                                     shard_rows=config.shard_rows)
-        return cls(disk, record, mode=mode, config=config)
+                                     shard_rows=config.shard_rows, wait_s=wait_s)
+        try:
+            return cls(disk, record, mode=mode, config=config)
+        except BaseException:
+            disk.close()  # (releases the writer lock: a store that failed to open holds nothing)
+            raise
 
     def __enter__(self) -> TieredStore:
         return self

@@ -57,3 +57,20 @@ def test_landmark_flags_are_refused_for_the_other_kind(tmp_path, capsys):
     assert "--sink-blocks" in capsys.readouterr().err
     assert main(["eval", "passkey", "--model", str(tmp_path / "missing")]) == 2
     assert "no such directory or .gguf file" in capsys.readouterr().err
+
+
+def test_a_second_ingest_into_a_store_being_written_is_refused(tmp_path, capsys):
+    from engine.config import preset
+    from engine.inference import open_store
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text("some text " * 20)
+    holder = open_store(tmp_path / "s", preset("tiny"), "a")  # another writer holds the store
+    try:
+        assert main(["ingest", "--model", "random:tiny", "--store", str(tmp_path / "s"), str(doc),
+                     "--no-progress", "--wait", "0.2"]) == 2
+        err = capsys.readouterr().err
+        assert "already open for writing" in err and f"pid {__import__('os').getpid()}" in err
+    finally:
+        holder.close()
+    assert main(["ingest", "--model", "random:tiny", "--store", str(tmp_path / "s"), str(doc), "--no-progress"]) == 0

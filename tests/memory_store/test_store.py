@@ -202,6 +202,7 @@ def test_a_killed_writers_appends_are_cut_off_on_reopen(tmp_path):
         while s._jobs:
             s._cv.wait()  # written (appended to shard 0, shard 1 created), never committed
     s._stopping = True  # "killed": never flushed
+    s.disk.writer_lock.release()  # (the kernel drops a killed process's flock)
     kv = tmp_path / "s" / "kv"
     assert (kv / "c.1.0.0.0.0.0").exists() and (kv / "c.0.0.0.0.0.0").stat().st_size > committed["c.0.0.0.0.0.0"]
     with TieredStore.open(tmp_path / "s", "r", config=cfg) as r:  # a reader ignores what is past the commit
