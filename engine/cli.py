@@ -66,6 +66,13 @@ def _retrieval_args(p: argparse.ArgumentParser) -> None:
                    help="models without landmarks: the stream's first blocks, always attended (default 1)")
     g.add_argument("--block-key", choices=("mean", "max-norm"), default=None,
                    help="models without landmarks: a block's index key from its keys (default mean)")
+    g.add_argument("--query-agg", choices=("mean", "max"), default=None,
+                   help="models without landmarks: a chunk's queries score a block by their mean (default) or max")
+    g.add_argument("--search-distance", type=int, default=None,
+                   help="models without landmarks: rotate search queries by this distance (default: where the "
+                        "retrieved blocks sit, (local_blocks + top_k/2) * block_len; 0 = unrotated)")
+    g.add_argument("--decode-reselect", type=int, default=None,
+                   help="models without landmarks: decode steps between block selections (default 16)")
     g.add_argument("--device-budget", default="512MiB", help="device tier budget (e.g. 512MiB)")
     g.add_argument("--host-budget", default="2GiB", help="host tier budget (e.g. 2GiB)")
 
@@ -77,11 +84,16 @@ def _retrieval_config(args, cfg):
 
     given = {k: v for k, v in (("top_k", args.top_k), ("local_blocks", args.local_blocks)) if v is not None}
     if cfg.landmarks:
-        if args.sink_blocks is not None or args.block_key is not None:
-            raise ValueError("--sink-blocks/--block-key are for models without landmarks; this one is landmark-trained")
+        tf_only = ("sink_blocks", "block_key", "query_agg", "search_distance", "decode_reselect")
+        if any(getattr(args, k, None) is not None for k in tf_only):
+            raise ValueError("--sink-blocks/--block-key/--query-agg/--search-distance/--decode-reselect are for "
+                             "models without landmarks; this one is landmark-trained")
         return RetrievalConfig(**given, positions=args.positions, selection=args.selection, chunk_len=args.chunk)
-    extra = {k: v for k, v in (("sink_blocks", args.sink_blocks), ("block_key", args.block_key),
-                               ("chunk_len", args.chunk)) if v is not None}
+    extra = {k: getattr(args, k, None) for k in ("sink_blocks", "block_key", "query_agg", "search_distance",
+                                                 "decode_reselect")}
+    extra = {k: v for k, v in extra.items() if v is not None}
+    if args.chunk is not None:
+        extra["chunk_len"] = args.chunk
     return TrainingFreeConfig(**given, **extra)
 
 

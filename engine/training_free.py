@@ -35,6 +35,7 @@ from engine.model import apply_rope, rope_cos_sin
 from engine.retrieval import RetrievalStats, _choose, _gather_selected, _without
 
 BLOCK_KEYS = ("mean", "max-norm")
+QUERY_AGGS = ("mean", "max")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -55,9 +56,14 @@ class TrainingFreeConfig:
     """Decode steps (one token each) between two block selections of a layer: the blocks the
     prompt's chunk chose serve the next steps, until this many steps passed or the local window
     slid (1 = a new search every step). Chunks (prefill) always select anew."""
+    query_agg: Literal["mean", "max"] = "mean"
+    """How a chunk's queries (and the query heads of a KV head) score a block: the mean of their
+    scores (= the mean query against the block key), or the best one."""
     search_distance: int | None = None
-    """Queries are rotated by this distance before they score block keys (RoPE scores depend
-    on distance only); None: unrotated, i.e. distance 0 (the block keys carry no position)."""
+    """Queries are rotated by this distance before they score the (pre-RoPE) block keys, since
+    RoPE scores depend on the distance: None = where retrieved blocks sit from the chunk, the
+    local window plus half the retrieved span, (local_blocks + top_k / 2) * block_len; 0 =
+    unrotated."""
 
     def __post_init__(self) -> None:
         for name in ("top_k", "local_blocks", "sink_blocks"):
@@ -69,6 +75,8 @@ class TrainingFreeConfig:
                              f"must be an int >= 1 (steps)")
         if not isinstance(self.chunk_len, int) or isinstance(self.chunk_len, bool) or self.chunk_len < 1:
             raise ValueError(f"TrainingFreeConfig.chunk_len={self.chunk_len!r} is invalid: must be an int >= 1")
+        if self.query_agg not in QUERY_AGGS:
+            raise ValueError(f"TrainingFreeConfig.query_agg={self.query_agg!r} is invalid: one of {QUERY_AGGS}")
         if self.block_key not in BLOCK_KEYS:
             raise ValueError(f"TrainingFreeConfig.block_key={self.block_key!r} is invalid: one of {BLOCK_KEYS}")
         if self.search_distance is not None and (not isinstance(self.search_distance, int) or self.search_distance < 0):
@@ -77,6 +85,12 @@ class TrainingFreeConfig:
 
     def chunk_for(self, cfg: ModelConfig) -> int:
         return self.chunk_len
+
+    def distance_for(self, cfg: ModelConfig) -> int:
+        """The rotation applied to search queries (see search_distance)."""
+        if self.search_distance is not None:
+            return self.search_distance
+        return (self.local_blocks * 2 + self.top_k) * cfg.block_len // 2
 
     def span(self, cfg: ModelConfig) -> int:
         """The most positions one query can see: sinks + retrieved + local + a chunk."""
@@ -178,10 +192,13 @@ class TrainingFreeMemory:
             return torch.full((Hkv, kk), -1, dtype=torch.long)
         _, H, T, D = q.shape
         qf = q.float()
-        if self.rc.search_distance is not None:
-            cos, sin = rope_cos_sin(torch.tensor([self.rc.search_distance]), D, self.cfg.rope)
+        dist = self.rc.distance_for(self.cfg)
+        if dist:
+            cos, sin = rope_cos_sin(torch.tensor([dist]), D, self.cfg.rope)
             qf = apply_rope(qf, cos, sin)
         qs = qf[0].view(Hkv, H // Hkv, T, D).permute(1, 2, 0, 3).reshape(-1, Hkv, D)  # (G*T, Hkv, D)
+        if self.rc.query_agg == "mean":  # the mean score over queries is the mean query's score
+            qs = qs.mean(dim=0, keepdim=True)  # (1, Hkv, D)
         exclude = self.sink_ids + [i for i in self.local_ids if i is not None]
         ids, scores = self.store.search_max(layer, qs, kk + len(exclude), streams=self.read_streams)
         self.stats.searches += 1
