@@ -8,7 +8,7 @@ Knows nothing of models. Entry points: `TieredStore.open(where, mode, layout=...
 from .disk import CommitRecord, DiskTier
 from .errors import (BudgetError, ClosedError, CorruptBlockError, FormatVersionError, InvalidArgumentError,
                      LandmarkIndexError, LayoutMismatchError, ReadOnlyError, ShapeError, StoreError,
-                     StoreLockedError, StoreNotFoundError, UnknownBlockError, UnknownStreamError)
+                     StoreIOError, StoreLockedError, StoreNotFoundError, UnknownBlockError, UnknownStreamError)
 from .eviction import EvictionPolicy, LRUPolicy
 from .index import LandmarkIndex
 from .layout import StoreLayout
@@ -21,6 +21,6 @@ __all__ = [
     "Tier", "MemoryTier", "DeviceTier", "HostTier", "DiskTier", "CommitRecord",
     "EvictionPolicy", "LRUPolicy", "WriterLock", "NoWriterLockWarning",
     "StoreError", "StoreNotFoundError", "LayoutMismatchError", "FormatVersionError", "ReadOnlyError", "ClosedError",
-    "StoreLockedError", "UnknownBlockError", "UnknownStreamError", "CorruptBlockError", "InvalidArgumentError",
+    "StoreLockedError", "StoreIOError", "UnknownBlockError", "UnknownStreamError", "CorruptBlockError", "InvalidArgumentError",
     "ShapeError", "BudgetError", "LandmarkIndexError",
 ]

@@ -57,6 +57,16 @@ an interrupted clear reads as an interrupted creation. A store that is not a loc
 directory has no lock: it opens with a NoWriterLockWarning, one writer being the caller's
 job (an object store has no lock primitive that a killed writer releases).
 
+Failures. A commit.json or blob temp file whose write fails is removed; those of a killed writer
+(and zarr's `*.partial` files) are removed by the next writer at open, under the lock. A failed
+data write leaves the shard's in-memory index as it was (the next write goes at the same offset),
+and the per-row metadata not written stays buffered for the next make_durable. A failed sync of
+the data files (fsync or syncfs in make_durable) is never retried: Linux marks the pages it could
+not write back clean, so a second fsync would report success for data the disk never got;
+`make_durable` raises from then on and the writer must reopen. (A failed commit is retried: each
+attempt writes and syncs a fresh temp file.) A local directory deleted or replaced under the tier is detected
+(device and inode) before anything is written, so no write recreates it.
+
 Fast paths. zarr's own indexing reads 256 random chunks at ~0.04x a numpy memmap
 here (per-chunk Python overhead in the codec pipeline), so chunk bytes are read and
 written directly: for a local directory with `preadv`/`pwritev` on open shard files
@@ -74,6 +84,7 @@ import asyncio
 import ctypes
 import json
 import os
+import re
 import shutil
 import threading
 import uuid
@@ -95,7 +106,7 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from .errors import (ClosedError, CorruptBlockError, FormatVersionError, LayoutMismatchError, ReadOnlyError,
-                     ShapeError, StoreError, StoreNotFoundError)
+                     ShapeError, StoreError, StoreIOError, StoreNotFoundError)
 from .layout import StoreLayout
 from .shards import CRC_BYTES, ShardSet, check_crc
 from .tiers import Entry, Key, Tier
@@ -112,6 +123,9 @@ INITIAL_CAPACITY = 64
 META_CHUNK = 4096  # rows per chunk of block_stream / block_ordinal
 _CRC = CRC_BYTES  # bytes of the crc32c trailer of every chunk
 _DATA_ARRAYS = ("kv", "landmarks", "block_stream", "block_ordinal")
+# the temp files of a write that never finished: ours (commit.json.<uuid>.tmp, saved-index blobs) and
+# zarr's LocalStore (<key without suffix>.<uuid>.partial)
+_TEMP_NAME = re.compile(r"\.[0-9a-f]{32}\.(tmp|partial)$")
 
 
 def check_shard_rows(value: object, name: str = "shard_rows") -> None:
@@ -252,16 +266,21 @@ class DiskTier(Tier):
         self._read_only = read_only
         self._writer_lock = writer_lock  # released by close() (or when this tier is collected)
         self._root: str | None = str(store.root) if isinstance(store, LocalStore) else None
+        # the directory this tier opened: one deleted (or replaced) under it is never written again
+        self._root_id = _dir_id(self._root) if self._root is not None else None
         self._arrays = {name: group[name] for name in _DATA_ARRAYS}
         # a writer killed inside ensure_capacity leaves some arrays grown and others not:
         # the capacity is the shortest, so the next growth reaches every array
         self._capacity = min(int(a.shape[0]) for a in self._arrays.values())
         self._unsynced: set[str] = set()  # local files written since the last make_durable (fsync mode)
+        self._sync_error: OSError | None = None  # a failed sync of data files: see make_durable
         self._meta_pending: list[tuple[int, np.ndarray, np.ndarray]] = []  # (start, codes, ordinals)
         self._meta_lock = threading.Lock()
         self._proto = default_buffer_prototype()
         self._closed = False
         self._shards: dict[str, ShardSet] = {}
+        if not read_only and self._root is not None:
+            _remove_temp_files(self._root)
         if self._arrays["kv"].shards is not None:
             if self._root is None:
                 raise FormatVersionError(f"{self.where}: a sharded (local) Folio store opens only from a local "
@@ -318,6 +337,12 @@ class DiskTier(Tier):
                     stacklevel=3)
         try:
             return cls._open_locked(store, label, mode, layout, sync_mode, shard_rows, lock)
+        except OSError as e:  # from zarr, mostly: say which store and what, as a StoreError
+            if lock is not None:
+                lock.release()
+            if isinstance(e, StoreError):
+                raise
+            raise StoreIOError(e.errno, f"store {label} cannot be opened ({e.strerror or e})", e.filename) from e
         except BaseException:
             if lock is not None:
                 lock.release()
@@ -450,8 +475,11 @@ class DiskTier(Tier):
                 path = os.path.join(self._root, key)
                 try:
                     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                except FileNotFoundError:  # the array's directory (first chunk of the array)
-                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                except FileNotFoundError:  # the array's directory (first chunk of the array); never its
+                    try:                   # parent: a store directory deleted under its writer stays deleted
+                        os.mkdir(os.path.dirname(path))
+                    except FileExistsError:
+                        pass
                     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 try:
                     _write_fully(fd, [*mvs, crc])
@@ -518,12 +546,19 @@ class DiskTier(Tier):
         for i in range(lo, hi):
             key, dsts, row, layer = items[i]
             mvs = [memoryview(d).cast("B") for d in dsts]
+            path = os.path.join(self._root, key)
             try:
-                fd = os.open(os.path.join(self._root, key), os.O_RDONLY)
+                fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
                 continue
+            except OSError as e:
+                raise StoreIOError(e.errno, f"{self.where}: block {row} chunk {key} cannot be opened ({e.strerror})",
+                                   path) from e
             try:
                 n = os.readv(fd, [*mvs, crc_mv])
+            except OSError as e:
+                raise StoreIOError(e.errno, f"{self.where}: reading block {row} chunk {key} failed ({e.strerror})",
+                                   path) from e
             finally:
                 os.close(fd)
             check_crc(key, mvs, bytes(crc[:_CRC]), n - sum(len(m) for m in mvs) - _CRC, row, layer)
@@ -535,6 +570,7 @@ class DiskTier(Tier):
         self._check_writable()
         if n_rows <= self._capacity:
             return
+        self.check_present()  # (zarr would recreate a deleted store directory for the array metadata)
         cap = max(n_rows, self._capacity * 2)
         for name, arr in self._arrays.items():
             if arr.shape[0] >= cap:  # grown by a writer killed mid-way: never shrink (it drops chunks)
@@ -587,6 +623,14 @@ class DiskTier(Tier):
             pending, self._meta_pending = self._meta_pending, []
         if not pending:
             return
+        try:
+            self._write_meta_runs(pending)
+        except BaseException:
+            with self._meta_lock:  # not written (or not all): the next make_durable writes them again
+                self._meta_pending = pending + self._meta_pending
+            raise
+
+    def _write_meta_runs(self, pending: list[tuple[int, np.ndarray, np.ndarray]]) -> None:
         pending.sort(key=lambda t: t[0])
         runs: list[list] = []
         for start, codes, ords in pending:
@@ -642,6 +686,9 @@ class DiskTier(Tier):
             ords = np.asarray(self._arrays["block_ordinal"][:n_rows], dtype=np.int64)
         except ValueError as e:  # zarr's crc32c codec raises ValueError on a checksum mismatch
             raise CorruptBlockError(f"{self.where}: the per-block metadata arrays are corrupt ({e})") from e
+        except OSError as e:
+            raise StoreIOError(e.errno, f"{self.where}: reading the per-block metadata failed ({e.strerror})",
+                               e.filename) from e
         return codes, ords
 
     def delete_rows(self, rows: Sequence[int]) -> None:
@@ -672,21 +719,41 @@ class DiskTier(Tier):
     def make_durable(self) -> None:
         """Force every chunk written so far to stable storage (local directories; other stores: no-op)."""
         self._check_writable()
+        self.check_present()
+        if self._sync_error is not None:
+            raise StoreIOError(self._sync_error.errno, f"store {self.where}: an earlier sync of its files failed "
+                               f"({self._sync_error}); the kernel may have dropped the data it could not write, so "
+                               f"nothing written since the last commit is ever committed by this writer: close, "
+                               f"reopen (the last commit is intact) and put it again", self._sync_error.filename)
         self._write_pending_meta()
-        sealed: list[tuple[list[int], list[str]]] = [sset.seal() for sset in self._shards.values()]
+        try:
+            for sset in self._shards.values():
+                sset.seal()
+        finally:
+            # (after a failed seal too: the shards sealed before it are no longer dirty, and no later
+            # seal would name them again.) Synced by path with the rest, and kept in _unsynced until
+            # every sync succeeded
+            for sset in self._shards.values():
+                paths = sset.take_to_sync()
+                if self._root is not None and self.sync_mode == "fsync":
+                    self._unsynced.update(paths)  # (their directories are synced with them)
         if self._root is None or self.sync_mode == "none":
             return
-        if self.sync_mode == "fsync":
-            for fds, created in sealed:
-                for fd in fds:
-                    os.fsync(fd)
-                self._unsynced.update(created)  # their directory entries (fsynced below with the rest)
+        try:
+            self._sync()
+        except OSError as e:
+            # (fsyncgate) after a failed writeback Linux marks the pages clean, and a second fsync
+            # reports success for data that never reached the disk: never commit past one
+            self._sync_error = e
+            raise
+
+    def _sync(self) -> None:
         if self.sync_mode == "syncfs":
             fd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 if _SYNCFS(fd) != 0:
                     err = ctypes.get_errno()
-                    raise OSError(err, f"syncfs({self._root}) failed: {os.strerror(err)}")
+                    raise OSError(err, f"syncfs({self._root}) failed: {os.strerror(err)}", self._root)
             finally:
                 os.close(fd)
             return
@@ -703,6 +770,18 @@ class DiskTier(Tier):
             if os.path.isdir(d):
                 _fsync_path(d, directory=True)
         self._unsynced.clear()
+
+    @property
+    def gone(self) -> bool:
+        """True when the local directory this tier opened was deleted or replaced since (False for
+        other stores)."""
+        return self._root is not None and _dir_id(self._root) != self._root_id
+
+    def check_present(self) -> None:
+        """StoreNotFoundError when the store's directory was deleted (or replaced) while open."""
+        if self.gone:
+            raise StoreNotFoundError(f"store {self.where} was deleted (its directory is gone or replaced) while "
+                                     f"open; nothing more is read from or written to it")
 
     def read_commit(self) -> CommitRecord:
         """The commit record as stored now."""
@@ -721,16 +800,21 @@ class DiskTier(Tier):
         if self._root is None:
             sync(self.store.set(COMMIT_KEY, self._proto.buffer.from_bytes(raw)))
             return
+        self.check_present()  # a record written into a recreated directory would name data that is gone
         final = os.path.join(self._root, COMMIT_KEY)
         tmp = f"{final}.{uuid.uuid4().hex}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            _write_fully(fd, [raw])
-            if self.sync_mode != "none":
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
+            try:
+                _write_fully(fd, [raw])
+                if self.sync_mode != "none":
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+        except BaseException:
+            _unlink_quietly(tmp)  # a full disk must not also fill up with half-written records
+            raise
         if self.sync_mode != "none":
             _fsync_path(self._root, directory=True)
 
@@ -738,12 +822,17 @@ class DiskTier(Tier):
     def write_blob(self, key: str, data: bytes | bytearray) -> None:
         self._check_writable()
         if self._root is not None:  # straight to a file (zarr's buffer would copy the bytes again)
+            self.check_present()
             path = os.path.join(self._root, key)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            except BaseException:
+                _unlink_quietly(tmp)
+                raise
             if self.sync_mode == "fsync":
                 self._unsynced.add(path)
             return
@@ -888,6 +977,35 @@ def _clear_local(root: str) -> None:
             os.unlink(entry.path)
 
 
+def _dir_id(path: str) -> tuple[int, int] | None:
+    """(device, inode) of a directory, None when there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass  # (the error being raised matters more than this one)
+
+
+def _remove_temp_files(root: str) -> None:
+    """Delete the temp files that writers killed mid-write left in a local store. Only a writer makes
+    temp files, and the caller holds the writer lock, so every one found is a dead writer's; a crash
+    between the write of a temp file and its rename would otherwise leave one behind per crash."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            if _TEMP_NAME.search(name):
+                try:
+                    os.unlink(os.path.join(dirpath, name))
+                except FileNotFoundError:
+                    pass
+
+
 def _bytes_of(a: np.ndarray) -> memoryview:
     """A flat byte view of a C-contiguous array (no copy)."""
     return memoryview(a).cast("B")
@@ -899,5 +1017,5 @@ def _get_bytes(store: Store, key: str) -> bytes | None:
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise StoreError(f"{store}: reading {key} failed ({e})") from e
+        raise StoreIOError(e.errno, f"{store}: reading {key} failed ({e.strerror})", e.filename) from e
     return None if buf is None else buf.to_bytes()

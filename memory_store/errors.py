@@ -15,6 +15,7 @@ __all__ = [
     "FormatVersionError",
     "ReadOnlyError",
     "StoreLockedError",
+    "StoreIOError",
     "ClosedError",
     "UnknownBlockError",
     "UnknownStreamError",
@@ -61,6 +62,20 @@ class StoreLockedError(StoreError):
         super().__init__(message)
         self.path = path
         self.holder = holder
+
+
+class StoreIOError(StoreError, OSError):
+    """Reading, writing, syncing, renaming or removing a file of the store failed: a full disk
+    (ENOSPC), a failing one (EIO), a file system remounted read-only (EROFS), a file this user may
+    not read (EACCES). `errno` and `filename` are the failed call's; the message says what the store
+    was doing, e.g. "[Errno 28] store /s: writing blocks 40-45 failed (ENOSPC: No space left on
+    device): '/s/kv/c.5.0.0.0.0.0'".
+
+    Nothing is committed past the last flush() that returned, and that commit stays readable. A
+    put that raised it stored nothing; blocks whose put returned are kept in memory (the
+    background writer's queue) and written again: free the space and call flush() again.
+    (After EIO from fsync the kernel may have dropped the pages it failed to write, so a retried
+    flush can report success for data the disk never got: treat EIO as a failing disk.)"""
 
 
 class ClosedError(StoreError):

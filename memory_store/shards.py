@@ -41,7 +41,7 @@ from collections.abc import Sequence
 import crc32c
 import numpy as np
 
-from .errors import CorruptBlockError, StoreError
+from .errors import CorruptBlockError, StoreError, StoreIOError
 
 __all__ = ["ShardSet", "check_crc", "CRC_BYTES", "EMPTY"]
 
@@ -103,7 +103,9 @@ class ShardSet:
         self._open: OrderedDict[int, _Shard] = OrderedDict()
         self._lock = threading.RLock()
         self._rows_seen = 0  # 1 + the highest row written (a shard is complete once rows pass its end)
-        self._new_files: list[str] = []  # created since the last seal (their directory entry needs a sync)
+        # files sealed or created (a new directory entry) since take_to_sync() last took them: kept until
+        # taken, so a seal or sync that fails part-way loses none of them (see DiskTier.make_durable)
+        self._to_sync: set[str] = set()
 
     # -- names -----------------------------------------------------------------------------
     def key(self, no: int) -> str:
@@ -155,19 +157,28 @@ class ShardSet:
             return None
         flags = (os.O_RDWR | (os.O_CREAT if create else 0)) if self.writable else os.O_RDONLY
         try:
-            fd = os.open(path, flags, 0o644)
-        except FileNotFoundError:
-            if not create:
-                return None  # a committed shard whose rows were all deleted and the file removed
-            os.makedirs(self.dir, exist_ok=True)
-            fd = os.open(path, flags, 0o644)
+            try:
+                fd = os.open(path, flags, 0o644)
+            except FileNotFoundError:
+                if not create:
+                    return None  # a committed shard whose rows were all deleted and the file removed
+                try:  # the array's directory only: a store directory deleted under its writer stays deleted
+                    os.mkdir(self.dir)
+                except FileExistsError:
+                    pass
+                fd = os.open(path, flags, 0o644)
+        except OSError as e:
+            if create:
+                raise  # (a writer's error: the store names the blocks it was writing)
+            raise StoreIOError(e.errno, f"shard {self.key(no)} (blocks {no * self.S}-{(no + 1) * self.S - 1}) "
+                               f"cannot be opened ({e.strerror})", path) from e
         try:
             if length:
                 index = self._read_index(fd, no, length)
             else:
                 index = np.full((self.entries, 2), EMPTY, dtype=np.uint64)
                 if create:
-                    self._new_files.append(path)
+                    self._to_sync.add(path)
                     if os.fstat(fd).st_size:  # left by a killed writer (recover() missed it): start clean
                         os.ftruncate(fd, 0)
         except BaseException:
@@ -273,11 +284,10 @@ class ShardSet:
                 sh.index[(row - sh.no * self.S) * self.per_row + sub] = EMPTY
                 sh.dirty = True
 
-    def seal(self) -> tuple[list[int], list[str]]:
+    def seal(self) -> None:
         """Append a fresh index to every shard written since the last seal and take their lengths as
-        the ones to commit. Returns (descriptors written, files created) for an fsync-mode sync."""
+        the ones to commit; the files written join `take_to_sync()`."""
         with self._lock:
-            fds = []
             for sh in self._open.values():
                 if not sh.dirty:
                     continue
@@ -288,10 +298,14 @@ class ShardSet:
                 sh.durable = sh.end
                 sh.dirty = False
                 self._lengths[sh.no] = sh.end
-                fds.append(sh.fd)
-            created, self._new_files = self._new_files, []
+                self._to_sync.add(self.path(sh.no))
             self._trim_open()
-            return fds, created
+
+    def take_to_sync(self) -> list[str]:
+        """The files sealed or created since the last call (an fsync-mode sync syncs them and their directories)."""
+        with self._lock:
+            out, self._to_sync = sorted(self._to_sync), set()
+            return out
 
     # -- reads ------------------------------------------------------------------------------
     def locate(self, row: int, sub: int) -> tuple[int, int, int] | None:
@@ -324,7 +338,11 @@ class ShardSet:
                 layer = sub if self.per_row > 1 else -1
                 if n != size + CRC_BYTES:
                     check_crc(key, mvs, b"", n - size - CRC_BYTES, row, layer)
-                got = os.preadv(fd, [*mvs, crc_mv], off)
+                try:
+                    got = os.preadv(fd, [*mvs, crc_mv], off)
+                except OSError as e:
+                    raise StoreIOError(e.errno, f"{key}: reading block {row} failed ({e.strerror})",
+                                       self.path(row // self.S)) from e
                 check_crc(key, mvs, bytes(crc), got - size - CRC_BYTES, row, layer)
                 found[i] = True
 

@@ -29,6 +29,16 @@ blocks. The two memory tiers are exclusive: an entry lives in at most one of the
   through the zarr store) on close (or every flush with save_index="flush"), tagged
   with the commit generation; on open it is loaded when its generation matches the
   commit record, else rebuilt from the persisted landmark keys of the live blocks.
+- Failures. A write, sync or rename that fails (disk full, I/O error, read-only remount) raises
+  StoreIOError (errno and file of the failed call) and leaves the last commit intact and readable.
+  A put that raises stored nothing. The background writer's failure is raised once, by the next
+  put, flush or close; its job stays at the head of the queue and the writer pauses until the
+  next put or flush resumes it, so once space is freed a flush() writes and commits everything
+  acknowledged. A commit is published only after every file it names is synced; after a failed
+  sync of the data files the store never commits again (the kernel may have dropped what it
+  could not write): reopen it. A store directory deleted under an open store gives
+  StoreNotFoundError, and nothing is written into its place. Temp files left by a killed writer
+  are removed by the next one. memory_store/testing injects these faults (tests/memory_store/test_faults.py).
 - One writer at a time, many readers. Opening with mode "a" or "w" takes the store's
   writer lock (an OS file lock, released on close() or when the process dies; see
   writer_lock.py) before touching anything; a second writer, in this process or
@@ -49,6 +59,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import errno
 import json
 import os
 import threading
@@ -64,7 +75,7 @@ from zarr.abc.store import Store
 
 from .disk import CommitRecord, DiskTier, StreamRecord, check_shard_rows
 from .errors import (ClosedError, CorruptBlockError, InvalidArgumentError, ReadOnlyError,
-                     ShapeError, StoreError, UnknownBlockError)
+                     ShapeError, StoreError, StoreIOError, StoreNotFoundError, UnknownBlockError)
 from .eviction import make_policy
 from .index import LandmarkIndex
 from .layout import StoreLayout
@@ -236,6 +247,7 @@ class TieredStore:
             rows = np.flatnonzero(codes == code).astype(np.int64)
             self._stream_rows[code] = [rows[np.argsort(ords[rows], kind="stable")]]
         self._next_id = n
+        self._attempted_generation = record.generation  # a failed commit's number is never reused
         self._dirty = False
         self._pending_deletes: list[int] = []
 
@@ -252,7 +264,11 @@ class TieredStore:
         self._flush_target = 0
         self._put_waiting = 0  # puts waiting for room in the queue
         self._written_upto = n  # rows below are on disk (written, maybe not yet durable)
+        # a failure of the background writer not yet raised to a caller; the writer then pauses (its
+        # failed job stays first in the queue) until a put or flush resumes it, which retries the job
         self._writer_error: BaseException | None = None
+        self._writer_paused = False
+        self._writer_failure: BaseException | None = None  # the latest one, reported or not
         self._stopping = False
         self._writer: threading.Thread | None = None
         if not self._read_only and config.write_behind:
@@ -306,12 +322,38 @@ class TieredStore:
             raise ClosedError(f"store {self._disk.where} is closed")
 
     def _check_writable(self) -> None:
+        """ClosedError, ReadOnlyError, or the background writer's failure (raised once, to this caller)."""
         self._check_open()
         if self._read_only:
             raise ReadOnlyError(f"store {self._disk.where} was opened read-only (mode 'r')")
-        if self._writer_error is not None:
-            raise StoreError(f"store {self._disk.where}: the background writer failed: {self._writer_error!r}") \
-                from self._writer_error
+        with self._lock:
+            err, self._writer_error = self._writer_error, None
+        if err is not None:
+            raise err
+
+    def _resume_writer(self) -> None:
+        """(Lock held.) Let a writer paused by a reported failure retry its queue."""
+        alive = self._writer is not None and self._writer.is_alive()
+        if self._writer_paused and self._writer_error is None and alive:
+            self._writer_paused = False
+            self._cv.notify_all()
+
+    def _io_error(self, e: OSError, doing: str) -> StoreError:
+        """The typed error for a failed file-system call `e` made while `doing` (StoreErrors pass as they are)."""
+        if isinstance(e, StoreError):
+            return e
+        if self._disk.gone:
+            return StoreNotFoundError(f"store {self._disk.where}: {doing} failed: the store was deleted (its "
+                                      f"directory is gone or replaced) while open ({e})")
+        name = errno.errorcode.get(e.errno, str(e.errno)) if e.errno is not None else "error"
+        return StoreIOError(e.errno, f"store {self._disk.where}: {doing} failed ({name}: {e.strerror or e}); the "
+                            f"last commit (generation {self._generation}) is intact", e.filename)
+
+    @property
+    def background_error(self) -> BaseException | None:
+        """The background writer's failure that the next put/flush/close will raise (None: none pending)."""
+        with self._lock:
+            return self._writer_error
 
     def _check_layer(self, layer: int) -> int:
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.layout.n_layers:
@@ -353,7 +395,8 @@ class TieredStore:
         """Append N blocks to `stream`; returns their new ids (N,) int64 (ordinals continue the stream's).
 
         k, v: (N, L, H, T, D) and landmarks (N, L, H, D), all in the layout dtype, on any device.
-        Raises ShapeError, InvalidArgumentError (stream name), ReadOnlyError, ClosedError.
+        Raises ShapeError, InvalidArgumentError (stream name), ReadOnlyError, ClosedError, StoreIOError
+        (see put_streams).
         """
         n = k.shape[0] if isinstance(k, torch.Tensor) and k.dim() >= 1 else 0  # else a ShapeError below
         return self.put_streams([(stream, n)], k, v, landmarks)[0]
@@ -370,7 +413,10 @@ class TieredStore:
         hold the parts' blocks one after the other, N = sum of n_blocks. Returns each
         part's ids. Everything is checked (and the index grown) before anything changes: a
         bad part, or the index failing to grow, stores no part.
-        Raises ShapeError, InvalidArgumentError, LandmarkIndexError, ReadOnlyError, ClosedError.
+        Raises ShapeError, InvalidArgumentError, LandmarkIndexError, ReadOnlyError, ClosedError, and
+        StoreIOError: with write_behind=False when this put's own write fails (it then stored nothing);
+        with write-behind when the background writer failed since the last call (raised once; this
+        put then stored nothing, the earlier ones stay queued and the writer retries them).
         """
         self._check_writable()
         if isinstance(parts, (str, bytes)):
@@ -400,6 +446,7 @@ class TieredStore:
         job_bytes = k_np.nbytes + v_np.nbytes + lm_np.nbytes
         with self._cv:
             self._check_writable()
+            self._resume_writer()  # (after a reported failure: the queue is retried, this put joins it)
             self._put_waiting += 1
             try:
                 while self._jobs and self._queued_bytes + job_bytes > self.config.write_queue_bytes:
@@ -412,26 +459,42 @@ class TieredStore:
             self._grow_rows(start + n)  # (allocations first: nothing below may fail half-way)
             offs = np.cumsum([0] + [c for _, c in checked])
             out = [np.arange(start + offs[i], start + offs[i + 1], dtype=np.int64) for i in range(len(checked))]
+            # stream codes and ordinals, worked out before anything changes (new streams take the next codes)
+            codes = np.empty(n, dtype=np.int32)
+            ords = np.empty(n, dtype=np.int64)
+            new_codes: dict[str, int] = {}
+            given: dict[int, int] = {}  # code -> ordinals given out by this put
+            for i, (stream, n_part) in enumerate(checked):
+                if n_part == 0:
+                    continue
+                code = self._stream_code.get(stream, new_codes.get(stream))
+                if code is None:
+                    code = new_codes[stream] = len(self._streams) + len(new_codes)
+                first_ord = (self._streams[code].n_blocks if code < len(self._streams) else 0) + given.get(code, 0)
+                given[code] = given.get(code, 0) + n_part
+                codes[offs[i]:offs[i + 1]] = code
+                ords[offs[i]:offs[i + 1]] = np.arange(first_ord, first_ord + n_part)
+            if self._writer is None:
+                # written before anything changes, so a put that fails on disk stores nothing (rows it
+                # wrote lie past the committed count, are never read, and the next put writes them again)
+                try:
+                    self._disk.write_rows(start, k_np, v_np, lm_np, codes, ords)
+                except OSError as e:
+                    raise self._io_error(e, f"writing blocks {start}-{start + n - 1}") from e
             # the index checks every part (landmarks finite, ids new) before it changes: an error here
             # leaves the store as it was
             self.index.add_parts([(stream, ids, lm_cpu[offs[i]:offs[i + 1]])
                                   for i, ((stream, _), ids) in enumerate(zip(checked, out))])
-            codes = np.empty(n, dtype=np.int32)
-            ords = np.empty(n, dtype=np.int64)
             for i, ((stream, n_part), ids) in enumerate(zip(checked, out)):
                 if n_part == 0:
                     continue
-                code = self._stream_code.get(stream)
-                if code is None:  # a new stream
-                    code = len(self._streams)
+                code = int(codes[offs[i]])
+                if code == len(self._streams):  # a new stream (codes were given in this order)
                     self._streams.append(StreamRecord(stream))
                     self._stream_code[stream] = code
                     self._stream_rows[code] = []
-                first_ord = self._streams[code].n_blocks
                 self._streams[code].n_blocks += n_part
                 self._stream_rows[code].append(ids)
-                codes[offs[i]:offs[i + 1]] = code
-                ords[offs[i]:offs[i + 1]] = np.arange(first_ord, first_ord + n_part)
             self._codes[start:start + n], self._ords[start:start + n], self._alive[start:start + n] = codes, ords, True
             self._n_alive += n
             self._next_id = start + n
@@ -444,8 +507,7 @@ class TieredStore:
                 self._queued_bytes += job.nbytes
                 if self._writer_may_write():  # (a lazy writer that would go back to sleep is left asleep:
                     self._cv.notify_all()     # waking it costs the main thread a GIL hand-over)
-            else:
-                self._disk.write_rows(job.start, job.k, job.v, job.landmarks, job.codes, job.ordinals)
+            else:  # (written above)
                 self._written_upto = job.end
                 self._done_seq = job.seq
                 self._stats.moved["to_disk"] += job.nbytes
@@ -478,12 +540,15 @@ class TieredStore:
         except BaseException as e:  # never die silently: put/flush would wait on it forever
             with self._cv:
                 if self._writer_error is None:
-                    self._writer_error = e
+                    self._writer_error = self._writer_failure = e
+                self._writer_paused = True  # for good: _resume_writer does not revive a dead thread
                 self._cv.notify_all()
             raise
 
     def _writer_may_write(self) -> bool:
         """(Lock held.) Whether the writer takes the next job now (or, with no jobs, stops)."""
+        if self._writer_paused:  # after a failure: until resumed, or stopped (the queue stays unwritten)
+            return self._stopping
         if not self._jobs:
             return self._stopping
         if self._stopping or not self.config.lazy_writes:
@@ -496,7 +561,7 @@ class TieredStore:
             with self._cv:
                 while not self._writer_may_write():
                     self._cv.wait()
-                if not self._jobs:
+                if not self._jobs or self._writer_paused:
                     return
                 job = self._jobs[0]
                 alive = self._alive[job.start:job.end].copy()
@@ -511,11 +576,14 @@ class TieredStore:
                     for a, b in _runs(alive):
                         self._disk.write_rows(job.start + a, job.k[a:b], job.v[a:b], job.landmarks[a:b],
                                               job.codes[a:b], job.ordinals[a:b])
-            except Exception as e:  # surfaced to the caller by the next put/flush
+            except Exception as e:  # raised to the next put/flush/close; the job stays queued for a retry
                 with self._cv:
-                    self._writer_error = e
+                    self._writer_error = self._writer_failure = (
+                        self._io_error(e, f"the background writer, writing blocks {job.start}-{job.end - 1},")
+                        if isinstance(e, OSError) else e)
+                    self._writer_paused = True
                     self._cv.notify_all()
-                return
+                continue
             with self._cv:
                 self._jobs.popleft()
                 self._job_starts.pop(0)
@@ -535,12 +603,19 @@ class TieredStore:
         changes another thread makes while flush waits for the writer belong to the next
         flush (the commit never counts rows the writer may not have written yet, and rows are
         unlinked only after every job that wrote them finished). Concurrent flushes run one
-        after the other."""
+        after the other.
+
+        Raises StoreIOError when a file could not be written, synced or renamed (disk full, I/O
+        error; or the background writer's failure, raised once): the last commit stays intact and
+        everything acknowledged stays queued, so a later flush() retries (after a failed sync of
+        the data files every later flush raises; see DiskTier.make_durable). StoreNotFoundError
+        when the store's directory was deleted while open."""
         self._check_open()
         if self._read_only:
             return
         with self._flush_lock, self._cv:
             self._check_writable()
+            self._resume_writer()  # (after a reported failure: this flush retries the queue)
             target = self._seq  # every row < _next_id is in a job <= target
             snapshot = None
             if self._dirty:
@@ -550,17 +625,30 @@ class TieredStore:
             try:
                 self._drain_seq = max(self._drain_seq, target)  # a lazy writer writes up to here now
                 self._cv.notify_all()
-                while self._done_seq < target and self._writer_error is None:
+                # (paused, not failed: another call may have taken the error first)
+                while self._done_seq < target and not self._writer_paused:
                     self._cv.wait()
                 self._flush_alive = None
                 self._check_writable()
+                if self._done_seq < target:
+                    last = self._writer_failure
+                    raise StoreIOError(getattr(last, "errno", None), f"store {self._disk.where}: the background "
+                                       f"writer failed (raised to another call: {last}); nothing past generation "
+                                       f"{self._generation} is committed; call flush() again to retry",
+                                       getattr(last, "filename", None))
                 if snapshot is None:
                     return
                 n_rows, streams, deletes = snapshot
-                self._disk.make_durable()
-                record = CommitRecord(generation=self._generation + 1, n_rows=n_rows, layout=self.layout,
-                                      streams=streams, writer_stats=self._stats_counters())
-                self._disk.commit(record)
+                # a commit that failed may still have landed (its rename done, the directory sync not):
+                # the retry takes a new number, so two different records never share one
+                gen = self._attempted_generation = max(self._generation, self._attempted_generation) + 1
+                try:
+                    self._disk.make_durable()
+                    record = CommitRecord(generation=gen, n_rows=n_rows, layout=self.layout,
+                                          streams=streams, writer_stats=self._stats_counters())
+                    self._disk.commit(record)
+                except OSError as e:
+                    raise self._io_error(e, f"flush (committing generation {gen})") from e
             except BaseException:
                 self._flush_alive = None
                 if snapshot is not None:  # not committed: the next flush commits it
@@ -571,14 +659,17 @@ class TieredStore:
             if deletes:
                 try:
                     self._disk.delete_rows(deletes)
-                except BaseException:
+                except BaseException as e:
                     self._pending_deletes = deletes + self._pending_deletes  # retried by the next flush
                     self._dirty = True
+                    if isinstance(e, OSError):
+                        raise self._io_error(e, f"flush, after committing, removing the chunks of "
+                                                f"{len(deletes)} deleted blocks (retried by the next flush)") from e
                     raise
             # the index as committed: only when nothing changed while flush waited (else the next
             # flush saves it; an index of another generation is rebuilt at open)
             if self.config.save_index == "flush" and not self._dirty:
-                self._save_index()
+                self._save_index_checked("flush, after committing,")
 
     def delete_stream(self, stream: str) -> int:
         """Remove every block of `stream` from all tiers and the index (durable after the next flush).
@@ -814,6 +905,7 @@ class TieredStore:
                 kn[idx], vn[idx] = k2, v2
             if not found.all():
                 bad = rows[on_disk][~found][:8].tolist()
+                self._disk.check_present()  # (deleted under this store: say so, not "corrupt")
                 raise CorruptBlockError(f"blocks {bad} layer {layer}: committed but their chunks are missing from "
                                         f"{self._disk.where}", block_id=bad[0], layer=layer)
             self._stats.hits["disk"] += int(on_disk.sum())
@@ -1009,6 +1101,12 @@ class TieredStore:
             if name != f"g{gen}":
                 self._disk.delete_prefix(f"index/{name}")
 
+    def _save_index_checked(self, doing: str) -> None:
+        try:
+            self._save_index()
+        except OSError as e:
+            raise self._io_error(e, f"{doing} saving the landmark index (derived: rebuilt at open when missing)") from e
+
     def _load_index(self, record: CommitRecord) -> LandmarkIndex:
         L, H, D = self.layout.n_layers, self.layout.n_kv_heads, self.layout.head_dim
         live = int(self._alive[:self._next_id].sum())
@@ -1069,16 +1167,22 @@ class TieredStore:
             return out
 
     def close(self) -> None:
-        """Flush (when writable), save the index, stop the background threads. Idempotent."""
+        """Flush (when writable), save the index, stop the background threads, release the writer lock.
+        Idempotent. Raises what that flush raises, or a background writer's failure not yet raised
+        (then the blocks put since the last flush are not committed) — in either case only after
+        everything is closed and released."""
         if self._closed:
             return
         try:
-            if not self._read_only and self._writer_error is None:
+            if not self._read_only:
+                # a background failure not yet raised: raised here (the blocks put since the last
+                # flush are not committed); else the final flush retries a paused writer
+                self._check_writable()
                 self.flush()
                 if self.config.save_index != "never" and self._next_id:
                     with self._lock:
                         if not self._dirty:  # (changed by another thread since: rebuilt at open)
-                            self._save_index()
+                            self._save_index_checked("close")
         finally:
             with self._cv:
                 self._stopping = True

@@ -163,7 +163,9 @@ class WriterLock:
         try:
             os.makedirs(path, exist_ok=True)
             if not os.access(path, os.W_OK):  # (a lock file already there would open: check the directory)
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+                # say which: access() answers EACCES for a read-only file system too
+                code = errno.EROFS if os.statvfs(path).f_flag & os.ST_RDONLY else errno.EACCES
+                raise OSError(code, os.strerror(code), path)
             return os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as e:
             if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
