@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import torch
 
 from engine.checkpoint import save_model
@@ -28,3 +30,28 @@ def test_demo_passkey_grid_and_outputs(tmp_path, monkeypatch, capsys):
     assert saved["rows"] == res["rows"] and saved["config"]["lengths"] == [200, 300]
     assert (tmp_path / "out" / "passkey.png").stat().st_size > 1000
     assert "the model just trained" in capsys.readouterr().out
+
+
+def test_demo_real_model_part_runs_on_a_small_imported_checkpoint(tmp_path, capsys):
+    """The demo's real-model part end to end (ingest a real document, two questions, the needle
+    table) on a random checkpoint the test writes; SmolLM2 itself runs in `make demo`."""
+    pytest.importorskip("transformers")
+    import json
+
+    import train.demo as demo
+    from engine.convert import import_checkpoint, save_imported
+    from tests.engine.test_convert import _make
+
+    hf_dir, _ = _make(tmp_path, "llama")
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>",
+        "chat_template": "{% for m in messages %}<s>{{ m.role }}: {{ m.content }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<s>assistant: {% endif %}"}))
+    model_dir = save_imported(*import_checkpoint(hf_dir, block_len=8), tmp_path / "model")
+    res = demo.demo_real_model(tmp_path / "out", model_dir=model_dir, document="sample:sotu-1862-lincoln",
+                               questions=("Who wrote this?",), needle_lengths=(160,))
+    out = capsys.readouterr().out
+    assert res["document"] == "sample:sotu-1862-lincoln" and "Who wrote this?" in res["answers"]
+    assert "demo: A:" in out and (tmp_path / "out" / "needle" / "needle.json").is_file()
+    assert demo.demo_real_model(tmp_path / "o2", model_dir=tmp_path / "missing") == {}
+    assert "make model" in capsys.readouterr().out
