@@ -48,20 +48,20 @@ def load_model_arg(spec: str):
     return model, load_tokenizer(spec, model_vocab=model.cfg.vocab_size - 1)
 
 
-def _retrieval_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("retrieval (defaults depend on the model: landmark-trained, or a pretrained model "
-                             "without landmarks, which uses training-free retrieval)")
-    g.add_argument("--top-k", type=int, default=None,
-                   help="blocks retrieved per layer and KV head (default 4 with landmarks, 8 without)")
-    g.add_argument("--local-blocks", type=int, default=None,
-                   help="complete blocks kept in the local window (default 2 with landmarks, 16 without)")
-    g.add_argument("--positions", choices=("stingy", "true"), default="stingy",
-                   help="landmark models: positions of retrieved blocks (default stingy: a short prefix)")
-    g.add_argument("--selection", choices=("chunk", "token"), default="chunk",
-                   help="landmark models: one choice per chunk (max over its queries) or per token")
-    g.add_argument("--chunk", type=int, default=None,
-                   help="prefill chunk in positions (default: landmark models, the window minus the local "
-                        "blocks; otherwise 512)")
+TRAINING_FREE_FLAGS = ("sink_blocks", "block_key", "query_agg", "search_distance", "decode_reselect")
+
+
+def add_training_free_args(g, *, common: bool) -> None:
+    """The flags of training-free retrieval (models without landmarks) on a parser or group;
+    common: also --top-k, --local-blocks and --chunk (which landmark retrieval shares)."""
+    if common:
+        g.add_argument("--top-k", type=int, default=None,
+                       help="blocks retrieved per layer and KV head (default 4 with landmarks, 8 without)")
+        g.add_argument("--local-blocks", type=int, default=None,
+                       help="complete blocks kept in the local window (default 2 with landmarks, 16 without)")
+        g.add_argument("--chunk", type=int, default=None,
+                       help="prefill chunk in positions (default: landmark models, the window minus the local "
+                            "blocks; otherwise 512)")
     g.add_argument("--sink-blocks", type=int, default=None,
                    help="models without landmarks: the stream's first blocks, always attended (default 1)")
     g.add_argument("--block-key", choices=("mean", "max-norm"), default=None,
@@ -73,6 +73,27 @@ def _retrieval_args(p: argparse.ArgumentParser) -> None:
                         "retrieved blocks sit, (local_blocks + top_k/2) * block_len; 0 = unrotated)")
     g.add_argument("--decode-reselect", type=int, default=None,
                    help="models without landmarks: decode steps between block selections (default 16)")
+
+
+def training_free_config(args):
+    """TrainingFreeConfig from the flags `add_training_free_args` adds (None: the default)."""
+    from engine.training_free import TrainingFreeConfig
+
+    given = {k: getattr(args, k) for k in ("top_k", "local_blocks") + TRAINING_FREE_FLAGS
+             if getattr(args, k, None) is not None}
+    if getattr(args, "chunk", None) is not None:
+        given["chunk_len"] = args.chunk
+    return TrainingFreeConfig(**given)
+
+
+def _retrieval_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("retrieval (defaults depend on the model: landmark-trained, or a pretrained model "
+                             "without landmarks, which uses training-free retrieval)")
+    add_training_free_args(g, common=True)
+    g.add_argument("--positions", choices=("stingy", "true"), default="stingy",
+                   help="landmark models: positions of retrieved blocks (default stingy: a short prefix)")
+    g.add_argument("--selection", choices=("chunk", "token"), default="chunk",
+                   help="landmark models: one choice per chunk (max over its queries) or per token")
     g.add_argument("--device-budget", default="512MiB", help="device tier budget (e.g. 512MiB)")
     g.add_argument("--host-budget", default="2GiB", help="host tier budget (e.g. 2GiB)")
 
@@ -80,21 +101,14 @@ def _retrieval_args(p: argparse.ArgumentParser) -> None:
 def _retrieval_config(args, cfg):
     """RetrievalConfig (landmark model) or TrainingFreeConfig (causal model) from the flags."""
     from engine.retrieval import RetrievalConfig
-    from engine.training_free import TrainingFreeConfig
 
-    given = {k: v for k, v in (("top_k", args.top_k), ("local_blocks", args.local_blocks)) if v is not None}
     if cfg.landmarks:
-        tf_only = ("sink_blocks", "block_key", "query_agg", "search_distance", "decode_reselect")
-        if any(getattr(args, k, None) is not None for k in tf_only):
+        if any(getattr(args, k, None) is not None for k in TRAINING_FREE_FLAGS):
             raise ValueError("--sink-blocks/--block-key/--query-agg/--search-distance/--decode-reselect are for "
                              "models without landmarks; this one is landmark-trained")
+        given = {k: v for k, v in (("top_k", args.top_k), ("local_blocks", args.local_blocks)) if v is not None}
         return RetrievalConfig(**given, positions=args.positions, selection=args.selection, chunk_len=args.chunk)
-    extra = {k: getattr(args, k, None) for k in ("sink_blocks", "block_key", "query_agg", "search_distance",
-                                                 "decode_reselect")}
-    extra = {k: v for k, v in extra.items() if v is not None}
-    if args.chunk is not None:
-        extra["chunk_len"] = args.chunk
-    return TrainingFreeConfig(**given, **extra)
+    return training_free_config(args)
 
 
 def _store_config(args):

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.needle import NeedleConfig
+    from engine.perplexity import PerplexityConfig
 
 
 def _list(text: str, parse, arg: str) -> list:
@@ -25,25 +30,16 @@ def _contexts(text: str, arg: str) -> list[int]:
 
 
 def _retrieval_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("training-free retrieval (defaults: engine.training_free.TrainingFreeConfig)")
-    g.add_argument("--top-k", type=int, default=None, help="blocks retrieved per layer and KV head (default 8)")
-    g.add_argument("--local-blocks", type=int, default=None, help="complete blocks in the local window (default 16)")
-    g.add_argument("--sink-blocks", type=int, default=None, help="the stream's first blocks, always attended (default 1)")
-    g.add_argument("--block-key", choices=("mean", "max-norm"), default=None,
-                   help="a block's index key from its keys (default mean)")
-    g.add_argument("--search-distance", type=int, default=None,
-                   help="rotate queries by this distance before scoring block keys (default: unrotated)")
-    g.add_argument("--chunk", type=int, default=None, help="prefill chunk in tokens (default 512)")
+    from engine.cli import add_training_free_args
+
+    add_training_free_args(p.add_argument_group("training-free retrieval (defaults: engine.training_free."
+                                                "TrainingFreeConfig)"), common=True)
 
 
 def _retrieval_config(args):
-    from engine.training_free import TrainingFreeConfig
+    from engine.cli import training_free_config
 
-    given = {k: getattr(args, k) for k in ("top_k", "local_blocks", "sink_blocks", "block_key", "search_distance")
-             if getattr(args, k) is not None}
-    if args.chunk is not None:
-        given["chunk_len"] = args.chunk
-    return TrainingFreeConfig(**given)
+    return training_free_config(args)
 
 
 def _load(spec: str):
@@ -97,19 +93,26 @@ def add_eval_commands(ev_sub: "argparse._SubParsersAction") -> None:
     p.set_defaults(func=_cmd_perplexity)
 
 
-def _cmd_needle(args: argparse.Namespace) -> int:
-    from engine.needle import NeedleConfig, format_table, run_needle, write_json, write_outputs
+def needle_config(args: argparse.Namespace) -> "NeedleConfig":
+    """The NeedleConfig of `folio eval needle`'s flags; ValueError names a bad flag."""
+    from engine.needle import NeedleConfig
     from engine.units import parse_context
 
+    return NeedleConfig(lengths=_contexts(args.lengths, "--lengths"),
+                        depths=_list(args.depths, float, "--depths"), trials=args.trials,
+                        formats=tuple(_list(args.formats, str, "--formats")),
+                        modes=tuple(_list(args.modes, str, "--modes")),
+                        full_max_len=parse_context(args.full_max_len, arg="--full-max-len"),
+                        full_beyond=tuple(_contexts(args.full_beyond, "--full-beyond")) if args.full_beyond else (),
+                        retrieval=_retrieval_config(args), seed=args.seed,
+                        text=tuple(_list(args.text, str, "--text")), max_new_tokens=args.max_new_tokens)
+
+
+def _cmd_needle(args: argparse.Namespace) -> int:
+    from engine.needle import format_table, run_needle, write_json, write_outputs
+
+    cfg = needle_config(args)
     model, tok = _load(args.model)
-    cfg = NeedleConfig(lengths=_contexts(args.lengths, "--lengths"),
-                       depths=_list(args.depths, float, "--depths"), trials=args.trials,
-                       formats=tuple(_list(args.formats, str, "--formats")),
-                       modes=tuple(_list(args.modes, str, "--modes")),
-                       full_max_len=parse_context(args.full_max_len, arg="--full-max-len"),
-                       full_beyond=tuple(_contexts(args.full_beyond, "--full-beyond")) if args.full_beyond else (),
-                       retrieval=_retrieval_config(args), seed=args.seed,
-                       text=tuple(_list(args.text, str, "--text")), max_new_tokens=args.max_new_tokens)
     command = ["folio", *sys.argv[1:]]
     result = run_needle(model, tok, cfg, progress=not args.no_progress,
                         on_update=lambda r: write_json({**r, "command": command, "complete": False}, args.out))
@@ -120,18 +123,25 @@ def _cmd_needle(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_perplexity(args: argparse.Namespace) -> int:
-    from engine.perplexity import PerplexityConfig, format_table, run_perplexity, write_outputs
+def perplexity_config(args: argparse.Namespace) -> "PerplexityConfig":
+    """The PerplexityConfig of `folio eval perplexity`'s flags; ValueError names a bad flag."""
+    from engine.perplexity import PerplexityConfig
     from engine.units import parse_context
 
-    model, tok = _load(args.model)
     local_max = None if args.local_max_len.lower() == "none" else parse_context(args.local_max_len,
                                                                                  arg="--local-max-len")
-    cfg = PerplexityConfig(contexts=_contexts(args.contexts, "--contexts"),
-                           modes=tuple(_list(args.modes, str, "--modes")), scored_tokens=args.scored,
-                           full_max_len=parse_context(args.full_max_len, arg="--full-max-len"),
-                           local_max_len=local_max, retrieval=_retrieval_config(args),
-                           texts=tuple(_list(args.text, str, "--text")) if args.text else None)
+    return PerplexityConfig(contexts=_contexts(args.contexts, "--contexts"),
+                            modes=tuple(_list(args.modes, str, "--modes")), scored_tokens=args.scored,
+                            full_max_len=parse_context(args.full_max_len, arg="--full-max-len"),
+                            local_max_len=local_max, retrieval=_retrieval_config(args),
+                            texts=tuple(_list(args.text, str, "--text")) if args.text else None)
+
+
+def _cmd_perplexity(args: argparse.Namespace) -> int:
+    from engine.perplexity import format_table, run_perplexity, write_outputs
+
+    cfg = perplexity_config(args)
+    model, tok = _load(args.model)
     command = ["folio", *sys.argv[1:]]
     result = run_perplexity(model, tok, cfg, progress=not args.no_progress,
                             on_update=lambda r: write_outputs({**r, "command": command, "complete": False}, args.out))

@@ -14,7 +14,6 @@ the same source continues where the flushed part ends.
 
 from __future__ import annotations
 
-import codecs
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import ModelConfig
 from engine.inference import GenerateConfig, generate, ingest, make_memory, open_store
 from engine.model import LandmarkTransformer
+from tests.engine._models import tiny_causal_model
 from engine.tokenizer import ByteTokenizer
 from engine.training_free import TrainingFreeConfig, TrainingFreeMemory, block_keys
 from memory_store import StoreConfig
@@ -17,10 +17,7 @@ L = 8
 
 
 def _model(seed: int = 0) -> LandmarkTransformer:
-    torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=260, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64,
-                      max_seq_len=512, block_len=L, attention="causal")
-    return LandmarkTransformer(cfg).eval()
+    return tiny_causal_model(seed, block_len=L)
 
 
 def _tokens(n: int, seed: int = 1) -> torch.Tensor:
