@@ -238,7 +238,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from engine.inference import CHAT_META, GenerateConfig, generate, open_store, question_tokens
+    from engine.inference import GenerateConfig, continues_chat_turn, generate, open_store, question_tokens
 
     model, tok = load_model_arg(args.model)
     store = open_store(args.store, model.cfg, "r", config=_store_config(args))
@@ -257,8 +257,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             out.flush()
 
         if args.mode == "ask":
-            continues = bool(streams and len(streams) == 1 and store.get_stream_meta(streams[0]).get(CHAT_META))
-            prompt = question_tokens(tok, args.prompt, chat=not args.raw, continues_turn=continues)
+            prompt = question_tokens(tok, args.prompt, chat=not args.raw,
+                                     continues_turn=continues_chat_turn(store, streams))
         else:
             prompt = tok.encode(args.prompt)
         for _ in generate(model, store, prompt, streams=streams, retrieval=_retrieval_config(args, model.cfg),

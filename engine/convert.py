@@ -282,8 +282,5 @@ def export_hf(model: LandmarkTransformer, tokenizer: HFTokenizer, out: str | os.
     os.replace(tmp, d / "model.safetensors")
     hf = hf_config_from(model.cfg, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
     (d / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    tokenizer.save(d)
-    cfg = json.loads((d / TOKENIZER_CONFIG).read_text())
-    cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
-    (d / TOKENIZER_CONFIG).write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    tokenizer.save(d, defaults={"tokenizer_class": "PreTrainedTokenizerFast"})
     return d

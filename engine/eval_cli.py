@@ -42,6 +42,20 @@ def _retrieval_config(args):
     return training_free_config(args)
 
 
+def _run(args: argparse.Namespace, cfg, run, write_partial, format_table, write_outputs) -> int:
+    """One evaluation command: load the model, run with the partial result written after every
+    group (write_partial), print the table, write the outputs."""
+    model, tok = _load(args.model)
+    command = ["folio", *sys.argv[1:]]
+    result = run(model, tok, cfg, progress=not args.no_progress,
+                 on_update=lambda r: write_partial({**r, "command": command, "complete": False}, args.out))
+    result = {**result, "command": command, "complete": True}
+    print(format_table(result))
+    for path in write_outputs(result, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
 def _load(spec: str):
     from engine.cli import load_model_arg
 
@@ -111,16 +125,7 @@ def needle_config(args: argparse.Namespace) -> "NeedleConfig":
 def _cmd_needle(args: argparse.Namespace) -> int:
     from engine.needle import format_table, run_needle, write_json, write_outputs
 
-    cfg = needle_config(args)
-    model, tok = _load(args.model)
-    command = ["folio", *sys.argv[1:]]
-    result = run_needle(model, tok, cfg, progress=not args.no_progress,
-                        on_update=lambda r: write_json({**r, "command": command, "complete": False}, args.out))
-    result = {**result, "command": command, "complete": True}
-    print(format_table(result))
-    for path in write_outputs(result, args.out):
-        print(f"wrote {path}")
-    return 0
+    return _run(args, needle_config(args), run_needle, write_json, format_table, write_outputs)
 
 
 def perplexity_config(args: argparse.Namespace) -> "PerplexityConfig":
@@ -140,13 +145,4 @@ def perplexity_config(args: argparse.Namespace) -> "PerplexityConfig":
 def _cmd_perplexity(args: argparse.Namespace) -> int:
     from engine.perplexity import format_table, run_perplexity, write_outputs
 
-    cfg = perplexity_config(args)
-    model, tok = _load(args.model)
-    command = ["folio", *sys.argv[1:]]
-    result = run_perplexity(model, tok, cfg, progress=not args.no_progress,
-                            on_update=lambda r: write_outputs({**r, "command": command, "complete": False}, args.out))
-    result = {**result, "command": command, "complete": True}
-    print(format_table(result))
-    for path in write_outputs(result, args.out):
-        print(f"wrote {path}")
-    return 0
+    return _run(args, perplexity_config(args), run_perplexity, write_outputs, format_table, write_outputs)

@@ -390,6 +390,12 @@ def chat_document(tokenizer: Tokenizer, text: str) -> list[int]:
     return tokenizer.encode(parts[0], specials=True) + tokenizer.encode(text)
 
 
+def continues_chat_turn(store, streams: Sequence[str] | None) -> bool:
+    """Whether a question about `streams` closes the user turn the one stream's document opened
+    (ingested with `chat_document`, recorded under CHAT_META)."""
+    return bool(streams is not None and len(streams) == 1 and store.get_stream_meta(streams[0]).get(CHAT_META))
+
+
 def question_tokens(tokenizer: Tokenizer, question: str, *, chat: bool, continues_turn: bool) -> list[int]:
     """The prompt for a question: the rest of the user's turn after a document ingested with
     `chat_document` (continues_turn), one whole user turn, or the raw text (chat=False or no
@@ -412,8 +418,8 @@ def ask(model: LandmarkTransformer, store, question: str, *, streams: Sequence[s
     user turn a stream ingested with `chat_document` opened (one stream), or is a user turn
     of its own. False sends the raw text."""
     tok = tokenizer or TOKENIZER
-    continues = bool(streams is not None and len(streams) == 1 and store.get_stream_meta(streams[0]).get(CHAT_META))
-    ids = list(generate(model, store, question_tokens(tok, question, chat=chat, continues_turn=continues),
+    prompt = question_tokens(tok, question, chat=chat, continues_turn=continues_chat_turn(store, streams))
+    ids = list(generate(model, store, prompt,
                         streams=streams, retrieval=retrieval, gen=gen, on_text=on_text, tokenizer=tok))
     text = tok.decode(ids)
     for s in (gen.stop if gen else ()):

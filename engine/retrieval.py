@@ -109,6 +109,12 @@ class RetrievalStats:
     per_layer_blocks: list[int] = field(default_factory=list)
     taken_bytes: int = 0
 
+    def count_fetched(self, layer: int, n: int, layout) -> None:
+        """n distinct blocks of `layer` fetched from a store of this `StoreLayout` (K and V)."""
+        self.blocks_fetched += n
+        self.per_layer_blocks[layer] += n
+        self.bytes_fetched += n * 2 * layout.n_kv_heads * layout.block_len * layout.head_dim * layout.itemsize
+
     def take_fetched(self) -> int:
         """Bytes fetched since the previous call (for per-step accounting)."""
         n = self.bytes_fetched - self.taken_bytes
@@ -543,10 +549,7 @@ class RetrievalMemory:
 
     def _count_fetched(self, layer: int, n: int) -> None:
         """Stats for n distinct blocks of `layer` fetched from the store."""
-        lay = self.store.layout
-        self.stats.blocks_fetched += n
-        self.stats.per_layer_blocks[layer] += n
-        self.stats.bytes_fetched += n * 2 * lay.n_kv_heads * lay.block_len * lay.head_dim * lay.itemsize
+        self.stats.count_fetched(layer, n, self.store.layout)
 
     def _positions(self, kk: int, n: int, start_local: int) -> torch.Tensor:
         """RoPE positions of n local-window entries starting at local index start_local."""

@@ -269,11 +269,13 @@ class HFTokenizer:
             messages=[{"role": "user", "content": question}], add_generation_prompt=True,
             bos_token=tok("bos_token"), eos_token=tok("eos_token"))
 
-    def save(self, directory: str | os.PathLike) -> None:
-        """Write tokenizer.json (landmark included) and tokenizer_config.json."""
+    def save(self, directory: str | os.PathLike, *, defaults: dict | None = None) -> None:
+        """Write tokenizer.json (landmark included) and tokenizer_config.json (`defaults`: fields
+        written when the checkpoint's config has none of its own)."""
         d = Path(directory)
         (d / TOKENIZER_FILE).write_text(self.json, encoding="utf-8")
-        cfg = {**self.config, "folio_landmark_token": LANDMARK_TOKEN, "folio_landmark_id": self._landmark}
+        cfg = {**(defaults or {}), **self.config, "folio_landmark_token": LANDMARK_TOKEN,
+               "folio_landmark_id": self._landmark}
         (d / TOKENIZER_CONFIG).write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 

@@ -212,10 +212,7 @@ class TrainingFreeMemory:
         k_sel, v_sel, _, n_new = _gather_selected(self.store, layer, sel[None], self.device, promote=promote,
                                                   cache=self._blocks[layer])  # (1, Hkv, kk, L, D)
         if n_new:
-            lay = self.store.layout
-            self.stats.blocks_fetched += n_new
-            self.stats.per_layer_blocks[layer] += n_new
-            self.stats.bytes_fetched += n_new * 2 * lay.n_kv_heads * self.L * lay.head_dim * lay.itemsize
+            self.stats.count_fetched(layer, n_new, self.store.layout)
         else:
             self.stats.reused += 1
         D = k_sel.shape[-1]
