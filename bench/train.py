@@ -1,6 +1,6 @@
 """Training benchmark: throughput of the DeepSpeed trainer against a plain PyTorch loop.
 
-    python -m bench.train [--quick]
+    python -m bench.train [--quick] [--only throughput|retrieval|lora]
 
 Every configuration trains the same model on the same windows (the tiny preset on
 passkey + stdlib, windows of 512, 4 lanes) in this process; the configurations
@@ -14,6 +14,8 @@ in the same run:
 
   step_time_retrieval_vs_none          train step with retrieval from the store / the
                                        same step without (goal <= 1.3)
+  lora.step_time_retrieval_vs_none     the same for the LoRA fine-tuning step of SmolLM2-135M
+                                       (the smollm2-landmark preset), and its tokens/s
 Runs on the allocator `folio train` runs on (engine/allocator.py: jemalloc, keeping freed
 pages, when the machine has it; FOLIO_MALLOC=system for glibc's malloc): it re-executes
 itself with it first. The JSON's `machine` says which.
@@ -163,10 +165,49 @@ def measure_retrieval(quick: bool, tmp: Path) -> dict[str, Any]:
     }
 
 
+LORA_ROUNDS = {True: 1, False: 2}
+LORA_STEPS = {True: 5, False: 10}
+
+
+def measure_lora(quick: bool, tmp: Path) -> dict[str, Any]:
+    """The fine-tuning step: SmolLM2-135M with landmarks, LoRA (the smollm2-landmark preset:
+    rank 8 on wq/wk/wv/wo, window 512, 2 lanes, ZeRO-2 with the optimizer on the CPU), with
+    retrieval of earlier windows from the store / the same step without; alternating rounds,
+    medians after warmup. Skipped (with the reason) when models/smollm2-135m is not made."""
+    from train.metrics import read_metrics
+
+    base = Path("models/smollm2-135m")
+    if not (base / "config.json").is_file():
+        return {"lora": {"skipped": f"{base} does not exist (`make model` makes it)"}}
+    warmup = 2
+    times: dict[str, list[float]] = {"none": [], "retrieval": []}
+    tokens: dict[str, list[int]] = {"none": [], "retrieval": []}
+    per_round: dict[str, list[float]] = {"none": [], "retrieval": []}
+    for r in range(LORA_ROUNDS[quick]):
+        for name in times:
+            cfg = train_preset("smollm2-landmark", init_from=str(base), max_steps=LORA_STEPS[quick], warmup_steps=2,
+                               save_every=0, out_dir=str(tmp / f"lora-{name}-{r}"), retrieval=name == "retrieval")
+            train(cfg, ds=DSOptions(), progress=False)
+            recs = read_metrics(Path(cfg.out_dir) / "metrics.jsonl")[warmup:]
+            times[name].extend(r_["step_time_s"] for r_ in recs)
+            tokens[name].extend(r_["tokens"] for r_ in recs)
+            per_round[name].append(statistics.median(r_["step_time_s"] for r_ in recs))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"lora": {
+        "setup": "smollm2-landmark preset: SmolLM2-135M, LoRA r=8 on wq,wk,wv,wo + landmark row, window 512, "
+                 "2 lanes, ZeRO-2 optimizer offload, fp32",
+        "tokens_per_s_retrieval": round(statistics.mean(tokens["retrieval"]) / med["retrieval"], 1),
+        "tokens_per_s_no_retrieval": round(statistics.mean(tokens["none"]) / med["none"], 1),
+        "step_time_retrieval_vs_none": round(med["retrieval"] / med["none"], 3),
+        "step_time_retrieval_vs_none_per_round": [round(a / b, 3) for a, b in zip(per_round["retrieval"], per_round["none"])],
+    }}
+
+
 # name -> function(quick, tmp dir) -> dict of figures
 MEASUREMENTS: dict[str, Callable[[bool, Path], dict[str, Any]]] = {
     "throughput": measure_throughput,
     "retrieval": measure_retrieval,
+    "lora": measure_lora,
 }
 
 
@@ -174,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer steps (under 60 s)")
     ap.add_argument("--out", default=str(RESULTS), help="where to write the JSON")
+    ap.add_argument("--only", choices=sorted(MEASUREMENTS), action="append",
+                    help="run only these measurements (repeatable; default all)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     cfg = _config(args.quick, "unused")
@@ -187,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="folio-bench-train-") as tmp:
         for name, fn in MEASUREMENTS.items():
+            if args.only and name not in args.only:
+                continue
             results.update(fn(args.quick, Path(tmp)))
             print(f"[{name}] done after {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     results["wall_s"] = round(time.perf_counter() - t0, 1)

@@ -37,6 +37,8 @@ def save_model(model: LandmarkTransformer, directory: str | os.PathLike, *,
 
 def load_config(directory: str | os.PathLike) -> ModelConfig:
     path = Path(directory) / CONFIG
+    if not path.is_file() and (Path(directory) / "adapter_config.json").is_file():
+        path = Path(directory) / "adapter_config.json"  # an adapter directory: the adapted model's config
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG} in {directory!s}: not an exported Folio model "
                                 f"(expected {WEIGHTS} + {CONFIG}, written by `folio export`)")
@@ -49,7 +51,19 @@ def load_config(directory: str | os.PathLike) -> ModelConfig:
 
 def load_model(directory: str | os.PathLike, *, device: str | torch.device = "cpu"
                ) -> LandmarkTransformer:
-    """Load an exported model (config + safetensors weights) onto `device`."""
+    """Load an exported model (config + safetensors weights) onto `device`; an adapter
+    directory (`engine.adapter`) loads as its base model with the adapter merged in."""
+    from engine.adapter import is_adapter_dir, load_adapted
+
+    if is_adapter_dir(directory) and not (Path(directory) / WEIGHTS).is_file():
+        cfg, state = load_adapted(directory)
+        model = LandmarkTransformer(cfg)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [m for m in missing if not (cfg.tie_embeddings and m == "lm_head.weight")]
+        if missing or unexpected:
+            raise ValueError(f"{directory}: the adapter and its base do not fit the config: missing "
+                             f"{missing[:5]}, unexpected {unexpected[:5]}")
+        return model.to(device).eval()
     cfg = load_config(directory)
     wpath = Path(directory) / WEIGHTS
     if not wpath.is_file():

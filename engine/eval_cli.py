@@ -42,10 +42,11 @@ def _retrieval_config(args):
     return training_free_config(args)
 
 
-def _run(args: argparse.Namespace, cfg, run, write_partial, format_table, write_outputs) -> int:
+def _run(args: argparse.Namespace, cfg, run, write_partial, format_table, write_outputs,
+         landmarks_ok: bool = False) -> int:
     """One evaluation command: load the model, run with the partial result written after every
     group (write_partial), print the table, write the outputs."""
-    model, tok = _load(args.model)
+    model, tok = _load(args.model, landmarks_ok)
     command = ["folio", *sys.argv[1:]]
     result = run(model, tok, cfg, progress=not args.no_progress,
                  on_update=lambda r: write_partial({**r, "command": command, "complete": False}, args.out))
@@ -56,11 +57,11 @@ def _run(args: argparse.Namespace, cfg, run, write_partial, format_table, write_
     return 0
 
 
-def _load(spec: str):
+def _load(spec: str, landmarks_ok: bool = False):
     from engine.cli import load_model_arg
 
     model, tok = load_model_arg(spec)
-    if model.cfg.landmarks:
+    if model.cfg.landmarks and not landmarks_ok:
         raise ValueError(f"--model {spec!r} is landmark-trained; these evaluations are for pretrained causal "
                          f"models (use `folio eval passkey`)")
     return model, tok
@@ -125,7 +126,7 @@ def needle_config(args: argparse.Namespace) -> "NeedleConfig":
 def _cmd_needle(args: argparse.Namespace) -> int:
     from engine.needle import format_table, run_needle, write_json, write_outputs
 
-    return _run(args, needle_config(args), run_needle, write_json, format_table, write_outputs)
+    return _run(args, needle_config(args), run_needle, write_json, format_table, write_outputs, landmarks_ok=True)
 
 
 def perplexity_config(args: argparse.Namespace) -> "PerplexityConfig":

@@ -307,7 +307,9 @@ def _answers_from_store(model: LandmarkTransformer, tok: Tokenizer, trials: Sequ
                         rc: TrainingFreeConfig, max_new: int, done: Callable[[], None]) -> list[tuple[str, float]]:
     """(answer, seconds) per trial: ingest + ask, the shared prefix ingested once into a trunk store."""
     cfg = model.cfg
-    step = math.lcm(cfg.block_len, rc.chunk_len)  # a resumed ingest is exact from such a position
+    rc = memory_config(cfg, rc)
+    chunk = rc.chunk_len if rc.chunk_len is not None else rc.chunk_for(cfg)
+    step = math.lcm(cfg.block_len, chunk)  # a resumed ingest is exact from such a position
     trunk_ids = trials[0].head + trials[0].hay
     gen = GenerateConfig(max_new_tokens=max_new)
     kw = dict(retrieval=rc, tokenizer=tok, source=STREAM, meta_update={CHAT_META: True}, flush_interval_s=1e9)
@@ -334,6 +336,17 @@ def _answers_from_store(model: LandmarkTransformer, tok: Tokenizer, trials: Sequ
             out[i] = (tok.decode(ids), time.perf_counter() - t0)
             done()
     return [(a, s + trunk_s / len(trials)) for a, s in out]
+
+
+def memory_config(cfg, rc: TrainingFreeConfig):
+    """The retrieval config a store mode uses: `rc` for a causal model; for a landmark-trained
+    one its landmark retrieval with rc's top_k (0 = the local window alone), the window and
+    prefill chunk of its training (`RetrievalConfig` defaults from max_seq_len)."""
+    from engine.retrieval import RetrievalConfig
+
+    if not cfg.landmarks or isinstance(rc, RetrievalConfig):
+        return rc
+    return RetrievalConfig(top_k=rc.top_k)
 
 
 def _prefill(model: LandmarkTransformer, cache: KVCache, ids: Sequence[int], chunk: int = 1024) -> torch.Tensor | None:
@@ -396,15 +409,14 @@ def run_needle(model: LandmarkTransformer, tok: Tokenizer, cfg: NeedleConfig, *,
     receives the result so far after each (length, trial, mode) group (for partial outputs).
     source: the haystack's sentences (default: `cfg.text` loaded from the corpora).
     Returns {"rows": [...], "trials": [...], "config": ..., "machine": ..., "seconds": ...}.
-    Raises ValueError for a landmark-trained model (use `engine.passkey`)."""
-    if model.cfg.landmarks:
-        raise ValueError("the needle evaluation is for pretrained causal models; a landmark-trained model "
-                         "is evaluated by engine.passkey (`folio eval passkey`)")
+    A landmark-trained model (a landmark fine-tune) runs `retrieval` and `local` through its
+    own landmark retrieval (`memory_config`); `full` is for causal models only and is skipped."""
     t_start = time.perf_counter()
     source = source or HaystackSource(tok, cfg.text)
     rng = random.Random(cfg.seed)
     lengths = sorted(cfg.lengths)
-    n_cells = sum(len(cfg.modes_for(n)) for n in lengths) * cfg.trials * len(cfg.depths) * len(cfg.formats)
+    modes_for = (lambda n: tuple(m for m in cfg.modes_for(n) if m != "full")) if model.cfg.landmarks else cfg.modes_for
+    n_cells = sum(len(modes_for(n)) for n in lengths) * cfg.trials * len(cfg.depths) * len(cfg.formats)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -417,7 +429,7 @@ def run_needle(model: LandmarkTransformer, tok: Tokenizer, cfg: NeedleConfig, *,
         for trial in range(cfg.trials):
             specs = [(f, d, make_key(f, rng)) for d in cfg.depths for f in cfg.formats]
             trials, facts = build_trials(tok, source, n, specs, rng)
-            for mode in cfg.modes_for(n):
+            for mode in modes_for(n):
                 if bar is not None:
                     bar.set_postfix_str(f"{n:,} tokens, {mode}")
                 if mode == "full":

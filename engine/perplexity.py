@@ -18,6 +18,8 @@ novel has: the scored tokens are the novel's last M tokens in every case.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import sys
@@ -130,8 +132,10 @@ def build_document(tok: Tokenizer, n_tokens: int, texts: Sequence[str] | None = 
 
 
 def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-token negative log-likelihood: logits (T, V), targets (T,) -> (T,) float64."""
-    return F.cross_entropy(logits.float(), targets, reduction="none").double()
+    """Per-token negative log-likelihood: logits (T, V), targets (T,) -> (T,) float64. The
+    landmark (Folio's last vocabulary row) is left out of the softmax: it is inserted, never
+    predicted, and a fine-tune trains its row, so counting it would score models unevenly."""
+    return F.cross_entropy(logits[..., :-1].float(), targets, reduction="none").double()
 
 
 def score_full(model: LandmarkTransformer, seq: Sequence[int], m: int, *, chunk: int = 1024) -> torch.Tensor:
@@ -162,6 +166,8 @@ def score_store(model: LandmarkTransformer, tok: Tokenizer, seq: Sequence[int], 
     x = torch.tensor(seq, dtype=torch.long)
     n = x.numel()
     first = n - m - 1
+    if cfg.landmarks:
+        return _score_store_landmarks(model, tok, x, m, rc, where)
     # the store is temporary: syncing it to disk buys nothing
     with open_store(where, cfg, "w", config=StoreConfig(sync_mode="none")) as store:
         res = ingest(model, store, STREAM, x[:first], retrieval=rc, tokenizer=tok, flush_interval_s=1e9)
@@ -180,6 +186,38 @@ def score_store(model: LandmarkTransformer, tok: Tokenizer, seq: Sequence[int], 
     return torch.cat(nll).cpu(), res.tokens_per_s
 
 
+def _score_store_landmarks(model: LandmarkTransformer, tok: Tokenizer, x: torch.Tensor, m: int, rc,
+                           where: str | Path) -> tuple[torch.Tensor, float]:
+    """`score_store` for a landmark-trained model: its landmark retrieval, landmarks inserted
+    as ingest and generate insert them; a token's NLL is read off the position before it
+    (a landmark position predicts the token after its block)."""
+    from engine.landmarks import insert_landmarks
+    from engine.needle import memory_config
+    from memory_store import StoreConfig
+
+    cfg, dev = model.cfg, model.tok_emb.weight.device
+    rc = memory_config(cfg, rc)
+    n = x.numel()
+    first = n - m - 1
+    with open_store(where, cfg, "w", config=StoreConfig(sync_mode="none")) as store:
+        res = ingest(model, store, STREAM, x[:first], retrieval=rc, tokenizer=tok, flush_interval_s=1e9)
+        tail = torch.as_tensor(store.get_stream_meta(STREAM).get("tail", []), dtype=torch.long)
+        # the stream continued (its last blocks the local window, positions after them), nothing written
+        mem = make_memory(cfg, store, stream=STREAM, retrieval=rc, persist=False, read_streams=[STREAM])
+        mem.resume_from_store()
+        seq = insert_landmarks(torch.cat([tail, x[first:]]), cfg.block_len, tok.landmark_id)  # ends with the last scored token
+        chunk = rc.chunk_for(cfg)
+        logits = []
+        for a in range(0, seq.numel() - 1, chunk):
+            logits.append(model(seq[None, a:min(a + chunk, seq.numel() - 1)].to(dev), memory=mem)[0].float().cpu())
+            mem.end_chunk()
+        lg = torch.cat(logits)  # (len(seq) - 1, V): position j predicts seq[j + 1]
+        nxt = seq[1:]
+        keep = nxt != tok.landmark_id
+        nll = _nll(lg[keep], nxt[keep])
+    return nll[-m:], res.tokens_per_s
+
+
 @torch.no_grad()
 def run_perplexity(model: LandmarkTransformer, tok: Tokenizer, cfg: PerplexityConfig, *, progress: bool = True,
                    on_update: Callable[[dict], None] | None = None) -> dict:
@@ -187,9 +225,8 @@ def run_perplexity(model: LandmarkTransformer, tok: Tokenizer, cfg: PerplexityCo
     "nll", "ppl", "seconds", ...}], "config", "machine", "document", "seconds"}; `on_update`
     receives the result so far after each cell. Raises ValueError for a landmark-trained model
     or a document shorter than the longest context + M."""
-    if model.cfg.landmarks:
-        raise ValueError("this perplexity evaluation is for pretrained causal models; a landmark-trained model "
-                         "has `folio perplexity`")
+    if model.cfg.landmarks and "full" in cfg.modes:
+        cfg = dataclasses.replace(cfg, modes=tuple(m for m in cfg.modes if m != "full"))  # causal models only
     t_start = time.perf_counter()
     m = cfg.scored_tokens
     cells = cfg.cells()

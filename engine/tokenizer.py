@@ -37,7 +37,10 @@ class Tokenizer(Protocol):
     def bos_id(self) -> int | None: ...
     @property
     def eos_id(self) -> int | None: ...
+    @property
+    def pad_id(self) -> int: ...
     def encode(self, text: str, *, bos: bool = False, eos: bool = False, specials: bool = False) -> list[int]: ...
+    def encode_offsets(self, text: str, *, specials: bool = False) -> tuple[list[int], list[tuple[int, int]]]: ...
     def decode(self, ids: Iterable[int], *, keep_special: bool = False) -> str: ...
     def never_sampled(self) -> list[int]: ...
     def stream_decoder(self) -> "StreamDecoder": ...
@@ -88,6 +91,16 @@ class ByteTokenizer:
         if eos:
             ids.append(self.EOS)
         return ids
+
+    def encode_offsets(self, text: str, *, specials: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, the (start, end) character range of `text` each id comes from)."""
+        ids: list[int] = []
+        spans: list[tuple[int, int]] = []
+        for i, ch in enumerate(text):
+            b = ch.encode("utf-8")
+            ids.extend(b)
+            spans.extend([(i, i + 1)] * len(b))
+        return ids, spans
 
     def decode(self, ids: Iterable[int], *, keep_special: bool = False) -> str:
         """Token ids -> text. Special tokens are dropped unless `keep_special`."""
@@ -220,6 +233,22 @@ class HFTokenizer:
         if eos and self._eos is not None:
             ids.append(self._eos)
         return ids
+
+    @property
+    def pad_id(self) -> int:
+        """Filler for the unused tail of a training window (never a target: the windows mask
+        padding by position): the checkpoint's pad token, else its EOS, else 0."""
+        pad = self._special_id("pad_token")
+        return pad if pad is not None else (self._eos if self._eos is not None else 0)
+
+    def encode_offsets(self, text: str, *, specials: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, the (start, end) character range of `text` each id comes from), the ids
+        equal to `encode(text, specials=specials)`."""
+        if not isinstance(text, str):
+            raise ValueError(f"text must be str, got {type(text).__name__}")
+        self._tok.encode_special_tokens = not specials
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return list(enc.ids), [tuple(o) for o in enc.offsets]
 
     def decode(self, ids: Iterable[int], *, keep_special: bool = False) -> str:
         ids = [int(i) for i in ids]

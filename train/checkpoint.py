@@ -103,20 +103,43 @@ def load_exported(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, 
     return cfg, state
 
 
-def export_from_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Copy a training checkpoint's weights + config into an export directory.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+ADAPTER_FILES = ("adapter.safetensors", "adapter_config.json")
 
-    `checkpoint` is a run's out_dir, its checkpoints/ folder, or one step folder; the
-    newest complete checkpoint is taken. The copy is re-read to check it. Returns `out`.
+
+def export_from_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *,
+                           adapter_only: bool = False) -> Path:
+    """Copy a training checkpoint's weights + config (+ tokenizer and adapter files when it
+    has them) into an export directory.
+
+    `checkpoint` is a run's out_dir, its checkpoints/ folder, one step folder, or a model
+    directory; the newest complete checkpoint is taken. adapter_only: the LoRA adapter and
+    the tokenizer files alone (`engine.adapter` loads them on top of the base model). The
+    copy is re-read to check it. Returns `out`.
     """
-    step_dir = find_checkpoint(checkpoint)
-    load_exported(step_dir)  # refuse to export something unreadable
+    src = Path(checkpoint)
+    model_dir = ((src / CONFIG).is_file() or (src / ADAPTER_FILES[1]).is_file()) and not (src / META).is_file() \
+        and not src.name.startswith("step")  # a step folder without its meta is incomplete
+    step_dir = src if model_dir else find_checkpoint(src)
+    if adapter_only:
+        if not all((step_dir / n).is_file() for n in ADAPTER_FILES):
+            raise CheckpointError(f"{step_dir}: no LoRA adapter ({' + '.join(ADAPTER_FILES)}); it comes from a "
+                                  f"run with lora_rank > 0")
+        names = [*ADAPTER_FILES, *(n for n in TOKENIZER_FILES if (step_dir / n).is_file())]
+    else:
+        load_exported(step_dir)  # refuse to export something unreadable
+        names = [WEIGHTS, CONFIG, *(n for n in (*TOKENIZER_FILES, *ADAPTER_FILES) if (step_dir / n).is_file())]
     o = Path(out)
     o.mkdir(parents=True, exist_ok=True)
-    for name in (WEIGHTS, CONFIG):
+    for name in names:
         shutil.copyfile(step_dir / name, o / (name + ".tmp"))
         os.replace(o / (name + ".tmp"), o / name)
-    load_exported(o)
+    if adapter_only:
+        from engine.adapter import read_adapter
+
+        read_adapter(o)
+    else:
+        load_exported(o)
     return o
 
 

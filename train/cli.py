@@ -65,7 +65,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                    help="continue from the newest checkpoint of --out, or of PATH")
     p.add_argument("--init-from", metavar="DIR",
-                   help="start from the weights of an exported model (same model config)")
+                   help="start from the weights of a model directory (`folio import` of a pretrained "
+                        "checkpoint, or an export); without --model the run's model is that one "
+                        "(with --model-set overrides, e.g. attention=landmark)")
+    p.add_argument("--lora-rank", type=int, metavar="R",
+                   help="train LoRA adapters of rank R (peft) on a frozen model; 0 = every weight")
+    p.add_argument("--lora-targets", metavar="NAMES",
+                   help="comma list of projections to adapt (default wq,wk,wv,wo; also w_gate,w_up,w_down)")
     p.add_argument("--stop-after", type=int, metavar="N",
                    help="stop (with a checkpoint) after step N of the schedule")
     p.add_argument("--ds-config", help="DeepSpeed config (default ./ds_config.json or the repository's)")
@@ -89,7 +95,14 @@ def train_config_from_args(args: argparse.Namespace):  # -> TrainConfig
              "jsonl_field": args.jsonl_field, "max_steps": args.steps, "micro_batch": args.micro_batch,
              "grad_accum": args.grad_accum, "lr": args.lr, "window_len": args.window,
              "precision": args.precision, "seed": args.seed, "out_dir": args.out,
-             "save_every": args.save_every, "init_from": args.init_from}
+             "save_every": args.save_every, "init_from": args.init_from, "lora_rank": args.lora_rank,
+             "lora_targets": tuple(t.strip() for t in args.lora_targets.split(",")) if args.lora_targets else None}
+    if args.init_from and not args.model:
+        from train.config import TRAIN_PRESETS
+
+        named["model"] = "init"  # the model is the one fine-tuning starts from
+        if TRAIN_PRESETS.get(args.preset, {}).get("model") != "init":
+            fields.setdefault("model_overrides", {})  # a tiny preset's overrides are not this model's
     fields.update({k: v for k, v in named.items() if v is not None})
     if args.data and args.data_weights is None:
         fields.setdefault("data_weights", None)  # the preset's weights belong to its own sources
@@ -97,7 +110,8 @@ def train_config_from_args(args: argparse.Namespace):  # -> TrainConfig
         from train.config import TRAIN_PRESETS
 
         # a preset's model overrides belong to its own model preset
-        base = {} if args.model else dict(TRAIN_PRESETS.get(args.preset, {}).get("model_overrides", {}))
+        base = {} if args.model else dict(fields.get("model_overrides",
+                                                     TRAIN_PRESETS.get(args.preset, {}).get("model_overrides", {})))
         fields["model_overrides"] = {**base, **_parse_assignments(args.model_set, "--model-set")}
     return train_preset(args.preset, **fields)
 
@@ -137,8 +151,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="a run's output directory, its checkpoints/ folder, a step folder, "
                                       "or a Folio model directory")
     p.add_argument("--out", required=True, help="directory to write into")
-    p.add_argument("--format", choices=("folio", "hf"), default="folio",
-                   help="folio (model.safetensors + config.json, default) or hf (Hugging Face)")
+    p.add_argument("--format", choices=("folio", "hf", "adapter"), default="folio",
+                   help="folio (model.safetensors + config.json + tokenizer files, default; a LoRA run's "
+                        "adapters merged in), hf (Hugging Face) or adapter (a LoRA run's adapter alone, a "
+                        "few MB, + tokenizer files; loads on top of its base model directory)")
     p.set_defaults(func=_cmd_export)
 
 
@@ -152,11 +168,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from train.checkpoint import export_from_checkpoint, find_checkpoint
 
     src = Path(args.checkpoint)
-    is_model_dir = (src / "config.json").is_file() and (src / "model.safetensors").is_file() \
+    is_model_dir = ((src / "config.json").is_file() or (src / "adapter_config.json").is_file()) \
         and not (src / "folio_meta.json").is_file()
-    if args.format == "folio":
-        out = export_from_checkpoint(find_checkpoint(src), args.out)
-        print(f"exported {src} -> {out}")
+    if args.format in ("folio", "adapter"):
+        out = export_from_checkpoint(src if is_model_dir else find_checkpoint(src), args.out,
+                                     adapter_only=args.format == "adapter")
+        print(f"exported {src} -> {out}" + (" (adapter)" if args.format == "adapter" else ""))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = src if is_model_dir else export_from_checkpoint(find_checkpoint(src), tmp)

@@ -31,7 +31,8 @@ class TrainConfig:
     """Everything a training run needs besides ds_config.json."""
 
     model: str = "tiny"
-    """Model preset name (see `engine.config.PRESETS`)."""
+    """Model preset name (see `engine.config.PRESETS`), or "init": the model of `init_from`
+    (an imported pretrained checkpoint, e.g. models/smollm2-135m) with `model_overrides`."""
     model_overrides: dict[str, Any] = field(default_factory=dict)
     """ModelConfig fields that replace the preset's (e.g. {"n_layers": 1})."""
     data: tuple[str, ...] = ("passkey", "stdlib")
@@ -86,9 +87,30 @@ class TrainConfig:
     the run (fine-tuning, or a second stage of a curriculum); its config must equal the
     run's model config. None = random init from `seed`."""
 
+    lora_rank: int = 0
+    """LoRA rank of the adapters (train/finetune.py, the peft library); 0 = train every weight."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (the update is alpha / rank * B A)."""
+    lora_targets: tuple[str, ...] = ("wq", "wk", "wv", "wo")
+    """Projections that get adapters: any of wq wk wv wo w_gate w_up w_down."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    lora_train_landmark: bool = True
+    """With LoRA: also train the landmark token's embedding row (the only embedding row trained)."""
+
     def __post_init__(self) -> None:
-        if self.model not in MODEL_PRESETS:
-            _fail("model", self.model, f"one of {sorted(MODEL_PRESETS)}")
+        if self.model not in MODEL_PRESETS and self.model != "init":
+            _fail("model", self.model, f"one of {sorted(MODEL_PRESETS)} or 'init' (the model of init_from)")
+        if self.model == "init" and not self.init_from:
+            _fail("model", self.model, "'init' needs init_from (the model directory to start from)")
+        self.lora_targets = tuple(self.lora_targets)
+        if self.lora_rank:
+            from train.finetune import LoraSpec
+
+            LoraSpec(rank=self.lora_rank, alpha=self.lora_alpha, targets=self.lora_targets,
+                     dropout=self.lora_dropout)  # validates
+        elif not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            _fail("lora_rank", self.lora_rank, "an int >= 0 (0 = full fine-tuning)")
         if not isinstance(self.model_overrides, dict):
             _fail("model_overrides", self.model_overrides, "must be a dict of ModelConfig fields")
         self.data = tuple(self.data)
@@ -142,7 +164,20 @@ class TrainConfig:
                   f"set it: max_seq_len={mcfg.max_seq_len} is not a multiple of block_len={mcfg.block_len}")
 
     def model_config(self) -> ModelConfig:
-        """The ModelConfig this run trains (preset + overrides), validated."""
+        """The ModelConfig this run trains (preset or init_from's model, + overrides), validated."""
+        if self.model == "init":
+            import dataclasses as dc
+
+            from engine.checkpoint import load_config
+
+            try:
+                base = load_config(self.init_from)
+            except (FileNotFoundError, ValueError) as e:
+                raise ValueError(f"TrainConfig.init_from={self.init_from!r}: {e}") from None
+            unknown = sorted(set(self.model_overrides) - {f.name for f in dc.fields(ModelConfig)})
+            if unknown:
+                _fail("model_overrides", self.model_overrides, f"unknown ModelConfig fields {unknown}")
+            return dc.replace(base, **self.model_overrides)
         return preset(self.model, **self.model_overrides)
 
     @property
@@ -155,6 +190,7 @@ class TrainConfig:
         d["data"] = list(self.data)
         d["data_weights"] = None if self.data_weights is None else list(self.data_weights)
         d["synthetic_chars"] = list(self.synthetic_chars)
+        d["lora_targets"] = list(self.lora_targets)
         return d
 
     @classmethod
@@ -200,6 +236,19 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
                               micro_batch=8, max_steps=2000, lr=1e-3, warmup_steps=50, min_lr_ratio=0.05,
                               retrieval=True, init_from="runs/passkey-tiny/export",
                               save_every=250, keep_checkpoints=0, seed=0, out_dir="runs/passkey-tiny-long"),
+    # Landmark fine-tuning of SmolLM2-135M-Instruct (`make model` imports it) with LoRA on the
+    # attention projections and the landmark row, on retrieval tasks hidden in real prose
+    # (train/prose_tasks.py) with retrieval of earlier windows from the store. Block 64 and
+    # window 512 as the paper's LLaMA fine-tune; about 90 minutes on 2 CPU cores.
+    "smollm2-landmark": dict(model="init", init_from="models/smollm2-135m",
+                             # max_seq_len: a landmark model's window is the one it was trained on
+                             # (retrieval's default prefill chunk and local window follow from it)
+                             model_overrides={"attention": "landmark", "max_seq_len": 512},
+                             data=("needles:answer_weight=8,max_keys=3,plain=0.1",),
+                             synthetic_chars=(1200, 7000), window_len=512, micro_batch=2, grad_accum=1,
+                             max_steps=640, lr=1e-3, warmup_steps=20, min_lr_ratio=0.1, save_every=20,
+                             keep_checkpoints=2, retrieval=True, retrieval_top_k=4, lora_rank=8,
+                             lora_alpha=16.0, precision="fp32", out_dir="runs/smollm2-landmark"),
     # The ~25M-parameter model on the stdlib corpus with passkey, for a GPU.
     "small": dict(model="small", data=("passkey", "recall", "stdlib"), data_weights=(1.0, 1.0, 2.0),
                   micro_batch=8, grad_accum=4, max_steps=5000, lr=1e-3, warmup_steps=200,

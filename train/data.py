@@ -26,7 +26,12 @@ Synthetic sources take options in their spec, `name:key=value,...`:
 - `key_digits=LO-HI` (passkey only): keys of LO..HI digits (digit count uniform), e.g.
   `1-5` as in the evaluation's 5-digit keys; default: 1..50000 as in the paper.
 
-The generators: `passkey` (the paper's task, varied filler), `recall` (key/value facts
+- `max_keys=N`, `plain=F` (needles only): up to N keys per document (one asked, the others
+  distractors), and the share F of documents that are the prose excerpt alone.
+
+The generators: `needles` (keys of several formats hidden in excerpts of the real training
+texts, a question in the model's chat format: `train.prose_tasks`), `passkey` (the paper's
+task, varied filler), `recall` (key/value facts
 among filler, then queries), `repeat` (random words, then the same words again: a dense
 signal for the copy-from-context lookup a passkey answer needs; its answer span is the
 second copy).
@@ -64,6 +69,9 @@ class Document:
     """(start, end) character ranges of `text` whose tokens weigh `answer_weight` in the loss."""
     answer_weight: int = 1
     """Loss weight of the tokens in answer_spans (1 = an ordinary token)."""
+    specials: bool = False
+    """Whether special-token strings in `text` are tokens (a generated chat turn); in real
+    documents they are ordinary text."""
 
 
 class DocumentSource(ABC):
@@ -86,10 +94,11 @@ class SyntheticSource(DocumentSource):
     key_digits: (lo, hi) digit counts of passkeys; None = 1..50000 as in the paper.
     """
 
-    KINDS = ("passkey", "recall", "repeat")
+    KINDS = ("passkey", "recall", "repeat", "needles")
 
     def __init__(self, kind: str, *, seed: int, chars: tuple[int, int], answer_weight: int = 1,
-                 key_digits: tuple[int, int] | None = None) -> None:
+                 key_digits: tuple[int, int] | None = None, max_keys: int = 3, plain: float = 0.0,
+                 chat: tuple[str, str] | None = None) -> None:
         if kind not in self.KINDS:
             raise ValueError(f"kind={kind!r} is invalid: one of {self.KINDS}")
         if not isinstance(answer_weight, int) or isinstance(answer_weight, bool) or answer_weight < 1:
@@ -97,8 +106,14 @@ class SyntheticSource(DocumentSource):
         if key_digits is not None and (kind != "passkey" or not 1 <= key_digits[0] <= key_digits[1] <= 12):
             raise ValueError(f"key_digits={key_digits!r} is invalid: (lo, hi) with 1 <= lo <= hi <= 12, "
                              f"passkey only")
+        if not isinstance(max_keys, int) or max_keys < 1:
+            raise ValueError(f"max_keys={max_keys!r} is invalid: an int >= 1")
+        if not 0.0 <= plain <= 1.0:
+            raise ValueError(f"plain={plain!r} is invalid: a fraction in [0, 1]")
         self.kind, self.seed, self.chars = kind, seed, chars
         self.answer_weight, self.key_digits = answer_weight, key_digits
+        self.max_keys, self.plain, self.chat = max_keys, plain, chat
+        self._hay = None
         # the name keys the data order, so the plain spec keeps the plain name
         self.name = kind
 
@@ -113,6 +128,15 @@ class SyntheticSource(DocumentSource):
         elif self.kind == "repeat":
             text, span = repeat_document(rng, n)
             spans = (span,)
+        elif self.kind == "needles":
+            from train.prose_tasks import ProseHay, needle_document
+
+            if self._hay is None:
+                self._hay = ProseHay()
+            name, text, span = needle_document(rng, self._hay, n, max_keys=self.max_keys,
+                                               chat=self.chat, plain=self.plain)
+            spans = () if span is None or self.answer_weight == 1 else (span,)
+            return Document(f"needles#{i}:{name}", text, spans, self.answer_weight, specials=self.chat is not None)
         else:
             text = recall_document(rng, n)
             spans = tuple(m.span(2) for m in _RECALL_ANSWER.finditer(text))
@@ -309,7 +333,7 @@ def stdlib_source(split: str = "train", *, seed: int = 0) -> FileSource:
     return FileSource([], seed=seed, name=name, root=stdlib_dir(), files=stdlib_files(split))
 
 
-_SYNTHETIC_OPTIONS = ("answer_weight", "key_digits")
+_SYNTHETIC_OPTIONS = ("answer_weight", "key_digits", "max_keys", "plain")
 
 
 def parse_synthetic_spec(spec: str) -> tuple[str, dict] | None:
@@ -326,19 +350,23 @@ def parse_synthetic_spec(spec: str) -> tuple[str, dict] | None:
         try:
             if not eq or key not in _SYNTHETIC_OPTIONS:
                 raise ValueError
-            if key == "answer_weight":
+            if key in ("answer_weight", "max_keys"):
                 out[key] = int(raw)
+            elif key == "plain":
+                out[key] = float(raw)
             else:
                 lo, dash, hi = raw.partition("-")
                 out[key] = (int(lo), int(hi if dash else lo))
         except ValueError:
             raise ValueError(f"data source {spec!r}: option {item!r} is invalid; allowed "
-                             f"answer_weight=N (int >= 1), key_digits=LO-HI (passkey)") from None
+                             f"answer_weight=N (int >= 1), key_digits=LO-HI (passkey), max_keys=N and "
+                             f"plain=F (needles)") from None
     return kind, out
 
 
 def build_source(spec: str, *, seed: int, jsonl_field: str = "text",
-                 synthetic_chars: tuple[int, int] = (300, 1500)) -> DocumentSource:
+                 synthetic_chars: tuple[int, int] = (300, 1500),
+                 chat: tuple[str, str] | None = None) -> DocumentSource:
     """One source from its spec: a generator, 'stdlib[-heldout]', a named corpus, a document name or a path.
 
     Generators: 'passkey', 'recall', 'repeat', with options, e.g.
@@ -352,7 +380,7 @@ def build_source(spec: str, *, seed: int, jsonl_field: str = "text",
     synthetic = parse_synthetic_spec(spec)
     if synthetic is not None:
         kind, opts = synthetic
-        return SyntheticSource(kind, seed=seed, chars=synthetic_chars, **opts)
+        return SyntheticSource(kind, seed=seed, chars=synthetic_chars, chat=chat, **opts)
     if spec == "stdlib":
         return stdlib_source("train", seed=seed)
     if spec == "stdlib-heldout":

@@ -34,6 +34,8 @@ REAL_DOCUMENT = "sotu:1862-lincoln"  # a long address (~10k tokens); the sample 
 REAL_QUESTIONS = ("Who is the author of this message, and to whom is it addressed?",
                   "What does the message propose about slavery?")
 REAL_NEEDLE_LENGTHS = (4096, 8192)
+# the shipped landmark fine-tune of SmolLM2 (a LoRA adapter on models/smollm2-135m)
+TUNED_MODEL = Path(__file__).resolve().parent.parent / "models" / "smollm2-135m-landmark"
 DEMO_LENGTHS = (512, 4096, 32768, 262144, 1048576)
 ALL_DEPTHS_UP_TO = 32768  # beyond: the middle depth only (the 15-minute budget)
 
@@ -81,7 +83,7 @@ def run_demo(*, out_dir: str | os.PathLike = "runs/demo", steps: int | None = No
 
 def demo_real_model(out: Path, *, model_dir: Path = REAL_MODEL, document: str = REAL_DOCUMENT,
                     questions: tuple[str, ...] = REAL_QUESTIONS, needle_lengths=REAL_NEEDLE_LENGTHS,
-                    log=print) -> dict:
+                    tuned_dir: Path = TUNED_MODEL, log=print) -> dict:
     """Ingest a real document with the real model, ask it questions, run the needle table."""
     from engine import corpora
     from engine.cli import load_model_arg
@@ -123,19 +125,31 @@ def demo_real_model(out: Path, *, model_dir: Path = REAL_MODEL, document: str = 
     result = {"document": name, "answers": answers}
     if needle_lengths:
         result["needle"] = _real_needle(model, tok, out / "needle", needle_lengths, log)
+        if (tuned_dir / "adapter_config.json").is_file() or (tuned_dir / "config.json").is_file():
+            tuned, ttok = load_model_arg(str(tuned_dir))
+            log(f"demo: the same trials for the landmark fine-tune {tuned_dir.name} (LoRA adapter on "
+                f"{model_dir.name}, trained on other phrasings and texts), its landmark retrieval from the store")
+            result["tuned_needle"] = _real_needle(tuned, ttok, out / "needle-tuned", needle_lengths, log,
+                                                  modes=("retrieval",))
+        else:
+            log(f"demo: no fine-tuned model at {tuned_dir} (`folio train --preset smollm2-landmark` makes one)")
     return result
 
 
-def _real_needle(model, tok, out: Path, lengths, log) -> dict:
+def _real_needle(model, tok, out: Path, lengths, log, modes=("retrieval", "full")) -> dict:
     from engine.needle import NeedleConfig, format_table, run_needle, write_outputs
+    from engine.training_free import TrainingFreeConfig
 
-    log(f"demo: needle table of the real model in held-out prose (Persuasion): lengths "
-        f"{', '.join(f'{n:,}' for n in lengths)}, training-free retrieval vs the model's own full attention")
+    what = ("its landmark retrieval (top-4)" if model.cfg.landmarks
+            else "training-free retrieval vs the model's own full attention")
+    log(f"demo: needle table of {model.cfg.source or 'the model'} in held-out prose (Persuasion): lengths "
+        f"{', '.join(f'{n:,}' for n in lengths)}, {what}")
     # interior depths (depth 0 is the sink block, depth 1 the local window) and the access-code
     # format (this 135M model answers pass keys as objects even with full attention); retrieval
     # beside full attention: the 15-minute budget of `make demo` (`folio eval needle` runs any grid)
+    rc = TrainingFreeConfig(top_k=4) if model.cfg.landmarks else TrainingFreeConfig()  # a fine-tune: top-4 as trained
     res = run_needle(model, tok, NeedleConfig(lengths=list(lengths), depths=[0.25, 0.75], trials=1,
-                                              formats=("code",), modes=("retrieval", "full")))
+                                              formats=("code",), modes=modes, retrieval=rc))
     log(format_table(res))
     for p in write_outputs(res, out):
         log(f"demo: wrote {p}")

@@ -328,7 +328,9 @@ def initialize(model: torch.nn.Module, ds: dict[str, Any], env: DistEnv, *,
         def scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
             return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     try:
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+        # only what requires a gradient is optimized (a LoRA run freezes the base model)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable,
                                                config=ds, lr_scheduler=scheduler)
     except (ValueError, AssertionError, KeyError) as e:
         raise DSConfigError(f"DeepSpeed rejected the config: {e}") from e
@@ -337,7 +339,9 @@ def initialize(model: torch.nn.Module, ds: dict[str, Any], env: DistEnv, *,
 
 def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: str, client_state: dict) -> None:
     """DeepSpeed checkpoint (model, optimizer, scheduler, client_state) at save_dir/tag; all ranks call it."""
-    engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state)
+    frozen = any(not p.requires_grad for p in engine.module.parameters())
+    # a frozen base model is not part of the run's state: it is re-read from init_from on resume
+    engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, exclude_frozen_parameters=frozen)
 
 
 def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: str) -> dict:
@@ -346,8 +350,9 @@ def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: str) -> dict:
     DeepSpeed's own files are torch pickles it reads itself: load only checkpoints you
     wrote. Exported models (`train/checkpoint.py`) are safetensors + JSON.
     """
+    frozen = any(not p.requires_grad for p in engine.module.parameters())
     path, client_state = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
+                                                load_lr_scheduler_states=True, load_module_strict=not frozen)
     if path is None:
         from train.errors import CheckpointError
 

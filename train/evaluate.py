@@ -40,7 +40,8 @@ class EvalResult:
 @torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, source: DocumentSource, *, block_len: int, window: int,
                   max_windows: int, memory: WindowMemory | None = None,
-                  device: torch.device | str | None = None, from_window: int = 0) -> EvalResult:
+                  device: torch.device | str | None = None, from_window: int = 0,
+                  tokenizer=None) -> EvalResult:
     """Loss of `model` ((B, T) tokens -> (B, T, V) logits) on the first windows of `source`.
 
     Documents are taken in the source's order (seeded), each from its first window on,
@@ -55,7 +56,7 @@ def evaluate_loss(model: torch.nn.Module, source: DocumentSource, *, block_len: 
     model.eval()
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     batcher = LaneBatcher(DocumentMixer([source], seed=0), lanes=1, window=window, block_len=block_len,
-                          memory=memory)
+                          memory=memory, tokenizer=tokenizer)
     nll, count, docs = 0.0, 0, set()
     try:
         for _ in range(max_windows):

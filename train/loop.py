@@ -50,7 +50,8 @@ from train.windows import LaneBatcher, NoMemory, WindowMemory
 ModelFactory = Callable[[ModelConfig], torch.nn.Module]
 # TrainConfig fields that must match for a resumed run to continue the same data stream.
 _RESUME_FIXED = ("model", "data", "data_weights", "jsonl_field", "synthetic_chars", "window_len",
-                 "micro_batch", "grad_accum", "seed")
+                 "micro_batch", "grad_accum", "seed", "init_from", "lora_rank", "lora_alpha", "lora_targets",
+                 "lora_train_landmark")
 
 
 class LanguageModelLoss(torch.nn.Module):
@@ -133,6 +134,37 @@ class TrainResult:
     tokens_per_s: float = 0.0
     """Mean training throughput of this call (all processes, padding excluded)."""
     loss_png: Path | None = None
+
+
+def run_tokenizer(tcfg: TrainConfig, mcfg: ModelConfig):
+    """The run's tokenizer: init_from's own (a pretrained checkpoint's tokenizer.json, the
+    landmark at the model's last row) when it has one, else the byte tokenizer."""
+    from engine.tokenizer import ByteTokenizer, load_tokenizer
+
+    if tcfg.init_from and (Path(tcfg.init_from) / "tokenizer.json").is_file():
+        tok = load_tokenizer(tcfg.init_from, model_vocab=mcfg.vocab_size - 1)
+        if tok.vocab_size != mcfg.vocab_size:
+            raise TrainError(f"init_from={tcfg.init_from!r}: its tokenizer has {tok.vocab_size} ids, "
+                             f"the model {mcfg.vocab_size}")
+        return tok
+    return ByteTokenizer()
+
+
+def _fingerprint_of(directory: str | None) -> str | None:
+    from engine.checkpoint import load_config
+
+    return load_config(directory).fingerprint() if directory else None
+
+
+def lora_spec(tcfg: TrainConfig, mcfg: ModelConfig):
+    """The run's LoraSpec, or None for full training."""
+    if not tcfg.lora_rank:
+        return None
+    from train.finetune import LoraSpec
+
+    return LoraSpec(rank=tcfg.lora_rank, alpha=tcfg.lora_alpha, targets=tcfg.lora_targets,
+                    dropout=tcfg.lora_dropout, train_landmark=tcfg.lora_train_landmark and mcfg.landmarks,
+                    landmark_id=mcfg.vocab_size - 1)
 
 
 def lr_multiplier(tcfg: TrainConfig) -> Callable[[int], float]:
@@ -218,11 +250,15 @@ class _StopFlag:
         self._old.clear()
 
 
-def _init_state(path: str, mcfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Weights of the exported model at `path`; refuses one of another model config."""
+def _init_state(path: str, mcfg: ModelConfig, *, derived: bool = False) -> dict[str, torch.Tensor]:
+    """Weights of the exported model at `path`; refuses one of another model config
+    (`derived`: the run's config is that model's with overrides; then only the weights'
+    shapes must fit, which loading checks)."""
     from train.errors import CheckpointMismatchError
 
     theirs, state = load_exported(path)
+    if derived:
+        return state
     mine, other = mcfg.to_dict(), theirs.to_dict()
     diff = sorted(k for k in set(mine) | set(other) if mine.get(k) != other.get(k))
     if diff:
@@ -257,8 +293,10 @@ def train(tcfg: TrainConfig, *, ds: DSOptions | None = None, resume: str | os.Pa
     source = ("ds_config (dict)" if isinstance(ds.config, dict)
               else str(ds.config or ds_engine.default_ds_config_path()))
     ds_cfg = ds_engine.resolve_ds_config(ds_raw, tcfg, world_size=world_size, source=source)
+    tok = run_tokenizer(tcfg, mcfg)
+    chat = tok.chat_parts()
     sources = [build_source(s, seed=tcfg.seed, jsonl_field=tcfg.jsonl_field,
-                            synthetic_chars=tcfg.synthetic_chars) for s in tcfg.data]
+                            synthetic_chars=tcfg.synthetic_chars, chat=chat) for s in tcfg.data]
     step_dir: Path | None = None
     meta: dict[str, Any] = {}
     if resume:
@@ -266,9 +304,13 @@ def train(tcfg: TrainConfig, *, ds: DSOptions | None = None, resume: str | os.Pa
         meta = check_model_matches(step_dir, mcfg)
         _check_resume_config(meta, tcfg, step_dir, world_size)
     factory = model_factory or default_model_factory
-    init_state = _init_state(tcfg.init_from, mcfg) if tcfg.init_from and step_dir is None else None
+    lora = lora_spec(tcfg, mcfg)
+    # a LoRA run's frozen base is not in its DeepSpeed checkpoint: a resume re-reads it
+    need_init = tcfg.init_from and (step_dir is None or lora is not None)
+    init_state = _init_state(tcfg.init_from, mcfg, derived=tcfg.model == "init") if need_init else None
     eval_source = (build_source(tcfg.eval_data, seed=tcfg.seed, jsonl_field=tcfg.jsonl_field,
-                                synthetic_chars=tcfg.synthetic_chars) if tcfg.eval_windows else None)
+                                synthetic_chars=tcfg.synthetic_chars, chat=chat)
+                   if tcfg.eval_windows else None)
 
     with ds_engine.distributed_env() as env, kept_pages():  # jemalloc: freed pages kept (engine/allocator.py)
         engine = None
@@ -277,7 +319,15 @@ def train(tcfg: TrainConfig, *, ds: DSOptions | None = None, resume: str | os.Pa
             _seed_all(tcfg.seed)
             net = factory(mcfg)
             if init_state is not None:
-                net.load_state_dict(init_state, strict=not mcfg.tie_embeddings)
+                missing, unexpected = net.load_state_dict(init_state, strict=False)
+                missing = [k for k in missing if not (mcfg.tie_embeddings and k == "lm_head.weight")]
+                if missing or unexpected:
+                    raise CheckpointError(f"init_from={tcfg.init_from!r}: its weights do not fit this run's "
+                                          f"model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+            if lora is not None:
+                from train.finetune import apply_lora
+
+                net = apply_lora(net, lora)
             model = LanguageModelLoss(net)
             engine = ds_engine.initialize(model, ds_cfg, env, lr_lambda=lr_multiplier(tcfg), verbose=ds.verbose)
             mixer = DocumentMixer(sources, tcfg.data_weights, seed=tcfg.seed, rank=env.rank,
@@ -290,7 +340,7 @@ def train(tcfg: TrainConfig, *, ds: DSOptions | None = None, resume: str | os.Pa
                                            top_k=tcfg.retrieval_top_k, window=tcfg.window,
                                            fresh=step_dir is None)
             batcher = LaneBatcher(mixer, lanes=tcfg.micro_batch, window=tcfg.window,
-                                  block_len=mcfg.block_len, memory=memory or NoMemory())
+                                  block_len=mcfg.block_len, memory=memory or NoMemory(), tokenizer=tok)
             step = 0
             if step_dir is not None:
                 client = ds_engine.load_checkpoint(engine, step_dir.parent, step_dir.name)
@@ -302,7 +352,9 @@ def train(tcfg: TrainConfig, *, ds: DSOptions | None = None, resume: str | os.Pa
                 batcher.load_state_dict(mine["data"])
                 _set_rng_state(mine["rng"])
             runner = _Runner(tcfg=tcfg, mcfg=mcfg, ds_cfg=ds_cfg, env=env, engine=engine, batcher=batcher,
-                             out_dir=out_dir, stop=stop, factory=factory, eval_source=eval_source)
+                             out_dir=out_dir, stop=stop, factory=factory, eval_source=eval_source,
+                             lora=lora, tokenizer=tok,
+                             base_fingerprint=_fingerprint_of(tcfg.init_from) if lora is not None else None)
             stop.install()
             return runner.run(step, resumed=step_dir is not None, stop_after=stop_after,
                               progress=progress, on_step=on_step)
@@ -327,6 +379,9 @@ class _Runner:
     stop: _StopFlag
     factory: ModelFactory
     eval_source: DocumentSource | None = None
+    lora: Any = None
+    tokenizer: Any = None
+    base_fingerprint: str | None = None
 
     def evaluate(self, step_dir: Path) -> float:
         """Held-out loss of the weights saved in `step_dir` (a plain model: works for every ZeRO stage)."""
@@ -336,7 +391,7 @@ class _Runner:
         model.to(self.engine.device)
         assert self.eval_source is not None
         res = evaluate_loss(model, self.eval_source, block_len=self.mcfg.block_len, window=self.tcfg.window,
-                            max_windows=self.tcfg.eval_windows)
+                            max_windows=self.tcfg.eval_windows, tokenizer=self.tokenizer)
         return res.loss
 
     def save(self, step: int) -> Path:
@@ -352,7 +407,15 @@ class _Runner:
         if self.env.is_main:
             assert state is not None
             weights = {k.removeprefix("model."): v for k, v in state.items()}
+            if self.lora is not None:
+                from train.finetune import merge_state, write_adapter
+
+                write_adapter(ck_dir / tag, weights, self.lora, base=str(self.tcfg.init_from),
+                              model_config=self.mcfg.to_dict(), base_fingerprint=self.base_fingerprint)
+                weights = merge_state(weights, self.lora)
             write_weights(ck_dir / tag, weights, self.mcfg)
+            if hasattr(self.tokenizer, "save"):
+                self.tokenizer.save(ck_dir / tag)  # the checkpoint is a model directory every command takes
             write_meta(ck_dir / tag, {**client, "world_size": self.env.world_size,
                                       "fingerprint": self.mcfg.fingerprint(),
                                       "precision": ds_engine.precision_of(self.ds_cfg),

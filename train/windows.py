@@ -1,6 +1,6 @@
 """Documents -> consecutive training windows, trained in order, one document per lane.
 
-A document is tokenized (BOS + bytes + EOS), landmarks are inserted, and it is cut into
+A document is tokenized (BOS + tokens + EOS; the byte tokenizer or a checkpoint's own), landmarks are inserted, and it is cut into
 consecutive windows of `window` positions (a multiple of block_len, so every window
 starts at a block boundary). A batch has `micro_batch` lanes; each lane trains its
 document window after window, in order, and draws the next document when it ends.
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from engine.landmarks import IGNORE_INDEX, insert_landmarks, next_token_targets
-from engine.tokenizer import ByteTokenizer
+from engine.tokenizer import ByteTokenizer, Tokenizer
 from train.data import Document, DocumentMixer
 
 TARGET_WEIGHT_SHIFT = 32
@@ -59,24 +59,38 @@ def unpack_targets(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | N
     return targets, weights
 
 
-def token_weights(doc: Document, block_len: int, tok: ByteTokenizer | None = None) -> torch.Tensor | None:
+def _encode(doc: Document, tok: Tokenizer) -> tuple[list[int], list[tuple[int, int]]]:
+    """BOS + the document's tokens + EOS, and each token's character range (BOS/EOS: empty).
+    A chat document (`specials`) opens with its template's own start instead of BOS."""
+    ids, spans = tok.encode_offsets(doc.text, specials=doc.specials)
+    if tok.bos_id is not None and not doc.specials:
+        ids, spans = [tok.bos_id] + ids, [(0, 0)] + spans
+    if tok.eos_id is not None:
+        ids, spans = ids + [tok.eos_id], spans + [(len(doc.text), len(doc.text))]
+    return ids, spans
+
+
+def token_weights(doc: Document, block_len: int, tok: Tokenizer | None = None) -> torch.Tensor | None:
     """(n,) int64 loss weight of each landmarked position of `doc` (aligned with
-    `tokenize_document`), or None when the document has no weighted spans."""
+    `tokenize_document`), or None when the document has no weighted spans. A token weighs
+    `answer_weight` when its characters overlap an answer span."""
     if not doc.answer_spans or doc.answer_weight == 1:
         return None
     tok = tok or ByteTokenizer()
-    n_bytes = len(doc.text.encode("utf-8"))
-    w = torch.ones(n_bytes + 2, dtype=torch.long)  # (n_bytes + 2,) BOS + bytes + EOS
-    for a, b in doc.answer_spans:
-        lo, hi = len(doc.text[:a].encode("utf-8")), len(doc.text[:b].encode("utf-8"))
-        w[1 + lo:1 + hi] = doc.answer_weight
+    _, spans = _encode(doc, tok)
+    w = torch.ones(len(spans), dtype=torch.long)  # (n_tokens,) BOS + tokens + EOS
+    for i, (s, e) in enumerate(spans):
+        if e > s and any(s < b and a < e for a, b in doc.answer_spans):
+            w[i] = doc.answer_weight
     return insert_landmarks(w, block_len, 1)  # (n,) landmarks weigh 1 (they are never targets)
 
 
-def tokenize_document(text: str, block_len: int, tok: ByteTokenizer | None = None) -> torch.Tensor:
-    """Text -> (n,) int64 tokens: BOS, bytes, EOS, with a landmark closing every block."""
+def tokenize_document(text: str | Document, block_len: int, tok: Tokenizer | None = None) -> torch.Tensor:
+    """Text -> (n,) int64 tokens: BOS, the tokens, EOS, with a landmark closing every block.
+    A `Document` with `specials` has its special-token strings (a chat template) parsed."""
     tok = tok or ByteTokenizer()
-    ids = tok.encode(text, bos=True, eos=True)
+    doc = text if isinstance(text, Document) else Document("", text)
+    ids, _ = _encode(doc, tok)
     return insert_landmarks(ids, block_len, tok.landmark_id)  # (n,)
 
 
@@ -86,7 +100,7 @@ def n_windows(n_tokens: int, window: int) -> int:
 
 
 def window_at(tokens: torch.Tensor, index: int, window: int,
-              tok: ByteTokenizer | None = None, weights: torch.Tensor | None = None
+              tok: Tokenizer | None = None, weights: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Window `index` of a landmarked document: (inputs (window,), targets (window,)).
 
@@ -103,10 +117,10 @@ def window_at(tokens: torch.Tensor, index: int, window: int,
         raise IndexError(f"window {index} is past the end of a {tokens.numel()}-position document")
     padded = torch.full((window + 1,), tok.pad_id, dtype=torch.long)
     padded[:piece.numel()] = piece
-    targets = next_token_targets(padded[None], tok.landmark_id, tok.pad_id)[0, :window]  # (window,)
+    # padding is masked by position (a subword tokenizer's pad id may be a real token, e.g. EOS)
+    targets = next_token_targets(padded[None], tok.landmark_id, -1)[0, :window]  # (window,)
     inputs = padded[:window]  # (window,)
-    # an input that is padding never has a real target
-    targets = torch.where(inputs == tok.pad_id, torch.full_like(targets, IGNORE_INDEX), targets)
+    targets[piece.numel() - 1:] = IGNORE_INDEX  # predictions of padding, and by padding
     if weights is not None:
         w = torch.ones(window + 1, dtype=torch.long)
         w[:piece.numel()] = weights[start:start + window + 1]
@@ -220,17 +234,17 @@ class LaneBatcher:
     """
 
     def __init__(self, mixer: DocumentMixer, *, lanes: int, window: int, block_len: int,
-                 memory: WindowMemory | None = None) -> None:
+                 memory: WindowMemory | None = None, tokenizer: Tokenizer | None = None) -> None:
         if window % block_len:
             raise ValueError(f"window={window} is invalid: must be a multiple of block_len={block_len}")
         self.mixer, self.window, self.block_len = mixer, window, block_len
         self.memory = memory or NoMemory()
-        self.tok = ByteTokenizer()
+        self.tok = tokenizer or ByteTokenizer()
         self.lanes: list[DocumentState | None] = [None] * lanes
 
     def _open(self, draw: int, source: int, local: int, window: int = 0) -> DocumentState:
         doc = self.mixer.document(source, local)
-        tokens = tokenize_document(doc.text, self.block_len, self.tok)
+        tokens = tokenize_document(doc, self.block_len, self.tok)
         st = DocumentState(draw=draw, source=source, local=local, name=doc.name, tokens=tokens,
                            window=window, n_windows=n_windows(tokens.numel(), self.window),
                            weights=token_weights(doc, self.block_len, self.tok))

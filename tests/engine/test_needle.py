@@ -180,14 +180,6 @@ def test_run_needle_rows_grading_and_outputs(source, tmp_path):
     assert (tmp_path / "out" / "needle.png").stat().st_size > 1000
 
 
-def test_a_landmark_model_is_refused(source):
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=260, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn_hidden=64,
-                      max_seq_len=64, block_len=L)
-    with pytest.raises(ValueError, match="passkey"):
-        run_needle(LandmarkTransformer(cfg).eval(), TOK, NeedleConfig(text=SAMPLES), progress=False, source=source)
-
-
 def test_the_command_line_builds_the_config():
     import argparse
 
@@ -208,3 +200,35 @@ def test_the_command_line_builds_the_config():
     assert cfg.text == ("austen:persuasion",)
     with pytest.raises(ValueError, match="lengths"):
         needle_config(root.parse_args(["needle", "--model", "m", "--lengths", "4q"]))
+
+
+def _landmark_model(seed: int = 0) -> LandmarkTransformer:
+    from engine.config import preset
+
+    torch.manual_seed(seed)
+    return LandmarkTransformer(preset("tiny", n_layers=2, d_model=32, n_heads=2, n_kv_heads=1, ffn_hidden=64,
+                                      max_seq_len=32, block_len=L)).eval()
+
+
+def test_a_landmark_model_runs_its_own_retrieval_and_skips_full(source, tmp_path):
+    """A landmark fine-tune goes through landmark retrieval: the shared-prefix runner equals a
+    fresh ingest + generate with the landmark RetrievalConfig, and `full` is skipped."""
+    from engine.needle import memory_config
+    from engine.retrieval import RetrievalConfig
+
+    m = _landmark_model()
+    rc = memory_config(m.cfg, RC)
+    assert isinstance(rc, RetrievalConfig) and rc.top_k == RC.top_k
+    rng = random.Random(4)
+    trials, _ = build_trials(TOK, source, 300, _specs([0.1, 0.8], rng, ("passkey",)), rng)
+    got = _answers_from_store(m, TOK, trials, RC, 6, lambda: None)
+    for i, t in enumerate(trials):
+        with open_store(tmp_path / f"s{i}", m.cfg, "w") as store, torch.no_grad():
+            ingest(m, store, "doc", t.document, retrieval=rc, tokenizer=TOK)
+            want = TOK.decode(generate(m, store, t.question, streams=["doc"], retrieval=rc,
+                                       gen=GenerateConfig(max_new_tokens=6), tokenizer=TOK))
+        assert got[i][0] == want
+    cfg = NeedleConfig(lengths=[200], depths=[0.5], modes=("retrieval", "full", "local"), retrieval=RC,
+                       text=SAMPLES, max_new_tokens=3, formats=("code",))
+    result = run_needle(m, TOK, cfg, progress=False, source=source)
+    assert sorted(r["mode"] for r in result["rows"]) == ["local", "retrieval"]

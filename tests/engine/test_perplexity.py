@@ -48,7 +48,8 @@ def test_full_scoring_is_one_forward():
     seq = torch.tensor(ids[-300:])
     with torch.no_grad():
         logits = m(seq[None, :-1])[0]
-        want = torch.nn.functional.cross_entropy(logits[-50:], seq[-50:], reduction="none").double()
+        # the landmark (the last row) is left out of the softmax: it is never a prediction
+        want = torch.nn.functional.cross_entropy(logits[-50:, :-1], seq[-50:], reduction="none").double()
         got = score_full(m, seq.tolist(), 50, chunk=37)
     assert (got - want).abs().max() < 1e-4
 
@@ -107,3 +108,30 @@ def test_the_command_line_builds_the_config():
                                              "--local-max-len", "none", "--local-blocks", "32"]))
     assert cfg.contexts == [1000, 8000, 128000] and cfg.local_max_len is None and cfg.texts is None
     assert cfg.retrieval.local_blocks == 32 and cfg.local().local_blocks == 32 and cfg.local().top_k == 0
+
+
+def test_a_landmark_model_scored_through_the_store_equals_one_forward(tmp_path):
+    """Retrieving every stored block at its true position, the store path's NLL equals a plain
+    landmark-attention forward over the landmarked tokens, read off the position before each
+    token (a landmark position predicts the token after its block)."""
+    from engine.config import preset
+    from engine.landmarks import insert_landmarks
+    from engine.retrieval import RetrievalConfig
+
+    torch.manual_seed(0)
+    m = LandmarkTransformer(preset("tiny", n_layers=2, d_model=32, n_heads=2, n_kv_heads=1, ffn_hidden=64,
+                                   max_seq_len=256, block_len=L)).eval()
+    ids, _ = build_document(TOK, 200, TEXTS)
+    seq = ids[-150:]
+    with torch.no_grad():
+        every = RetrievalConfig(top_k=100, positions="true", chunk_len=24)
+        got, _ = score_store(m, TOK, seq, 40, every, tmp_path / "s")
+        x = insert_landmarks(torch.tensor(seq), L, TOK.landmark_id)
+        logits = m(x[None, :-1], impl="blockwise")[0]
+        keep = x[1:] != TOK.landmark_id
+        want = torch.nn.functional.cross_entropy(logits[keep][:, :-1], x[1:][keep], reduction="none")[-40:]
+    assert got.shape == (40,) and (got - want.double()).abs().max() < 1e-4
+    # the scored tokens' perplexity runs (full is for causal models and is skipped)
+    res = run_perplexity(m, TOK, PerplexityConfig(contexts=[100, 300], scored_tokens=32, texts=TEXTS,
+                                                  retrieval=TrainingFreeConfig(top_k=2)), progress=False)
+    assert {r["mode"] for r in res["rows"]} == {"retrieval", "local"}
