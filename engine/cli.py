@@ -182,6 +182,9 @@ def add_engine_commands(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--trials", type=int, default=2)
     p.add_argument("--full-max-len", default="8k", help="full-attention baseline up to this length")
     p.add_argument("--out", default="runs/passkey", help="directory for passkey.json and passkey.png")
+    p.add_argument("--filler", default="generator",
+                   help="'generator' (the paper's repeated sentences) or a document whose prose is the haystack, "
+                        "e.g. austen:persuasion (held out from training)")
     _retrieval_args(p)
     p.set_defaults(func=_cmd_passkey)
 
@@ -281,7 +284,7 @@ def _cmd_passkey(args: argparse.Namespace) -> int:
     pc = PasskeyConfig(lengths=[parse_context(x, arg="--lengths") for x in args.lengths.split(",")],
                        depths=[float(x) for x in args.depths.split(",")], trials=args.trials,
                        full_max_len=parse_context(args.full_max_len, arg="--full-max-len"),
-                       retrieval=_retrieval_config(args, model.cfg))
+                       retrieval=_retrieval_config(args, model.cfg), filler=args.filler)
     result = run_passkey(model, pc)
     print(format_table(result))
     for p in write_outputs(result, args.out):

@@ -38,14 +38,42 @@ def passkey_line(key: str) -> str:
     return f"The pass key is {key}. Remember it. {key} is the pass key. "
 
 
-def build_passkey_prompt(n_tokens: int, depth: float, key: str) -> tuple[str, str]:
+def prose_filler(text: str, n_chars: int, rng: random.Random) -> list[str]:
+    """Whole sentences of `text` (a real document), from a random sentence on, cycling past
+    its end, at least n_chars characters in all (ASCII-folded: byte tokens = characters)."""
+    import unicodedata
+
+    flat = unicodedata.normalize("NFKD", " ".join(text.split())).encode("ascii", "ignore").decode()
+    sents = [x for x in re.split(r"(?<=[.!?])\s+", flat) if x]
+    if not sents:
+        raise ValueError("the filler text holds no sentences")
+    i, out, total = rng.randrange(len(sents)), [], 0
+    while total < n_chars:
+        out.append(sents[i % len(sents)] + " ")
+        total += len(out[-1])
+        i += 1
+    return out
+
+
+def build_passkey_prompt(n_tokens: int, depth: float, key: str, *, filler: list[str] | None = None
+                         ) -> tuple[str, str]:
     """(document, question) whose total length is about `n_tokens` byte tokens.
 
-    depth in [0, 1]: where the key line sits within the filler.
+    depth in [0, 1]: where the key line sits within the filler. filler: sentences of real
+    prose to use instead of the paper's repeated filler (`prose_filler`); the key line then
+    sits between two of them.
     """
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth={depth} is invalid: must be in [0, 1]")
     fixed = len(PREAMBLE) + len(passkey_line(key)) + len(QUESTION)
+    if filler is not None:
+        budget, kept = max(0, n_tokens - fixed), []
+        for s_ in filler:
+            if sum(map(len, kept)) + len(s_) > budget:
+                break
+            kept.append(s_)
+        before = int(round(len(kept) * depth))
+        return PREAMBLE + "".join(kept[:before]) + passkey_line(key) + "".join(kept[before:]), QUESTION
     n_fill = max(0, (n_tokens - fixed) // len(FILLER))
     before = int(round(n_fill * depth))
     doc = PREAMBLE + FILLER * before + passkey_line(key) + FILLER * (n_fill - before)
@@ -67,6 +95,9 @@ class PasskeyConfig:
     full_max_len: int = 8192
     """Full-attention baseline up to this many tokens (it costs O(T^2))."""
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    filler: str = "generator"
+    """'generator': the paper's repeated filler sentences; or a document name (e.g. the
+    held-out novel 'austen:persuasion') or a text file: its real prose as the haystack."""
 
     def __post_init__(self) -> None:
         if not self.lengths or any((not isinstance(n, int)) or n < 64 for n in self.lengths):
@@ -77,6 +108,10 @@ class PasskeyConfig:
             raise ValueError(f"PasskeyConfig.trials={self.trials}: must be >= 1")
         if not 1 <= self.key_digits <= 12:
             raise ValueError(f"PasskeyConfig.key_digits={self.key_digits}: allowed 1..12")
+        if self.filler != "generator" and not Path(self.filler).is_file():
+            from engine import corpora
+
+            corpora.split_name(self.filler)  # a malformed name is refused here
 
 
 def _greedy_digits(model, seq: torch.Tensor, n: int) -> str:
@@ -102,6 +137,12 @@ def run_passkey(model: LandmarkTransformer, pc: PasskeyConfig, *, progress: bool
     rng = random.Random(pc.seed)
     cfg = model.cfg
     L, W = cfg.block_len, cfg.max_seq_len
+    prose = None
+    if pc.filler != "generator":
+        from engine import corpora
+
+        p = Path(pc.filler)
+        prose = p.read_text(encoding="utf-8", errors="replace") if p.is_file() else corpora.load(pc.filler)
     rows = []
     for n in pc.lengths:
         for depth in pc.depths:
@@ -110,7 +151,8 @@ def run_passkey(model: LandmarkTransformer, pc: PasskeyConfig, *, progress: bool
             t0 = time.perf_counter()
             for _ in range(pc.trials):
                 key = str(rng.randrange(10 ** (pc.key_digits - 1), 10 ** pc.key_digits))
-                doc, q = build_passkey_prompt(n, depth, key)
+                fill = None if prose is None else prose_filler(prose, n, rng)
+                doc, q = build_passkey_prompt(n, depth, key, filler=fill)
                 with tempfile.TemporaryDirectory() as d:
                     store = open_store(Path(d) / "store", cfg, "w")
                     ingest(model, store, "doc", TOKENIZER.encode(doc), retrieval=pc.retrieval,
@@ -137,6 +179,7 @@ def run_passkey(model: LandmarkTransformer, pc: PasskeyConfig, *, progress: bool
                 log(f"len {n:>9,d} depth {depth:.2f}: retrieval {row['retrieval']:.2f}  "
                     f"local {row['local']:.2f}  full {full}  ({row['seconds']:.1f} s)")
     return {"rows": rows, "config": {"lengths": pc.lengths, "depths": pc.depths, "trials": pc.trials,
+                                     "filler": pc.filler,
                                      "top_k": pc.retrieval.top_k, "positions": pc.retrieval.positions,
                                      "window": W, "block_len": L}}
 

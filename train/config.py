@@ -249,6 +249,16 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
                              max_steps=640, lr=1e-3, warmup_steps=20, min_lr_ratio=0.1, save_every=20,
                              keep_checkpoints=2, retrieval=True, retrieval_top_k=4, lora_rank=8,
                              lora_alpha=16.0, precision="fp32", out_dir="runs/smollm2-landmark"),
+    # Stage 3 of the passkey checkpoint: from the shipped models/passkey-tiny, keys hidden in real
+    # training prose (filler=prose) mixed with the generator's filler, multi-window documents,
+    # retrieval from the store; so the key is found in text that is not the generator's.
+    "passkey-tiny-prose": dict(model="tiny", model_overrides={"n_layers": 4},
+                               data=("passkey:answer_weight=30,key_digits=1-7,filler=prose",
+                                     "passkey:answer_weight=30,key_digits=1-5"), data_weights=(3.0, 1.0),
+                               synthetic_chars=(150, 2500), micro_batch=8, max_steps=1200, lr=5e-4,
+                               warmup_steps=50, min_lr_ratio=0.05, retrieval=True,
+                               init_from="models/passkey-tiny", save_every=200, keep_checkpoints=2, seed=1,
+                               out_dir="runs/passkey-tiny-prose"),
     # The ~25M-parameter model on the stdlib corpus with passkey, for a GPU.
     "small": dict(model="small", data=("passkey", "recall", "stdlib"), data_weights=(1.0, 1.0, 2.0),
                   micro_batch=8, grad_accum=4, max_steps=5000, lr=1e-3, warmup_steps=200,

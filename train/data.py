@@ -26,6 +26,9 @@ Synthetic sources take options in their spec, `name:key=value,...`:
 - `key_digits=LO-HI` (passkey only): keys of LO..HI digits (digit count uniform), e.g.
   `1-5` as in the evaluation's 5-digit keys; default: 1..50000 as in the paper.
 
+- `filler=prose` (passkey only): excerpts of the real training texts (Austen but the held-out
+  novel, the addresses outside the held-out years) around the key instead of the generated
+  sentences, so the model learns to find the key in ordinary prose.
 - `max_keys=N`, `plain=F` (needles only): up to N keys per document (one asked, the others
   distractors), and the share F of documents that are the prose excerpt alone.
 
@@ -98,7 +101,7 @@ class SyntheticSource(DocumentSource):
 
     def __init__(self, kind: str, *, seed: int, chars: tuple[int, int], answer_weight: int = 1,
                  key_digits: tuple[int, int] | None = None, max_keys: int = 3, plain: float = 0.0,
-                 chat: tuple[str, str] | None = None) -> None:
+                 chat: tuple[str, str] | None = None, filler: str = "generator") -> None:
         if kind not in self.KINDS:
             raise ValueError(f"kind={kind!r} is invalid: one of {self.KINDS}")
         if not isinstance(answer_weight, int) or isinstance(answer_weight, bool) or answer_weight < 1:
@@ -106,13 +109,16 @@ class SyntheticSource(DocumentSource):
         if key_digits is not None and (kind != "passkey" or not 1 <= key_digits[0] <= key_digits[1] <= 12):
             raise ValueError(f"key_digits={key_digits!r} is invalid: (lo, hi) with 1 <= lo <= hi <= 12, "
                              f"passkey only")
+        if filler not in ("generator", "prose") or (filler == "prose" and kind != "passkey"):
+            raise ValueError(f"filler={filler!r} is invalid: 'generator', or 'prose' (passkey only: real "
+                             f"training text around the key)")
         if not isinstance(max_keys, int) or max_keys < 1:
             raise ValueError(f"max_keys={max_keys!r} is invalid: an int >= 1")
         if not 0.0 <= plain <= 1.0:
             raise ValueError(f"plain={plain!r} is invalid: a fraction in [0, 1]")
         self.kind, self.seed, self.chars = kind, seed, chars
         self.answer_weight, self.key_digits = answer_weight, key_digits
-        self.max_keys, self.plain, self.chat = max_keys, plain, chat
+        self.max_keys, self.plain, self.chat, self.filler = max_keys, plain, chat, filler
         self._hay = None
         # the name keys the data order, so the plain spec keeps the plain name
         self.name = kind
@@ -122,7 +128,14 @@ class SyntheticSource(DocumentSource):
         rng = random.Random(f"{self.seed}:{self.kind}:{i}")
         n = rng.randint(*self.chars)
         if self.kind == "passkey":
-            prompt, answer = passkey_prompt(rng, n, key_digits=self.key_digits)
+            prose = None
+            if self.filler == "prose":
+                from train.prose_tasks import ProseHay
+
+                if self._hay is None:
+                    self._hay = ProseHay(("austen", "sotu"))
+                prose = self._hay
+            prompt, answer = passkey_prompt(rng, n, key_digits=self.key_digits, prose=prose)
             text = prompt + answer
             spans: tuple[tuple[int, int], ...] = ((len(prompt), len(text)),)
         elif self.kind == "repeat":
@@ -333,7 +346,7 @@ def stdlib_source(split: str = "train", *, seed: int = 0) -> FileSource:
     return FileSource([], seed=seed, name=name, root=stdlib_dir(), files=stdlib_files(split))
 
 
-_SYNTHETIC_OPTIONS = ("answer_weight", "key_digits", "max_keys", "plain")
+_SYNTHETIC_OPTIONS = ("answer_weight", "key_digits", "max_keys", "plain", "filler")
 
 
 def parse_synthetic_spec(spec: str) -> tuple[str, dict] | None:
@@ -354,13 +367,17 @@ def parse_synthetic_spec(spec: str) -> tuple[str, dict] | None:
                 out[key] = int(raw)
             elif key == "plain":
                 out[key] = float(raw)
+            elif key == "filler":
+                if raw not in ("generator", "prose"):
+                    raise ValueError
+                out[key] = raw
             else:
                 lo, dash, hi = raw.partition("-")
                 out[key] = (int(lo), int(hi if dash else lo))
         except ValueError:
             raise ValueError(f"data source {spec!r}: option {item!r} is invalid; allowed "
-                             f"answer_weight=N (int >= 1), key_digits=LO-HI (passkey), max_keys=N and "
-                             f"plain=F (needles)") from None
+                             f"answer_weight=N (int >= 1), key_digits=LO-HI and filler=generator|prose (passkey), "
+                             f"max_keys=N and plain=F (needles)") from None
     return kind, out
 
 

@@ -80,8 +80,8 @@ def random_key(rng: random.Random, key_digits: tuple[int, int] | None = None) ->
 
 
 def passkey_prompt(rng: random.Random, n_chars: int, *, depth: float | None = None,
-                   key: int | None = None, key_digits: tuple[int, int] | None = None
-                   ) -> tuple[str, str]:
+                   key: int | None = None, key_digits: tuple[int, int] | None = None,
+                   prose=None) -> tuple[str, str]:
     """A passkey prompt of about `n_chars` characters and its answer.
 
     depth in [0, 1] places the key sentence that far into the filler (random if None);
@@ -96,17 +96,25 @@ def passkey_prompt(rng: random.Random, n_chars: int, *, depth: float | None = No
         raise ValueError(f"depth={depth!r} is invalid: must be in [0, 1]")
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
     budget = max(0, n_chars - len(PASSKEY_INTRO) - len(needle) - len(PASSKEY_QUESTION) - 8)
-    before = filler(rng, int(budget * depth))
-    after = filler(rng, budget - len(before))
+    if prose is not None:  # real text around the key (a `train.prose_tasks.ProseHay`): whole sentences
+        _, text = prose.excerpt(rng, max(1, budget))
+        sents = [x for x in text.split(". ") if x]
+        cut = int(round(len(sents) * depth))
+        before, after = ". ".join(sents[:cut]), ". ".join(sents[cut:])
+        if before and not before.endswith((".", "!", "?", '"')):
+            before += "."
+    else:
+        before = filler(rng, int(budget * depth))
+        after = filler(rng, budget - len(before))
     pieces = [PASSKEY_INTRO, before, needle, after, PASSKEY_QUESTION]
     prompt = " ".join(p for p in pieces if p)
     return prompt, f" {key}."
 
 
 def passkey_document(rng: random.Random, n_chars: int, *,
-                     key_digits: tuple[int, int] | None = None) -> str:
+                     key_digits: tuple[int, int] | None = None, prose=None) -> str:
     """A passkey training document: the prompt followed by its answer."""
-    prompt, answer = passkey_prompt(rng, n_chars, key_digits=key_digits)
+    prompt, answer = passkey_prompt(rng, n_chars, key_digits=key_digits, prose=prose)
     return prompt + answer
 
 

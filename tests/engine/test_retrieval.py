@@ -236,6 +236,25 @@ def test_passkey_prompt_and_harness(tmp_path):
     assert json.loads(files[0].read_text())["rows"] == res["rows"] and files[1].stat().st_size > 1000
 
 
+def test_passkey_prompt_with_real_prose_filler():
+    import random
+
+    from engine import corpora
+    from engine.passkey import FILLER, prose_filler
+
+    text = corpora.load("sample:austen-persuasion")
+    fill = prose_filler(text, 3000, random.Random(0))
+    doc, q = build_passkey_prompt(3000, 0.5, "4821", filler=fill)
+    line = "The pass key is 4821. Remember it. 4821 is the pass key. "
+    assert doc.count(line) == 1 and FILLER not in doc and doc.isascii()
+    assert 2500 < len(doc) + len(q) <= 3000
+    before, after = doc.split(line)
+    assert before.endswith(". ") and abs(len(before) - len(after)) < 600  # between sentences, at the middle
+    assert doc != build_passkey_prompt(3000, 0.5, "4821", filler=prose_filler(text, 3000, random.Random(1)))[0]
+    with pytest.raises(ValueError):
+        PasskeyConfig(filler="no-colon-name!")
+
+
 def test_cli_ingest_ask_inspect_eval(tmp_path, capsys):
     from train.cli import main
 
@@ -255,6 +274,9 @@ def test_cli_ingest_ask_inspect_eval(tmp_path, capsys):
     assert main(["eval", "passkey", "--model", "random:tiny", "--lengths", "300", "--depths", "0.5",
                  "--trials", "1", "--out", str(tmp_path / "pk")]) == 0
     assert (tmp_path / "pk" / "passkey.png").exists()
+    assert main(["eval", "passkey", "--model", "random:tiny", "--lengths", "300", "--depths", "0.5",
+                 "--trials", "1", "--filler", "sample:austen-persuasion", "--out", str(tmp_path / "pk2")]) == 0
+    assert json.loads((tmp_path / "pk2" / "passkey.json").read_text())["config"]["filler"] == "sample:austen-persuasion"
     assert main(["eval", "passkey", "--model", "random:tiny", "--lengths", "3x"]) == 2
     assert np.isfinite(1.0)
 

@@ -165,3 +165,21 @@ def test_synthetic_spec_options_mark_answer_spans():
 def test_bad_synthetic_options_are_value_errors_naming_the_spec(spec):
     with pytest.raises(ValueError, match="is invalid"):
         build_source(spec, seed=0)
+
+
+def test_passkey_with_real_prose_filler_uses_training_text_only():
+    from engine import corpora
+    from train.tasks import PAPER_FILLER
+
+    src = build_source("passkey:answer_weight=8,key_digits=1-7,filler=prose", seed=0, synthetic_chars=(400, 2000))
+    held = " ".join(corpora.load(n) for n in corpora.held_out_documents("austen"))[:200000]
+    for i in range(8):
+        doc = src.document(i)
+        (a, b), = doc.answer_spans
+        key = doc.text[a:b].strip(" .")
+        assert doc.text.count(f"The pass key is {key}. Remember it.") == 1
+        assert not any(f in doc.text for f in PAPER_FILLER) and ".." not in doc.text
+        probe = doc.text[160:220]
+        assert probe not in held  # not the held-out novel
+    with pytest.raises(ValueError, match="filler"):
+        build_source("recall:filler=prose", seed=0)

@@ -277,3 +277,36 @@ def test_cli_finetune_and_the_three_export_formats(tmp_path, pretrained):
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
     # a run without adapters has none to export
     assert main(["export", str(pretrained), "--out", str(tmp_path / "none"), "--format", "adapter"]) == 2
+
+
+def test_two_process_lora_run(tmp_path, pretrained):
+    """torchrun, 2 processes (gloo): LoRA on the pretrained model, one merged checkpoint + adapter."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.train.test_distributed import ROOT, _free_port
+    from train.checkpoint import find_checkpoint, read_meta
+
+    out = tmp_path / "run2"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "train.cli", "train", "--init-from", str(pretrained), "--model-set", "attention=landmark",
+           "--model-set", "max_seq_len=128", "--window", "128", "--data", "needles:answer_weight=4",
+           "--lora-rank", "4", "--steps", "2", "--micro-batch", "1", "--offload", "none", "--no-progress",
+           "--set", "retrieval=true", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun timed out:\n{stdout[-2000:]}\n{stderr[-2000:]}")
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    ck = find_checkpoint(out)
+    assert read_meta(ck)["world_size"] == 2 and (ck / "adapter.safetensors").is_file()
+    load_model(ck)
