@@ -101,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", default=str(DEFAULT_BASE), help="its base model")
     ap.add_argument("--lengths", default="4096,8192,32768", help="needle prompt lengths")
     ap.add_argument("--long-lengths", default="", help="longer lengths run for the fine-tuned retrieval and the "
-                                                       "base retrieval only, one trial at the middle depths")
+                                                       "base retrieval only (--long-depths, --long-trials)")
+    ap.add_argument("--long-depths", default="0.25,0.5,0.75")
+    ap.add_argument("--long-trials", type=int, default=1)
     ap.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths")
     ap.add_argument("--formats", default="passkey,word,code")
     ap.add_argument("--trials", type=int, default=2, help="haystacks per length")
@@ -153,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
             res = run_needle(model, tok, cfg)
         result["needle"][label] = res
         if long:
-            lcfg = NeedleConfig(lengths=long, depths=[0.25, 0.5, 0.75], trials=1, formats=formats, seed=1,
-                                modes=("retrieval",), retrieval=cfg.retrieval)
+            lcfg = NeedleConfig(lengths=long, depths=[float(d) for d in args.long_depths.split(",")],
+                                trials=args.long_trials, formats=formats, seed=1, modes=("retrieval",),
+                                retrieval=cfg.retrieval)
             with torch.no_grad():
                 more = run_needle(model, tok, lcfg)
             res["trials"] += more["trials"]

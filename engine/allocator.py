@@ -18,8 +18,12 @@ reuse instead of being returned to the system. A training step allocates and fre
 megabyte-sized tensors (attention tiles, activations, gradients) every step; returning them
 makes every step fault the pages in again. Measured on the 2-core test machine (tiny preset,
 4 lanes, plain loop, three interleaved runs each): glibc malloc 54 / 71 ms per step (without /
-with retrieval), jemalloc's defaults 62 / 82 ms, jemalloc with TRAINING_CONF 51 / 65 ms. The
-resident set stays at the step's peak (a training step's peak repeats every step).
+with retrieval), jemalloc's defaults 62 / 82 ms, jemalloc with TRAINING_CONF 51 / 65 ms.
+Huge allocations (jemalloc's own arena for those over opt.oversize_threshold, 8 MiB: the
+logits of a 49k-token vocabulary, peft's embedding copies) are the exception: kept, they
+piled up instead of being reused (SmolLM2-135M LoRA fine-tune: +250 MB of RSS per step until
+the kernel killed it at 24 GB); `kept_pages` has that arena return its pages at once, as
+jemalloc's defaults do, so only the small and medium sizes a step repeats are kept.
 
 FOLIO_MALLOC=system (or glibc) turns this off; FOLIO_MALLOC=/path/to/libjemalloc.so.2
 names the library. Nothing is downloaded at run time; Linux only (elsewhere this is a no-op).
@@ -147,6 +151,23 @@ def set_page_decay(dirty_ms: int, muzzy_ms: int) -> bool:
     return True
 
 
+def purge_huge_eagerly() -> bool:
+    """jemalloc's arena of huge allocations returns freed pages at once (decay 0, its own
+    default); made first if it does not exist yet. False when jemalloc is not loaded."""
+    f = _mallctl()
+    if f is None:
+        return False
+    h = _huge_arena(f)
+    if h is None:
+        return False
+    threshold = _get(f, "opt.oversize_threshold", ctypes.c_size_t) or (8 << 20)
+    buf = ctypes.create_string_buffer(threshold + 4096)  # one huge allocation: the arena exists
+    del buf
+    ok = _set(f, f"arena.{h}.dirty_decay_ms", 0) and _set(f, f"arena.{h}.muzzy_decay_ms", 0)
+    f(f"arena.{h}.purge".encode(), None, None, None, 0)
+    return ok
+
+
 @contextlib.contextmanager
 def kept_pages():
     """Within: jemalloc keeps freed pages (TRAINING_CONF's decay times), when jemalloc is loaded
@@ -154,8 +175,11 @@ def kept_pages():
     preloaded by a container, torchrun, Python); the previous times are restored after.
     `train.loop.train` runs inside it. (Restores with set_page_decay: per-arena times someone
     set by hand inside are not kept.)"""
-    prev = None if os.environ.get("MALLOC_CONF") else page_decay()
+    conf = os.environ.get("MALLOC_CONF")
+    prev = None if conf else page_decay()
     changed = prev is not None and prev != (-1, -1) and set_page_decay(-1, -1)
+    if conf in (None, "", TRAINING_CONF):
+        purge_huge_eagerly()
     try:
         yield
     finally:

@@ -48,10 +48,26 @@ def test_demo_real_model_part_runs_on_a_small_imported_checkpoint(tmp_path, caps
         "chat_template": "{% for m in messages %}<s>{{ m.role }}: {{ m.content }}</s>{% endfor %}"
                          "{% if add_generation_prompt %}<s>assistant: {% endif %}"}))
     model_dir = save_imported(*import_checkpoint(hf_dir, block_len=8), tmp_path / "model")
+    # a landmark fine-tune of it: an adapter directory beside it (as models/smollm2-135m-landmark)
+    import dataclasses
+
+    from engine.checkpoint import load_model
+    from engine.tokenizer import load_tokenizer
+    from train.finetune import LoraSpec, apply_lora, write_adapter
+
+    base = load_model(model_dir)
+    cfg = dataclasses.replace(base.cfg, attention="landmark", max_seq_len=64)
+    spec = LoraSpec(rank=2, landmark_id=cfg.vocab_size - 1)
+    tuned = apply_lora(base, spec)
+    tuned_dir = write_adapter(tmp_path / "tuned", tuned.state_dict(), spec, base=str(model_dir),
+                              model_config=cfg.to_dict())
+    load_tokenizer(model_dir).save(tuned_dir)
     res = demo.demo_real_model(tmp_path / "out", model_dir=model_dir, document="sample:sotu-1862-lincoln",
-                               questions=("Who wrote this?",), needle_lengths=(160,))
+                               questions=("Who wrote this?",), needle_lengths=(160,), tuned_dir=tuned_dir)
     out = capsys.readouterr().out
     assert res["document"] == "sample:sotu-1862-lincoln" and "Who wrote this?" in res["answers"]
     assert "demo: A:" in out and (tmp_path / "out" / "needle" / "needle.json").is_file()
+    assert {r["mode"] for r in res["tuned_needle"]["rows"]} == {"retrieval"}
+    assert (tmp_path / "out" / "needle-tuned" / "needle.json").is_file()
     assert demo.demo_real_model(tmp_path / "o2", model_dir=tmp_path / "missing") == {}
     assert "make model" in capsys.readouterr().out
