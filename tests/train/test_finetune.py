@@ -310,3 +310,25 @@ def test_two_process_lora_run(tmp_path, pretrained):
     ck = find_checkpoint(out)
     assert read_meta(ck)["world_size"] == 2 and (ck / "adapter.safetensors").is_file()
     load_model(ck)
+
+
+def test_the_shipped_adapter_loads_on_its_base():
+    """models/smollm2-135m-landmark (committed, a few MB) on models/smollm2-135m (`make model`)."""
+    root = Path(__file__).resolve().parents[2]
+    tuned_dir, base_dir = root / "models" / "smollm2-135m-landmark", root / "models" / "smollm2-135m"
+    if not (tuned_dir / "adapter_config.json").is_file():
+        pytest.skip("no shipped adapter in this checkout")
+    if not (base_dir / "config.json").is_file():
+        pytest.skip("models/smollm2-135m is made by `make model`")
+    size = sum(p.stat().st_size for p in tuned_dir.iterdir())
+    assert size < 10 << 20
+    meta = json.loads((tuned_dir / "adapter_config.json").read_text())
+    from engine.checkpoint import load_config
+
+    assert meta["base_fingerprint"] == load_config(base_dir).fingerprint()
+    model = load_model(tuned_dir)
+    tok = load_tokenizer(tuned_dir)
+    assert model.cfg.landmarks and model.cfg.vocab_size == tok.vocab_size == 49153
+    base = load_model(base_dir)
+    assert not torch.equal(base.layers[3].attn.wq.weight, model.layers[3].attn.wq.weight)
+    assert torch.equal(base.layers[3].ffn.w_up.weight, model.layers[3].ffn.w_up.weight)  # not adapted
