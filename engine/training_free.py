@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from engine.config import ModelConfig
 from engine.errors import ModelMismatchError
 from engine.model import apply_rope, rope_cos_sin
-from engine.retrieval import RetrievalStats, _choose, _gather_selected, _without
+from engine.block_select import choose_blocks, gather_selected, mask_excluded
+from engine.retrieval import RetrievalStats
 
 BLOCK_KEYS = ("mean", "max-norm")
 QUERY_AGGS = ("mean", "max")
@@ -203,13 +204,13 @@ class TrainingFreeMemory:
         ids, scores = self.store.search_max(layer, qs, kk + len(exclude), streams=self.read_streams)
         self.stats.searches += 1
         ids, scores = ids.cpu(), scores.float().cpu()
-        return _choose(ids, _without(ids, scores, exclude), kk)[0]
+        return choose_blocks(ids, mask_excluded(ids, scores, exclude), kk)[0]
 
     def _fetch(self, layer: int, sel: torch.Tensor, promote: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of the selected blocks, (1, Hkv, kk*L, D) float32 pre-RoPE, zeros where absent.
         Blocks of this layer's previous selection are reused, not fetched again."""
         Hkv, kk = sel.shape
-        k_sel, v_sel, _, n_new = _gather_selected(self.store, layer, sel[None], self.device, promote=promote,
+        k_sel, v_sel, _, n_new = gather_selected(self.store, layer, sel[None], self.device, promote=promote,
                                                   cache=self._blocks[layer])  # (1, Hkv, kk, L, D)
         if n_new:
             self.stats.count_fetched(layer, n_new, self.store.layout)

@@ -1,0 +1,76 @@
+"""Choosing and fetching retrieved blocks: the steps every retrieval memory shares.
+
+A memory searches the landmark index (landmark retrieval) or the block-key index
+(training-free retrieval) and gets candidate ids and scores per lane and KV head; then
+`mask_excluded` drops the blocks already in its local window, `choose_blocks` keeps the
+best k in stream order, and `gather_selected` fetches their keys and values from the store
+with one fetch for their union (reusing those of the previous selection).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def mask_excluded(ids: torch.Tensor, scores: torch.Tensor, exclude: Sequence[int]) -> torch.Tensor:
+    """scores with -inf where ids is one of `exclude` (the local window's stored blocks)."""
+    if not exclude:
+        return scores
+    return scores.masked_fill(torch.isin(ids, torch.tensor(exclude, dtype=torch.long)), float("-inf"))
+
+
+def choose_blocks(ids: torch.Tensor, scores: torch.Tensor, kk: int) -> torch.Tensor:
+    """Distinct search results ids, scores (B, Hkv, k') on the CPU -> the best kk per lane
+    and head, (B, Hkv, kk) int64: ascending ids (store order = stream order), absent (-1)
+    first, so real blocks abut the window."""
+    out = torch.full((*ids.shape[:2], kk), -1, dtype=torch.long)
+    n = min(kk, ids.shape[2])
+    top_s, top_i = scores.topk(n, dim=-1)  # (B, Hkv, n)
+    chosen = ids.gather(2, top_i).masked_fill(~torch.isfinite(top_s), -1)
+    out[:, :, kk - n:] = torch.sort(chosen, dim=-1).values
+    return out
+
+
+def gather_selected(store, layer: int, sel: torch.Tensor, device, promote: bool = True,
+                     cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None):
+    """The selected blocks of one layer with one store fetch for their union.
+
+    sel (B, Hkv, kk) ids, -1 = none. cache: optional id -> (K, V) (Hkv, L, D) of blocks
+    fetched before (a memory's previous selection of this layer): those are not fetched
+    again, and on return it holds exactly this selection's blocks. Returns k, v
+    (B, Hkv, kk, L, D) float32 on `device` (zeros where none), the distinct ids (M,)
+    ascending, and how many of them came from the store.
+    """
+    B, Hkv, kk = sel.shape
+    L, D = store.layout.block_len, store.layout.head_dim
+    valid_blk = sel >= 0
+    uniq = torch.unique(sel[valid_blk])
+    if not len(uniq):
+        if cache is not None:
+            cache.clear()
+        return (torch.zeros(B, Hkv, kk, L, D, device=device), torch.zeros(B, Hkv, kk, L, D, device=device), uniq, 0)
+    ids = uniq.tolist()
+    need = ids if cache is None else [i for i in ids if i not in cache]
+    if need:
+        k_new, v_new = store.get_layer(need, layer, promote=promote)  # (n, Hkv, L, D)
+        k_new, v_new = k_new.to(device).float(), v_new.to(device).float()
+    if len(need) == len(ids):
+        k, v = k_new, v_new
+    else:  # some blocks were fetched for the previous selection: reuse them
+        got = dict(zip(need, range(len(need))))
+        k = torch.stack([k_new[got[i]] if i in got else cache[i][0] for i in ids])  # (M, Hkv, L, D)
+        v = torch.stack([v_new[got[i]] if i in got else cache[i][1] for i in ids])
+    if cache is not None:
+        cache.clear()
+        cache.update((i, (k[j], v[j])) for j, i in enumerate(ids))
+    pos = torch.searchsorted(uniq, sel.clamp(min=0))  # (B, Hkv, kk) row in k
+    flat = (pos * Hkv + torch.arange(Hkv)[None, :, None]).reshape(-1).to(k.device)  # (row, head) in k
+    k_sel = k.reshape(-1, L, D).index_select(0, flat).view(B, Hkv, kk, L, D)
+    v_sel = v.reshape(-1, L, D).index_select(0, flat).view(B, Hkv, kk, L, D)
+    if not bool(valid_blk.all()):
+        absent = ~valid_blk.to(k.device)[..., None, None]
+        k_sel.masked_fill_(absent, 0.0)
+        v_sel.masked_fill_(absent, 0.0)
+    return k_sel, v_sel, uniq, len(need)
