@@ -255,7 +255,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "passkey-tiny-prose": dict(model="tiny", model_overrides={"n_layers": 4},
                                data=("passkey:answer_weight=30,key_digits=1-7,filler=prose",
                                      "passkey:answer_weight=30,key_digits=1-5"), data_weights=(3.0, 1.0),
-                               synthetic_chars=(150, 2500), micro_batch=8, max_steps=1200, lr=5e-4,
+                               synthetic_chars=(150, 2500), micro_batch=8, max_steps=800, lr=5e-4,
                                warmup_steps=50, min_lr_ratio=0.05, retrieval=True,
                                init_from="models/passkey-tiny", save_every=200, keep_checkpoints=2, seed=1,
                                out_dir="runs/passkey-tiny-prose"),
