@@ -14,16 +14,16 @@ none (scripts/fetch_jemalloc.sh: `apt-get download`, which installs nothing).
 
 Training (`folio train`, `folio demo`, `python -m bench.train`) also sets jemalloc's
 MALLOC_CONF to TRAINING_CONF unless MALLOC_CONF is already set: freed pages are kept for
-reuse instead of being returned to the system. A training step allocates and frees the same
+reuse for a few seconds (a decay of 5 s, and no separate muzzy stage) instead of being
+returned at once. A training step allocates and frees the same
 megabyte-sized tensors (attention tiles, activations, gradients) every step; returning them
 makes every step fault the pages in again. Measured on the 2-core test machine (tiny preset,
 4 lanes, plain loop, three interleaved runs each): glibc malloc 54 / 71 ms per step (without /
-with retrieval), jemalloc's defaults 62 / 82 ms, jemalloc with TRAINING_CONF 51 / 65 ms.
-Huge allocations (jemalloc's own arena for those over opt.oversize_threshold, 8 MiB: the
-logits of a 49k-token vocabulary, peft's embedding copies) are the exception: kept, they
-piled up instead of being reused (SmolLM2-135M LoRA fine-tune: +250 MB of RSS per step until
-the kernel killed it at 24 GB); `kept_pages` has that arena return its pages at once, as
-jemalloc's defaults do, so only the small and medium sizes a step repeats are kept.
+with retrieval), jemalloc's defaults 62 / 82 ms, jemalloc keeping freed pages forever
+(decay -1, the setting before this one) 51 / 65 ms. Forever was wrong for a bigger model:
+the SmolLM2-135M LoRA fine-tune (49k-token vocabulary, window 512) grew +250 MB of RSS per
+step until the kernel killed it at 24 GB, with the huge-allocation arena purging too; with
+a 5 s decay its RSS stayed at 2.4 GB over 10 steps (glibc's malloc: 5.0 GB), same step time.
 
 FOLIO_MALLOC=system (or glibc) turns this off; FOLIO_MALLOC=/path/to/libjemalloc.so.2
 names the library. Nothing is downloaded at run time; Linux only (elsewhere this is a no-op).
@@ -39,7 +39,8 @@ from collections.abc import Mapping, Sequence
 
 ENV = "FOLIO_MALLOC"
 _DONE = "FOLIO_MALLOC_ACTIVE"  # set in the re-executed process: never re-execute twice
-TRAINING_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"  # keep freed pages (see above)
+TRAINING_DECAY_MS = (5000, 5000)
+TRAINING_CONF = "dirty_decay_ms:5000,muzzy_decay_ms:5000"  # keep freed pages a while (see above)
 _CANDIDATES = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
                "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
 
@@ -151,23 +152,6 @@ def set_page_decay(dirty_ms: int, muzzy_ms: int) -> bool:
     return True
 
 
-def purge_huge_eagerly() -> bool:
-    """jemalloc's arena of huge allocations returns freed pages at once (decay 0, its own
-    default); made first if it does not exist yet. False when jemalloc is not loaded."""
-    f = _mallctl()
-    if f is None:
-        return False
-    h = _huge_arena(f)
-    if h is None:
-        return False
-    threshold = _get(f, "opt.oversize_threshold", ctypes.c_size_t) or (8 << 20)
-    buf = ctypes.create_string_buffer(threshold + 4096)  # one huge allocation: the arena exists
-    del buf
-    ok = _set(f, f"arena.{h}.dirty_decay_ms", 0) and _set(f, f"arena.{h}.muzzy_decay_ms", 0)
-    f(f"arena.{h}.purge".encode(), None, None, None, 0)
-    return ok
-
-
 @contextlib.contextmanager
 def kept_pages():
     """Within: jemalloc keeps freed pages (TRAINING_CONF's decay times), when jemalloc is loaded
@@ -175,11 +159,8 @@ def kept_pages():
     preloaded by a container, torchrun, Python); the previous times are restored after.
     `train.loop.train` runs inside it. (Restores with set_page_decay: per-arena times someone
     set by hand inside are not kept.)"""
-    conf = os.environ.get("MALLOC_CONF")
-    prev = None if conf else page_decay()
-    changed = prev is not None and prev != (-1, -1) and set_page_decay(-1, -1)
-    if conf in (None, "", TRAINING_CONF):
-        purge_huge_eagerly()
+    prev = None if os.environ.get("MALLOC_CONF") else page_decay()
+    changed = prev is not None and prev != TRAINING_DECAY_MS and set_page_decay(*TRAINING_DECAY_MS)
     try:
         yield
     finally:

@@ -246,7 +246,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
                              model_overrides={"attention": "landmark", "max_seq_len": 512},
                              data=("needles:answer_weight=8,max_keys=3,plain=0.1",),
                              synthetic_chars=(1200, 7000), window_len=512, micro_batch=2, grad_accum=1,
-                             max_steps=640, lr=1e-3, warmup_steps=20, min_lr_ratio=0.1, save_every=20,
+                             max_steps=900, lr=1e-3, warmup_steps=20, min_lr_ratio=0.1, save_every=20,
                              keep_checkpoints=2, retrieval=True, retrieval_top_k=4, lora_rank=8,
                              lora_alpha=16.0, precision="fp32", out_dir="runs/smollm2-landmark"),
     # Stage 3 of the passkey checkpoint: from the shipped models/passkey-tiny, keys hidden in real
