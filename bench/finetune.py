@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=2, help="haystacks per length")
     ap.add_argument("--top-k", type=int, default=None, help="retrieved blocks for the fine-tuned model (default 4, "
                                                             "as trained); the base keeps training-free defaults")
+    ap.add_argument("--tuned-modes", default="retrieval,local", help="needle modes of the fine-tuned model")
+    ap.add_argument("--base-modes", default="retrieval,full,local", help="needle modes of the base model")
     ap.add_argument("--ppl-contexts", default="8192,32768,131072",
                     help="perplexity contexts for the fine-tuned model's retrieval ('' skips perplexity)")
     ap.add_argument("--ppl-tokens", type=int, default=512, help="scored tokens M")
@@ -147,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
 
     tuned_rc = TrainingFreeConfig(top_k=args.top_k if args.top_k is not None else 4)
     grid = dict(lengths=lengths, depths=depths, trials=args.trials, formats=formats, seed=0)
-    runs = [("tuned", tuned, ttok, NeedleConfig(**grid, modes=("retrieval", "local"), retrieval=tuned_rc)),
-            ("base", base, btok, NeedleConfig(**grid, modes=("retrieval", "full", "local")))]
+    modes = lambda s: tuple(m.strip() for m in s.split(",") if m.strip())  # noqa: E731
+    runs = [("tuned", tuned, ttok, NeedleConfig(**grid, modes=modes(args.tuned_modes), retrieval=tuned_rc)),
+            ("base", base, btok, NeedleConfig(**grid, modes=modes(args.base_modes)))]
     long = _ints(args.long_lengths) if args.long_lengths else []
     for label, model, tok, cfg in runs:
         with torch.no_grad():
