@@ -12,7 +12,7 @@ The same trials (one seed, one tokenizer) go to
 - the base model with training-free retrieval (`base retrieval`), its own full attention up
   to its 8k window (`base full`), and its local window alone (`base local`).
 Perplexity: the last M tokens of held-out text, the fine-tuned model with retrieval at each
-context against the base model's full attention over 8k context, same tokens.
+context against the base model's full attention over its 8k window (--base-context), same tokens.
 
 Writes bench/results/finetune.json (every trial and answer), finetune.md (the tables) and
 finetune.png; ratios are against the baselines of this run.
@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ppl-contexts", default="8192,32768,131072",
                     help="perplexity contexts for the fine-tuned model's retrieval ('' skips perplexity)")
     ap.add_argument("--ppl-tokens", type=int, default=512, help="scored tokens M")
+    ap.add_argument("--base-context", default="8192", help="the base model's full-attention context (its window)")
     ap.add_argument("--quick", action="store_true", help="4k only, 1 trial, 2 depths, 1 format, no perplexity")
     ap.add_argument("--out", default=str(RESULTS), help="directory for finetune.json/.md/.png")
     args = ap.parse_args(argv)
@@ -168,27 +169,28 @@ def main(argv: list[str] | None = None) -> int:
         print(needle_table(needle_cells(result["needle"])), flush=True)
     if args.ppl_contexts:
         ctx = _ints(args.ppl_contexts)
-        common = dict(contexts=sorted(set(ctx) | {8192}), scored_tokens=args.ppl_tokens, full_max_len=8192)
+        bc = _ints(args.base_context)[0]
+        common = dict(contexts=sorted(set(ctx) | {bc}), scored_tokens=args.ppl_tokens, full_max_len=bc)
         with torch.no_grad():
             pb = run_perplexity(base, btok, PerplexityConfig(**common, modes=("full",)))
             pt = run_perplexity(tuned, ttok, PerplexityConfig(**common, modes=("retrieval",),
                                                               retrieval=tuned_rc))
         assert pb["document"] == pt["document"], "the scored tokens differ"
-        ref = next(r for r in pb["rows"] if r["context"] == 8192)
-        result["perplexity"] = {"base_full_8k": {k: ref[k] for k in ("nll", "ppl", "tokens")},
+        ref = next(r for r in pb["rows"] if r["context"] == bc)
+        result["perplexity"] = {"base_full": {k: ref[k] for k in ("nll", "ppl", "tokens", "context")},
                                 "tuned_retrieval": [{k: r[k] for k in ("context", "nll", "ppl", "seconds")}
                                                     for r in pt["rows"]],
                                 "document": pb["document"]}
         for r in result["perplexity"]["tuned_retrieval"]:
-            r["ppl_vs_base_full_8k"] = round(r["ppl"] / ref["ppl"], 4)
+            r["ppl_vs_base_full"] = round(r["ppl"] / ref["ppl"], 4)
     save()
     md = ["## Needle (held-out prose, evaluation phrasing; accuracy (trials))", "", needle_table(result["needle_rows"])]
     if result["perplexity"]:
         p = result["perplexity"]
         md += ["", f"## Perplexity of the last {args.ppl_tokens} tokens (held-out text)", "",
-               "| system | context | perplexity | vs base full@8k |", "|---|---:|---:|---:|",
-               f"| base full | 8,192 | {p['base_full_8k']['ppl']:.3f} | 1.000 |"]
-        md += [f"| tuned retrieval | {r['context']:,} | {r['ppl']:.3f} | {r['ppl_vs_base_full_8k']:.3f} |"
+               "| system | context | perplexity | vs base full |", "|---|---:|---:|---:|",
+               f"| base full | {p['base_full']['context']:,} | {p['base_full']['ppl']:.3f} | 1.000 |"]
+        md += [f"| tuned retrieval | {r['context']:,} | {r['ppl']:.3f} | {r['ppl_vs_base_full']:.3f} |"
                for r in p["tuned_retrieval"]]
     (out / "finetune.md").write_text("\n".join(md) + "\n")
     plot(result["needle_rows"], out / "finetune.png")
