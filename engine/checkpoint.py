@@ -57,22 +57,21 @@ def load_model(directory: str | os.PathLike, *, device: str | torch.device = "cp
 
     if is_adapter_dir(directory) and not (Path(directory) / WEIGHTS).is_file():
         cfg, state = load_adapted(directory)
-        model = LandmarkTransformer(cfg)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [m for m in missing if not (cfg.tie_embeddings and m == "lm_head.weight")]
-        if missing or unexpected:
-            raise ValueError(f"{directory}: the adapter and its base do not fit the config: missing "
-                             f"{missing[:5]}, unexpected {unexpected[:5]}")
-        return model.to(device).eval()
+        return _built(cfg, state, f"{directory}: the adapter and its base do not fit the config").to(device).eval()
     cfg = load_config(directory)
     wpath = Path(directory) / WEIGHTS
     if not wpath.is_file():
         raise FileNotFoundError(f"no {WEIGHTS} in {directory!s}")
-    model = LandmarkTransformer(cfg)
     state = load_file(str(wpath), device="cpu")
+    return _built(cfg, state, f"{wpath} does not match the config").to(device).eval()
+
+
+def _built(cfg: ModelConfig, state: dict[str, torch.Tensor], what: str) -> LandmarkTransformer:
+    """A model of `cfg` holding `state` (a tied output projection may be left out); ValueError
+    starting with `what` naming missing and unexpected tensors."""
+    model = LandmarkTransformer(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (cfg.tie_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
-        raise ValueError(f"{wpath} does not match the config: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    return model.to(device).eval()
+        raise ValueError(f"{what}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model

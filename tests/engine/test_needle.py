@@ -124,6 +124,18 @@ def test_the_needle_sits_at_the_requested_depth(source, depth):
         assert trials[0].cut == len(trials[0].hay)
 
 
+def _fresh_store_answers(m, trials, rc, max_new: int, where) -> list[str]:
+    """Each trial's whole document ingested into a fresh store, then asked: the reference the
+    shared-prefix runner must reproduce."""
+    out = []
+    for i, t in enumerate(trials):
+        with open_store(where / f"s{i}", m.cfg, "w") as store, torch.no_grad():
+            ingest(m, store, "doc", t.document, retrieval=rc, tokenizer=TOK)
+            out.append(TOK.decode(generate(m, store, t.question, streams=["doc"], retrieval=rc,
+                                           gen=GenerateConfig(max_new_tokens=max_new), tokenizer=TOK)))
+    return out
+
+
 def test_shared_prefix_store_runner_matches_a_fresh_ingest(source, tmp_path):
     """The trunk store copied and continued per trial gives the answers of ingesting each
     trial's whole document into a fresh store."""
@@ -132,11 +144,7 @@ def test_shared_prefix_store_runner_matches_a_fresh_ingest(source, tmp_path):
     trials, _ = build_trials(TOK, source, 700, _specs([0.0, 0.5, 1.0], rng, ("passkey", "code")), rng)
     assert len({t.needle_pos // 16 for t in trials}) == 3  # three fork points of the trunk
     got = _answers_from_store(m, TOK, trials, RC, 8, lambda: None)
-    for i, t in enumerate(trials):
-        with open_store(tmp_path / f"s{i}", m.cfg, "w") as store, torch.no_grad():
-            ingest(m, store, "doc", t.document, retrieval=RC, tokenizer=TOK)
-            want = TOK.decode(generate(m, store, t.question, streams=["doc"], retrieval=RC,
-                                       gen=GenerateConfig(max_new_tokens=8), tokenizer=TOK))
+    for i, want in enumerate(_fresh_store_answers(m, trials, RC, 8, tmp_path)):
         assert got[i][0] == want, (i, got[i][0], want)
 
 
@@ -222,11 +230,7 @@ def test_a_landmark_model_runs_its_own_retrieval_and_skips_full(source, tmp_path
     rng = random.Random(4)
     trials, _ = build_trials(TOK, source, 300, _specs([0.1, 0.8], rng, ("passkey",)), rng)
     got = _answers_from_store(m, TOK, trials, RC, 6, lambda: None)
-    for i, t in enumerate(trials):
-        with open_store(tmp_path / f"s{i}", m.cfg, "w") as store, torch.no_grad():
-            ingest(m, store, "doc", t.document, retrieval=rc, tokenizer=TOK)
-            want = TOK.decode(generate(m, store, t.question, streams=["doc"], retrieval=rc,
-                                       gen=GenerateConfig(max_new_tokens=6), tokenizer=TOK))
+    for i, want in enumerate(_fresh_store_answers(m, trials, rc, 6, tmp_path)):
         assert got[i][0] == want
     cfg = NeedleConfig(lengths=[200], depths=[0.5], modes=("retrieval", "full", "local"), retrieval=RC,
                        text=SAMPLES, max_new_tokens=3, formats=("code",))
