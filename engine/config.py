@@ -19,7 +19,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 ROPE_SCALING_TYPES = ("llama3", "linear")
 # fields added after stores and checkpoints were first written: left out of the fingerprint
 # while they hold their default, so existing stores and checkpoints keep theirs
-_LATER_FIELDS = {"rope_scaling": None, "qkv_bias": False, "o_bias": False, "source": ""}
+_LATER_FIELDS = {"rope_scaling": None, "qkv_bias": False, "o_bias": False, "source": "", "folded_window": 0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +127,10 @@ class ModelConfig:
     """Where imported weights came from (file name and a hash of the weights), '' for Folio's
     own models: part of the fingerprint, so a store written by one checkpoint refuses another
     of the same shape."""
+    folded_window: int = 0
+    """Folded context (engine/folded.py, a reconstruction of arXiv 2405.04620): every layer also
+    attends to the previous window of this many positions at the same layer; 0 = off. A multiple
+    of block_len (windows hold whole blocks, which the store keeps)."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
@@ -156,6 +160,9 @@ class ModelConfig:
                 _fail(name, getattr(self, name), "must be a bool")
         if not isinstance(self.source, str):
             _fail("source", self.source, "must be a str")
+        fw = self.folded_window
+        if not isinstance(fw, int) or isinstance(fw, bool) or fw < 0 or (fw and fw % self.block_len):
+            _fail("folded_window", fw, f"0 (off) or a positive multiple of block_len={self.block_len}")
 
     @property
     def rope(self) -> tuple[float, RopeScaling | None]:
