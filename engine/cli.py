@@ -102,6 +102,18 @@ def _retrieval_config(args, cfg):
     """RetrievalConfig (landmark model) or TrainingFreeConfig (causal model) from the flags."""
     from engine.retrieval import RetrievalConfig
 
+    if cfg.folded_window:
+        from engine.folded import FoldedConfig
+
+        given = [f"--{k.replace('_', '-')}" for k in ("top_k", "local_blocks") + TRAINING_FREE_FLAGS
+                 if getattr(args, k, None) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: this model uses folded context (folded_window="
+                             f"{cfg.folded_window}): it attends to the previous window of every layer and "
+                             f"retrieves nothing; only --chunk applies")
+        rc = FoldedConfig(chunk_len=args.chunk)
+        rc.chunk_for(cfg)  # a chunk that is not a multiple of the window fails here, before any work
+        return rc
     if cfg.landmarks:
         if any(getattr(args, k, None) is not None for k in TRAINING_FREE_FLAGS):
             raise ValueError("--sink-blocks/--block-key/--query-agg/--search-distance/--decode-reselect are for "

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from engine.config import ModelConfig
+from engine.folded import FoldedConfig, FoldedMemory
 from engine.landmarks import insert_landmarks
 from engine.model import LandmarkTransformer
 from engine.retrieval import RetrievalConfig, RetrievalMemory
@@ -30,27 +31,31 @@ from engine.tokenizer import ByteTokenizer, Tokenizer
 from engine.training_free import TrainingFreeConfig, TrainingFreeMemory
 
 TOKENIZER = ByteTokenizer()
-AnyRetrievalConfig = RetrievalConfig | TrainingFreeConfig
+AnyRetrievalConfig = RetrievalConfig | TrainingFreeConfig | FoldedConfig
 
 
 def retrieval_for(cfg: ModelConfig, retrieval: AnyRetrievalConfig | None) -> AnyRetrievalConfig:
-    """The retrieval config a model uses: landmark retrieval for a landmark-trained model,
+    """The memory config a model uses: folded context for a model trained with it
+    (`ModelConfig.folded_window`), else landmark retrieval for a landmark-trained model,
     training-free retrieval for a plain causal one (defaults when None). Raises ValueError
-    when the given config is of the other kind."""
-    want = RetrievalConfig if cfg.landmarks else TrainingFreeConfig
+    when the given config is of another kind."""
+    want = (FoldedConfig if cfg.folded_window else RetrievalConfig if cfg.landmarks else TrainingFreeConfig)
     if retrieval is None:
         return want()
     if not isinstance(retrieval, want):
-        raise ValueError(f"a model with attention={cfg.attention!r} takes a {want.__name__}, "
-                         f"got a {type(retrieval).__name__}")
+        kind = f"folded_window={cfg.folded_window}" if cfg.folded_window else f"attention={cfg.attention!r}"
+        raise ValueError(f"a model with {kind} takes a {want.__name__}, got a {type(retrieval).__name__}")
     return retrieval
 
 
 def make_memory(cfg: ModelConfig, store, *, stream: str | None, retrieval: AnyRetrievalConfig | None,
                 persist: bool, read_streams="own"):
-    """The retrieval memory for this model: `RetrievalMemory` (landmarks) or
-    `TrainingFreeMemory` (a pretrained model without landmarks)."""
+    """The memory for this model: `FoldedMemory` (a folded-context model; it reads its own
+    stream only, see `generate`), `RetrievalMemory` (landmarks) or `TrainingFreeMemory` (a
+    pretrained model without landmarks)."""
     rc = retrieval_for(cfg, retrieval)
+    if isinstance(rc, FoldedConfig):
+        return FoldedMemory(cfg, store, stream=stream, persist=persist, config=rc)
     cls = RetrievalMemory if cfg.landmarks else TrainingFreeMemory
     return cls(cfg, store, stream=stream, retrieval=rc, persist=persist, read_streams=read_streams)
 
@@ -342,12 +347,15 @@ def generate(model: LandmarkTransformer, store, prompt: Sequence[int] | torch.Te
     one = streams is not None and len(streams) == 1 and continue_stream
     if one:
         tail = store.get_stream_meta(streams[0]).get("tail", [])
+    if cfg.folded_window:
+        streams, one = _folded_stream(store, streams, continue_stream)
+        tail = store.get_stream_meta(streams[0]).get("tail", []) if one else []
     mem = make_memory(cfg, store, stream=None, retrieval=rc, persist=False, read_streams=streams)
     seq = torch.cat([torch.as_tensor(tail, dtype=torch.long), prompt])
+    if one and (cfg.folded_window or not cfg.landmarks):
+        mem.resume_from_store(streams[0])
     if cfg.landmarks:
         seq = insert_landmarks(seq, L, tok.landmark_id)
-    elif one:
-        mem.resume_from_store(streams[0])
     if seq.numel() == 0:
         seq = torch.tensor([tok.bos_id if tok.bos_id is not None else 0])
     logits = None
@@ -376,6 +384,19 @@ def generate(model: LandmarkTransformer, store, prompt: Sequence[int] | torch.Te
             step.append(tok.landmark_id)
         logits = model(torch.tensor([step], device=dev), memory=mem)
         mem.end_chunk()
+
+
+def _folded_stream(store, streams: Sequence[str] | None, continue_stream: bool) -> tuple[list[str] | None, bool]:
+    """The stream a folded-context model continues: its state is one stream's last window, so
+    it reads exactly one (None = the store's only stream; a store of none starts fresh)."""
+    if streams is None:
+        streams = store.streams()
+        if len(streams) > 1:
+            raise ValueError(f"a folded-context model continues one stream; the store holds {len(streams)} "
+                             f"({', '.join(sorted(streams)[:5])}{', ...' if len(streams) > 5 else ''}): name one")
+    elif len(streams) > 1:
+        raise ValueError(f"a folded-context model continues one stream, got {len(streams)}: {list(streams)}")
+    return list(streams), bool(streams) and continue_stream
 
 
 CHAT_META = "chat"  # stream metadata: the stream is the user's text of one chat turn

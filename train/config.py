@@ -162,6 +162,14 @@ class TrainConfig:
         elif mcfg.max_seq_len % mcfg.block_len:
             _fail("window_len", None,
                   f"set it: max_seq_len={mcfg.max_seq_len} is not a multiple of block_len={mcfg.block_len}")
+        if mcfg.folded_window:
+            w = self.window
+            if w % mcfg.folded_window:
+                _fail("window_len", w, f"a multiple of the model's folded_window={mcfg.folded_window} (a step "
+                                       f"trains window_len / folded_window folded windows, BPTT through them)")
+            if self.retrieval:
+                _fail("retrieval", True, "False for a folded-context model (folded_window > 0): its memory is "
+                                         "the previous window of every layer, carried from step to step")
 
     def model_config(self) -> ModelConfig:
         """The ModelConfig this run trains (preset or init_from's model, + overrides), validated."""
@@ -221,6 +229,15 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
                                                  "max_seq_len": 128, "block_len": 32},
                   data=("passkey", "stdlib"), micro_batch=2, max_steps=8, warmup_steps=2,
                   save_every=4, synthetic_chars=(150, 400), out_dir="runs/smoke"),
+    # Folded context (engine/folded.py, a reconstruction of arXiv 2405.04620): a 4-layer causal tiny
+    # model whose every layer also attends to the previous 64-position window at that layer (reach
+    # 64 x 5 - 1 = 319 positions); a step trains 4 windows in order, BPTT through them, the carry
+    # passed to the next step. Pass keys hidden in 200-600 characters (most within the reach).
+    "folded-tiny": dict(model="tiny", model_overrides={"n_layers": 4, "attention": "causal", "block_len": 32,
+                                                       "folded_window": 64},
+                        data=("passkey:answer_weight=10,key_digits=1-5",), synthetic_chars=(200, 600),
+                        window_len=256, micro_batch=8, max_steps=600, lr=2e-3, warmup_steps=50,
+                        min_lr_ratio=0.05, save_every=100, out_dir="runs/folded-tiny"),
     # The shipped passkey checkpoint (models/passkey-tiny/, see its README), in two stages.
     # Stage 1: a 4-layer tiny model learns to copy the key on one-window passkey documents
     # whose answer tokens weigh 30x in the loss (keys of 1..5 digits); the checkpoint used

@@ -332,6 +332,10 @@ def train(tcfg: TrainConfig, *, ds: DSOptions | None = None, resume: str | os.Pa
             engine = ds_engine.initialize(model, ds_cfg, env, lr_lambda=lr_multiplier(tcfg), verbose=ds.verbose)
             mixer = DocumentMixer(sources, tcfg.data_weights, seed=tcfg.seed, rank=env.rank,
                                   world_size=env.world_size)
+            if memory is None and mcfg.folded_window:
+                from train.folded_memory import FoldedWindowMemory
+
+                memory = FoldedWindowMemory(mcfg, resume_dir=step_dir, rank=env.rank)
             if memory is None and tcfg.retrieval:
                 from train.store_memory import StoreWindowMemory
 
@@ -403,6 +407,7 @@ class _Runner:
                   "model_config": self.mcfg.to_dict()}
         self.batcher.memory.checkpoint()  # retrieval store durable with the checkpoint
         ds_engine.save_checkpoint(self.engine, ck_dir, tag, client)
+        self.batcher.memory.save_state(ck_dir / tag, self.batcher.lanes)  # e.g. folded carries
         state = ds_engine.gather_state_dict(self.engine)
         if self.env.is_main:
             assert state is not None

@@ -195,6 +195,10 @@ class WindowMemory:
     def checkpoint(self) -> None:
         """A checkpoint is being written: make retrieval state durable with it."""
 
+    def save_state(self, step_dir, states: list[DocumentState | None]) -> None:
+        """A checkpoint is being written to `step_dir`: save what the lanes' memories hold that
+        a resumed run needs (a memory that keeps nothing, or keeps it elsewhere, does nothing)."""
+
     def pulled_bytes(self, states: list[DocumentState]) -> dict[str, int]:
         """K/V bytes moved to the device since the last call, per source tier."""
         return {"device": 0, "host": 0, "disk": 0}

@@ -267,3 +267,37 @@ def test_errors():
     # a model trained without folded context keeps its fingerprint
     assert ModelConfig().fingerprint() == ModelConfig(folded_window=0).fingerprint()
     assert ModelConfig().fingerprint() != ModelConfig(folded_window=64).fingerprint()
+
+
+def test_ingest_then_generate_continues_the_stream(tmp_path):
+    """`ingest` writes the stream; `generate` in a fresh memory rebuilds the state from the store and
+    decodes exactly what one uninterrupted folded stream over document + prompt decodes."""
+    from engine.inference import GenerateConfig, generate, ingest, open_store
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=260, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48,
+                      block_len=4, attention="causal", folded_window=8)
+    m = LandmarkTransformer(cfg).eval()
+    g = torch.Generator().manual_seed(3)
+    doc, prompt = torch.randint(0, 256, (45,), generator=g), torch.randint(0, 256, (7,), generator=g)
+    store = open_store(str(tmp_path / "s"), cfg, "w")
+    ingest(m, store, "doc", doc, retrieval=FoldedConfig(chunk_len=16))
+    got = list(generate(m, store, prompt, streams=None, gen=GenerateConfig(max_new_tokens=10)))
+    with pytest.raises(ValueError, match="one stream"):
+        ingest(m, store, "other", doc[:8])
+        list(generate(m, store, prompt, streams=None, gen=GenerateConfig(max_new_tokens=1)))
+    store.close()
+    with torch.no_grad():
+        mem = FoldedMemory(cfg)
+        seq = torch.cat([doc, prompt])[None]
+        logits = None
+        for a in range(0, seq.shape[1], 8):
+            logits = m(seq[:, a:a + 8], memory=mem)
+            mem.end_chunk()
+        want = []
+        for _ in range(10):
+            t = int(logits[0, -1, :256].argmax())
+            want.append(t)
+            logits = m(torch.tensor([[t]]), memory=mem)
+            mem.end_chunk()
+    assert got == want
