@@ -19,7 +19,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 ROPE_SCALING_TYPES = ("llama3", "linear")
 # fields added after stores and checkpoints were first written: left out of the fingerprint
 # while they hold their default, so existing stores and checkpoints keep theirs
-_LATER_FIELDS = {"rope_scaling": None, "qkv_bias": False, "o_bias": False, "source": "", "folded_window": 0}
+_LATER_FIELDS = {"rope_scaling": None, "qkv_bias": False, "o_bias": False, "source": "", "folded_window": 0, "uio": None}
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +132,10 @@ class ModelConfig:
     attends to the previous window of this many positions at the same layer; 0 = off. A multiple
     of block_len (windows hold whole blocks, which the store keeps)."""
 
+    uio: dict[str, Any] | None = None
+    """UIO-LLMs' compressed memories (engine/uio.py): the `UIOConfig` fields as a dict (ratio,
+    LoRA ranks, reservoir S, factor, ...), or None = off. The model then carries the UIO modules."""
+
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
                      "ffn_hidden", "max_seq_len", "block_len"):
@@ -160,6 +164,15 @@ class ModelConfig:
                 _fail(name, getattr(self, name), "must be a bool")
         if not isinstance(self.source, str):
             _fail("source", self.source, "must be a str")
+        if self.uio is not None:
+            if not isinstance(self.uio, dict):
+                _fail("uio", self.uio, "None or a dict of UIOConfig fields")
+            from engine.uio import UIOConfig
+
+            try:
+                UIOConfig(**self.uio)
+            except TypeError as e:
+                _fail("uio", self.uio, f"UIOConfig fields only ({e})")
         fw = self.folded_window
         if not isinstance(fw, int) or isinstance(fw, bool) or fw < 0 or (fw and fw % self.block_len):
             _fail("folded_window", fw, f"0 (off) or a positive multiple of block_len={self.block_len}")

@@ -79,7 +79,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = x if x.dtype == torch.float64 else x.float()  # half precisions in float32; float64 (tests) stays
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
@@ -168,6 +168,10 @@ class LandmarkTransformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        if cfg.uio is not None:  # UIO-LLMs' memory modules (engine/uio.py): slot, encoder and head LoRAs
+            from engine.uio import UIOConfig, UIOModules
+
+            self.uio = UIOModules(cfg, UIOConfig(**cfg.uio))
         self.apply(self._init)
         self.to(getattr(torch, cfg.dtype))
 

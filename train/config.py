@@ -162,6 +162,17 @@ class TrainConfig:
         elif mcfg.max_seq_len % mcfg.block_len:
             _fail("window_len", None,
                   f"set it: max_seq_len={mcfg.max_seq_len} is not a multiple of block_len={mcfg.block_len}")
+        if mcfg.uio is not None:
+            from engine.uio import UIOConfig
+
+            ratio = UIOConfig(**mcfg.uio).ratio
+            for bad, why in ((self.retrieval, "retrieval"), (mcfg.folded_window, "folded_window"),
+                             (self.lora_rank, "lora_rank")):
+                if bad:
+                    _fail(why, bad, "off for a UIO model (ModelConfig.uio set): its memory is the UIO memories, "
+                                    "trained with their own LoRAs")
+            if self.window % ratio:
+                _fail("window_len", self.window, f"a multiple of UIOConfig.ratio={ratio} (slots per window)")
         if mcfg.folded_window:
             w = self.window
             if w % mcfg.folded_window:
@@ -238,6 +249,14 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
                         data=("passkey:answer_weight=10,key_digits=1-5",), synthetic_chars=(200, 600),
                         window_len=256, micro_batch=8, max_steps=600, lr=2e-3, warmup_steps=50,
                         min_lr_ratio=0.05, save_every=100, out_dir="runs/folded-tiny"),
+    # UIO-LLMs' memory (engine/uio.py, train/uio_tbptt.py): a 2-layer tiny model trained with its
+    # base, each 128-position window compressed into 16 memory slots per layer (ratio 8) that later
+    # windows attend to; incremental TBPTT with a reservoir of S=2 encoder graphs and the factor.
+    "uio-tiny": dict(model="tiny", model_overrides={"uio": {"ratio": 8, "S": 2, "factor": True, "train_base": True,
+                                                            "enc_rank": 8, "head_rank": 8, "max_windows": 8}},
+                     data=("passkey:answer_weight=10,key_digits=1-5", "stdlib"), synthetic_chars=(300, 900),
+                     window_len=128, micro_batch=2, max_steps=400, lr=2e-3, warmup_steps=30, save_every=100,
+                     out_dir="runs/uio-tiny"),
     # The shipped passkey checkpoint (models/passkey-tiny/, see its README), in two stages.
     # Stage 1: a 4-layer tiny model learns to copy the key on one-window passkey documents
     # whose answer tokens weigh 30x in the loss (keys of 1..5 digits); the checkpoint used

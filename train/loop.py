@@ -69,16 +69,22 @@ class LanguageModelLoss(torch.nn.Module):
         self.model = model
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor, memory: Any = None) -> torch.Tensor:
-        from train.windows import unpack_targets
-
         logits = self.model(tokens) if memory is None else self.model(tokens, memory=memory)  # (B, T, V)
-        targets, weights = unpack_targets(targets)  # (B, T), (B, T) | None
-        flat = logits.float().flatten(0, 1)  # (B*T, V)
-        if weights is None:
-            return F.cross_entropy(flat, targets.flatten(), ignore_index=IGNORE_INDEX)
-        ce = F.cross_entropy(flat, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")  # (B*T,)
-        w = torch.where(targets.flatten() == IGNORE_INDEX, 0, weights.flatten()).to(ce.dtype)  # (B*T,)
-        return (ce * w).sum() / w.sum().clamp_min(1.0)
+        return lm_loss(logits, targets)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss of logits (B, T, V) against packed targets (B, T) (see
+    `LanguageModelLoss`)."""
+    from train.windows import unpack_targets
+
+    targets, weights = unpack_targets(targets)  # (B, T), (B, T) | None
+    flat = logits.float().flatten(0, 1)  # (B*T, V)
+    if weights is None:
+        return F.cross_entropy(flat, targets.flatten(), ignore_index=IGNORE_INDEX)
+    ce = F.cross_entropy(flat, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")  # (B*T,)
+    w = torch.where(targets.flatten() == IGNORE_INDEX, 0, weights.flatten()).to(ce.dtype)  # (B*T,)
+    return (ce * w).sum() / w.sum().clamp_min(1.0)
 
 
 def default_model_factory(cfg: ModelConfig) -> torch.nn.Module:
@@ -324,6 +330,10 @@ def train(tcfg: TrainConfig, *, ds: DSOptions | None = None, resume: str | os.Pa
                 if missing or unexpected:
                     raise CheckpointError(f"init_from={tcfg.init_from!r}: its weights do not fit this run's "
                                           f"model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+            if mcfg.uio is not None:
+                from train.uio_loop import prepare_uio_model
+
+                prepare_uio_model(net, mcfg, tok, fresh=step_dir is None and init_state is None)
             if lora is not None:
                 from train.finetune import apply_lora
 
@@ -450,6 +460,13 @@ class _Runner:
                 lr = float(engine.get_lr()[0])  # the lr this step uses (the scheduler steps inside)
                 loss_sum, n_tok = 0.0, 0
                 for _ in range(tcfg.grad_accum):
+                    if self.mcfg.uio is not None:  # whole TBPTT sequences of documents (train/uio_loop.py)
+                        from train.uio_loop import uio_step
+
+                        loss, n = uio_step(engine, self.batcher, self.mcfg, seed=(tcfg.seed, step, env.rank))
+                        loss_sum += loss
+                        n_tok += n
+                        continue
                     batch = self.batcher.next_batch()
                     mem = self.batcher.memory.for_step(batch.lanes)
                     loss = engine(batch.tokens.to(device), batch.targets.to(device), memory=mem)
@@ -470,7 +487,8 @@ class _Runner:
                 record = {"step": step, "loss": float(stat[0]) / env.world_size,
                           "lr": lr, "tokens": int(stat[1]),
                           "tokens_per_s": float(stat[1]) / dt, "step_time_s": dt,
-                          "pulled_bytes": self.batcher.memory.pulled_bytes(batch.lanes)}
+                          "pulled_bytes": self.batcher.memory.pulled_bytes([s for s in self.batcher.lanes
+                                                                            if s is not None])}
                 result.losses.append(record["loss"])
                 if metrics is not None:
                     metrics.write(record)

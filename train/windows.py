@@ -277,6 +277,25 @@ class LaneBatcher:
         return WindowBatch(tokens=torch.stack(rows_x), targets=torch.stack(rows_y),  # (B, T)
                            lanes=states, windows=windows)
 
+    def next_sequences(self, max_windows: int) -> list[tuple[DocumentState, list[tuple[torch.Tensor, torch.Tensor]]]]:
+        """Every lane's next up to `max_windows` windows of its document, in order (UIO's TBPTT
+        sequences: train/uio_loop.py); a lane whose document ended draws the next one."""
+        out = []
+        for i, st in enumerate(self.lanes):
+            if st is None or st.done:
+                st = self.lanes[i] = self._next_document()
+            end = min(st.n_windows, st.window + max_windows)
+            out.append((st, [window_at(st.tokens, w, self.window, self.tok, st.weights)
+                             for w in range(st.window, end)]))
+        return out
+
+    def advance_sequences(self, seqs) -> None:
+        """Mark `next_sequences`' windows trained; ends finished documents."""
+        for st, windows in seqs:
+            st.window += len(windows)
+            if st.done:
+                self.memory.end_document(st)
+
     def advance(self, batch: WindowBatch) -> None:
         """Mark the batch's windows trained; runs the memory hooks, ends finished documents."""
         for st, w in zip(batch.lanes, batch.windows):

@@ -301,3 +301,33 @@ def test_ingest_then_generate_continues_the_stream(tmp_path):
             logits = m(torch.tensor([[t]]), memory=mem)
             mem.end_chunk()
     assert got == want
+
+
+def test_landmark_retrieval_with_a_one_window_local_part_is_folded_context_plus_retrieval(tmp_path):
+    """For a landmark model, retrieval's local window sized to one folded window and chunks of one
+    window IS variant A during prefill (top_k=0: equal logits); top_k > 0 adds older blocks, never
+    the local (previous-window) ones again."""
+    from engine.inference import open_store
+    from engine.retrieval import RetrievalConfig, RetrievalMemory
+
+    m = _model("landmark")
+    tokens = _tokens(m, 48)
+    N, L = m.cfg.folded_window, m.cfg.block_len
+    with torch.no_grad():
+        ref, _ = _stream(m, tokens, N)
+        store = open_store(str(tmp_path / "s"), m.cfg, "w")
+        mem = RetrievalMemory(m.cfg, store, stream="d", persist=True,
+                              retrieval=RetrievalConfig(top_k=0, local_blocks=N // L, chunk_len=N))
+        got = []
+        for a in range(0, 48, N):
+            got.append(m(tokens[:, a:a + N], memory=mem))
+            mem.end_chunk()
+        assert (torch.cat(got, 1) - ref).abs().max().item() < 1e-5
+        mem2 = RetrievalMemory(m.cfg, store, stream="e", persist=True, read_streams=["e"],
+                               retrieval=RetrievalConfig(top_k=1, local_blocks=N // L, chunk_len=N))
+        for a in range(0, 48, N):
+            m(tokens[:, a:a + N], memory=mem2)
+            mem2.end_chunk()
+        sel = mem2.select(0, torch.randn(1, 4, 1, m.cfg.head_dim), torch.tensor([0]))
+        assert not (set(sel.flatten().tolist()) & set(mem2._stored_local_ids()))
+        store.close()

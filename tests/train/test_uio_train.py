@@ -1,0 +1,70 @@
+"""UIO memories through the DeepSpeed trainer (train/uio_loop.py): whole TBPTT sequences per step,
+one surrogate backward, exact resume, a frozen base stays frozen."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+
+from train.config import train_preset
+from train.loop import DSOptions, train
+from train.uio_tbptt import surrogate_loss
+
+NO_OFFLOAD = DSOptions(offload="none")
+UIO = {"n_layers": 1, "d_model": 64, "ffn_hidden": 128, "max_seq_len": 128, "block_len": 32,
+       "uio": {"ratio": 8, "S": 2, "enc_rank": 4, "head_rank": 4, "max_windows": 3}}
+
+
+def _cfg(out, **kw):
+    kw.setdefault("model_overrides", UIO)
+    return train_preset("uio-tiny", out_dir=str(out), save_every=0, window_len=64, micro_batch=2,
+                        synthetic_chars=(150, 400), warmup_steps=2, **kw)
+
+
+def test_surrogate_gradient_is_the_estimate():
+    p = [torch.randn(3, 2, requires_grad=True), torch.randn(4, requires_grad=True)]
+    g = [torch.randn(3, 2), None]
+    surrogate_loss(p, g).backward()
+    assert torch.equal(p[0].grad, g[0]) and p[1].grad is None
+
+
+def test_uio_run_trains_the_memory_modules_and_resumes_exactly(tmp_path):
+    steps = 6
+    full = train(_cfg(tmp_path / "a", max_steps=steps), ds=NO_OFFLOAD, progress=False)
+    assert all(torch.isfinite(torch.tensor(full.losses)))
+
+    def interrupt(step, record):
+        if step == steps // 2:
+            signal.raise_signal(signal.SIGINT)
+
+    first = train(_cfg(tmp_path / "b", max_steps=steps), ds=NO_OFFLOAD, progress=False, on_step=interrupt)
+    assert first.step == steps // 2
+    second = train(_cfg(tmp_path / "b", max_steps=steps), ds=NO_OFFLOAD, progress=False, resume=True)
+    assert first.losses + second.losses == pytest.approx(full.losses, abs=1e-6)
+    from engine.checkpoint import load_model
+
+    m = load_model(second.checkpoint)
+    assert m.cfg.uio["ratio"] == 8 and hasattr(m, "uio")
+
+
+def test_frozen_base_only_the_memory_modules_change(tmp_path):
+    from engine.checkpoint import load_model
+    from engine.config import preset
+    from engine.model import LandmarkTransformer
+
+    over = {**UIO, "uio": {**UIO["uio"], "train_base": False}}
+    res = train(_cfg(tmp_path / "f", max_steps=3, model_overrides=over), ds=NO_OFFLOAD, progress=False)
+    m = load_model(res.checkpoint)
+    torch.manual_seed(0)
+    init = LandmarkTransformer(preset("tiny", **over)).state_dict()
+    changed = {k for k, v in m.state_dict().items() if not torch.equal(v, init[k])}
+    assert changed and all(k.startswith("uio.") for k in changed), sorted(changed)[:5]
+
+
+def test_uio_config_errors():
+    with pytest.raises(ValueError, match="off for a UIO model"):
+        train_preset("uio-tiny", retrieval=True)
+    with pytest.raises(ValueError, match="multiple of UIOConfig.ratio=24"):
+        train_preset("uio-tiny", window_len=64, model_overrides={**UIO, "uio": {"ratio": 24}})
