@@ -102,6 +102,13 @@ def _retrieval_config(args, cfg):
     """RetrievalConfig (landmark model) or TrainingFreeConfig (causal model) from the flags."""
     from engine.retrieval import RetrievalConfig
 
+    if cfg.uio is not None:
+        given = [f"--{k.replace('_', '-')}" for k in ("top_k", "local_blocks", "chunk") + TRAINING_FREE_FLAGS
+                 if getattr(args, k, None) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: this model reads UIO memories (ModelConfig.uio): every window's "
+                             f"memory is attended, nothing is retrieved; these flags do not apply")
+        return None
     if cfg.folded_window:
         from engine.folded import FoldedConfig
 

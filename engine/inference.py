@@ -71,9 +71,30 @@ def store_layout_for(cfg: ModelConfig):
 def open_store(where, cfg: ModelConfig, mode: str = "a", config=None, wait_s: float = 0.0):
     """Open (or create) a store for this model; refuses a store of another model, and (writing)
     a store another process is writing to, after waiting up to wait_s seconds for it."""
+    from memory_store import LayoutMismatchError, TieredStore
+
+    try:
+        return TieredStore.open(where, mode, layout=store_layout_for(cfg), config=config, wait_s=wait_s)
+    except LayoutMismatchError as e:
+        uio = _holds_uio_memories(where)
+        if uio is not None and cfg.uio is None:
+            from engine.errors import ModelMismatchError
+
+            raise ModelMismatchError(f"{where}: this store holds UIO memories (stream {uio!r}), written by a model "
+                                     f"trained with UIO; this model was trained without UIO and cannot read them "
+                                     f"(use the UIO model, or ingest into another store)") from e
+        raise
+
+
+def _holds_uio_memories(where) -> str | None:
+    """The first stream of the store at `where` marked as UIO memories, or None (or unreadable)."""
     from memory_store import TieredStore
 
-    return TieredStore.open(where, mode, layout=store_layout_for(cfg), config=config, wait_s=wait_s)
+    try:
+        with TieredStore.open(where, "r") as st:
+            return next((s for s in st.streams() if st.get_stream_meta(s).get(UIO_META)), None)
+    except Exception:  # noqa: BLE001 - only to word the error better; the original is raised anyway
+        return None
 
 
 @dataclass(slots=True)
@@ -129,7 +150,7 @@ def ingest(model: LandmarkTransformer, store, stream: str, tokens: Sequence[int]
     if not isinstance(stream, str) or not stream:
         raise ValueError(f"stream={stream!r} is invalid: a non-empty name")
     cfg = model.cfg
-    rc = retrieval_for(cfg, retrieval)
+    rc = retrieval_for(cfg, retrieval) if cfg.uio is None else None
     tok = tokenizer or TOKENIZER
     byte = isinstance(tok, ByteTokenizer)
     top, what = (255, "byte tokens") if byte else (tok.vocab_size - 1, "token ids")
@@ -144,6 +165,9 @@ def ingest(model: LandmarkTransformer, store, stream: str, tokens: Sequence[int]
     sources = dict(meta.get("sources", {}))
     skip = int(sources.get(source, 0)) if source else 0
     skip = min(skip, toks.numel())
+    if cfg.uio is not None:
+        return ingest_uio(model, store, stream, toks, source=source, meta=meta, sources=sources, skip=skip,
+                          tok=tok, progress=progress)
     new = toks[skip:]
     tail = torch.as_tensor(meta.get("tail", []), dtype=torch.long)
     t0 = time.perf_counter()
@@ -338,11 +362,15 @@ def generate(model: LandmarkTransformer, store, prompt: Sequence[int] | torch.Te
     """
     gc = gen or GenerateConfig()
     cfg = model.cfg
-    rc = retrieval_for(cfg, retrieval)
     tok = tokenizer or TOKENIZER
     L = cfg.block_len
     dev = model.tok_emb.weight.device
     prompt = torch.as_tensor(prompt, dtype=torch.long).reshape(-1)
+    if cfg.uio is not None:
+        yield from _generate_uio(model, store, prompt, streams=streams, gc=gc, on_text=on_text, tok=tok,
+                                 continue_stream=continue_stream)
+        return
+    rc = retrieval_for(cfg, retrieval)
     tail = []
     one = streams is not None and len(streams) == 1 and continue_stream
     if one:
@@ -363,6 +391,12 @@ def generate(model: LandmarkTransformer, store, prompt: Sequence[int] | torch.Te
     for a in range(0, seq.numel(), chunk_len):
         logits = model(seq[None, a:a + chunk_len].to(dev), memory=mem)
         mem.end_chunk()
+    yield from _decode(model, mem, logits, gc, tok, on_text)
+
+
+def _decode(model, mem, logits, gc: GenerateConfig, tok: Tokenizer, on_text) -> Iterator[int]:
+    """Sample after `logits` (of the prompt's last position) one token per forward through `mem`."""
+    cfg, L, dev = model.cfg, model.cfg.block_len, model.tok_emb.weight.device
     rng = torch.Generator().manual_seed(gc.seed)
     banned = torch.tensor(tok.never_sampled(), dtype=torch.long)
     eos = None if isinstance(tok, ByteTokenizer) else tok.eos_id
@@ -386,16 +420,83 @@ def generate(model: LandmarkTransformer, store, prompt: Sequence[int] | torch.Te
         mem.end_chunk()
 
 
-def _folded_stream(store, streams: Sequence[str] | None, continue_stream: bool) -> tuple[list[str] | None, bool]:
-    """The stream a folded-context model continues: its state is one stream's last window, so
-    it reads exactly one (None = the store's only stream; a store of none starts fresh)."""
+def _generate_uio(model, store, prompt, *, streams, gc, on_text, tok, continue_stream) -> Iterator[int]:
+    """A UIO model: the prompt (after the stream's unfinished window) is a window that attends to
+    every stored memory of the one stream (`ingest_uio`), then decoding continues that window."""
+    from engine.uio import UIOMemory, stored_memory_kv
+
+    cfg = model.cfg
+    streams, one = _folded_stream(store, streams, continue_stream, what="a UIO model")
+    tail = store.get_stream_meta(streams[0]).get(UIO_TAIL, []) if one else []
+    if one and not store.get_stream_meta(streams[0]).get(UIO_META):
+        raise ValueError(f"stream {streams[0]!r} holds no UIO memories (not ingested by a UIO model)")
+    kv = stored_memory_kv(store, streams[0], model) if one else None
+    mem = UIOMemory(model, [], kv=kv, cache=True) if kv is not None else UIOMemory(model, [], cache=True)
+    seq = torch.cat([torch.as_tensor(tail, dtype=torch.long), prompt])
+    if cfg.landmarks:
+        seq = insert_landmarks(seq, cfg.block_len, tok.landmark_id)
+    if seq.numel() == 0:
+        seq = torch.tensor([tok.bos_id if tok.bos_id is not None else 0])
+    logits = model(seq[None].to(model.tok_emb.weight.device), memory=mem)
+    mem.end_chunk()
+    yield from _decode(model, mem, logits, gc, tok, on_text)
+
+
+UIO_META, UIO_TAIL = "uio", "uio_tail"  # stream metadata of a UIO stream: its flag, the unfinished window
+
+
+@torch.no_grad()
+def ingest_uio(model: LandmarkTransformer, store, stream: str, toks: torch.Tensor, *, source: str | None,
+               meta: dict, sources: dict, skip: int, tok: Tokenizer, progress: bool) -> IngestResult:
+    """`ingest` for a UIO model: every complete window of the model's max_seq_len positions is
+    encoded into its memory (engine/uio.py) and stored under the stream (m / block_len blocks per
+    layer: the memory keys and values through the transfer head); the unfinished window's
+    ordinary tokens stay in the stream's metadata. Only the encoder runs: a memory depends on its
+    own window alone."""
+    from engine.uio import encode, put_memory
+
+    cfg = model.cfg
+    T = cfg.max_seq_len
+    t0 = time.perf_counter()
+    tail = torch.as_tensor(meta.get(UIO_TAIL, []), dtype=torch.long)
+    new = toks[skip:].to(torch.long)
+    seq = torch.cat([tail, new])
+    if cfg.landmarks:
+        per = T - T // cfg.block_len  # ordinary tokens per window of T positions
+        windows = [insert_landmarks(seq[a:a + per], cfg.block_len, tok.landmark_id)
+                   for a in range(0, seq.numel() - per + 1, per)]
+    else:
+        per = T
+        windows = [seq[a:a + T] for a in range(0, seq.numel() - T + 1, T)]
+    bar = _progress(len(windows) * per, f"ingest {stream} (UIO)", progress)
+    dev = model.tok_emb.weight.device
+    put = 0
+    for w in windows:
+        put += put_memory(store, stream, model, encode(model, w[None].to(dev)))
+        if bar is not None:
+            bar.update(per)
+    if bar is not None:
+        bar.close()
+    if source:
+        sources[source] = skip + new.numel()
+    store.set_stream_meta(stream, {**meta, UIO_META: True, UIO_TAIL: seq[len(windows) * per:].tolist(),
+                                   "sources": sources})
+    store.flush()
+    return IngestResult(stream=stream, tokens=new.numel(), skipped=skip, blocks_put=put,
+                        seconds=time.perf_counter() - t0, bytes_fetched=0)
+
+
+def _folded_stream(store, streams: Sequence[str] | None, continue_stream: bool,
+                   what: str = "a folded-context model") -> tuple[list[str] | None, bool]:
+    """The stream a folded-context (or UIO) model continues: its state is one stream's, so it
+    reads exactly one (None = the store's only stream; a store of none starts fresh)."""
     if streams is None:
         streams = store.streams()
         if len(streams) > 1:
-            raise ValueError(f"a folded-context model continues one stream; the store holds {len(streams)} "
+            raise ValueError(f"{what} continues one stream; the store holds {len(streams)} "
                              f"({', '.join(sorted(streams)[:5])}{', ...' if len(streams) > 5 else ''}): name one")
     elif len(streams) > 1:
-        raise ValueError(f"a folded-context model continues one stream, got {len(streams)}: {list(streams)}")
+        raise ValueError(f"{what} continues one stream, got {len(streams)}: {list(streams)}")
     return list(streams), bool(streams) and continue_stream
 
 

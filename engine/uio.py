@@ -190,53 +190,148 @@ class UIOMemory:
     requires_grad: their .grad collects dJ/dm). p0: the window's first RoPE position.
     """
 
-    def __init__(self, model: LandmarkTransformer, memories: Sequence[Memory], *, p0: int = 0):
+    def __init__(self, model: LandmarkTransformer, memories: Sequence[Memory], *, p0: int = 0,
+                 kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None, cache: bool = False):
+        """kv: instead of memories, per layer the memory keys and values already through the
+        transfer head (pre-RoPE, (B, Hkv, M, D)), as `ingest` stores them. cache: keep the window's
+        own keys and values between forwards (decoding continues the window; `end_chunk`)."""
         self.model, self.mods = model, _modules(model)
         self.cfg = model.cfg
         self.p0 = p0
         cap = self.mods.uio.max_memories
         self.per_layer: list[torch.Tensor | None] = []
-        for layer in range(self.cfg.n_layers):
+        self.kv = None
+        if kv is not None:
+            self.kv = [(k[:, :, -cap:], v[:, :, -cap:]) if k.shape[2] else None for k, v in kv]
+            self.per_layer = [None] * self.cfg.n_layers
+        for layer in range(self.cfg.n_layers if kv is None else 0):
             if memories:
                 h = torch.cat([mem[layer] for mem in memories], dim=1)  # (B, M, d)
                 self.per_layer.append(h[:, -cap:])
             else:
                 self.per_layer.append(None)
+        self.cache = cache
+        self.local: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.cfg.n_layers
+        self._pending: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.cfg.n_layers
+        self.n_pos = 0  # window positions cached (cache=True)
 
     @property
     def n_slots(self) -> int:
+        if self.kv is not None:
+            return 0 if self.kv[0] is None else self.kv[0][0].shape[2]
         h = self.per_layer[0]
         return 0 if h is None else h.shape[1]
+
+    def memory_kv(self, layer: int, B: int, dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Layer's memory keys (pre-RoPE) and values (B, Hkv, M, D), or None without memory."""
+        if self.kv is not None:
+            kv = self.kv[layer]
+            return None if kv is None else (kv[0].to(dtype), kv[1].to(dtype))
+        h = self.per_layer[layer]
+        if h is None:
+            return None
+        return transfer(self.model, layer, h.to(dtype))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         B, H, T, D = q.shape
         cfg = self.cfg
-        cos, sin = rope_cos_sin(torch.arange(self.p0, self.p0 + T, device=q.device), D, cfg.rope, q.dtype)
-        q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        h = self.per_layer[layer]
-        if h is None:  # exactly the base model's attention
+        n0 = self.n_pos
+        cos, sin = rope_cos_sin(torch.arange(self.p0, self.p0 + n0 + T, device=q.device), D, cfg.rope, q.dtype)
+        q_rot = apply_rope(q, cos[n0:], sin[n0:])
+        if self.cache:
+            self._pending[layer] = (k, v)
+            if self.local[layer] is not None:
+                k = torch.cat([self.local[layer][0], k], 2)
+                v = torch.cat([self.local[layer][1], v], 2)
+        k_rot = apply_rope(k, cos, sin)
+        mkv = self.memory_kv(layer, B, q.dtype)
+        if mkv is None:  # exactly the base model's attention
             if cfg.landmarks:
-                return landmark_attention(q_rot, k_rot, v, cfg.block_len)
-            return causal_attention(q_rot, k_rot, v)
+                return landmark_attention(q_rot, k_rot, v, cfg.block_len, q_offset=n0)
+            return causal_attention(q_rot, k_rot, v, q_offset=n0)
         a = self.model.layers[layer].attn
-        M = h.shape[1]
-        hq = h.to(q.dtype)
-        km = (a.wk(hq) + self.mods.head_k[layer](hq)).view(B, M, a.n_kv, a.hd).transpose(1, 2)  # (B, Hkv, M, D)
-        vm = (a.wv(hq) + self.mods.head_v[layer](hq)).view(B, M, a.n_kv, a.hd).transpose(1, 2)
+        km, vm = mkv  # (B, Hkv, M, D)
+        M = km.shape[2]
         mc, ms = rope_cos_sin(torch.arange(self.p0 - M, self.p0, device=q.device), D, cfg.rope, q.dtype)
         km = apply_rope(km, mc, ms)
         if not cfg.landmarks:  # memory keys precede every query: causal with an offset sees them all
-            return causal_attention(q_rot, torch.cat([km, k_rot], 2), torch.cat([vm, v], 2), q_offset=M)
+            return causal_attention(q_rot, torch.cat([km, k_rot], 2), torch.cat([vm, v], 2), q_offset=M + n0)
+        # a landmark model: the memory keys join group 0 of the grouped softmax (scores as they are)
         G = H // a.n_kv
         scale = D ** -0.5
-        s_loc = (q_rot @ k_rot.repeat_interleave(G, 1).transpose(-1, -2)) * scale  # (B, H, T, T)
-        s_loc, _, _ = grouped_scores(s_loc, torch.arange(T, device=q.device), 0, cfg.block_len, T)
+        L, Sk = cfg.block_len, k_rot.shape[2]
+        pad = -Sk % L  # the grouped scores work on whole blocks; keys past Sk are masked
+        kp = F.pad(k_rot, (0, 0, 0, pad)) if pad else k_rot
+        v = F.pad(v, (0, 0, 0, pad)) if pad else v
+        s_loc = (q_rot @ kp.repeat_interleave(G, 1).transpose(-1, -2)) * scale  # (B, H, T, Sk + pad)
+        s_loc, _, _ = grouped_scores(s_loc, torch.arange(n0, n0 + T, device=q.device), 0, L, Sk)
         s_mem = (q_rot @ km.repeat_interleave(G, 1).transpose(-1, -2)) * scale  # (B, H, T, M)
         w = torch.softmax(torch.cat([s_mem, s_loc], -1), -1)
         return w[..., :M] @ vm.repeat_interleave(G, 1) + w[..., M:] @ v.repeat_interleave(G, 1)
 
     def end_chunk(self) -> int:
+        """With cache=True, the forward's keys and values join the window (decoding)."""
+        if self.cache:
+            for layer, (k, v) in enumerate(self._pending):
+                lc = self.local[layer]
+                self.local[layer] = (k, v) if lc is None else (torch.cat([lc[0], k], 2), torch.cat([lc[1], v], 2))
+            self.n_pos += self._pending[0][0].shape[2]
+            self._pending = [None] * self.cfg.n_layers
         return 0
 
 
-__all__ = ["UIOConfig", "UIOModules", "UIOMemory", "LoRA", "attach", "encode", "encoder_mask", "Memory"]
+def transfer(model: LandmarkTransformer, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transfer head: memory hidden states h (B, M, d) of `layer` -> keys (pre-RoPE) and
+    values (B, Hkv, M, D): the layer's W_K, W_V plus the head's LoRA."""
+    mods = _modules(model)
+    a = model.layers[layer].attn
+    B, M, _ = h.shape
+    km = (a.wk(h) + mods.head_k[layer](h)).view(B, M, a.n_kv, a.hd).transpose(1, 2)
+    vm = (a.wv(h) + mods.head_v[layer](h)).view(B, M, a.n_kv, a.hd).transpose(1, 2)
+    return km, vm
+
+
+def put_memory(store, stream: str, model: LandmarkTransformer, mem: Memory) -> int:
+    """Put one window's memory (through the transfer head: K pre-RoPE, V) into the store under
+    `stream` (a UIO model's streams hold memories, not token blocks), as m / block_len blocks per
+    layer. Returns the blocks put."""
+    cfg = model.cfg
+    L = cfg.block_len
+    m = mem[0].shape[1]
+    if m % L:
+        raise ValueError(f"a window's {m} memory slots do not fill whole blocks of block_len={L}: UIO memories "
+                         f"are stored only when window / ratio is a multiple of block_len")
+    ks, vs = zip(*(transfer(model, layer, mem[layer]) for layer in range(cfg.n_layers)))  # (1, Hkv, m, D) each
+    K = torch.stack([k[0] for k in ks])  # (nl, Hkv, m, D)
+    V = torch.stack([v[0] for v in vs])
+    nl, Hkv, _, D = K.shape
+    n = m // L
+    dt = store.layout.torch_dtype
+    K = K.view(nl, Hkv, n, L, D).permute(2, 0, 1, 3, 4).to(dt).contiguous()  # (n, nl, Hkv, L, D)
+    V = V.view(nl, Hkv, n, L, D).permute(2, 0, 1, 3, 4).to(dt).contiguous()
+    ids = store.put_blocks(stream, K, V, K.float().mean(dim=3).to(dt).contiguous())
+    return len(ids)
+
+
+def stored_memory_kv(store, stream: str, model: LandmarkTransformer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every layer's stored memory keys and values of `stream`, oldest first: (1, Hkv, M, D) each
+    (at most the model's max_memories slots, the newest)."""
+    cfg = model.cfg
+    ids = store.stream_blocks(stream) if stream in store.streams() else []
+    cap_blocks = -(-_modules(model).uio.max_memories // cfg.block_len)
+    ids = ids[-cap_blocks:] if len(ids) else ids
+    out = []
+    dev = model.tok_emb.weight.device
+    for layer in range(cfg.n_layers):
+        if not len(ids):
+            z = torch.zeros(1, cfg.n_kv_heads, 0, cfg.head_dim, device=dev)
+            out.append((z, z))
+            continue
+        k, v = store.get_layer(ids, layer)  # (n, Hkv, L, D)
+        out.append((k.to(dev).float().permute(1, 0, 2, 3).reshape(1, k.shape[1], -1, k.shape[3]),
+                    v.to(dev).float().permute(1, 0, 2, 3).reshape(1, v.shape[1], -1, v.shape[3])))
+    return out
+
+
+__all__ = ["UIOConfig", "UIOModules", "UIOMemory", "LoRA", "attach", "encode", "encoder_mask", "Memory", "transfer",
+           "put_memory", "stored_memory_kv"]

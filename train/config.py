@@ -173,6 +173,9 @@ class TrainConfig:
                                     "trained with their own LoRAs")
             if self.window % ratio:
                 _fail("window_len", self.window, f"a multiple of UIOConfig.ratio={ratio} (slots per window)")
+            if self.window != mcfg.max_seq_len:
+                _fail("window_len", self.window, f"the model's max_seq_len={mcfg.max_seq_len} for a UIO model (a "
+                                                 f"memory is of one window; ingest cuts documents the same way)")
         if mcfg.folded_window:
             w = self.window
             if w % mcfg.folded_window:
@@ -250,9 +253,11 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
                         window_len=256, micro_batch=8, max_steps=600, lr=2e-3, warmup_steps=50,
                         min_lr_ratio=0.05, save_every=100, out_dir="runs/folded-tiny"),
     # UIO-LLMs' memory (engine/uio.py, train/uio_tbptt.py): a 2-layer tiny model trained with its
-    # base, each 128-position window compressed into 16 memory slots per layer (ratio 8) that later
+    # base, each 128-position window compressed into 16 memory slots per layer (ratio 8; one block of 16 in
+    # the store at inference) that later
     # windows attend to; incremental TBPTT with a reservoir of S=2 encoder graphs and the factor.
-    "uio-tiny": dict(model="tiny", model_overrides={"uio": {"ratio": 8, "S": 2, "factor": True, "train_base": True,
+    "uio-tiny": dict(model="tiny", model_overrides={"max_seq_len": 128, "block_len": 16,
+                                                    "uio": {"ratio": 8, "S": 2, "factor": True, "train_base": True,
                                                             "enc_rank": 8, "head_rank": 8, "max_windows": 8}},
                      data=("passkey:answer_weight=10,key_digits=1-5", "stdlib"), synthetic_chars=(300, 900),
                      window_len=128, micro_batch=2, max_steps=400, lr=2e-3, warmup_steps=30, save_every=100,

@@ -13,7 +13,7 @@ from train.loop import DSOptions, train
 from train.uio_tbptt import surrogate_loss
 
 NO_OFFLOAD = DSOptions(offload="none")
-UIO = {"n_layers": 1, "d_model": 64, "ffn_hidden": 128, "max_seq_len": 128, "block_len": 32,
+UIO = {"n_layers": 1, "d_model": 64, "ffn_hidden": 128, "max_seq_len": 64, "block_len": 8,
        "uio": {"ratio": 8, "S": 2, "enc_rank": 4, "head_rank": 4, "max_windows": 3}}
 
 
@@ -68,3 +68,38 @@ def test_uio_config_errors():
         train_preset("uio-tiny", retrieval=True)
     with pytest.raises(ValueError, match="multiple of UIOConfig.ratio=24"):
         train_preset("uio-tiny", window_len=64, model_overrides={**UIO, "uio": {"ratio": 24}})
+    with pytest.raises(ValueError, match="max_seq_len=64 for a UIO model"):
+        train_preset("uio-tiny", window_len=32, model_overrides=UIO)
+
+
+def test_uio_model_trains_ingests_and_answers_from_the_cli(tmp_path, capsys):
+    """`folio train --preset uio-tiny` -> export -> ingest (memories into the store) -> ask in another
+    process; a model without UIO refuses the store, naming why."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from train.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "uio-tiny", "--steps", "2", "--micro-batch", "1", "--offload", "none",
+                 "--no-progress", "--out", str(out)]) == 0
+    assert main(["export", str(out), "--out", str(tmp_path / "m")]) == 0
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The pass key is 4821. Remember it. " + "The grass is green. " * 30)
+    store = tmp_path / "store"
+    assert main(["ingest", "--model", str(tmp_path / "m"), "--store", str(store), str(doc), "--no-progress"]) == 0
+    # 635 tokens: 5 whole windows of 120 tokens + 8 landmarks (128 positions), one block of 16 slots each
+    assert "635 tokens ingested, 5 blocks" in capsys.readouterr().out
+    assert main(["ask", "--model", str(tmp_path / "m"), "--store", str(store), "What is the pass key?",
+                 "--top-k", "3"]) == 2
+    assert "UIO memories" in capsys.readouterr().err
+    assert main(["ask", "--model", "random:tiny", "--store", str(store), "What is the pass key?"]) == 2
+    assert "trained without UIO" in capsys.readouterr().err
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "train.cli", "ask", "--model", str(tmp_path / "m"), "--store",
+                           str(store), "What is the pass key?", "--max-tokens", "5"],
+                          cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
