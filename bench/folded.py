@@ -1,6 +1,6 @@
 """Folded context (variant A) against no memory and landmark retrieval, as the paper measures it.
 
-    python -m bench.folded            # the full run (about 15 minutes on the 2-core machine)
+    python -m bench.folded            # the full run (about 13 minutes on the 2-core machine)
     python -m bench.folded --quick    # one small model, under 60 s
 
 Small models with windows N in {12, 32} and {4, 8, 13} layers are trained here on a pass-key
@@ -8,14 +8,19 @@ task: a marker, a one-token key (10 values: chance is 10%), then random filler i
 tokens appear; at every query the next token is the key. Training runs each sequence as one
 forward through a `FoldedMemory` (BPTT over every window, equal to streaming by test P1);
 evaluation streams one window per forward, the carry passed on, the query the last position at
-distance D from the key, D up to 2 N (layers + 1). Same run, same test sequences:
-  folded      the trained model with its carry (engine/folded.py, a reconstruction);
+distance D from the key, D up to 2 N (layers + 1); test sequences are padded in front with filler
+to whole windows (variant B runs whole windows), so the query closes its window and the key sits
+at four offsets within its own. Same run, same test sequences:
+  folded      the trained model with its carry (engine/folded.py, a reconstruction; variant A);
+  folded_B    variant B, the folded recurrence (the previous window's top-layer states as a prefix
+              at layer 0), trained with BPTT through every window (first N, fewest layers only);
   none        the same weights with the carry reset every window (no memory beyond the window);
   landmark    a landmark model (block 4 = 3 tokens + landmark) trained with the grouped softmax on
               whole sequences, streamed with retrieval from a block store (top-2 blocks per layer
               and KV head, the previous window local): Landmark Attention at the same window.
-The reach limit predicts >= 90% up to D = N x layers, a fall between there and N (layers + 1)
-- 1, chance beyond. Also: the folded state's bytes and the process's peak RSS against document
+The reach limit: a key k windows before the query's window reaches it iff k <= layers, so with
+the query closing its window every D <= N (layers + 1) - 1 is reachable and none beyond (a
+query early in its window would reach only N x layers for every offset). Also: the folded state's bytes and the process's peak RSS against document
 length (constant), beside what a full KV cache would hold.
 
 Writes bench/results/folded.json (top-level `window12_accuracy_at_150`: the N = 12, 13-layer
@@ -37,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import ModelConfig
-from engine.folded import FoldedMemory, reach, state_numbers
+from engine.folded import FoldedMemory, FoldedRecurrence, reach, state_numbers
 from engine.model import LandmarkTransformer
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -86,7 +91,7 @@ def _landmarked(x: torch.Tensor, tgt: torch.Tensor, L: int = 4) -> tuple[torch.T
 
 
 def train_model(cfg: ModelConfig, *, steps: int, seq_len: int, batch: int, lr: float, seed: int,
-                N: int = 12, log=print) -> tuple[LandmarkTransformer, dict]:
+                N: int = 12, variant: str = "A", log=print) -> tuple[LandmarkTransformer, dict]:
     """Train on pass-key sequences of up to seq_len tokens, each as one forward (BPTT over all windows)."""
     torch.manual_seed(seed)
     model = LandmarkTransformer(cfg)
@@ -103,6 +108,11 @@ def train_model(cfg: ModelConfig, *, steps: int, seq_len: int, batch: int, lr: f
         if cfg.landmarks:
             x, tgt = _landmarked(x, tgt, cfg.block_len)
             logits = model(x)
+        elif variant == "B":  # the recurrence, window by window, BPTT through every window
+            Tw = x.shape[1] // N * N
+            x, tgt = x[:, :Tw], tgt[:, :Tw]
+            rec = FoldedRecurrence(cfg, lanes=batch, detach=False)
+            logits = torch.cat([model(x[:, a:a + N], memory=rec) for a in range(0, Tw, N)], 1)
         else:
             logits = model(x, memory=FoldedMemory(cfg, lanes=[None] * batch))
         loss = F.cross_entropy(logits.flatten(0, 1), tgt.flatten())
@@ -132,6 +142,17 @@ def _stream_folded(model: LandmarkTransformer, x: torch.Tensor, carry: bool) -> 
             mem.reset()
         logits = model(x[:, a:a + N], memory=mem)
         mem.end_chunk()
+    return logits[:, -1]
+
+
+@torch.no_grad()
+def _stream_recurrence(model: LandmarkTransformer, x: torch.Tensor) -> torch.Tensor:
+    """Variant B: logits of the last position, one window per forward (x a whole number of windows)."""
+    N = model.cfg.folded_window
+    rec = FoldedRecurrence(model.cfg, lanes=x.shape[0])
+    logits = None
+    for a in range(0, x.shape[1], N):
+        logits = model(x[:, a:a + N], memory=rec)
     return logits[:, -1]
 
 
@@ -172,12 +193,16 @@ def evaluate(models: dict, N: int, distances: list[int], trials: int, seed: int,
         n = 0
         for off in range(4):  # the key at 4 offsets within its window
             kp = 1 + (off * N // 4)
-            x, _, _ = _sequences(g, trials // 4, kp + D + 1, 0, key_pos=kp)
+            pad = -(kp + D + 1) % N  # filler in front: whole windows (the recurrence runs whole windows)
+            x, _, _ = _sequences(g, trials // 4, pad + kp + D + 1, 0, key_pos=pad + kp)
+            kp += pad
             x[:, -1] = ASK
             key = x[:, kp]
             for name, (kind, m) in models.items():
                 if kind == "landmark":
                     logits = _stream_landmark(m, x, N, store_dir)
+                elif kind == "B":
+                    logits = _stream_recurrence(m, x)
                 else:
                     logits = _stream_folded(m, x, carry=kind == "folded")
                 pred = logits[:, KEY0:KEY0 + N_KEYS].argmax(-1) + KEY0
@@ -211,7 +236,9 @@ def memory_against_length(model: LandmarkTransformer, lengths: list[int]) -> lis
 
 def _distances(N: int, layers: int, n: int) -> list[int]:
     top = 2 * N * (layers + 1)
-    pts = {max(2, round(top * i / (n - 1))) for i in range(n)} | {N * layers, reach(N, layers)}
+    # N x layers (the last distance every key offset reaches), half a window on (half the offsets
+    # do), the reach limit N (layers + 1) - 1 (only a key at a window's first position would)
+    pts = {max(2, round(top * i / (n - 1))) for i in range(n)} | {N * layers, N * layers + N // 2, reach(N, layers)}
     if N == 12 and layers == 13:
         pts.add(150)
     return sorted(p for p in pts if p <= top)
@@ -224,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", default="4,8,13", help="layer counts (default 4,8,13)")
     ap.add_argument("--steps", type=int, default=None,
                     help="training steps per model (default 1000 for N <= 16, else 800 at half the batch; quick 300)")
-    ap.add_argument("--trials", type=int, default=40, help="test sequences per distance (default 40; quick 16)")
+    ap.add_argument("--trials", type=int, default=24, help="test sequences per distance (default 24; quick 16)")
     ap.add_argument("--no-landmark", action="store_true", help="skip the landmark-retrieval baseline")
+    ap.add_argument("--no-b", action="store_true", help="skip variant B (the folded recurrence)")
     ap.add_argument("--out", default=str(RESULTS / "folded.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -250,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"landmark baseline: {lm_layers} layers, block 4, window {N}", flush=True)
                 seq = N * (lm_layers + 2)
                 steps, batch = steps_batch(N)
+                steps = min(steps, 400)  # the landmark model learns this task fast (1.0 by 300 steps in --quick)
                 lm, lm_info = train_model(_cfg(N, lm_layers, landmark=True, max_len=4 * seq), steps=steps,
                                           seq_len=seq, batch=batch, lr=3e-3, seed=1, N=N)
                 landmark = (lm, lm_info, lm_layers)
@@ -259,6 +288,11 @@ def main(argv: list[str] | None = None) -> int:
                 steps, batch = steps_batch(N)
                 m, info = train_model(_cfg(N, layers), steps=steps, seq_len=seq, batch=batch, lr=3e-3, seed=0, N=N)
                 models = {"folded": ("folded", m), "none": ("none", m)}
+                if layers == min(layer_counts) and N == windows[0] and not args.no_b:
+                    print(f"folded B (recurrence): N={N}, {layers} layers", flush=True)
+                    mb, info_b = train_model(_cfg(N, layers), steps=min(steps, 600), seq_len=seq, batch=batch, lr=3e-3,
+                                             seed=0, N=N, variant="B")
+                    models["folded_B"] = ("B", mb)
                 if landmark is not None and layers == landmark[2]:
                     models["landmark"] = ("landmark", landmark[0])
                 t0 = time.perf_counter()
@@ -268,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
                        "train": info, "eval_seconds": round(time.perf_counter() - t0, 1), "accuracy": acc}
                 if "landmark" in models:
                     run["landmark_train"] = landmark[1]
+                if "folded_B" in models:
+                    run["folded_B_train"] = info_b
                 res["runs"].append(run)
                 print(f"  accuracy: {json.dumps(acc)}", flush=True)
                 if N == 12 and layers == 13:

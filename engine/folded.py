@@ -288,4 +288,50 @@ class FoldedMemory:
         return len(ids)
 
 
-__all__ = ["FoldedConfig", "FoldedMemory", "LaneCarry", "reach", "state_numbers"]
+class FoldedRecurrence:
+    """Folded context, variant B (folded recurrence; the other reading of the paper's v3-v5
+    abstracts, ../shared/seeds/FOLDED.md): the previous window's TOP-layer hidden states (before
+    the final norm) enter as a prefix at layer 0 and evolve again, through every layer, with the
+    current window; the current window's top states become the next prefix. One plain causal
+    softmax over [prefix (positions 0..P-1), window (P..)]; the reach is unbounded (information
+    passes through every window's states), at about 2x the FFN and 4x the attention of a window.
+    Causal models; whole windows of N per forward (training and the bench; no store).
+
+    detach: cut the graph between forwards (stop-gradient); False: BPTT across them.
+    lanes: B (each lane's prefix starts empty; all lanes advance together)."""
+
+    def __init__(self, cfg: ModelConfig, *, lanes: int = 1, detach: bool = True):
+        if not cfg.folded_window:
+            raise ModelMismatchError("a folded recurrence needs a model with ModelConfig.folded_window > 0")
+        if cfg.landmarks:
+            raise ValueError("folded context variant B is built for causal models (attention='causal')")
+        self.cfg, self.N, self.batch, self.detach = cfg, cfg.folded_window, lanes, detach
+        self.prefix: torch.Tensor | None = None  # (B, N, d)
+        self._P = 0
+
+    def reset(self) -> None:
+        self.prefix = None
+
+    def state_bytes(self) -> int:
+        return 0 if self.prefix is None else self.prefix.numel() * self.prefix.element_size()
+
+    def prefix_states(self, x: torch.Tensor) -> torch.Tensor | None:
+        if x.shape[1] != self.N:
+            raise ValueError(f"a folded recurrence runs one window of {self.N} positions per forward, "
+                             f"got {x.shape[1]}")
+        self._P = 0 if self.prefix is None else self.prefix.shape[1]
+        return None if self.prefix is None else self.prefix.to(x.dtype)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        S = q.shape[2]
+        cos, sin = rope_cos_sin(torch.arange(S, device=q.device), q.shape[-1], self.cfg.rope, q.dtype)
+        return causal_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+
+    def top_states(self, x: torch.Tensor) -> None:
+        self.prefix = x.detach() if self.detach else x
+
+    def end_chunk(self) -> int:
+        return 0
+
+
+__all__ = ["FoldedConfig", "FoldedMemory", "FoldedRecurrence", "LaneCarry", "reach", "state_numbers"]

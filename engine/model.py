@@ -215,7 +215,7 @@ class LandmarkTransformer(nn.Module):
 
         cache: continue after the tokens already in it (prefill chunks or decoding).
         impl: "auto", "vectorized" (window only: T <= max_seq_len), "blockwise", "sdpa".
-        memory: a retrieval memory (see engine.retrieval) that attends over stored blocks.
+        memory: a memory source (engine/memory.py: retrieval, folded context, UIO memories).
         positions: (T,) RoPE positions (default: the cache length onward).
         return_kv: also return a list of per-layer `LayerKV` (pre-RoPE keys).
         Raises ValueError on bad tokens, an unknown impl, or a window overflow.
@@ -239,12 +239,21 @@ class LandmarkTransformer(nn.Module):
         dt = self.tok_emb.weight.dtype
         rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope, dt)
         x = self.tok_emb(tokens)  # (B, T, d)
+        # a memory that feeds hidden states in at layer 0 (folded context, variant B: the previous
+        # window's top-layer states evolve again with this window) and reads the top layer's back
+        prefix = memory.prefix_states(x) if hasattr(memory, "prefix_states") else None
+        if prefix is not None:
+            x = torch.cat([prefix, x], dim=1)  # (B, P + T, d)
         kvs = []
         for i, layer in enumerate(self.layers):
             lc = cache.layers[i] if cache is not None else None
             x, kv = layer(x, rope, impl, lc, memory, i)
             if return_kv:
                 kvs.append(kv)
+        if prefix is not None:
+            x = x[:, prefix.shape[1]:]
+        if hasattr(memory, "top_states"):
+            memory.top_states(x)
         if cache is not None:
             cache.length += T
         logits = self.lm_head(self.norm(x))  # (B, T, vocab)

@@ -331,3 +331,70 @@ def test_landmark_retrieval_with_a_one_window_local_part_is_folded_context_plus_
         sel = mem2.select(0, torch.randn(1, 4, 1, m.cfg.head_dim), torch.tensor([0]))
         assert not (set(sel.flatten().tolist()) & set(mem2._stored_local_ids()))
         store.close()
+
+
+# -- variant B: folded recurrence -------------------------------------------------------------
+
+def test_variant_b_reach_is_unbounded_reset_and_constant_state():
+    from engine.folded import FoldedRecurrence
+
+    n_layers, N = 2, 8
+    m = _model("causal", n_layers=n_layers, N=N)
+    W = n_layers + 4
+    tokens = _tokens(m, W * N)
+
+    def run(t):
+        mem = FoldedRecurrence(m.cfg)
+        outs, sizes = [], []
+        for a in range(0, W * N, N):
+            outs.append(m(t[:, a:a + N], memory=mem))
+            sizes.append(mem.state_bytes())
+        return torch.cat(outs, 1), sizes, mem
+
+    with torch.no_grad():
+        base, sizes, mem = run(tokens)
+        assert len(set(sizes)) == 1  # P5: constant state
+        last = slice((W - 1) * N, W * N)
+        for k in range(1, W):  # P2 (B): every earlier window changes the last window's logits
+            t2 = tokens.clone()
+            t2[0, (W - 1 - k) * N + 1] = (t2[0, (W - 1 - k) * N + 1] + 1) % 39
+            assert not torch.equal(run(t2)[0][:, last], base[:, last]), k
+        mem.reset()  # P4
+        assert torch.equal(m(tokens[:, :N], memory=mem), m(tokens[:, :N]))
+        with pytest.raises(ValueError, match="one window of 8"):
+            m(tokens[:, :5], memory=FoldedRecurrence(m.cfg))
+
+
+def test_variant_b_stop_gradient_and_bptt():
+    from engine.folded import FoldedRecurrence
+
+    m = _model("causal", dtype=torch.float64).train()
+    tokens = _tokens(m, 16)
+    for detach, flows in ((True, False), (False, True)):
+        embs = []
+        hook = m.tok_emb.register_forward_hook(lambda mod, inp, out: embs.append(out) or None)
+        mem = FoldedRecurrence(m.cfg, detach=detach)
+        m(tokens[:, :8], memory=mem)
+        out = m(tokens[:, 8:], memory=mem)
+        hook.remove()
+        g = torch.autograd.grad(out.sum(), embs[0], allow_unused=True)[0]
+        assert (g is not None and g.abs().sum() > 0) == flows
+
+
+def test_every_memory_source_has_the_seams_methods(tmp_path):
+    from engine.folded import FoldedRecurrence
+    from engine.inference import open_store
+    from engine.memory import MemorySource
+    from engine.retrieval import RetrievalMemory
+    from engine.training_free import TrainingFreeMemory
+    from engine.uio import UIOConfig, UIOMemory, attach
+
+    lm, causal = _model("landmark"), _model("causal")
+    s1 = open_store(str(tmp_path / "a"), lm.cfg, "w")
+    s2 = open_store(str(tmp_path / "b"), causal.cfg, "w")
+    attach(causal, UIOConfig(ratio=4))
+    mems = [FoldedMemory(causal.cfg), FoldedRecurrence(causal.cfg), UIOMemory(causal, []),
+            RetrievalMemory(lm.cfg, s1, stream="x"), TrainingFreeMemory(causal.cfg, s2, stream="y")]
+    assert all(isinstance(m, MemorySource) for m in mems)
+    s1.close()
+    s2.close()
