@@ -297,13 +297,17 @@ def _cmd_passkey(args: argparse.Namespace) -> int:
     from engine.units import parse_context
 
     model, _ = load_model_arg(args.model)
-    if not model.cfg.landmarks:
-        raise ValueError("folio eval passkey runs Folio's byte-level landmark models; for a pretrained "
-                         "checkpoint use `folio eval needle`")
+    c = model.cfg
+    if not (c.landmarks or c.folded_window or c.uio is not None):
+        raise ValueError("folio eval passkey runs Folio's byte-level models with a memory (landmark, folded "
+                         "context or UIO); for a pretrained checkpoint use `folio eval needle`")
+    from engine.retrieval import RetrievalConfig
+
+    rc = _retrieval_config(args, c)  # refuses retrieval flags for a model with its own memory
     pc = PasskeyConfig(lengths=[parse_context(x, arg="--lengths") for x in args.lengths.split(",")],
                        depths=[float(x) for x in args.depths.split(",")], trials=args.trials,
                        full_max_len=parse_context(args.full_max_len, arg="--full-max-len"),
-                       retrieval=_retrieval_config(args, model.cfg), filler=args.filler)
+                       retrieval=rc if isinstance(rc, RetrievalConfig) else RetrievalConfig(), filler=args.filler)
     result = run_passkey(model, pc)
     print(format_table(result))
     for p in write_outputs(result, args.out):

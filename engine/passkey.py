@@ -116,27 +116,33 @@ class PasskeyConfig:
 
 def _greedy_digits(model, seq: torch.Tensor, n: int) -> str:
     """Greedy-decode n tokens after a landmarked sequence with full (blockwise) attention."""
-    L = model.cfg.block_len
+    L, lm = model.cfg.block_len, model.cfg.landmarks
     cache = model.new_cache(1, seq.numel() + 2 * n + 4)
-    logits = model(seq[None], cache=cache, impl="blockwise")
+    logits = model(seq[None], cache=cache, impl="blockwise" if lm else "sdpa")
     out = []
     for _ in range(n):
         lg = logits[0, -1].clone()
         lg[256:] = float("-inf")
         tok = int(lg.argmax())
         out.append(tok)
-        step = [tok] + ([TOKENIZER.LANDMARK] if (cache.length + 1) % L == L - 1 else [])
-        logits = model(torch.tensor([step]), cache=cache, impl="blockwise")
+        step = [tok] + ([TOKENIZER.LANDMARK] if lm and (cache.length + 1) % L == L - 1 else [])
+        logits = model(torch.tensor([step]), cache=cache, impl="blockwise" if lm else "sdpa")
     return TOKENIZER.decode(out)
 
 
 @torch.no_grad()
 def run_passkey(model: LandmarkTransformer, pc: PasskeyConfig, *, progress: bool = True,
                 log=print) -> dict:
-    """Accuracy per (length, depth) for retrieval, local-window-only and full attention."""
+    """Accuracy per (length, depth) for retrieval, local-window-only and full attention.
+
+    A model with its own memory (folded context, UIO memories) answers through it in the
+    'retrieval' column (ingest, then ask: whatever memory the model has), 'local' is the model on
+    its window alone (the folded window; UIO's training window) and 'full' is not run."""
     rng = random.Random(pc.seed)
     cfg = model.cfg
-    L, W = cfg.block_len, cfg.max_seq_len
+    own_memory = bool(cfg.folded_window) or cfg.uio is not None
+    L, W = cfg.block_len, (cfg.folded_window or cfg.max_seq_len)
+    rc = None if own_memory else pc.retrieval
     prose = None
     if pc.filler != "generator":
         from engine import corpora
@@ -147,7 +153,7 @@ def run_passkey(model: LandmarkTransformer, pc: PasskeyConfig, *, progress: bool
     for n in pc.lengths:
         for depth in pc.depths:
             acc = {"retrieval": 0, "local": 0, "full": 0}
-            full_ok = n <= pc.full_max_len
+            full_ok = n <= pc.full_max_len and not own_memory
             t0 = time.perf_counter()
             for _ in range(pc.trials):
                 key = str(rng.randrange(10 ** (pc.key_digits - 1), 10 ** pc.key_digits))
@@ -155,14 +161,16 @@ def run_passkey(model: LandmarkTransformer, pc: PasskeyConfig, *, progress: bool
                 doc, q = build_passkey_prompt(n, depth, key, filler=fill)
                 with tempfile.TemporaryDirectory() as d:
                     store = open_store(Path(d) / "store", cfg, "w")
-                    ingest(model, store, "doc", TOKENIZER.encode(doc), retrieval=pc.retrieval,
+                    ingest(model, store, "doc", TOKENIZER.encode(doc), retrieval=rc,
                            progress=progress and n >= 100_000)
                     ans = TOKENIZER.decode(generate(model, store, TOKENIZER.encode(q), streams=["doc"],
-                                                    retrieval=pc.retrieval,
+                                                    retrieval=rc,
                                                     gen=GenerateConfig(max_new_tokens=pc.key_digits + 2)))
                     store.close()
                 acc["retrieval"] += parse_answer(ans) == key
-                whole = insert_landmarks(TOKENIZER.encode(doc + q), L, TOKENIZER.LANDMARK)
+                whole = torch.tensor(TOKENIZER.encode(doc + q))
+                if cfg.landmarks:
+                    whole = insert_landmarks(whole, L, TOKENIZER.LANDMARK)
                 # local window only: the last W positions, starting at a block boundary
                 start = max(0, whole.numel() - W + (whole.numel() % L))
                 start -= start % L
@@ -180,7 +188,10 @@ def run_passkey(model: LandmarkTransformer, pc: PasskeyConfig, *, progress: bool
                     f"local {row['local']:.2f}  full {full}  ({row['seconds']:.1f} s)")
     return {"rows": rows, "config": {"lengths": pc.lengths, "depths": pc.depths, "trials": pc.trials,
                                      "filler": pc.filler,
-                                     "top_k": pc.retrieval.top_k, "positions": pc.retrieval.positions,
+                                     "memory": ("folded" if cfg.folded_window else "uio" if cfg.uio is not None
+                                                else "retrieval"),
+                                     "top_k": None if own_memory else pc.retrieval.top_k,
+                                     "positions": None if own_memory else pc.retrieval.positions,
                                      "window": W, "block_len": L}}
 
 

@@ -398,3 +398,15 @@ def test_every_memory_source_has_the_seams_methods(tmp_path):
     assert all(isinstance(m, MemorySource) for m in mems)
     s1.close()
     s2.close()
+
+
+def test_passkey_harness_runs_a_folded_model_through_its_memory(tmp_path):
+    from engine.passkey import PasskeyConfig, run_passkey
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=260, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48,
+                      block_len=8, attention="causal", folded_window=16)
+    res = run_passkey(LandmarkTransformer(cfg).eval(), PasskeyConfig(lengths=[128], depths=[0.5], trials=1),
+                      progress=False, log=None)
+    row = res["rows"][0]
+    assert res["config"]["memory"] == "folded" and row["full"] is None and 0 <= row["retrieval"] <= 1
