@@ -16,7 +16,8 @@ Trained byte-level models on real text (Austen; the held-out novel Persuasion fo
 autoencoding at ratio 8 and 32 (teacher-forced byte accuracy of rebuilding a window from its
 memory, beside the same model without it), and the perplexity of a document's last window
 against the document's length (4, 16, 32, 64 windows of 64 bytes) with and without the
-memories, for models trained with S = 2 with / without the factor and S = 0 (detached).
+memories, for models trained on 16-window documents with S = 2 with / without the factor,
+S = 0 (detached), S = 1, 4, 6, and the transfer head's LoRA off (rank 0: the base W_K, W_V).
 Landmark retrieval beside UIO, UIO + landmark, and passkey against distance are not measured
 here (issue 18's note).
 
@@ -139,11 +140,13 @@ def _text_windows(text: str, T: int) -> torch.Tensor:
     return b[:n * T].view(n, T)
 
 
-def _byte_model(ratio: int, *, T: int = 64, seed: int = 0, S: int = 2, factor: bool = True) -> LandmarkTransformer:
+def _byte_model(ratio: int, *, T: int = 64, seed: int = 0, S: int = 2, factor: bool = True,
+                head_rank: int = 8) -> LandmarkTransformer:
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=260, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=352,
                       max_seq_len=T, block_len=8, attention="causal",
-                      uio={"ratio": ratio, "enc_rank": 8, "head_rank": 8, "S": S, "factor": factor, "train_base": True})
+                      uio={"ratio": ratio, "enc_rank": 8, "head_rank": head_rank, "S": S, "factor": factor,
+                           "train_base": True})
     return LandmarkTransformer(cfg)
 
 
@@ -234,8 +237,8 @@ def perplexity_against_length(*, steps: int, lengths=(4, 16, 32, 64), T: int = 6
     eval_docs = {n: _documents(held_w, n, 24, g_eval) for n in lengths}
     out: dict = {"window": T, "train_windows": train_windows, "train_documents": steps, "lengths": list(lengths),
                  "variants": {}}
-    for name, S, factor in variants:
-        m = _byte_model(8, T=T, seed=1, S=S, factor=factor)
+    for name, S, factor, *rest in variants:
+        m = _byte_model(8, T=T, seed=1, S=S, factor=factor, head_rank=rest[0] if rest else 8)
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-3)
         g = torch.Generator().manual_seed(1)
         tb = IncrementalTBPTT(m, seed=0)
@@ -329,8 +332,11 @@ def main(argv: list[str] | None = None) -> int:
         res["autoencoding"] = [autoencoding(r, steps=ae_steps) for r in ((8,) if args.quick else (8, 32))]
         res["perplexity"] = perplexity_against_length(
             steps=10 if args.quick else 300, lengths=(4, 16) if args.quick else (4, 16, 32, 64),
+            train_windows=8 if args.quick else 16,
             variants=(("UIO S=2, factor", 2, True),) if args.quick else
-            (("UIO S=2, factor", 2, True), ("UIO S=2, no factor", 2, False), ("UIO S=0 (detached memories)", 0, True)))
+            (("UIO S=2, factor", 2, True), ("UIO S=2, no factor", 2, False), ("UIO S=0 (detached memories)", 0, True),
+             ("UIO S=1, factor", 1, True), ("UIO S=4, factor", 4, True), ("UIO S=6, factor", 6, True),
+             ("UIO S=2, factor, transfer head off", 2, True, 0)))
         res["passkey"] = passkey_against_distance(steps=10 if args.quick else 300)
     res["total_seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out)
