@@ -4,7 +4,10 @@ A memory searches the landmark index (landmark retrieval) or the block-key index
 (training-free retrieval) and gets candidate ids and scores per lane and KV head; then
 `mask_excluded` drops the blocks already in its local window, `choose_blocks` keeps the
 best k in stream order, and `gather_selected` fetches their keys and values from the store
-with one fetch for their union (reusing those of the previous selection).
+with one fetch for their union (reusing those of the previous selection). Also the plumbing
+every memory that keeps blocks in a store shares: the layout check (`check_store_layout`),
+whole blocks to the store's layout (`to_store_layout`) and a stream's blocks back as one
+key axis (`stream_kv`).
 """
 
 from __future__ import annotations
@@ -12,6 +15,46 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+from engine.errors import ModelMismatchError
+
+
+def check_store_layout(cfg, store) -> None:
+    """Raise ModelMismatchError (a ValueError) unless the store's block shape is the model's."""
+    lay = store.layout
+    want = (cfg.n_layers, cfg.n_kv_heads, cfg.block_len, cfg.head_dim)
+    have = (lay.n_layers, lay.n_kv_heads, lay.block_len, lay.head_dim)
+    if want != have:
+        raise ModelMismatchError(f"store layout (n_layers, n_kv_heads, block_len, head_dim)={have} does not "
+                                 f"match the model's {want}")
+
+
+def to_store_layout(k: Sequence, v: Sequence, L: int, dtype, device):
+    """Per layer, K and V (Hkv, S, D) pre-RoPE of S whole blocks -> the store's K, V (N,
+    n_layers, Hkv, L, D) and landmark keys (each block's last slot, (N, n_layers, Hkv, D)).
+    k[layer] (and v[layer]) is one tensor (a (n_layers, Hkv, S, D) tensor works too) or a
+    sequence of them, e.g. one per lane, whose blocks follow each other (the same as their
+    concatenation along the positions, without making it): one copy per part."""
+    k = [[t] if isinstance(t, torch.Tensor) else list(t) for t in k]
+    v = [[t] if isinstance(t, torch.Tensor) else list(t) for t in v]
+    nl, (Hkv, _, D) = len(k), k[0][0].shape
+    sizes = [t.shape[1] // L for t in k[0]]
+    K = torch.empty(sum(sizes), nl, Hkv, L, D, dtype=dtype, device=device)
+    V = torch.empty_like(K)
+    for layer in range(nl):
+        n0 = 0
+        for tk, tv, n in zip(k[layer], v[layer], sizes):
+            K[n0:n0 + n, layer].copy_(tk.detach().view(Hkv, n, L, D).transpose(0, 1))
+            V[n0:n0 + n, layer].copy_(tv.detach().view(Hkv, n, L, D).transpose(0, 1))
+            n0 += n
+    return K, V, K[:, :, :, L - 1].contiguous()
+
+
+def stream_kv(store, ids, layer: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks `ids` of `layer` read from the store as one key axis: K, V (1, Hkv, m*L, D)."""
+    k, v = store.get_layer(ids, layer)  # (m, Hkv, L, D)
+    return (k.to(device).permute(1, 0, 2, 3).reshape(1, k.shape[1], -1, k.shape[3]),
+            v.to(device).permute(1, 0, 2, 3).reshape(1, v.shape[1], -1, v.shape[3]))
 
 
 def mask_excluded(ids: torch.Tensor, scores: torch.Tensor, exclude: Sequence[int]) -> torch.Tensor:

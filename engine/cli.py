@@ -102,20 +102,21 @@ def _retrieval_config(args, cfg):
     """RetrievalConfig (landmark model) or TrainingFreeConfig (causal model) from the flags."""
     from engine.retrieval import RetrievalConfig
 
+    def flags_set(*names: str) -> str:  # the retrieval flags set on the command line, as written
+        return ", ".join(f"--{k.replace('_', '-')}" for k in names + TRAINING_FREE_FLAGS
+                         if getattr(args, k, None) is not None)
+
     if cfg.uio is not None:
-        given = [f"--{k.replace('_', '-')}" for k in ("top_k", "local_blocks", "chunk") + TRAINING_FREE_FLAGS
-                 if getattr(args, k, None) is not None]
-        if given:
-            raise ValueError(f"{', '.join(given)}: this model reads UIO memories (ModelConfig.uio): every window's "
-                             f"memory is attended, nothing is retrieved; these flags do not apply")
+        if bad := flags_set("top_k", "local_blocks", "chunk"):
+            raise ValueError(f"{bad}: this model reads UIO memories "
+                             f"(ModelConfig.uio): every window's memory is attended, nothing is retrieved; these "
+                             f"flags do not apply")
         return None
     if cfg.folded_window:
         from engine.folded import FoldedConfig
 
-        given = [f"--{k.replace('_', '-')}" for k in ("top_k", "local_blocks") + TRAINING_FREE_FLAGS
-                 if getattr(args, k, None) is not None]
-        if given:
-            raise ValueError(f"{', '.join(given)}: this model uses folded context (folded_window="
+        if bad := flags_set("top_k", "local_blocks"):
+            raise ValueError(f"{bad}: this model uses folded context (folded_window="
                              f"{cfg.folded_window}): it attends to the previous window of every layer and "
                              f"retrieves nothing; only --chunk applies")
         rc = FoldedConfig(chunk_len=args.chunk)

@@ -39,9 +39,12 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention import causal_attention, landmark_attention
+from engine.block_select import check_store_layout, stream_kv, to_store_layout
 from engine.config import ModelConfig
 from engine.errors import ModelMismatchError
 from engine.model import apply_rope, rope_cos_sin
+from engine.retrieval import RetrievalStats
+from engine.training_free import block_keys
 
 LaneCarry = tuple[list[torch.Tensor], list[torch.Tensor]]
 """One lane's carry: per layer K and V (Hkv, N, D), pre-RoPE."""
@@ -82,14 +85,6 @@ class FoldedConfig:
         return self.chunk_len
 
 
-def _block_keys(K: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """Index keys of whole blocks K (n, n_layers, Hkv, L, D): the landmark slot's key for a
-    landmark model, the mean key otherwise (as the retrieval memories write them)."""
-    if cfg.landmarks:
-        return K[:, :, :, cfg.block_len - 1].contiguous()
-    return K.float().mean(dim=3).to(K.dtype).contiguous()
-
-
 class FoldedMemory:
     """The folded-context state of B lanes (one stream each; a store only with B = 1).
 
@@ -105,12 +100,7 @@ class FoldedMemory:
             raise ModelMismatchError("this model was trained without folded context (folded_window=0); "
                                      "a folded memory needs a model with ModelConfig.folded_window > 0")
         if store is not None:
-            lay = store.layout
-            want = (cfg.n_layers, cfg.n_kv_heads, cfg.block_len, cfg.head_dim)
-            have = (lay.n_layers, lay.n_kv_heads, lay.block_len, lay.head_dim)
-            if want != have:
-                raise ModelMismatchError(f"store layout (n_layers, n_kv_heads, block_len, head_dim)={have} does "
-                                         f"not match the model's {want}")
+            check_store_layout(cfg, store)
         if persist and (store is None or not stream):
             raise ValueError("persist=True needs a store and a stream name to write blocks to")
         self.cfg, self.store, self.stream, self.persist, self.detach = cfg, store, stream, persist, detach
@@ -135,9 +125,7 @@ class FoldedMemory:
         self.cur_len = 0  # p
         self.n_pos = 0  # stream positions processed (the same for every lane)
         self._pending: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * nl
-        from engine.retrieval import RetrievalStats  # ingest reports blocks put, bytes fetched
-
-        self.stats = RetrievalStats(per_layer_blocks=[0] * nl)
+        self.stats = RetrievalStats(per_layer_blocks=[0] * nl)  # ingest reports blocks put, bytes fetched
 
     # -- state ---------------------------------------------------------------------------
     def lane_carry(self, b: int) -> LaneCarry | None:
@@ -177,9 +165,8 @@ class FoldedMemory:
         for layer in range(self.cfg.n_layers):
             for part, kk, vv in ((carry, self.carry_k, self.carry_v), (cur, self.cur_k, self.cur_v)):
                 if len(part):
-                    k, v = self.store.get_layer(part, layer)  # (m, Hkv, L, D)
-                    kk[layer] = k.to(dev).float().permute(1, 0, 2, 3).reshape(1, k.shape[1], -1, k.shape[3])
-                    vv[layer] = v.to(dev).float().permute(1, 0, 2, 3).reshape(1, v.shape[1], -1, v.shape[3])
+                    k, v = stream_kv(self.store, part, layer, dev)
+                    kk[layer], vv[layer] = k.float(), v.float()
         self.carry_valid = torch.tensor([len(carry) > 0])
         self.cur_len = self.n_pos - ws
         self.stats.bytes_fetched += (len(carry) + len(cur)) * self.store.layout.block_bytes()
@@ -276,14 +263,10 @@ class FoldedMemory:
         self._pending = [None] * self.cfg.n_layers
         if not put_k:
             return 0
-        K = torch.stack(put_k)  # (nl, Hkv, n*L, D)
-        V = torch.stack(put_v)
-        nl, Hkv, _, D = K.shape
-        n = (b1 - b0) // L
-        dt = self.store.layout.torch_dtype
-        K = K.view(nl, Hkv, n, L, D).permute(2, 0, 1, 3, 4).to(dt).contiguous()  # (n, nl, Hkv, L, D)
-        V = V.view(nl, Hkv, n, L, D).permute(2, 0, 1, 3, 4).to(dt).contiguous()
-        ids = self.store.put_blocks(self.stream, K, V, _block_keys(K, self.cfg))
+        K, V, lm = to_store_layout(put_k, put_v, L, self.store.layout.torch_dtype, self.store.device)
+        # index keys as the retrieval memories write them: the landmark slot's, or the mean key
+        keys = lm if self.cfg.landmarks else block_keys(K, L, "mean").contiguous()
+        ids = self.store.put_blocks(self.stream, K, V, keys)
         self.stats.blocks_put += len(ids)
         return len(ids)
 

@@ -371,13 +371,11 @@ def generate(model: LandmarkTransformer, store, prompt: Sequence[int] | torch.Te
                                  continue_stream=continue_stream)
         return
     rc = retrieval_for(cfg, retrieval)
-    tail = []
-    one = streams is not None and len(streams) == 1 and continue_stream
-    if one:
-        tail = store.get_stream_meta(streams[0]).get("tail", [])
-    if cfg.folded_window:
+    if cfg.folded_window:  # its state is one stream's: that stream (or the store's only one)
         streams, one = _folded_stream(store, streams, continue_stream)
-        tail = store.get_stream_meta(streams[0]).get("tail", []) if one else []
+    else:
+        one = streams is not None and len(streams) == 1 and continue_stream
+    tail = store.get_stream_meta(streams[0]).get("tail", []) if one else []
     mem = make_memory(cfg, store, stream=None, retrieval=rc, persist=False, read_streams=streams)
     seq = torch.cat([torch.as_tensor(tail, dtype=torch.long), prompt])
     if one and (cfg.folded_window or not cfg.landmarks):
@@ -431,7 +429,7 @@ def _generate_uio(model, store, prompt, *, streams, gc, on_text, tok, continue_s
     if one and not store.get_stream_meta(streams[0]).get(UIO_META):
         raise ValueError(f"stream {streams[0]!r} holds no UIO memories (not ingested by a UIO model)")
     kv = stored_memory_kv(store, streams[0], model) if one else None
-    mem = UIOMemory(model, [], kv=kv, cache=True) if kv is not None else UIOMemory(model, [], cache=True)
+    mem = UIOMemory(model, [], kv=kv, cache=True)
     seq = torch.cat([torch.as_tensor(tail, dtype=torch.long), prompt])
     if cfg.landmarks:
         seq = insert_landmarks(seq, cfg.block_len, tok.landmark_id)

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from engine.attention import landmark_attention, landmark_attention_blockwise
-from engine.block_select import choose_blocks, gather_selected, mask_excluded
+from engine.block_select import (check_store_layout, choose_blocks, gather_selected, mask_excluded, stream_kv,
+                                 to_store_layout)
 from engine.config import ModelConfig
 from engine.model import apply_rope, rope_cos_sin
 from memory_store.index import aggregate_max
@@ -309,27 +310,6 @@ class BatchMemory:
         return _rotated_prefix(k_sel, v_sel, sel, cos, sin)
 
 
-def _to_store_layout(k: Sequence, v: Sequence, L: int, dtype, device):
-    """Per layer, K and V (Hkv, S, D) pre-RoPE of S whole blocks -> the store's K, V (N,
-    n_layers, Hkv, L, D) and landmark keys (each block's last slot, (N, n_layers, Hkv, D)).
-    k[layer] (and v[layer]) is one tensor (a (n_layers, Hkv, S, D) tensor works too) or a
-    sequence of them, e.g. one per lane, whose blocks follow each other (the same as their
-    concatenation along the positions, without making it): one copy per part."""
-    k = [[t] if isinstance(t, torch.Tensor) else list(t) for t in k]
-    v = [[t] if isinstance(t, torch.Tensor) else list(t) for t in v]
-    nl, (Hkv, _, D) = len(k), k[0][0].shape
-    sizes = [t.shape[1] // L for t in k[0]]
-    K = torch.empty(sum(sizes), nl, Hkv, L, D, dtype=dtype, device=device)
-    V = torch.empty_like(K)
-    for layer in range(nl):
-        n0 = 0
-        for tk, tv, n in zip(k[layer], v[layer], sizes):
-            K[n0:n0 + n, layer].copy_(tk.detach().view(Hkv, n, L, D).transpose(0, 1))
-            V[n0:n0 + n, layer].copy_(tv.detach().view(Hkv, n, L, D).transpose(0, 1))
-            n0 += n
-    return K, V, K[:, :, :, L - 1].contiguous()
-
-
 def end_chunks(memories: Sequence["RetrievalMemory"]) -> list[int]:
     """`end_chunk` of several memories (a training step's lanes). When every chunk goes
     straight into one store (training windows), they are put with one `put_streams` (one
@@ -345,7 +325,7 @@ def end_chunks(memories: Sequence["RetrievalMemory"]) -> list[int]:
     # per layer, every lane's chunk one after the other: the lanes' blocks in lane order, as
     # put_streams takes them
     lanes = [[[m._pending[layer][i][0] for m in memories] for layer in range(len(m0._pending))] for i in (0, 1)]
-    K, V, lm = _to_store_layout(lanes[0], lanes[1], m0.L, m0.dtype, m0.device)
+    K, V, lm = to_store_layout(lanes[0], lanes[1], m0.L, m0.dtype, m0.device)
     ids = store.put_streams([(m.stream, t // m0.L) for m, t in zip(memories, T)], K, V, lm,
                             copy=False)  # K, V are this call's own: the store may keep them
     for m, t, got in zip(memories, T, ids):
@@ -369,12 +349,7 @@ class RetrievalMemory:
                  read_streams: Sequence[str] | None | str = "own"):
         if not cfg.landmarks:
             raise ValueError("retrieval needs a model with attention='landmark'")
-        lay = store.layout
-        want = (cfg.n_layers, cfg.n_kv_heads, cfg.block_len, cfg.head_dim)
-        have = (lay.n_layers, lay.n_kv_heads, lay.block_len, lay.head_dim)
-        if want != have:
-            raise ValueError(f"store layout (n_layers, n_kv_heads, block_len, head_dim)={have} does not "
-                             f"match the model's {want}")
+        check_store_layout(cfg, store)
         if persist and not stream:
             raise ValueError("persist=True needs a stream name to write blocks to")
         self.cfg = cfg
@@ -416,9 +391,7 @@ class RetrievalMemory:
         self.local_ids = [int(i) for i in keep]
         for layer in range(self.cfg.n_layers):
             if len(keep):
-                k, v = self.store.get_layer(keep, layer)  # (m, Hkv, L, D)
-                self.local_k[layer] = k.to(self.device).permute(1, 0, 2, 3).reshape(1, k.shape[1], -1, k.shape[3])
-                self.local_v[layer] = v.to(self.device).permute(1, 0, 2, 3).reshape(1, v.shape[1], -1, v.shape[3])
+                self.local_k[layer], self.local_v[layer] = stream_kv(self.store, keep, layer, self.device)
 
     def _stored_local_ids(self) -> list[int]:
         return [i for i in self.local_ids if i is not None]
@@ -611,7 +584,7 @@ class RetrievalMemory:
     def _put_blocks(self, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> np.ndarray:
         """Put whole blocks, per layer k and v (Hkv, new*L, D) pre-RoPE, into the store under
         the memory's stream, with their landmark keys. Returns the ids."""
-        ids = self.store.put_blocks(self.stream, *_to_store_layout(k, v, self.L, self.dtype, self.device))
+        ids = self.store.put_blocks(self.stream, *to_store_layout(k, v, self.L, self.dtype, self.device))
         self.stats.blocks_put += len(ids)
         return ids
 

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from engine.config import ModelConfig
 from engine.errors import ModelMismatchError
 from engine.model import apply_rope, rope_cos_sin
-from engine.block_select import choose_blocks, gather_selected, mask_excluded
+from engine.block_select import (check_store_layout, choose_blocks, gather_selected, mask_excluded, stream_kv,
+                                 to_store_layout)
 from engine.retrieval import RetrievalStats
 
 BLOCK_KEYS = ("mean", "max-norm")
@@ -132,12 +133,8 @@ class TrainingFreeMemory:
         if cfg.landmarks:
             raise ModelMismatchError("training-free retrieval is for models without landmarks "
                                      "(attention='causal'); this one is landmark-trained: use RetrievalMemory")
+        check_store_layout(cfg, store)
         lay = store.layout
-        want = (cfg.n_layers, cfg.n_kv_heads, cfg.block_len, cfg.head_dim)
-        have = (lay.n_layers, lay.n_kv_heads, lay.block_len, lay.head_dim)
-        if want != have:
-            raise ModelMismatchError(f"store layout (n_layers, n_kv_heads, block_len, head_dim)={have} does not "
-                                     f"match the model's {want}")
         if persist and not stream:
             raise ValueError("persist=True needs a stream name to write blocks to")
         self.cfg, self.store, self.stream, self.persist = cfg, store, stream, persist
@@ -176,10 +173,8 @@ class TrainingFreeMemory:
         for layer in range(self.cfg.n_layers):
             for which, part in (("sink", sinks), ("local", local)):
                 if len(part):
-                    k, v = self.store.get_layer(part, layer)  # (m, Hkv, L, D)
-                    k = k.to(self.device).float().permute(1, 0, 2, 3).reshape(1, k.shape[1], -1, k.shape[3])
-                    v = v.to(self.device).float().permute(1, 0, 2, 3).reshape(1, v.shape[1], -1, v.shape[3])
-                    getattr(self, f"{which}_k")[layer], getattr(self, f"{which}_v")[layer] = k, v
+                    k, v = stream_kv(self.store, part, layer, self.device)
+                    getattr(self, f"{which}_k")[layer], getattr(self, f"{which}_v")[layer] = k.float(), v.float()
 
     def unfinished_positions(self) -> int:
         return self.n_pos % self.L
@@ -314,11 +309,9 @@ class TrainingFreeMemory:
         if new > 0:
             s0 = len(self.local_ids) * L
             if self.persist:
-                K = torch.stack([lk[0, :, s0:s0 + new * L] for lk in self.local_k])  # (nl, Hkv, new*L, D)
-                V = torch.stack([lv[0, :, s0:s0 + new * L] for lv in self.local_v])
-                Hkv, D = K.shape[1], K.shape[3]
-                K = K.view(nl, Hkv, new, L, D).permute(2, 0, 1, 3, 4).to(self.dtype).contiguous()  # (new, nl, Hkv, L, D)
-                V = V.view(nl, Hkv, new, L, D).permute(2, 0, 1, 3, 4).to(self.dtype).contiguous()
+                K, V, _ = to_store_layout([lk[0, :, s0:s0 + new * L] for lk in self.local_k],
+                                          [lv[0, :, s0:s0 + new * L] for lv in self.local_v], L, self.dtype,
+                                          self.device)  # (new, nl, Hkv, L, D)
                 ids = self.store.put_blocks(self.stream, K, V, block_keys(K, L, self.rc.block_key).contiguous())
                 self.stats.blocks_put += len(ids)
                 self.local_ids.extend(int(i) for i in ids)

@@ -301,21 +301,20 @@ def put_memory(store, stream: str, model: LandmarkTransformer, mem: Memory) -> i
     if m % L:
         raise ValueError(f"a window's {m} memory slots do not fill whole blocks of block_len={L}: UIO memories "
                          f"are stored only when window / ratio is a multiple of block_len")
+    from engine.block_select import to_store_layout
+    from engine.training_free import block_keys
+
     ks, vs = zip(*(transfer(model, layer, mem[layer]) for layer in range(cfg.n_layers)))  # (1, Hkv, m, D) each
-    K = torch.stack([k[0] for k in ks])  # (nl, Hkv, m, D)
-    V = torch.stack([v[0] for v in vs])
-    nl, Hkv, _, D = K.shape
-    n = m // L
-    dt = store.layout.torch_dtype
-    K = K.view(nl, Hkv, n, L, D).permute(2, 0, 1, 3, 4).to(dt).contiguous()  # (n, nl, Hkv, L, D)
-    V = V.view(nl, Hkv, n, L, D).permute(2, 0, 1, 3, 4).to(dt).contiguous()
-    ids = store.put_blocks(stream, K, V, K.float().mean(dim=3).to(dt).contiguous())
+    K, V, _ = to_store_layout([k[0] for k in ks], [v[0] for v in vs], L, store.layout.torch_dtype, store.device)
+    ids = store.put_blocks(stream, K, V, block_keys(K, L, "mean").contiguous())
     return len(ids)
 
 
 def stored_memory_kv(store, stream: str, model: LandmarkTransformer) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every layer's stored memory keys and values of `stream`, oldest first: (1, Hkv, M, D) each
     (at most the model's max_memories slots, the newest)."""
+    from engine.block_select import stream_kv
+
     cfg = model.cfg
     ids = store.stream_blocks(stream) if stream in store.streams() else []
     cap_blocks = -(-_modules(model).uio.max_memories // cfg.block_len)
@@ -327,9 +326,8 @@ def stored_memory_kv(store, stream: str, model: LandmarkTransformer) -> list[tup
             z = torch.zeros(1, cfg.n_kv_heads, 0, cfg.head_dim, device=dev)
             out.append((z, z))
             continue
-        k, v = store.get_layer(ids, layer)  # (n, Hkv, L, D)
-        out.append((k.to(dev).float().permute(1, 0, 2, 3).reshape(1, k.shape[1], -1, k.shape[3]),
-                    v.to(dev).float().permute(1, 0, 2, 3).reshape(1, v.shape[1], -1, v.shape[3])))
+        k, v = stream_kv(store, ids, layer, dev)
+        out.append((k.float(), v.float()))
     return out
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import signal
 
 import pytest
-import torch
 
 from engine.folded import FoldedMemory
 from train.config import train_preset
@@ -74,28 +73,12 @@ def test_folded_config_errors(tmp_path):
 
 def test_folded_model_trains_ingests_and_answers_from_the_cli(tmp_path, capsys):
     """`folio train --preset folded-tiny` -> export -> ingest -> ask in another process."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
+    from tests.train._memory_cli import QUESTION, ask_in_another_process, train_export_ingest
     from train.cli import main
 
-    out = tmp_path / "run"
-    assert main(["train", "--preset", "folded-tiny", "--steps", "2", "--micro-batch", "2", "--offload", "none",
-                 "--no-progress", "--out", str(out)]) == 0
-    assert main(["export", str(out), "--out", str(tmp_path / "m")]) == 0
-    doc = tmp_path / "doc.txt"
-    doc.write_text("The pass key is 4821. Remember it. " + "The grass is green. " * 20)
-    store = tmp_path / "store"
-    assert main(["ingest", "--model", str(tmp_path / "m"), "--store", str(store), str(doc), "--no-progress"]) == 0
+    model, store = train_export_ingest(tmp_path, "folded-tiny", micro_batch=2,
+                                       doc_text="The pass key is 4821. Remember it. " + "The grass is green. " * 20)
     assert "tokens ingested" in capsys.readouterr().out
-    assert main(["ask", "--model", str(tmp_path / "m"), "--store", str(store), "What is the pass key?",
-                 "--top-k", "3"]) == 2
+    assert main(["ask", "--model", str(model), "--store", str(store), QUESTION, "--top-k", "3"]) == 2
     assert "folded context" in capsys.readouterr().err
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, "-m", "train.cli", "ask", "--model", str(tmp_path / "m"), "--store",
-                           str(store), "What is the pass key?", "--max-tokens", "5"],
-                          cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    ask_in_another_process(model, store)

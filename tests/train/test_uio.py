@@ -110,7 +110,6 @@ def test_u2_deterministic_window_drops_older_terms():
     m = _model()
     w = _windows()
     D, A = _pieces(m, w)
-    names = [n for n, _ in _params(m)]
     _close(_combine(m, D, A, lambda t, s: 1.0), _grad(m, lambda: full_bptt(m, w, _loss)))  # the pieces are right
     for S in (1, 2):
         want = _combine(m, D, A, lambda t, s: 1.0 if s >= t - S else 0.0)

@@ -75,31 +75,15 @@ def test_uio_config_errors():
 def test_uio_model_trains_ingests_and_answers_from_the_cli(tmp_path, capsys):
     """`folio train --preset uio-tiny` -> export -> ingest (memories into the store) -> ask in another
     process; a model without UIO refuses the store, naming why."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
+    from tests.train._memory_cli import QUESTION, ask_in_another_process, train_export_ingest
     from train.cli import main
 
-    out = tmp_path / "run"
-    assert main(["train", "--preset", "uio-tiny", "--steps", "2", "--micro-batch", "1", "--offload", "none",
-                 "--no-progress", "--out", str(out)]) == 0
-    assert main(["export", str(out), "--out", str(tmp_path / "m")]) == 0
-    doc = tmp_path / "doc.txt"
-    doc.write_text("The pass key is 4821. Remember it. " + "The grass is green. " * 30)
-    store = tmp_path / "store"
-    assert main(["ingest", "--model", str(tmp_path / "m"), "--store", str(store), str(doc), "--no-progress"]) == 0
+    model, store = train_export_ingest(tmp_path, "uio-tiny", micro_batch=1,
+                                       doc_text="The pass key is 4821. Remember it. " + "The grass is green. " * 30)
     # 635 tokens: 5 whole windows of 120 tokens + 8 landmarks (128 positions), one block of 16 slots each
     assert "635 tokens ingested, 5 blocks" in capsys.readouterr().out
-    assert main(["ask", "--model", str(tmp_path / "m"), "--store", str(store), "What is the pass key?",
-                 "--top-k", "3"]) == 2
+    assert main(["ask", "--model", str(model), "--store", str(store), QUESTION, "--top-k", "3"]) == 2
     assert "UIO memories" in capsys.readouterr().err
-    assert main(["ask", "--model", "random:tiny", "--store", str(store), "What is the pass key?"]) == 2
+    assert main(["ask", "--model", "random:tiny", "--store", str(store), QUESTION]) == 2
     assert "trained without UIO" in capsys.readouterr().err
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, "-m", "train.cli", "ask", "--model", str(tmp_path / "m"), "--store",
-                           str(store), "What is the pass key?", "--max-tokens", "5"],
-                          cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    ask_in_another_process(model, store)
