@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from engine.checkpoint import build_model, read_tensors, save_model, write_tensors
 from engine.config import ModelConfig
 from engine.errors import CheckpointError, UnsupportedCheckpointError
 from engine.model import LandmarkTransformer
@@ -160,18 +161,16 @@ def hf_state_from(model: LandmarkTransformer) -> dict[str, torch.Tensor]:
 
 
 def _read_safetensors(d: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     single, index = d / "model.safetensors", d / "model.safetensors.index.json"
     if single.is_file():
-        return load_file(str(single))
+        return read_tensors(single)[0]
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         state: dict[str, torch.Tensor] = {}
         for f in files:
             if not (d / f).is_file():
                 raise CheckpointError(f"{d}: the index names {f}, which is missing")
-            state.update(load_file(str(d / f)))
+            state.update(read_tensors(d / f)[0])
         return state
     if any(d.glob("*.bin")) or any(d.glob("*.pt")):
         raise UnsupportedCheckpointError(f"{d}: only pickle weights (*.bin/*.pt); Folio never unpickles: "
@@ -203,19 +202,6 @@ def is_hf_directory(path: str | os.PathLike) -> bool:
     return isinstance(d, dict) and "model" not in d and ("architectures" in d or "model_type" in d)
 
 
-def _build(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> LandmarkTransformer:
-    with torch.device("meta"):
-        model = LandmarkTransformer(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [m for m in missing if not (cfg.tie_embeddings and m == "lm_head.weight")]
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint does not match its config: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight
-    return model.eval()
-
-
 def import_checkpoint(src: str | os.PathLike, *, block_len: int = DEFAULT_BLOCK_LEN
                       ) -> tuple[LandmarkTransformer, HFTokenizer]:
     """A Hugging Face directory or a .gguf file -> (Folio model, its tokenizer).
@@ -245,7 +231,7 @@ def import_checkpoint(src: str | os.PathLike, *, block_len: int = DEFAULT_BLOCK_
     else:
         raise CheckpointError(f"{src}: not a Hugging Face checkpoint directory or a .gguf file")
     cfg = config_from_hf(hf_cfg, block_len=block_len, source=_weights_source(p.name, hf_state))
-    model = _build(cfg, state_from_hf(hf_state, cfg))
+    model = build_model(cfg, state_from_hf(hf_state, cfg), "checkpoint does not match its config")
     tok = HFTokenizer(tok_json, model_vocab=cfg.vocab_size - 1, config=tok_cfg)
     return model, tok
 
@@ -263,8 +249,6 @@ def _special_strings(special: dict) -> dict[str, str]:
 
 def save_imported(model: LandmarkTransformer, tokenizer: HFTokenizer, out: str | os.PathLike) -> Path:
     """A Folio model directory: model.safetensors + config.json + tokenizer files."""
-    from engine.checkpoint import save_model
-
     d = save_model(model, out)
     tokenizer.save(d)
     return d
@@ -273,13 +257,9 @@ def save_imported(model: LandmarkTransformer, tokenizer: HFTokenizer, out: str |
 def export_hf(model: LandmarkTransformer, tokenizer: HFTokenizer, out: str | os.PathLike) -> Path:
     """A Hugging Face directory (config.json, model.safetensors, tokenizer files) that
     transformers loads; the landmark token is in its vocab and tokenizer."""
-    from safetensors.torch import save_file
-
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
-    tmp = d / "model.safetensors.tmp"
-    save_file(hf_state_from(model), str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, d / "model.safetensors")
+    write_tensors(d / "model.safetensors", hf_state_from(model), {"format": "pt"})
     hf = hf_config_from(model.cfg, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
     (d / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     tokenizer.save(d, defaults={"tokenizer_class": "PreTrainedTokenizerFast"})

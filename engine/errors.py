@@ -8,7 +8,7 @@ FileNotFoundError), as memory_store's do. Messages say what was wrong and what i
 from __future__ import annotations
 
 __all__ = ["EngineError", "CheckpointError", "CheckpointNotFoundError", "UnsupportedCheckpointError",
-           "ModelMismatchError"]
+           "ModelMismatchError", "CheckpointMismatchError"]
 
 
 class EngineError(Exception):
@@ -29,3 +29,8 @@ class UnsupportedCheckpointError(CheckpointError):
 
 class ModelMismatchError(EngineError, ValueError):
     """The model does not fit what it is used with (a store, a retrieval mode)."""
+
+
+class CheckpointMismatchError(CheckpointError, ModelMismatchError):
+    """A checkpoint's parts disagree (weights written for another config), or it holds another
+    model than the one being built or resumed."""

@@ -1,110 +1,34 @@
-"""Checkpoint directories and exported models: safetensors for weights, JSON for configs.
+"""Training checkpoints: step folders, their meta file, and exports from them.
 
 A training checkpoint is a directory `<out_dir>/checkpoints/step00000100/` holding
-DeepSpeed's own files (model + optimizer partitions, for `--resume`), plus Folio's:
+DeepSpeed's own files (model + optimizer partitions, for `--resume`), a model directory's
+files (`engine.checkpoint`'s format: model.safetensors + config.json, + tokenizer and LoRA
+adapter files when the run has them), and
 
-    model.safetensors   full model weights (float32 unless the model's dtype says otherwise)
-    config.json         the ModelConfig
     folio_meta.json     step, data position, TrainConfig, model fingerprint; written
                         last (atomically), so a directory without it is incomplete
 
-An export is a directory with `model.safetensors` + `config.json` only (the format of
-`engine/checkpoint.py`, which loads it into a model); `load_exported`
-reads it without unpickling anything. Engine code that loads a model mirrors it.
+An export is a copy of a step folder's model files (`export_from_checkpoint`).
+Errors are engine.errors' checkpoint errors (re-exported by `train.errors`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from engine.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter
+from engine.checkpoint import CONFIG, WEIGHTS, read_json, read_model, write_json
 from engine.config import ModelConfig
-from train.errors import CheckpointError, CheckpointMismatchError
+from engine.errors import CheckpointError, CheckpointMismatchError, CheckpointNotFoundError
+from engine.tokenizer import TOKENIZER_CONFIG, TOKENIZER_FILE
 
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
 META = "folio_meta.json"
 CHECKPOINTS = "checkpoints"
-FORMAT = "folio-model-v1"  # the format engine/checkpoint.py writes and reads
-TIED_KEY = "lm_head.weight"  # dropped when tie_embeddings: it is tok_emb.weight
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_weights(directory: str | os.PathLike, state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> Path:
-    """Write `model.safetensors` + `config.json` into `directory` (created if missing).
-
-    The format is engine/checkpoint.py's: config.json = {"model": ModelConfig fields,
-    "fingerprint": ...}; tensors cast to cfg.dtype; with tied embeddings the output
-    projection (`lm_head.weight`, the embedding itself) is left out. Returns the directory.
-    """
-    from safetensors.torch import save_file
-
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    dtype = _DTYPES[cfg.dtype]
-    tensors = {k: v.detach().to("cpu", dtype).contiguous().clone() for k, v in state_dict.items()
-               if not (cfg.tie_embeddings and k == TIED_KEY)}
-    tmp = d / (WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "fingerprint": cfg.fingerprint()})
-    os.replace(tmp, d / WEIGHTS)
-    meta = {"model": cfg.to_dict(), "fingerprint": cfg.fingerprint()}
-    _atomic_write(d / CONFIG, json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return d
-
-
-def load_exported(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read an exported model: (ModelConfig, state_dict of CPU tensors).
-
-    With tied embeddings the state_dict has no `lm_head.weight` (load with strict=False
-    and tie, as engine.checkpoint.load_model does).
-
-    Raises CheckpointError when the directory, a file or a field is missing or broken,
-    and CheckpointMismatchError when the weights were written for another config.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
-    d = Path(directory)
-    for name in (CONFIG, WEIGHTS):
-        if not (d / name).is_file():
-            raise CheckpointError(f"{d}: no {name} (an exported model directory holds {WEIGHTS} + {CONFIG})")
-    try:
-        raw = json.loads((d / CONFIG).read_text())
-        cfg = ModelConfig.from_dict(raw["model"] if "model" in raw else raw)
-    except (json.JSONDecodeError, ValueError, TypeError, KeyError) as e:
-        raise CheckpointError(f"{d / CONFIG}: not a valid ModelConfig: {e}") from None
-    if raw.get("fingerprint", cfg.fingerprint()) != cfg.fingerprint():
-        raise CheckpointMismatchError(f"{d / CONFIG}: fingerprint {raw['fingerprint']} does not match "
-                                      f"its own model fields ({cfg.fingerprint()}); the file was edited")
-    try:
-        with safe_open(str(d / WEIGHTS), framework="pt") as f:
-            meta = f.metadata() or {}
-        state = load_file(str(d / WEIGHTS))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{d / WEIGHTS}: cannot be read: {e}") from None
-    fp = meta.get("fingerprint")
-    if fp is not None and fp != cfg.fingerprint():
-        raise CheckpointMismatchError(f"{d}: {WEIGHTS} was written for model fingerprint {fp}, "
-                                      f"but {CONFIG} describes {cfg.fingerprint()}")
-    return cfg, state
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-ADAPTER_FILES = ("adapter.safetensors", "adapter_config.json")
+TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG)
+ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG)
 
 
 def export_from_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *,
@@ -127,7 +51,7 @@ def export_from_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike
                                   f"run with lora_rank > 0")
         names = [*ADAPTER_FILES, *(n for n in TOKENIZER_FILES if (step_dir / n).is_file())]
     else:
-        load_exported(step_dir)  # refuse to export something unreadable
+        read_model(step_dir)  # refuse to export something unreadable
         names = [WEIGHTS, CONFIG, *(n for n in (*TOKENIZER_FILES, *ADAPTER_FILES) if (step_dir / n).is_file())]
     o = Path(out)
     o.mkdir(parents=True, exist_ok=True)
@@ -135,11 +59,9 @@ def export_from_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike
         shutil.copyfile(step_dir / name, o / (name + ".tmp"))
         os.replace(o / (name + ".tmp"), o / name)
     if adapter_only:
-        from engine.adapter import read_adapter
-
         read_adapter(o)
     else:
-        load_exported(o)
+        read_model(o)
     return o
 
 
@@ -152,17 +74,16 @@ def step_tag(step: int) -> str:
 
 def write_meta(step_dir: str | os.PathLike, meta: dict[str, Any]) -> None:
     """Write folio_meta.json last and atomically: it marks the checkpoint complete."""
-    _atomic_write(Path(step_dir) / META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    write_json(Path(step_dir) / META, meta)
 
 
 def read_meta(step_dir: str | os.PathLike) -> dict[str, Any]:
+    """The meta of a step folder. Raises CheckpointError when it is missing (an incomplete
+    checkpoint) or malformed."""
     p = Path(step_dir) / META
-    try:
-        return json.loads(p.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{step_dir}: incomplete checkpoint (no {META})") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{p}: malformed JSON: {e.msg}") from None
+    if not p.is_file():
+        raise CheckpointError(f"{step_dir}: incomplete checkpoint (no {META})")
+    return read_json(p)
 
 
 def list_checkpoints(checkpoints_dir: str | os.PathLike) -> list[Path]:
@@ -181,14 +102,14 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     """
     p = Path(path)
     if not p.exists():
-        raise CheckpointError(f"checkpoint path {str(p)!r} does not exist")
+        raise CheckpointNotFoundError(f"checkpoint path {str(p)!r} does not exist")
     if (p / META).is_file():
         return p
     for d in (p / CHECKPOINTS, p):
         found = list_checkpoints(d)
         if found:
             return found[-1]
-    raise CheckpointError(f"{p}: no complete checkpoint found (looked for */{META})")
+    raise CheckpointNotFoundError(f"{p}: no complete checkpoint found (looked for */{META})")
 
 
 def check_model_matches(step_dir: str | os.PathLike, cfg: ModelConfig) -> dict[str, Any]:

@@ -1,15 +1,22 @@
 """Errors of the `train` package: one root, a few kinds a caller may want to catch.
 
 Every error that stops a run before training starts (a bad ds_config, a data path with
-no text, a checkpoint of another model shape) is one of these, so the CLI can print one
-line and exit with code 2 instead of a traceback.
+no text, a checkpoint of another model shape) is one of these or an `engine.errors`
+EngineError, so the CLI can print one line and exit with code 2 instead of a traceback.
+Checkpoint errors are the engine's own classes (the format lives in `engine.checkpoint`),
+re-exported here for train's callers.
 """
 
 from __future__ import annotations
 
+from engine.errors import CheckpointError, CheckpointMismatchError, CheckpointNotFoundError
+
+__all__ = ["TrainError", "DSConfigError", "DataError", "CheckpointError", "CheckpointMismatchError",
+           "CheckpointNotFoundError"]
+
 
 class TrainError(Exception):
-    """Root of the errors raised by `train/`."""
+    """Root of the errors raised by `train/` (checkpoint errors excepted: EngineError's)."""
 
 
 class DSConfigError(TrainError, ValueError):
@@ -18,11 +25,3 @@ class DSConfigError(TrainError, ValueError):
 
 class DataError(TrainError, ValueError):
     """A data source does not exist, holds no text, or cannot be parsed."""
-
-
-class CheckpointError(TrainError):
-    """A checkpoint or export directory is missing, incomplete or unreadable."""
-
-
-class CheckpointMismatchError(CheckpointError, ValueError):
-    """A checkpoint was written by a model of another shape than the one being built."""

@@ -10,13 +10,12 @@ The trained state (peft's parameter names) is turned into two things at every ch
 - `merge_state(state, spec)`: the plain model's weights, W + (alpha/r) B A and the landmark
   row written in, under Folio's own names: every `folio` command loads it as any model;
 - `adapter_state(state)`: the adapter alone (LoRA A/B and the landmark row), a few MB,
-  written as `adapter.safetensors` + `adapter_config.json` (`write_adapter`), which
+  written as an adapter directory (`write_adapter`, the format of `engine.adapter`), which
   `engine.adapter.load_adapted` applies to its base model directory.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +23,8 @@ from typing import Any
 
 import torch
 
-from engine.adapter import ADAPTER_CONFIG, ADAPTER_FORMAT, ADAPTER_WEIGHTS
+from engine.adapter import save_adapter
+
 _NAME = "default"  # peft's adapter name
 _TOKENS_DELTA = f".token_adapter.trainable_tokens_delta.{_NAME}"
 _TOKENS_BASE = ".token_adapter.base_layer.weight"
@@ -130,20 +130,8 @@ def adapter_state(state: dict[str, torch.Tensor], spec: LoraSpec) -> dict[str, t
 
 def write_adapter(directory: str | os.PathLike, state: dict[str, torch.Tensor], spec: LoraSpec, *,
                   base: str, model_config: dict[str, Any], base_fingerprint: str | None = None) -> Path:
-    """adapter.safetensors + adapter_config.json into `directory`. `base` is the model directory
-    the adapter applies to (recorded as given); model_config the adapted model's ModelConfig."""
-    from safetensors.torch import save_file
-
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone()
-               for k, v in adapter_state(state, spec).items()}
-    tmp = d / (ADAPTER_WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": ADAPTER_FORMAT})
-    os.replace(tmp, d / ADAPTER_WEIGHTS)
-    meta = {"format": ADAPTER_FORMAT, "lora": spec.to_dict(), "base": base,
-            "base_fingerprint": base_fingerprint, "model": model_config}
-    tmpc = d / (ADAPTER_CONFIG + ".tmp")
-    tmpc.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    os.replace(tmpc, d / ADAPTER_CONFIG)
-    return d
+    """The adapter of an adapted `state` as an adapter directory (`engine.adapter.save_adapter`).
+    `base` is the model directory the adapter applies to (recorded as given); model_config the
+    adapted model's ModelConfig."""
+    return save_adapter(directory, adapter_state(state, spec), lora=spec.to_dict(), base=base,
+                        model_config=model_config, base_fingerprint=base_fingerprint)

@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 
 from engine.allocator import kept_pages
+from engine.checkpoint import read_model, write_model
 from engine.config import ModelConfig
 from engine.landmarks import IGNORE_INDEX
 from train import ds_engine
-from train.checkpoint import (CHECKPOINTS, check_model_matches, find_checkpoint, load_exported,
-                              prune_checkpoints, step_tag, write_meta, write_weights)
+from train.checkpoint import CHECKPOINTS, check_model_matches, find_checkpoint, prune_checkpoints, step_tag, write_meta
 from train.config import TrainConfig
 from train.data import DocumentMixer, DocumentSource, build_source
 from train.evaluate import evaluate_loss
@@ -262,7 +262,7 @@ def _init_state(path: str, mcfg: ModelConfig, *, derived: bool = False) -> dict[
     shapes must fit, which loading checks)."""
     from train.errors import CheckpointMismatchError
 
-    theirs, state = load_exported(path)
+    theirs, state = read_model(path)
     if derived:
         return state
     mine, other = mcfg.to_dict(), theirs.to_dict()
@@ -399,7 +399,7 @@ class _Runner:
 
     def evaluate(self, step_dir: Path) -> float:
         """Held-out loss of the weights saved in `step_dir` (a plain model: works for every ZeRO stage)."""
-        _, state = load_exported(step_dir)
+        _, state = read_model(step_dir)
         model = self.factory(self.mcfg)
         model.load_state_dict(state, strict=not self.mcfg.tie_embeddings)
         model.to(self.engine.device)
@@ -428,7 +428,7 @@ class _Runner:
                 write_adapter(ck_dir / tag, weights, self.lora, base=str(self.tcfg.init_from),
                               model_config=self.mcfg.to_dict(), base_fingerprint=self.base_fingerprint)
                 weights = merge_state(weights, self.lora)
-            write_weights(ck_dir / tag, weights, self.mcfg)
+            write_model(ck_dir / tag, weights, self.mcfg)
             if hasattr(self.tokenizer, "save"):
                 self.tokenizer.save(ck_dir / tag)  # the checkpoint is a model directory every command takes
             write_meta(ck_dir / tag, {**client, "world_size": self.env.world_size,

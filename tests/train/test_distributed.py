@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from train.checkpoint import find_checkpoint, load_exported, read_meta
+from engine.checkpoint import read_model
+from train.checkpoint import find_checkpoint, read_meta
 from train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,5 +62,5 @@ def test_two_process_run(launcher, tmp_path):
     lanes0 = {ln["draw"] for ln in meta["ranks"][0]["data"]["lanes"] if ln}
     lanes1 = {ln["draw"] for ln in meta["ranks"][1]["data"]["lanes"] if ln}
     assert lanes0 and lanes1 and not lanes0 & lanes1  # each process trains its own documents
-    cfg, state = load_exported(find_checkpoint(out))
+    cfg, state = read_model(find_checkpoint(out))
     assert cfg.n_layers == 1 and state

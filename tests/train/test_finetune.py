@@ -107,9 +107,9 @@ def test_merged_weights_compute_what_the_adapted_model_computes():
 
 
 def test_adapter_directory_loads_as_base_plus_adapter(tmp_path, pretrained):
-    from train.checkpoint import load_exported
+    from engine.checkpoint import read_model
 
-    cfg0, base_state = load_exported(pretrained)
+    cfg0, base_state = read_model(pretrained)
     import dataclasses
 
     cfg = dataclasses.replace(cfg0, attention="landmark")
@@ -201,7 +201,8 @@ def test_init_model_is_the_init_from_model_with_overrides(pretrained, tmp_path):
 
 
 def test_lora_finetune_trains_only_the_adapter_resumes_exactly_and_exports(tmp_path, pretrained):
-    from train.checkpoint import find_checkpoint, load_exported
+    from engine.checkpoint import read_model
+    from train.checkpoint import find_checkpoint
 
     full = train(_ft(pretrained, tmp_path / "a"), ds=NO_OFFLOAD, progress=False)
     assert len(full.losses) == 4
@@ -212,8 +213,8 @@ def test_lora_finetune_trains_only_the_adapter_resumes_exactly_and_exports(tmp_p
     # the checkpoint: merged weights (a model every command loads), the adapter, the tokenizer
     assert {"adapter.safetensors", "adapter_config.json", "tokenizer.json", "model.safetensors"} <= {
         p.name for p in ck.iterdir()}
-    _, merged = load_exported(ck)
-    _, base = load_exported(pretrained)
+    _, merged = read_model(ck)
+    _, base = read_model(pretrained)
     changed = {k for k in base if not torch.equal(base[k], merged[k])}
     assert changed and all(k.endswith(("wq.weight", "wk.weight", "wv.weight", "wo.weight", "tok_emb.weight"))
                            for k in changed), changed
@@ -235,11 +236,12 @@ def test_lora_run_through_cpu_offload_zero2(tmp_path, pretrained):
 
 
 def test_full_finetune_from_a_pretrained_model(tmp_path, pretrained):
-    from train.checkpoint import find_checkpoint, load_exported
+    from engine.checkpoint import read_model
+    from train.checkpoint import find_checkpoint
 
     res = train(_ft(pretrained, tmp_path / "f", lora_rank=0, max_steps=2), ds=NO_OFFLOAD, progress=False)
-    _, merged = load_exported(find_checkpoint(tmp_path / "f"))
-    _, base = load_exported(pretrained)
+    _, merged = read_model(find_checkpoint(tmp_path / "f"))
+    _, base = read_model(pretrained)
     assert not torch.equal(base["layers.0.ffn.w_up.weight"], merged["layers.0.ffn.w_up.weight"])
     assert len(res.losses) == 2
 

@@ -9,8 +9,8 @@ import signal
 import pytest
 import torch
 
-from engine.checkpoint import load_model
-from train.checkpoint import export_from_checkpoint, find_checkpoint, load_exported, read_meta
+from engine.checkpoint import load_model, read_model
+from train.checkpoint import export_from_checkpoint, find_checkpoint, read_meta
 from train.config import train_preset
 from train.errors import CheckpointError, CheckpointMismatchError, DataError, DSConfigError
 from train.loop import DSOptions, train
@@ -47,8 +47,8 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     assert rec["pulled_bytes"] == {"device": 0, "host": 0, "disk": 0} and rec["tokens_per_s"] > 0
     assert (tmp_path / "b" / "loss.png").stat().st_size > 1000
     # the weights written with the checkpoint are the final ones of the uninterrupted run
-    _, wa = load_exported(find_checkpoint(tmp_path / "a"))
-    _, wb = load_exported(find_checkpoint(tmp_path / "b"))
+    _, wa = read_model(find_checkpoint(tmp_path / "a"))
+    _, wb = read_model(find_checkpoint(tmp_path / "b"))
     assert wa.keys() == wb.keys()
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
@@ -61,7 +61,7 @@ def test_export_round_trip_and_checkpoint_contents(tmp_path):
     assert meta["ranks"][0]["data"]["lanes"]  # the data position travels with the checkpoint
     out = export_from_checkpoint(tmp_path / "r", tmp_path / "export")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
-    cfg, state = load_exported(out)
+    cfg, state = read_model(out)
     assert cfg == _cfg(tmp_path).model_config()
     model = load_model(out)  # the engine's loader reads the same files
     for k, v in model.state_dict().items():
