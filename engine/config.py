@@ -1,8 +1,9 @@
 """Model configuration: one validated dataclass and its presets.
 
-Presets are plain data (a dict of field values). `tiny` trains on a 2-core CPU in
-minutes, `small` is ~25M parameters, and `llama-1b` / `llama-7b` carry the shapes of
-Llama-style models; those two are for planning and are never built in tests.
+Presets are plain data (a dict of field values). `tiny` trains on a CPU in minutes, `small`
+is ~25M parameters, and `llama-1b` / `llama-7b` carry the shapes of Llama-style models;
+those two are for planning and are never built in tests. Choice fields are `Literal`s whose
+values `__post_init__` checks at run time too.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-ATTENTION_MODES = ("landmark", "causal")
-DTYPES = ("float32", "bfloat16", "float16")
-ROPE_SCALING_TYPES = ("llama3", "linear")
+AttentionMode = Literal["landmark", "causal"]
+DType = Literal["float32", "bfloat16", "float16"]
+RopeScalingType = Literal["llama3", "linear"]
+ATTENTION_MODES: tuple[str, ...] = get_args(AttentionMode)
+DTYPES: tuple[str, ...] = get_args(DType)
+ROPE_SCALING_TYPES: tuple[str, ...] = get_args(RopeScalingType)
 # fields added after stores and checkpoints were first written: left out of the fingerprint
 # while they hold their default, so existing stores and checkpoints keep theirs
 _LATER_FIELDS = {"rope_scaling": None, "qkv_bias": False, "o_bias": False, "source": "", "folded_window": 0, "uio": None}
@@ -31,7 +35,7 @@ class RopeScaling:
     ... / high_freq_factor kept, smooth in between); linear: every frequency divided by `factor`.
     """
 
-    rope_type: str
+    rope_type: RopeScalingType
     factor: float
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -111,11 +115,11 @@ class ModelConfig:
     """RoPE base."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
-    attention: Literal["landmark", "causal"] = "landmark"
+    attention: AttentionMode = "landmark"
     """'landmark' (grouped softmax, the paper's) or 'causal' (plain, a baseline)."""
     tie_embeddings: bool = False
     """Share the input embedding and the output projection."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: DType = "float32"
     """Parameter dtype: float32, bfloat16 or float16."""
     rope_scaling: dict[str, Any] | None = None
     """RoPE frequency scaling as in a Hugging Face config (rope_type 'llama3' or 'linear'), or None."""
@@ -230,7 +234,7 @@ class ModelConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Trains on a 2-core CPU in minutes.
+    # Trains on a CPU in minutes.
     "tiny": dict(vocab_size=260, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2,
                  ffn_hidden=352, max_seq_len=512, block_len=64),
     # ~25M parameters.

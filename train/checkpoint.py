@@ -31,6 +31,14 @@ TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG)
 ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG)
 
 
+def is_model_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` is a model or adapter directory rather than a run, checkpoints/ or step
+    folder (a step folder without its meta is an incomplete checkpoint, not a model)."""
+    p = Path(path)
+    return ((p / CONFIG).is_file() or (p / ADAPTER_CONFIG).is_file()) and not (p / META).is_file() \
+        and not p.name.startswith("step")
+
+
 def export_from_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *,
                            adapter_only: bool = False) -> Path:
     """Copy a training checkpoint's weights + config (+ tokenizer and adapter files when it
@@ -39,12 +47,11 @@ def export_from_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike
     `checkpoint` is a run's out_dir, its checkpoints/ folder, one step folder, or a model
     directory; the newest complete checkpoint is taken. adapter_only: the LoRA adapter and
     the tokenizer files alone (`engine.adapter` loads them on top of the base model). The
-    copy is re-read to check it. Returns `out`.
+    copy is re-read to check it. Returns `out`. Raises CheckpointNotFoundError when there is
+    no complete checkpoint, or what `read_model` / `read_adapter` raise for a broken one.
     """
     src = Path(checkpoint)
-    model_dir = ((src / CONFIG).is_file() or (src / ADAPTER_FILES[1]).is_file()) and not (src / META).is_file() \
-        and not src.name.startswith("step")  # a step folder without its meta is incomplete
-    step_dir = src if model_dir else find_checkpoint(src)
+    step_dir = src if is_model_dir(src) else find_checkpoint(src)
     if adapter_only:
         if not all((step_dir / n).is_file() for n in ADAPTER_FILES):
             raise CheckpointError(f"{step_dir}: no LoRA adapter ({' + '.join(ADAPTER_FILES)}); it comes from a "

@@ -13,12 +13,13 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from engine.config import PRESETS as MODEL_PRESETS
 from engine.config import ModelConfig, preset
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 BUILTIN_SOURCES = ("passkey", "recall", "stdlib", "stdlib-heldout")
 
 
@@ -63,7 +64,7 @@ class TrainConfig:
     """AdamW weight decay."""
     grad_clip: float = 1.0
     """Global gradient-norm clip; 0 disables."""
-    precision: str = "auto"
+    precision: Precision = "auto"
     """'auto' (bf16 on a GPU that supports it, else fp32), 'fp32', 'bf16' or 'fp16'."""
     seed: int = 0
     """Seeds model init and the data order."""
@@ -232,9 +233,8 @@ class TrainConfig:
 
 
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    # The demo: the tiny model on passkey mixed with the stdlib corpus, a few minutes on 2 cores,
-    # with retrieval from the store (a model trained without it does not use retrieved blocks:
-    # its held-out perplexity with retrieval was no better than on the local window alone).
+    # The demo: the tiny model on passkey mixed with the stdlib corpus, with retrieval from the
+    # store (a model trained without it does not use retrieved blocks).
     "tiny-demo": dict(model="tiny", data=("passkey", "stdlib"), micro_batch=4, max_steps=300,
                       lr=3e-3, warmup_steps=20, save_every=100, eval_windows=32, retrieval=True,
                       out_dir="runs/demo"),
@@ -246,8 +246,8 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # Folded context (engine/folded.py, a reconstruction of arXiv 2405.04620): the shipped passkey-tiny
     # weights (4 layers) as a causal model whose every layer also attends to the previous 64-position
     # window at that layer (reach 64 x 5 - 1 = 319 positions); a step trains 4 windows in order, BPTT
-    # through them, the carry passed to the next step. Pass keys in 200-600 characters. ~90 s here;
-    # from random weights (model tiny) 2500 steps did not learn to copy the key at all.
+    # through them, the carry passed to the next step. Pass keys in 200-600 characters. It starts from
+    # trained weights: from random ones the model does not learn to copy the key.
     "folded-tiny": dict(model="init", init_from="models/passkey-tiny",
                         model_overrides={"attention": "causal", "block_len": 32, "folded_window": 64},
                         data=("passkey:answer_weight=10,key_digits=1-5",), synthetic_chars=(200, 600),
@@ -281,7 +281,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # Landmark fine-tuning of SmolLM2-135M-Instruct (`make model` imports it) with LoRA on the
     # attention projections and the landmark row, on retrieval tasks hidden in real prose
     # (train/prose_tasks.py) with retrieval of earlier windows from the store. Block 64 and
-    # window 512 as the paper's LLaMA fine-tune; about 90 minutes on 2 CPU cores.
+    # window 512 as the paper's LLaMA fine-tune.
     "smollm2-landmark": dict(model="init", init_from="models/smollm2-135m",
                              # max_seq_len: a landmark model's window is the one it was trained on
                              # (retrieval's default prefill chunk and local window follow from it)

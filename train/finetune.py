@@ -17,7 +17,7 @@ The trained state (peft's parameter names) is turned into two things at every ch
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 

@@ -33,6 +33,20 @@ def test_config_validation_names_field(field, value, msg):
         ModelConfig(**{**PRESETS["tiny"], field: value})
 
 
+def test_choice_fields_are_literals_checked_at_run_time():
+    import typing
+
+    from engine import config
+
+    hints = typing.get_type_hints(ModelConfig, vars(config))
+    for name, allowed in (("attention", config.ATTENTION_MODES), ("dtype", config.DTYPES)):
+        assert typing.get_args(hints[name]) == allowed
+        with pytest.raises(ValueError, match=f"{name}='nope' is invalid"):
+            ModelConfig(**{**PRESETS["tiny"], name: "nope"})
+    rope = typing.get_type_hints(config.RopeScaling, vars(config))["rope_type"]
+    assert typing.get_args(rope) == config.ROPE_SCALING_TYPES == ("llama3", "linear")
+
+
 def test_unknown_preset():
     with pytest.raises(ValueError, match="preset='huge' does not exist"):
         preset("huge")

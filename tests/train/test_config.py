@@ -7,6 +7,15 @@ import pytest
 from train.config import TRAIN_PRESETS, TrainConfig, train_preset
 
 
+def test_precision_is_a_literal_checked_at_run_time():
+    import typing
+
+    from train import config
+
+    hint = typing.get_type_hints(TrainConfig, vars(config))["precision"]
+    assert typing.get_args(hint) == config.PRECISIONS == ("auto", "fp32", "bf16", "fp16")
+
+
 def test_defaults_and_window():
     c = TrainConfig()
     assert c.window == c.model_config().max_seq_len == 512
