@@ -4,6 +4,7 @@ A model directory holds
 
     model.safetensors   the weights in cfg.dtype (with tied embeddings no `lm_head.weight`),
                         header metadata {"format": "folio-model-v1", "fingerprint": ...}
+                        (the fingerprint absent from models `save_model` wrote)
     config.json         {"model": ModelConfig fields, "fingerprint": ...}
 
 plus, for imported models, the tokenizer files (`engine.tokenizer`). An adapter directory

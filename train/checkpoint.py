@@ -105,7 +105,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     """The step folder to resume or export from.
 
     `path` may be a step folder, a checkpoints/ folder or a run's out_dir (the newest
-    complete checkpoint is taken). Raises CheckpointError when there is none.
+    complete checkpoint is taken). Raises CheckpointNotFoundError when there is none.
     """
     p = Path(path)
     if not p.exists():
