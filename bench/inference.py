@@ -1,6 +1,6 @@
 """Inference benchmark: retrieval decode and ingest against their baselines, same run.
 
-    python -m bench.inference [--quick]
+    python -m bench.inference [--quick] [--out PATH]
 
 The model is the tiny preset, randomly initialised (seed 0): costs do not depend on the
 weights. Documents are random printable bytes. Every context length runs in its own
@@ -50,7 +50,7 @@ Figures (each against a baseline measured in the same run):
                                children again on glibc's malloc:
                                peak_rss_mb_system_malloc_{16k,256k,1m}
 
-Writes bench/results/inference.json.
+Writes runs/bench/inference.json (--out PATH to choose).
 """
 
 from __future__ import annotations
@@ -70,7 +70,9 @@ from typing import Any
 import numpy as np
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench import RUNS
+
+RESULTS = RUNS
 BUDGETS = dict(device_budget_bytes=4 << 20, host_budget_bytes=8 << 20, write_queue_bytes=16 << 20)
 DECODE_STEPS = 24
 GROWTH_ROUNDS = 4  # decode-growth: alternating rounds of DECODE_STEPS steps per store
@@ -364,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--growth-base", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--full-baseline", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=str(RESULTS / "inference.json"))
+    ap.add_argument("--out", default=str(RESULTS / "inference.json"), help="where to write the JSON")
     args = ap.parse_args(argv)
     if args.child is not None:
         print(json.dumps(child(args.child, args.growth_base, args.full_baseline)))

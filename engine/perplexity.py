@@ -192,7 +192,7 @@ def _score_store_landmarks(model: LandmarkTransformer, tok: Tokenizer, x: torch.
     as ingest and generate insert them; a token's NLL is read off the position before it
     (a landmark position predicts the token after its block)."""
     from engine.landmarks import insert_landmarks
-    from engine.needle import memory_config
+    from engine.needle_answers import memory_config
     from memory_store import StoreConfig
 
     cfg, dev = model.cfg, model.tok_emb.weight.device
