@@ -14,9 +14,8 @@ Figures (each a ratio against a baseline measured in the same run):
                                     events) above what was live before the call.
   landmark_vs_sdpa_fwd_bwd_T2048_1thread, blockwise_vs_sdpa_fwd_bwd_T2048_1thread
                                     the same two time ratios with torch limited to one
-                                    thread (both sides): on a shared 2-core machine these
-                                    are the stable ones, since a busy second core stalls
-                                    every parallel region of the many-op landmark paths.
+                                    thread (both sides): steadier when other work shares
+                                    the cores, which stalls every parallel region.
   landmark_fwd_bwd_matmul_fraction_T2048
                                     share of implementation 2's forward+backward CPU time
                                     spent in matrix products (bmm/addmm, profiler, one

@@ -14,9 +14,9 @@ Figures (each against a baseline measured in the same run):
         full attention (its default DynamicCache) over the context / Folio's per-token
         decode (`engine.inference.generate`: search, fetch, attention over sinks + retrieved
         blocks + local window) after ingesting the same tokens. Up to 8k the baseline's cache
-        is filled by transformers' own prefill of the same tokens; past it (prefill there
-        is quadratic: hours on 2 cores) the cache holds random K/V of the right shape —
-        decode time does not depend on the values (`baseline_cache` says which).
+        is filled by transformers' own prefill of the same tokens; past it (a quadratic
+        prefill) the cache holds random K/V of the right shape — decode time does not
+        depend on the values (`baseline_cache` says which).
   prefill_vs_transformers_<ctx>          Folio's ingest tokens/s with the store on (zarr on
         disk, write-behind, index, commits) / transformers' forward over the same tokens
         (8k; 32k in the full run).
