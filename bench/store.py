@@ -123,8 +123,8 @@ def bench_host_read(layout: StoreLayout, n_entries: int, batch: int, repeats: in
 
 def bench_write(layout: StoreLayout, k, v, lm, work: str, rounds: int, trials: int = 3) -> dict[str, float]:
     """Alternates `trials` store runs (fresh store: put_blocks of every block `rounds` times, then a durable
-    flush) with `trials` dd runs of the same byte count; the ratio is of the medians. This VM's disk
-    bandwidth swings 4x between runs a few seconds apart, so one dd against one store run measured noise."""
+    flush) with `trials` dd runs of the same byte count; the ratio is of the medians. Disk bandwidth
+    can swing severalfold between runs seconds apart: one dd against one store run would measure that."""
     cfg = StoreConfig(device="cpu", device_budget_bytes=64 << 20, host_budget_bytes=64 << 20)
     n = k.shape[0]
     nbytes = (k.nbytes + v.nbytes + lm.nbytes) * rounds

@@ -53,7 +53,7 @@ from train.windows import LaneBatcher  # noqa: E402
 RESULTS = RUNS / "train.json"
 
 
-ROUNDS = {True: 4, False: 8}  # configurations alternate in rounds: a noisy spell hits all of them (5: medians steady to ~±0.03; 8: ~±0.02)
+ROUNDS = {True: 4, False: 8}  # configurations alternate in rounds: a noisy spell hits all of them
 STEPS = {True: 8, False: 16}  # per configuration per round
 
 
