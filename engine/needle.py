@@ -407,12 +407,13 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(result: dict, out_dir: str | Path) -> Path:
+def write_json(result: dict, out_dir: str | Path, name: str = "needle.json", *, indent: int = 2) -> Path:
+    """`result` as out_dir/name, replaced atomically; returns the path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "needle.json"
+    path = out / name
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.write_text(json.dumps(result, indent=indent) + "\n")
     tmp.replace(path)  # a partial result being rewritten is never half-visible
     return path
 

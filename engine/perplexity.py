@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import json
 import math
 import sys
 import tempfile
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from engine import corpora
 from engine.inference import ingest, make_memory, open_store
 from engine.model import LandmarkTransformer
-from engine.needle import machine_info
+from engine.needle import machine_info, write_json
 from engine.tokenizer import Tokenizer
 from engine.training_free import TrainingFreeConfig
 
@@ -314,11 +313,7 @@ def format_table(result: dict) -> str:
 def write_outputs(result: dict, out_dir: str | Path) -> list[Path]:
     """perplexity.json, perplexity.md (the table) and perplexity.png (ppl against C per mode)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "perplexity.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(path)
+    path = write_json(result, out, "perplexity.json", indent=1)
     (out / "perplexity.md").write_text(format_table(result) + "\n")
     import matplotlib
 
