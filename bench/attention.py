@@ -1,6 +1,6 @@
 """Attention benchmark: landmark grouped softmax against PyTorch's fused causal SDPA.
 
-    python -m bench.attention [--quick]
+    python -m bench.attention [--quick] [--out PATH]
 
 Figures (each a ratio against a baseline measured in the same run):
   landmark_vs_sdpa_fwd_bwd_T2048    forward+backward time of implementation 2
@@ -14,14 +14,13 @@ Figures (each a ratio against a baseline measured in the same run):
                                     events) above what was live before the call.
   landmark_vs_sdpa_fwd_bwd_T2048_1thread, blockwise_vs_sdpa_fwd_bwd_T2048_1thread
                                     the same two time ratios with torch limited to one
-                                    thread (both sides): on a shared 2-core machine these
-                                    are the stable ones, since a busy second core stalls
-                                    every parallel region of the many-op landmark paths.
+                                    thread (both sides): steadier when other work shares
+                                    the cores, which stalls every parallel region.
   landmark_fwd_bwd_matmul_fraction_T2048
                                     share of implementation 2's forward+backward CPU time
                                     spent in matrix products (bmm/addmm, profiler, one
                                     thread); the rest is elementwise passes and overhead.
-Writes bench/results/attention.json.
+Writes runs/bench/attention.json (--out PATH to choose).
 """
 
 from __future__ import annotations
@@ -37,9 +36,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench import RUNS
 from engine.attention import landmark_attention, landmark_attention_blockwise
 
-RESULTS = Path(__file__).parent / "results" / "attention.json"
+RESULTS = RUNS / "attention.json"
 SHAPE = dict(B=1, H=8, D=64, L=64)
 
 
@@ -157,17 +157,19 @@ def run(quick: bool) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (under 60 s)")
+    ap.add_argument("--out", default=str(RESULTS), help="where to write the JSON")
     args = ap.parse_args(argv)
     t0 = time.time()
     res = run(args.quick)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(res, indent=2) + "\n")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"{'figure':45s} {'value':>12s}")
     for key, val in res.items():
         if isinstance(val, float):
             print(f"{key:45s} {val:12.4g}")
     print(f"goals: landmark_vs_sdpa <= 1.5, peak_mem_ratio <= 5   ({time.time() - t0:.1f} s, "
-          f"wrote {RESULTS})")
+          f"wrote {out})")
     return 0
 
 

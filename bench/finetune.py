@@ -1,6 +1,6 @@
 """The landmark fine-tune against its base model, on the same held-out trials in one run.
 
-    python -m bench.finetune [--quick] [--tuned models/smollm2-135m-landmark] [--base models/smollm2-135m]
+    python -m bench.finetune [--quick] [--out DIR] [--tuned models/smollm2-135m-landmark] [--base models/smollm2-135m]
                              [--lengths 4096,8192,32768] [--trials 2] [--ppl-contexts 8192,32768,131072]
 
 Needle: keys hidden in the held-out novel (Persuasion), the evaluation's own needle
@@ -14,8 +14,8 @@ The same trials (one seed, one tokenizer) go to
 Perplexity: the last M tokens of held-out text, the fine-tuned model with retrieval at each
 context against the base model's full attention over its 8k window (--base-context), same tokens.
 
-Writes bench/results/finetune.json (every trial and answer), finetune.md (the tables) and
-finetune.png; ratios are against the baselines of this run.
+Writes runs/bench/finetune.json (every trial and answer), finetune.md (the tables) and
+finetune.png (--out DIR to choose); ratios are against the baselines of this run.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from bench import RUNS
+
+RESULTS = RUNS
 DEFAULT_TUNED = Path("models/smollm2-135m-landmark")
 DEFAULT_BASE = Path("models/smollm2-135m")
 

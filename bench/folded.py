@@ -1,6 +1,6 @@
 """Folded context (variant A) against no memory and landmark retrieval, as the paper measures it.
 
-    python -m bench.folded            # the full run (about 13 minutes on the 2-core machine)
+    python -m bench.folded            # the full run (minutes; BENCHMARKS.md gives its wall time)
     python -m bench.folded --quick    # one small model, under 60 s
 
 Small models with windows N in {12, 32} and {4, 8, 13} layers are trained here on a pass-key
@@ -23,7 +23,7 @@ the query closing its window every D <= N (layers + 1) - 1 is reachable and none
 query early in its window would reach only N x layers for every offset). Also: the folded state's bytes and the process's peak RSS against document
 length (constant), beside what a full KV cache would hold.
 
-Writes bench/results/folded.json (top-level `window12_accuracy_at_150`: the N = 12, 13-layer
+Writes runs/bench/folded.json (--out PATH to choose; top-level `window12_accuracy_at_150`: the N = 12, 13-layer
 model's accuracy at distance 150, full run only) and folded.md.
 """
 
@@ -41,11 +41,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench import RUNS
 from engine.config import ModelConfig
 from engine.folded import FoldedMemory, FoldedRecurrence, reach, state_numbers
 from engine.model import LandmarkTransformer
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = RUNS
 FILLER = 20  # filler symbols 0..19
 KEY0, N_KEYS = 20, 10  # key symbols 20..29
 MARK, ASK = 30, 31
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=24, help="test sequences per distance (default 24; quick 16)")
     ap.add_argument("--no-landmark", action="store_true", help="skip the landmark-retrieval baseline")
     ap.add_argument("--no-b", action="store_true", help="skip variant B (the folded recurrence)")
-    ap.add_argument("--out", default=str(RESULTS / "folded.json"))
+    ap.add_argument("--out", default=str(RESULTS / "folded.json"), help="where to write the JSON (folded.md beside it)")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     windows = [12] if args.quick else [int(v) for v in args.windows.split(",")]

@@ -1,56 +1,35 @@
 """Inference benchmark: retrieval decode and ingest against their baselines, same run.
 
-    python -m bench.inference [--quick]
+    python -m bench.inference [--quick] [--out PATH]
 
-The model is the tiny preset, randomly initialised (seed 0): costs do not depend on the
-weights. Documents are random printable bytes. Every context length runs in its own
-child process (a clean peak-RSS reading), which ingests the document into a fresh
-store with fixed tier budgets (device 4 MiB, host 8 MiB: the blocks of 12k tokens of
-the tiny model, so every measured context, 16k included, fills both tiers and spills to
-disk, and what the tiers hold is the same at every length; with 8 + 24 MiB the 16k
-store fit in the tiers with room to spare and 1M's RSS held 16 MiB more tier data; and a
-16 MiB write-behind queue: with the default 256 MiB a 1M-token ingest, which commits
-every 5 s, keeps up to 5 s of blocks queued and peak RSS rose ~90 MiB), then
-decodes with retrieval through `engine.inference.generate` (the time between two
-yielded tokens is one decode step: index search, fetch of the top-k blocks per layer
-and KV head, attention over [retrieved + local window]).
+The tiny preset, randomly initialised (seed 0: costs do not depend on the weights), on documents
+of random printable bytes. Every context length runs in its own child process (a clean peak-RSS
+reading), which ingests the document into a fresh store with fixed budgets (BUDGETS: every
+measured context fills both memory tiers and spills to disk) and decodes with retrieval through
+`engine.inference.generate` (the time between two yielded tokens is one decode step).
 
-Figures (each against a baseline measured in the same run):
+Figures (each against a baseline measured in the same run; BENCHMARKS.md says how and why):
 
-  decode_speedup_vs_full_64k   per-token decode time with full landmark attention over a
-                               64k-token KV cache (implementation 3, the cache filled with
-                               random keys and values: the time does not depend on them)
-                               / retrieval decode with 64k tokens in the store, both in the
-                               64k child, in alternation (3 rounds), on jemalloc (what folio
-                               runs on) and again on glibc's malloc when jemalloc is there: the
-                               lower of the two ratios (full attention runs faster on glibc).
-                               Until stop 14 the baseline ran in the parent, minutes away from
-                               the child and on another allocator (still reported, as
-                               decode_speedup_vs_full_64k_separate)
-  decode_growth_4k_to_1m       retrieval decode time per token at 1M tokens of context /
-                               at 4k (goal <= 1.5; --quick: 4k -> 64k, named so), both
-                               stores in the 1M child, decoded in alternation (4 rounds of
-                               24 steps each): this VM's speed drifts by 20-40% over the
-                               minutes between the 4k and the 1M child, which moved the
-                               ratio of separate children between 1.23 and 1.72 in three
-                               runs of the same code (still reported, as
-                               decode_growth_4k_to_1m_separate_children)
-  ingest_store_overhead        `ingest` into the tiered store (zarr on disk, write-behind,
-                               landmark index, a durable commit every 5 s and at the end) / the same
-                               `ingest` with the store replaced by a plain in-RAM list of
-                               block tensors searched by the same exact search code (no
-                               tiers, no disk, no write-behind, no persistence): the same
-                               chunked prefill, the same retrieval attention, the store
-                               disabled (goal <= 1.15)
-  peak_rss_mb_{16k,256k,1m}    peak RSS (VmHWM) of the child that ingested and decoded
-                               that context (goal: flat, 1M within 10% of 16k;
-                               --quick: 16k and 64k), on the allocator `folio` uses
-                               (`allocator`: jemalloc when the machine has it, see
-                               engine/allocator.py); when that is jemalloc, the same
-                               children again on glibc's malloc:
+  decode_speedup_vs_full_64k   per-token decode with full landmark attention over a 64k-token KV
+                               cache (implementation 3, random K/V) / retrieval decode with 64k
+                               tokens stored, both in the 64k child, in alternation, on jemalloc
+                               and again on glibc's malloc when jemalloc is there: the lower ratio
+                               (decode_speedup_vs_full_64k_separate: the baseline in the parent)
+  decode_growth_4k_to_1m       retrieval decode per token at 1M tokens of context / at 4k (goal
+                               <= 1.5; --quick: 4k -> 64k, named so), both stores in the 1M child,
+                               decoded in alternation (decode_growth_4k_to_1m_separate_children:
+                               one child each)
+  ingest_store_overhead        `ingest` into the tiered store (zarr on disk, write-behind, landmark
+                               index, durable commits) / the same `ingest` with the store replaced
+                               by an in-RAM list of blocks searched by the same exact search code
+                               (goal <= 1.15)
+  peak_rss_mb_{16k,256k,1m}    peak RSS (VmHWM) of the child that ingested and decoded that
+                               context (goal: flat, 1M within 10% of 16k; --quick: 16k and 64k),
+                               on the allocator `folio` uses (`allocator`, engine/allocator.py);
+                               when that is jemalloc, again on glibc's malloc:
                                peak_rss_mb_system_malloc_{16k,256k,1m}
 
-Writes bench/results/inference.json.
+Writes runs/bench/inference.json (--out PATH to choose).
 """
 
 from __future__ import annotations
@@ -70,7 +49,9 @@ from typing import Any
 import numpy as np
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench import RUNS
+
+RESULTS = RUNS
 BUDGETS = dict(device_budget_bytes=4 << 20, host_budget_bytes=8 << 20, write_queue_bytes=16 << 20)
 DECODE_STEPS = 24
 GROWTH_ROUNDS = 4  # decode-growth: alternating rounds of DECODE_STEPS steps per store
@@ -364,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--growth-base", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--full-baseline", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=str(RESULTS / "inference.json"))
+    ap.add_argument("--out", default=str(RESULTS / "inference.json"), help="where to write the JSON")
     args = ap.parse_args(argv)
     if args.child is not None:
         print(json.dumps(child(args.child, args.growth_base, args.full_baseline)))

@@ -7,7 +7,7 @@ Each case runs a probe of train/plan_measure.py in a fresh process (train: a few
 steps; infer: an ingest of a generated document into a store with small tier budgets,
 then an ask) and compares it with the planner's prediction for the same setting. The
 baseline is the prediction itself, computed in the same run; the figure is the error of
-each measured total against it. Writes bench/results/plan.json with `max_abs_error_pct`
+each measured total against it. Writes runs/bench/plan.json (--out PATH to choose) with `max_abs_error_pct`
 over the scored rows of every case (tracked tensor peak, peak RSS above the measured
 Python/torch baseline, saved activations; infer also every store component) and every
 row, the baseline RSS included (reported, not scored: it is not a prediction).
@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench import RUNS
 from engine.config import preset
 from train.plan_components import PlanSettings
 from train.plan_measure import compare, compare_infer, run_probe, run_probe_infer
@@ -48,7 +49,7 @@ FULL = QUICK + [
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.plan")
     ap.add_argument("--quick", action="store_true", help="tiny preset only (under 60 s)")
-    ap.add_argument("--out", default="bench/results/plan.json")
+    ap.add_argument("--out", default=str(RUNS / "plan.json"), help="where to write the JSON")
     args = ap.parse_args(argv)
     cases = QUICK if args.quick else FULL
     rows, worst = [], 0.0

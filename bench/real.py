@@ -14,16 +14,15 @@ Figures (each against a baseline measured in the same run):
         full attention (its default DynamicCache) over the context / Folio's per-token
         decode (`engine.inference.generate`: search, fetch, attention over sinks + retrieved
         blocks + local window) after ingesting the same tokens. Up to 8k the baseline's cache
-        is filled by transformers' own prefill of the same tokens; past it (prefill there
-        is quadratic: hours on 2 cores) the cache holds random K/V of the right shape —
-        decode time does not depend on the values (`baseline_cache` says which).
+        is filled by transformers' own prefill of the same tokens; past it (a quadratic
+        prefill) the cache holds random K/V of the right shape — decode time does not
+        depend on the values (`baseline_cache` says which).
   prefill_vs_transformers_<ctx>          Folio's ingest tokens/s with the store on (zarr on
         disk, write-behind, index, commits) / transformers' forward over the same tokens
         (8k; 32k in the full run).
   peak_rss_mb_{folio,transformers}_<ctx> peak RSS of each child.
 
-Writes bench/results/real.json (a reference copy of the last full run is committed;
-pass --out elsewhere to keep the tree clean).
+Writes runs/bench/real.json (--out PATH to choose).
 """
 
 from __future__ import annotations
@@ -39,8 +38,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import RUNS
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results" / "real.json"
+RESULTS = RUNS / "real.json"
 MODEL_DIR = ROOT / "models" / "smollm2-135m"
 GGUF = ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 DECODE_STEPS = 16
@@ -150,7 +151,7 @@ def _run_child(kind: str, ctx: int, steps: int, prefill: bool) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="2k and 8k only (under a minute or two)")
-    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--out", default=str(RESULTS), help="where to write the JSON")
     ap.add_argument("--steps", type=int, default=DECODE_STEPS)
     ap.add_argument("--child", choices=("folio", "transformers"), help=argparse.SUPPRESS)
     ap.add_argument("--ctx", type=int, help=argparse.SUPPRESS)

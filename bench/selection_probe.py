@@ -1,7 +1,7 @@
 """Does a question's block selection include the needle's block? Search rules compared on a
 TRAINING text (austen:emma; never the held-out one), SmolLM2, one ingest per trial.
 
-    python -m bench.selection_probe [N_TOKENS]   (default 8000; ~1 min per trial alone)
+    python -m bench.selection_probe [N_TOKENS]   (default 8000)
 
 For each trial a pass-key sentence is hidden at a depth, the haystack ingested, the question's
 queries recorded per layer, and every rule scores the stored blocks (sinks and the local window

@@ -1,6 +1,6 @@
 """Benchmark of the tiered store against baselines measured in the same run.
 
-    flock /tmp/folio-bench.lock python -m bench.store [--quick]
+    flock /tmp/folio-bench.lock python -m bench.store [--quick] [--out PATH]
 
 Figures (ratio = store throughput / baseline throughput, higher is better):
 - disk_read_vs_memmap: `TieredStore.get_layer` of 256 random blocks with empty memory tiers
@@ -14,7 +14,7 @@ Figures (ratio = store throughput / baseline throughput, higher is better):
   ratio of the medians. Goal >= 0.5.
 - index_recall_at_k, index_speedup_vs_exact, ...: from bench/store_index.py (`run(quick)`) when present.
 
-Writes bench/results/store.json.
+Writes runs/bench/store.json (--out PATH to choose).
 """
 
 from __future__ import annotations
@@ -33,10 +33,11 @@ import time
 import numpy as np
 import torch
 
+from bench import RUNS
 from memory_store import StoreConfig, StoreLayout, TieredStore
 from memory_store.tiers import HostTier
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "store.json")
+RESULTS = str(RUNS / "store.json")
 GOALS = {"disk_read_vs_memmap": 0.5, "host_read_vs_index_select": 0.8, "write_vs_dd": 0.5}
 
 
@@ -122,8 +123,8 @@ def bench_host_read(layout: StoreLayout, n_entries: int, batch: int, repeats: in
 
 def bench_write(layout: StoreLayout, k, v, lm, work: str, rounds: int, trials: int = 3) -> dict[str, float]:
     """Alternates `trials` store runs (fresh store: put_blocks of every block `rounds` times, then a durable
-    flush) with `trials` dd runs of the same byte count; the ratio is of the medians. This VM's disk
-    bandwidth swings 4x between runs a few seconds apart, so one dd against one store run measured noise."""
+    flush) with `trials` dd runs of the same byte count; the ratio is of the medians. Disk bandwidth
+    can swing severalfold between runs seconds apart: one dd against one store run would measure that."""
     cfg = StoreConfig(device="cpu", device_budget_bytes=64 << 20, host_budget_bytes=64 << 20)
     n = k.shape[0]
     nbytes = (k.nbytes + v.nbytes + lm.nbytes) * rounds
@@ -184,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller data, fewer repeats (under 60 s)")
     ap.add_argument("--skip-index", action="store_true", help="leave out bench.store_index (the slow part)")
+    ap.add_argument("--out", default=RESULTS, help="where to write the JSON")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     out = run(args.quick, with_index=not args.skip_index)
@@ -196,10 +198,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:<34} {shown} {'' if goal is None else f'>= {goal}':>8}{mark}")
     for note in out["meta"]["notes"]:
         print("note:", note)
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
         json.dump(out, f, indent=2)
-    print(f"wrote {RESULTS} ({out['meta']['seconds']} s)")
+    print(f"wrote {args.out} ({out['meta']['seconds']} s)")
 
 
 if __name__ == "__main__":

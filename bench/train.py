@@ -1,6 +1,6 @@
 """Training benchmark: throughput of the DeepSpeed trainer against a plain PyTorch loop.
 
-    python -m bench.train [--quick] [--only throughput|retrieval|lora]
+    python -m bench.train [--quick] [--only throughput|retrieval|lora] [--out PATH]
 
 Every configuration trains the same model on the same windows (the tiny preset on
 passkey + stdlib, windows of 512, 4 lanes) in this process; the configurations
@@ -19,7 +19,7 @@ in the same run:
 Runs on the allocator `folio train` runs on (engine/allocator.py: jemalloc, keeping freed
 pages, when the machine has it; FOLIO_MALLOC=system for glibc's malloc): it re-executes
 itself with it first. The JSON's `machine` says which.
-Writes bench/results/train.json.
+Writes runs/bench/train.json (--out PATH to choose).
 """
 
 from __future__ import annotations
@@ -43,16 +43,17 @@ if __name__ == "__main__":  # before torch loads: the allocator `folio train` ru
 
 import torch  # noqa: E402
 
+from bench import RUNS  # noqa: E402
 from engine.allocator import active  # noqa: E402
 from train.config import TrainConfig, train_preset  # noqa: E402
 from train.data import DocumentMixer, build_source  # noqa: E402
 from train.loop import DSOptions, LanguageModelLoss, default_model_factory, lr_multiplier, train  # noqa: E402
 from train.windows import LaneBatcher  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results" / "train.json"
+RESULTS = RUNS / "train.json"
 
 
-ROUNDS = {True: 4, False: 8}  # configurations alternate in rounds: a noisy spell hits all of them (5: medians steady to ~±0.03; 8: ~±0.02)
+ROUNDS = {True: 4, False: 8}  # configurations alternate in rounds: a noisy spell hits all of them
 STEPS = {True: 8, False: 16}  # per configuration per round
 
 

@@ -21,7 +21,7 @@ S = 0 (detached), S = 1, 4, 6, and the transfer head's LoRA off (rank 0: the bas
 Landmark retrieval beside UIO, UIO + landmark, and passkey against distance are not measured
 here (issue 18's note).
 
-Writes bench/results/uio.json and uio.md.
+Writes runs/bench/uio.json and uio.md beside it (--out PATH to choose).
 """
 
 from __future__ import annotations
@@ -37,12 +37,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench import RUNS
 from engine.config import ModelConfig
 from engine.model import LandmarkTransformer
 from engine.uio import UIOConfig, attach
 from train.uio_tbptt import IncrementalTBPTT, full_bptt
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = RUNS
 
 
 def _model(seed: int, *, d_model: int = 16, n_layers: int = 2, dtype=torch.float64) -> LandmarkTransformer:
@@ -317,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seeds", type=int, default=None, help="draws per model (default 64; quick 12)")
     ap.add_argument("--no-trained", action="store_true", help="only the estimator's figures (no model trained)")
-    ap.add_argument("--out", default=str(RESULTS / "uio.json"))
+    ap.add_argument("--out", default=str(RESULTS / "uio.json"), help="where to write the JSON (uio.md beside it)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     seeds = args.seeds or (6 if args.quick else 64)

@@ -35,8 +35,7 @@ typedef struct {
 
 /* exp for x <= 80 (scores minus their block max, clamped): Cephes' expf (range reduction
  * by n*ln2 in two parts, degree-6 polynomial; about 1 ulp) written inline so that gcc
- * vectorizes the whole loop: about 3x faster than libmvec's vector expf, which is a call
- * per vector. Inputs below -86 give exp(-86) ~ 4e-38 (a normal float) instead of a
+ * vectorizes the whole loop, where libmvec's vector expf would cost a call per vector. Inputs below -86 give exp(-86) ~ 4e-38 (a normal float) instead of a
  * smaller value: negligible next to the block's largest weight, 1. */
 static inline float exp_inline(float x) {
     x = fmaxf(x, -86.f);

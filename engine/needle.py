@@ -15,24 +15,18 @@ Modes, on the same tokens:
   `full_max_len` (its trained range) and the lengths in `full_beyond`;
 - `local`: the same store path with no retrieved blocks and no sinks (the window alone).
 
-The trials of one length and trial number share their haystack; only the needle and what
-follows it differ. So the shared prefix is computed once: `full` rewinds its KV cache to the
-needle, and the store modes ingest the prefix (up to a chunk boundary, where a resumed
-ingest computes exactly what an uninterrupted one would) into a trunk store that each
-trial copies and continues.
+The trials of one length and trial number share their haystack; how each mode answers them
+(computing the shared prefix once) is engine/needle_answers.py.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import random
 import re
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,15 +35,14 @@ from pathlib import Path
 import torch
 
 from engine import corpora
-from engine.inference import CHAT_META, GenerateConfig, chat_document, generate, ingest, open_store, question_tokens
-from engine.kv_cache import KVCache
+from engine.inference import chat_document, question_tokens
 from engine.model import LandmarkTransformer
-from engine.tokenizer import ByteTokenizer, Tokenizer
+from engine.needle_answers import answers_from_store, answers_full
+from engine.tokenizer import Tokenizer
 from engine.training_free import TrainingFreeConfig
 
 KEY_FORMATS = ("passkey", "word", "code")
 MODES = ("retrieval", "full", "local")
-STREAM = "doc"
 
 # distinctive nouns that do not occur in Austen's novels, so the haystack never holds a decoy
 WORDS = ("avocado", "bulldozer", "cactus", "dolphin", "flamingo", "giraffe", "hammock", "igloo",
@@ -294,112 +287,6 @@ def machine_info() -> dict:
             "python": platform.python_version(), "platform": platform.platform()}
 
 
-# --- answering, per mode -------------------------------------------------------------------------
-
-def _store_config():
-    from memory_store import StoreConfig
-
-    # the store is temporary, deleted after its trial: syncing it to disk buys nothing
-    return StoreConfig(sync_mode="none")
-
-
-def _answers_from_store(model: LandmarkTransformer, tok: Tokenizer, trials: Sequence[NeedleTrial],
-                        rc: TrainingFreeConfig, max_new: int, done: Callable[[], None]) -> list[tuple[str, float]]:
-    """(answer, seconds) per trial: ingest + ask, the shared prefix ingested once into a trunk store."""
-    cfg = model.cfg
-    rc = memory_config(cfg, rc)
-    chunk = rc.chunk_len if rc.chunk_len is not None else rc.chunk_for(cfg)
-    step = math.lcm(cfg.block_len, chunk)  # a resumed ingest is exact from such a position
-    trunk_ids = trials[0].head + trials[0].hay
-    gen = GenerateConfig(max_new_tokens=max_new)
-    kw = dict(retrieval=rc, tokenizer=tok, source=STREAM, meta_update={CHAT_META: True}, flush_interval_s=1e9)
-    out: list[tuple[str, float] | None] = [None] * len(trials)
-    trunk_s = 0.0
-    with tempfile.TemporaryDirectory(prefix="folio-needle-") as d:
-        trunk_path, branch_path = Path(d) / "trunk", Path(d) / "branch"
-        open_store(trunk_path, cfg, "w", config=_store_config()).close()
-        have = 0
-        for i in sorted(range(len(trials)), key=lambda i: trials[i].needle_pos):
-            t = trials[i]
-            fork = t.needle_pos // step * step
-            if fork > have:
-                t0 = time.perf_counter()
-                with open_store(trunk_path, cfg, "a", config=_store_config()) as trunk:
-                    ingest(model, trunk, STREAM, trunk_ids[:fork], **kw)
-                have, trunk_s = fork, trunk_s + time.perf_counter() - t0
-            t0 = time.perf_counter()
-            shutil.copytree(trunk_path, branch_path)
-            with open_store(branch_path, cfg, "a", config=_store_config()) as store:
-                ingest(model, store, STREAM, t.document, **kw)  # continues after the trunk's `fork` tokens
-                ids = list(generate(model, store, t.question, streams=[STREAM], retrieval=rc, gen=gen, tokenizer=tok))
-            shutil.rmtree(branch_path)
-            out[i] = (tok.decode(ids), time.perf_counter() - t0)
-            done()
-    return [(a, s + trunk_s / len(trials)) for a, s in out]
-
-
-def memory_config(cfg, rc: TrainingFreeConfig):
-    """The retrieval config a store mode uses: `rc` for a causal model; for a landmark-trained
-    one its landmark retrieval with rc's top_k (0 = the local window alone), the window and
-    prefill chunk of its training (`RetrievalConfig` defaults from max_seq_len)."""
-    from engine.retrieval import RetrievalConfig
-
-    if not cfg.landmarks or isinstance(rc, RetrievalConfig):
-        return rc
-    return RetrievalConfig(top_k=rc.top_k)
-
-
-def _prefill(model: LandmarkTransformer, cache: KVCache, ids: Sequence[int], chunk: int = 1024) -> torch.Tensor | None:
-    """Run `ids` through the cache in chunks (bounded logits memory); the last position's logits (V,)."""
-    logits = None
-    dev = model.tok_emb.weight.device
-    for a in range(0, len(ids), chunk):
-        logits = model(torch.tensor([ids[a:a + chunk]], device=dev), cache=cache)[0, -1]
-    return logits
-
-
-def greedy_from_cache(model: LandmarkTransformer, tok: Tokenizer, cache: KVCache, logits: torch.Tensor,
-                      max_new: int) -> list[int]:
-    """Greedy decoding with full attention after a prefill whose last logits are `logits` (V,);
-    stops at the tokenizer's end of sequence (not the byte tokenizer's, as `generate`)."""
-    banned = torch.tensor(tok.never_sampled(), dtype=torch.long)
-    eos = None if isinstance(tok, ByteTokenizer) else tok.eos_id
-    out: list[int] = []
-    dev = model.tok_emb.weight.device
-    for _ in range(max_new):
-        lg = logits.float().clone()
-        lg[banned] = float("-inf")
-        t = int(lg.argmax())
-        if t == eos:
-            break
-        out.append(t)
-        logits = model(torch.tensor([[t]], device=dev), cache=cache)[0, -1]
-    return out
-
-
-def _answers_full(model: LandmarkTransformer, tok: Tokenizer, trials: Sequence[NeedleTrial], max_new: int,
-                  done: Callable[[], None]) -> list[tuple[str, float]]:
-    """(answer, seconds) per trial with the model's own attention; the shared prefix is
-    prefilled once and the cache rewound to it after each trial."""
-    cache = model.new_cache(1, max(t.n_tokens for t in trials) + max_new + 1)
-    trunk_ids = trials[0].head + trials[0].hay
-    out: list[tuple[str, float] | None] = [None] * len(trials)
-    have, trunk_s = 0, 0.0
-    for i in sorted(range(len(trials)), key=lambda i: trials[i].needle_pos):
-        t = trials[i]
-        t0 = time.perf_counter()
-        cache.length = have  # rewind: positions past the shared prefix belong to the last trial
-        _prefill(model, cache, trunk_ids[have:t.needle_pos])
-        have = t.needle_pos
-        t1 = time.perf_counter()
-        logits = _prefill(model, cache, t.document[have:] + t.question)
-        ids = greedy_from_cache(model, tok, cache, logits, max_new)
-        trunk_s += t1 - t0
-        out[i] = (tok.decode(ids), time.perf_counter() - t1)
-        done()
-    return [(a, s + trunk_s / len(trials)) for a, s in out]
-
-
 # --- the run -------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -410,7 +297,7 @@ def run_needle(model: LandmarkTransformer, tok: Tokenizer, cfg: NeedleConfig, *,
     source: the haystack's sentences (default: `cfg.text` loaded from the corpora).
     Returns {"rows": [...], "trials": [...], "config": ..., "machine": ..., "seconds": ...}.
     A landmark-trained model (a landmark fine-tune) runs `retrieval` and `local` through its
-    own landmark retrieval (`memory_config`); `full` is for causal models only and is skipped."""
+    own landmark retrieval (`needle_answers.memory_config`); `full` is for causal models only and is skipped."""
     t_start = time.perf_counter()
     source = source or HaystackSource(tok, cfg.text)
     rng = random.Random(cfg.seed)
@@ -433,10 +320,10 @@ def run_needle(model: LandmarkTransformer, tok: Tokenizer, cfg: NeedleConfig, *,
                 if bar is not None:
                     bar.set_postfix_str(f"{n:,} tokens, {mode}")
                 if mode == "full":
-                    answers = _answers_full(model, tok, trials, cfg.max_new_tokens, done)
+                    answers = answers_full(model, tok, trials, cfg.max_new_tokens, done)
                 else:
                     rc = cfg.retrieval if mode == "retrieval" else cfg.local()
-                    answers = _answers_from_store(model, tok, trials, rc, cfg.max_new_tokens, done)
+                    answers = answers_from_store(model, tok, trials, rc, cfg.max_new_tokens, done)
                 for t, (answer, secs) in zip(trials, answers):
                     records.append({"length": n, "trial": trial, "mode": mode, "format": t.fmt, "depth": t.depth,
                                     "actual_depth": round(t.actual_depth, 4), "key": t.key, "answer": answer,
@@ -520,12 +407,13 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(result: dict, out_dir: str | Path) -> Path:
+def write_json(result: dict, out_dir: str | Path, name: str = "needle.json", *, indent: int = 2) -> Path:
+    """`result` as out_dir/name, replaced atomically; returns the path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "needle.json"
+    path = out / name
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.write_text(json.dumps(result, indent=indent) + "\n")
     tmp.replace(path)  # a partial result being rewritten is never half-visible
     return path
 

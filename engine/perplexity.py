@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import json
 import math
 import sys
 import tempfile
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from engine import corpora
 from engine.inference import ingest, make_memory, open_store
 from engine.model import LandmarkTransformer
-from engine.needle import machine_info
+from engine.needle import machine_info, write_json
 from engine.tokenizer import Tokenizer
 from engine.training_free import TrainingFreeConfig
 
@@ -192,7 +191,7 @@ def _score_store_landmarks(model: LandmarkTransformer, tok: Tokenizer, x: torch.
     as ingest and generate insert them; a token's NLL is read off the position before it
     (a landmark position predicts the token after its block)."""
     from engine.landmarks import insert_landmarks
-    from engine.needle import memory_config
+    from engine.needle_answers import memory_config
     from memory_store import StoreConfig
 
     cfg, dev = model.cfg, model.tok_emb.weight.device
@@ -314,11 +313,7 @@ def format_table(result: dict) -> str:
 def write_outputs(result: dict, out_dir: str | Path) -> list[Path]:
     """perplexity.json, perplexity.md (the table) and perplexity.png (ppl against C per mode)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "perplexity.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(path)
+    path = write_json(result, out, "perplexity.json", indent=1)
     (out / "perplexity.md").write_text(format_table(result) + "\n")
     import matplotlib
 

@@ -13,10 +13,9 @@ functions), so `import train` never pays for it. What it owns:
   defaults, so the same code runs alone, under torchrun and under the deepspeed launcher.
 - `initialize`, `save_checkpoint`, `load_checkpoint`, `gather_state_dict`, `shutdown`.
 
-Notes measured on a 2-core CPU machine: DeepSpeed JIT-compiles C++ ops on first use
-(cpu_adam ~45-65 s, fused_adam ~95 s, the CPU shared-memory all-reduce ~30 s). Without
-optimizer offload we ask for torch's Adam (`torch_adam`), which needs no build, and on
-CPU we skip the shared-memory all-reduce op, which only DeepSpeed inference uses.
+DeepSpeed JIT-compiles its C++ ops on first use, which takes a minute or more each. So
+without optimizer offload we ask for torch's Adam (`torch_adam`), which needs no build, and
+on CPU we skip the shared-memory all-reduce op, which only DeepSpeed inference uses.
 """
 
 from __future__ import annotations
@@ -317,7 +316,7 @@ def initialize(model: torch.nn.Module, ds: dict[str, Any], env: DistEnv, *,
     device_for(env)  # on CUDA: this process's card before any allocation
     deepspeed = _import_deepspeed(verbose)
     if env.backend == "gloo":
-        # The CPU shared-memory all-reduce op (a ~30 s JIT build) serves only DeepSpeed
+        # The CPU shared-memory all-reduce op (a slow JIT build) serves only DeepSpeed
         # inference; training all-reduces through gloo either way. The dict is the one
         # DeepSpeed caches and consults (deepspeed/ops/__init__.py), so the edit holds.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

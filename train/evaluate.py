@@ -2,8 +2,8 @@
 
 The evaluation walks held-out documents the way training does (each document's windows
 in order, through the same `LaneBatcher` and `WindowMemory` hooks), so the same call
-measures plain-window perplexity (memory=None) and, once retrieval in training lands,
-perplexity with retrieval from the store: pass the retrieval memory and compare.
+measures plain-window perplexity (memory=None) and perplexity with retrieval from the store
+(pass the retrieval memory, e.g. `train.store_memory.StoreWindowMemory`): compare the two.
 No DeepSpeed: a plain model on one device.
 """
 

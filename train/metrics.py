@@ -1,8 +1,8 @@
 """What a run reports: a progress bar, metrics as JSONL, a loss-curve PNG.
 
 `metrics.jsonl` has one JSON object per optimizer step: step, loss, lr, tokens,
-tokens_per_s, step_time_s, and `pulled_bytes` per store tier (device/host/disk), which
-stays 0 until retrieval in training is wired. On resume, lines of steps after the
+tokens_per_s, step_time_s, and `pulled_bytes` per store tier (device/host/disk: what retrieval moved that step; 0
+without a store). On resume, lines of steps after the
 resumed step are dropped first, so the file always describes one consistent run.
 """
 

@@ -4,7 +4,7 @@ Both are pure functions of a `random.Random`, so document i of a run is the same
 every machine. Filler text is drawn from many sentence templates and word lists (the
 paper's five sentences among them), so a model cannot learn to skip one fixed pattern.
 
-Passkey format (Landmark Attention, DESIGN.md): intro + filler + "The pass key is K.
+Passkey format (the Landmark Attention paper's): intro + filler + "The pass key is K.
 Remember it. K is the pass key." + filler + "What is the pass key? The pass key is",
 and for training the answer " K." follows. Keys are 1..50000 as in the paper, or, with
 `key_digits=(lo, hi)`, a digit count drawn from lo..hi and then a key of that many

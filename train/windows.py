@@ -1,9 +1,10 @@
 """Documents -> consecutive training windows, trained in order, one document per lane.
 
-A document is tokenized (BOS + tokens + EOS; the byte tokenizer or a checkpoint's own), landmarks are inserted, and it is cut into
-consecutive windows of `window` positions (a multiple of block_len, so every window
-starts at a block boundary). A batch has `micro_batch` lanes; each lane trains its
-document window after window, in order, and draws the next document when it ends.
+A document is tokenized (BOS + tokens + EOS; the byte tokenizer or a checkpoint's own),
+landmarks are inserted, and it is cut into consecutive windows of `window` positions (a
+multiple of block_len, so every window starts at a block boundary). A batch has
+`micro_batch` lanes; each lane trains its document window after window, in order, and draws
+the next document when it ends.
 
 The seam for retrieval in training (TBPTT over the store) is `DocumentState.memory`
 and the `WindowMemory` hooks. The loop calls:
@@ -18,13 +19,14 @@ and the `WindowMemory` hooks. The loop calls:
 - `end_document(state)` for each lane whose last window that was, after every lane's
   window has been put (delete the stream).
 
-`NoMemory` does nothing; the retrieval implementation replaces it.
+`NoMemory` does nothing; `train.store_memory.StoreWindowMemory` (retrieval) and
+`train.folded_memory.FoldedWindowMemory` implement the hooks.
 
 Weighted targets: a document may mark answer spans that weigh more in the loss
 (`Document.answer_spans`). The loop hands the model only (tokens, targets), so a
 weight w > 1 travels inside the int64 target: `target + (w - 1) << TARGET_WEIGHT_SHIFT`
 (`pack_targets`); `train.loop.LanguageModelLoss` unpacks it (`unpack_targets`). Targets
-of unweighted documents are plain token ids, bit for bit as before.
+of unweighted documents are plain token ids.
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ from engine.config import ModelConfig
 from engine.inference import GenerateConfig, generate, ingest, open_store
 from engine.model import LandmarkTransformer
 from tests.engine._models import tiny_causal_model
-from engine.needle import (KEY_FORMATS, WORDS, HaystackSource, NeedleConfig, _answers_from_store, _answers_full,
-                           build_trials, find_key, format_table, greedy_from_cache, is_correct, is_key, make_key,
-                           needle_sentence, run_needle, split_sentences, write_outputs)
+from engine.needle import (KEY_FORMATS, WORDS, HaystackSource, NeedleConfig, build_trials, find_key, format_table,
+                           is_correct, is_key, make_key, needle_sentence, run_needle, split_sentences, write_outputs)
+from engine.needle_answers import answers_from_store, answers_full, greedy_from_cache
 from engine.tokenizer import ByteTokenizer
 from engine.training_free import TrainingFreeConfig
 
@@ -143,7 +143,7 @@ def test_shared_prefix_store_runner_matches_a_fresh_ingest(source, tmp_path):
     rng = random.Random(2)
     trials, _ = build_trials(TOK, source, 700, _specs([0.0, 0.5, 1.0], rng, ("passkey", "code")), rng)
     assert len({t.needle_pos // 16 for t in trials}) == 3  # three fork points of the trunk
-    got = _answers_from_store(m, TOK, trials, RC, 8, lambda: None)
+    got = answers_from_store(m, TOK, trials, RC, 8, lambda: None)
     for i, want in enumerate(_fresh_store_answers(m, trials, RC, 8, tmp_path)):
         assert got[i][0] == want, (i, got[i][0], want)
 
@@ -152,7 +152,7 @@ def test_shared_prefix_full_runner_matches_one_forward(source):
     m = _model()
     rng = random.Random(3)
     trials, _ = build_trials(TOK, source, 300, _specs([0.2, 0.9], rng, ("word",)), rng)
-    got = _answers_full(m, TOK, trials, 6, lambda: None)
+    got = answers_full(m, TOK, trials, 6, lambda: None)
     for i, t in enumerate(trials):
         ids = t.document + t.question
         with torch.no_grad():
@@ -221,7 +221,7 @@ def _landmark_model(seed: int = 0) -> LandmarkTransformer:
 def test_a_landmark_model_runs_its_own_retrieval_and_skips_full(source, tmp_path):
     """A landmark fine-tune goes through landmark retrieval: the shared-prefix runner equals a
     fresh ingest + generate with the landmark RetrievalConfig, and `full` is skipped."""
-    from engine.needle import memory_config
+    from engine.needle_answers import memory_config
     from engine.retrieval import RetrievalConfig
 
     m = _landmark_model()
@@ -229,7 +229,7 @@ def test_a_landmark_model_runs_its_own_retrieval_and_skips_full(source, tmp_path
     assert isinstance(rc, RetrievalConfig) and rc.top_k == RC.top_k
     rng = random.Random(4)
     trials, _ = build_trials(TOK, source, 300, _specs([0.1, 0.8], rng, ("passkey",)), rng)
-    got = _answers_from_store(m, TOK, trials, RC, 6, lambda: None)
+    got = answers_from_store(m, TOK, trials, RC, 6, lambda: None)
     for i, want in enumerate(_fresh_store_answers(m, trials, rc, 6, tmp_path)):
         assert got[i][0] == want
     cfg = NeedleConfig(lengths=[200], depths=[0.5], modes=("retrieval", "full", "local"), retrieval=RC,
