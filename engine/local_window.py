@@ -3,8 +3,8 @@
 A `LocalWindow` holds, per layer, the pre-RoPE keys and values of its positions (1, Hkv, n, D),
 the store id of each complete block in it (None: not stored, e.g. a question's blocks), the
 stream position of its first entry, and the chunk being processed (`pending`, per layer, until
-the memory commits it). The memories (engine/retrieval.py, the batched lanes of
-engine/retrieval_lanes.py) read and change their windows only through it.
+the memory commits it). The memories (engine/retrieval.py and the batched lanes of
+engine/retrieval_lanes.py, engine/training_free.py) read and change their windows only through it.
 
 Shapes: Hkv KV heads, n window positions, T chunk positions, D head dim, L block_len.
 """
@@ -64,19 +64,28 @@ class LocalWindow:
         s0, n = len(self.ids) * self.L, max(new, 0) * self.L
         return max(new, 0), [k[0, :, s0:s0 + n] for k in self.k], [v[0, :, s0:s0 + n] for v in self.v]
 
-    def trim(self, keep_blocks: int) -> int:
-        """Drop the oldest stored blocks beyond `keep_blocks` complete ones (unstored blocks stay:
-        nothing else holds them). Returns the blocks dropped."""
+    def droppable(self, keep_blocks: int) -> int:
+        """How many of the oldest blocks `trim(keep_blocks)` drops: stored blocks beyond
+        `keep_blocks` complete ones (unstored blocks stay: nothing else holds them)."""
         drop = 0
         while len(self.ids) - drop > keep_blocks and self.ids[drop] is not None:
             drop += 1
-        if drop:
-            n = drop * self.L
+        return drop
+
+    def drop(self, n_blocks: int) -> None:
+        """Forget the oldest n_blocks blocks; the window then starts after them."""
+        if n_blocks:
+            n = n_blocks * self.L
             self.k = [k[:, :, n:] for k in self.k]
             self.v = [v[:, :, n:] for v in self.v]
-            self.ids = self.ids[drop:]
+            self.ids = self.ids[n_blocks:]
             self.start += n
-        return drop
+
+    def trim(self, keep_blocks: int) -> int:
+        """Drop the `droppable(keep_blocks)` oldest blocks. Returns how many."""
+        n = self.droppable(keep_blocks)
+        self.drop(n)
+        return n
 
     def skip_pending(self) -> int:
         """The pending chunk went to the store as it is (whole blocks, nothing kept): the window
