@@ -12,10 +12,10 @@ Per forward the model calls `attend(layer, q, k, v)` once per layer with the chu
 queries (B, H, T, D), keys and values (B, Hkv, T, D): the memory owns positions (it rotates what
 it needs) and returns the attention output (B, H, T, D) over whatever it adds to the chunk's own
 keys. After the forward the caller calls `end_chunk()` (the memory commits the chunk: its window
-grows, blocks go to the store, carries move on). Two optional hooks let a memory work on the
-residual stream instead: `prefix_states(x)` returns hidden states (B, P, d) placed before the
-chunk's embeddings at layer 0 (or None), and `top_states(x)` receives the top layer's hidden
-states of the chunk (before the final norm).
+grows, blocks go to the store, carries move on). A `ResidualMemory` also works on the residual
+stream: `prefix_states(x)` returns hidden states (B, P, d) placed before the chunk's embeddings
+at layer 0 (or None), and `top_states(x)` receives the top layer's hidden states of the chunk
+(before the final norm).
 
 Inside a memory, a layer's attention is a composition of key sources (engine/sources.py): the
 local window, landmark-retrieved blocks, compressed memory tokens, ... each contributes a
@@ -51,6 +51,19 @@ class AttentionMemory(Protocol):
 
 
 MemorySource = AttentionMemory  # the earlier name of the same seam
+
+
+@runtime_checkable
+class ResidualMemory(AttentionMemory, Protocol):
+    """A memory that also works on the residual stream (folded context, variant B)."""
+
+    def prefix_states(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x (B, T, d) the chunk's embeddings -> hidden states (B, P, d) placed before them, or None."""
+        ...
+
+    def top_states(self, x: torch.Tensor) -> None:
+        """Receives the top layer's hidden states (B, T, d) of the chunk (before the final norm)."""
+        ...
 
 
 @runtime_checkable
@@ -129,4 +142,4 @@ def lanes_store(store: object) -> bool:
     return isinstance(store, LaneBlockStore) and isinstance(store.index, LaneIndex)
 
 
-__all__ = ["AttentionMemory", "BlockIndex", "BlockStore", "LaneBlockStore", "LaneIndex", "MemorySource", "lanes_store"]
+__all__ = ["AttentionMemory", "BlockIndex", "BlockStore", "LaneBlockStore", "LaneIndex", "MemorySource", "ResidualMemory", "lanes_store"]
