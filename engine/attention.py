@@ -156,7 +156,7 @@ class _VectorizedLandmark(torch.autograd.Function):
             dq[:, :, :, t0:t1] = torch.bmm(ds, k3[:, :Kc]).view(B, Hkv, G, C, D)
             if c0 < Kc:  # keys before c0 are constants: no dK, dV for them
                 # into a contiguous scratch, then added: baddbmm_ into the row slice dk[:, c0:Kc]
-                # (batch stride Sp*D) runs ~2x slower on CPU than into a contiguous output
+                # (batch stride Sp*D) is slow on CPU
                 part = kv_buf[: dk.shape[0] * (Kc - c0) * D].view(dk.shape[0], Kc - c0, D)
                 dk[:, c0:Kc].add_(torch.bmm(ds[:, :, c0:].transpose(-1, -2), qc, out=part))
                 dv[:, c0:Kc].add_(torch.bmm(p[:, :, c0:].transpose(-1, -2), doc, out=part))
@@ -305,8 +305,8 @@ BLOCKWISE_ONE_TILE_MAX = 1024  # key axes up to this (padded) length run as one 
 def default_k_chunk(n_keys: int, block_len: int) -> int:
     """The blockwise kernel's default key tile: the whole key axis (padded to whole blocks)
     when it is at most BLOCKWISE_ONE_TILE_MAX positions — retrieval and training shapes
-    (top-k blocks + a window of a few hundred): 20-40% faster than two tiles, forward and
-    backward, per bench runs on CPU — else BLOCKWISE_K_CHUNK (rounded down to whole blocks)."""
+    (top-k blocks + a window of a few hundred run faster as one tile than as two, forward and
+    backward) — else BLOCKWISE_K_CHUNK (rounded down to whole blocks)."""
     padded = -(-n_keys // block_len) * block_len
     if padded <= BLOCKWISE_ONE_TILE_MAX:
         return max(block_len, padded)

@@ -107,7 +107,7 @@ def _exp_blocks(x6: torch.Tensor, q_pos: torch.Tensor, p0: int, k0: int, L: int,
     _fill_masked(lm, tail, future, x6, kv6, NEG_INF)
     m = x6.amax(-1).clamp_(min=torch.finfo(x6.dtype).min)  # no allowed key: e = 0 below
     x6.sub_(m.unsqueeze(-1))
-    # exp of -inf (of anything below about -87) takes a ~20x slower path on CPU: the
+    # exp of -inf (of anything below about -87) takes a much slower path on CPU: the
     # masked slots (landmarks, the causal triangle) get a harmless 0 and are zeroed after
     _fill_masked(lm, tail, future, x6, kv6, 0.0)
     x6.exp_()

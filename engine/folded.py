@@ -278,7 +278,7 @@ class FoldedRecurrence:
     current window; the current window's top states become the next prefix. One plain causal
     softmax over [prefix (positions 0..P-1), window (P..)]; the reach is unbounded (information
     passes through every window's states), at about 2x the FFN and 4x the attention of a window.
-    Causal models; whole windows of N per forward (training and the bench; no store).
+    Causal models; whole windows of N per forward (training and bench.folded; no store).
 
     detach: cut the graph between forwards (stop-gradient); False: BPTT across them.
     lanes: B (each lane's prefix starts empty; all lanes advance together)."""
