@@ -12,6 +12,7 @@ the block store) keep; `forward(..., return_kv=True)` hands them out per layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -23,7 +24,8 @@ from engine.config import ModelConfig, RopeScaling
 from engine.kv_cache import KVCache
 from engine.memory import AttentionMemory, ResidualMemory
 
-IMPLS = ("auto", "vectorized", "blockwise", "sdpa")
+Impl = Literal["auto", "vectorized", "blockwise", "sdpa"]
+IMPLS = get_args(Impl)
 
 
 _ROPE_CACHE_MAX = 16384  # positions below this come from a cached table (identical values)
@@ -195,7 +197,7 @@ class LandmarkTransformer(nn.Module):
             bad = lo if lo < 0 else hi
             raise ValueError(f"tokens contain id {bad}: allowed 0..{self.cfg.vocab_size - 1}")
 
-    def resolve_impl(self, impl: str, T: int, cached: bool) -> str:
+    def resolve_impl(self, impl: Impl, T: int, cached: bool) -> Impl:
         if impl not in IMPLS:
             raise ValueError(f"impl={impl!r} is invalid: allowed {IMPLS}")
         if not self.cfg.landmarks:
@@ -210,7 +212,7 @@ class LandmarkTransformer(nn.Module):
             return "vectorized" if (not cached and T <= self.cfg.max_seq_len) else "blockwise"
         return impl
 
-    def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None, impl: str = "auto",
+    def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None, impl: Impl = "auto",
                 memory: AttentionMemory | None = None, return_kv: bool = False,
                 positions: torch.Tensor | None = None):
         """tokens (B, T) with landmarks in place -> logits (B, T, vocab).
