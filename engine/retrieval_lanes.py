@@ -49,6 +49,9 @@ class BatchMemory:
     def __init__(self, memories: Sequence["RetrievalMemory"]):
         self.memories = list(memories)
         self._ropes: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # every layer rotates alike
+        # checked once: a protocol check costs more than the rest of `_lanes_batchable`, per layer
+        self._one_lanes_store = bool(self.memories) and lanes_store(self.memories[0].store) and all(
+            m.store is self.memories[0].store for m in self.memories)
 
     def _rope(self, first: int, n: int, stingy_top: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of n positions from `first` (stingy_top: of a memory's stingy positions for
@@ -88,9 +91,9 @@ class BatchMemory:
         with chunk selection and stingy positions (the same key axis for every lane), the same
         local window length, explicit streams to search, and no sources beyond the retrieval."""
         m0 = self.memories[0]
-        return (len(self.memories) > 1 and lanes_store(m0.store)
+        return (len(self.memories) > 1 and self._one_lanes_store
                 and m0.rc.selection == "chunk" and m0.rc.positions == "stingy" and m0.rc.top_k > 0
-                and all(m.store is m0.store and m.rc == m0.rc and m.read_streams is not None and len(m.sources) == 1
+                and all(m.rc == m0.rc and m.read_streams is not None and len(m.sources) == 1
                         and m.window.k[layer].shape[2] == m0.window.k[layer].shape[2] for m in self.memories))
 
     def _attend_lanes(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
