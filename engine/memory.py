@@ -31,10 +31,13 @@ several streams).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from memory_store import StoreLayout
 
 
 @runtime_checkable
@@ -97,7 +100,7 @@ class BlockStore(Protocol):
     """What the memories call on a block store: blocks of (n_layers, Hkv, L, D) K and V under
     streams, with a landmark (or block-key) index."""
 
-    layout: Any  # memory_store.StoreLayout
+    layout: StoreLayout
     device: torch.device
     index: BlockIndex
 
