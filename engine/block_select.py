@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from engine.errors import ModelMismatchError
+from engine.model import apply_rope
 
 
 def check_store_layout(cfg, store) -> None:
@@ -117,3 +118,13 @@ def gather_selected(store, layer: int, sel: torch.Tensor, device, promote: bool 
         k_sel.masked_fill_(absent, 0.0)
         v_sel.masked_fill_(absent, 0.0)
     return k_sel, v_sel, uniq, len(need)
+
+
+def rotated_prefix(k_sel: torch.Tensor, v_sel: torch.Tensor, sel: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Selected blocks k_sel, v_sel (B, Hkv, kk, L, D) -> the retrieved prefix of the key axis:
+    K rotated by cos/sin ((kk*L, D) or per head (Hkv, kk*L, D)), V, and which keys are
+    present, (B, Hkv, kk*L) bool from sel (B, Hkv, kk), -1 = none."""
+    B, Hkv, kk, L, D = k_sel.shape
+    valid = (sel >= 0).repeat_interleave(L, dim=-1).to(k_sel.device)
+    return apply_rope(k_sel.reshape(B, Hkv, kk * L, D), cos, sin), v_sel.reshape(B, Hkv, kk * L, D), valid

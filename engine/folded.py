@@ -10,6 +10,8 @@ The stream is cut into windows of N = `ModelConfig.folded_window` positions. At 
 window w the queries attend, in ONE softmax group (the grouped landmark softmax for a
 landmark model), to [window w-1's pre-RoPE keys and values at layer l (all visible), window
 w (causal)], the previous window at RoPE positions 0..N-1 and the current one at N..2N-1.
+For a landmark model the previous window is a blocks group (engine/sources.py) before the
+window's own keys in one grouped-softmax call per query window.
 After the window the layer's carry becomes window w's keys and values. Information moves
 back one window per layer, so a token at distance d can reach a query iff d <= N (n_layers
 + 1) - 1 (`reach`): with N = 12 and 12 layers, 155 tokens. The state is n_layers x 2 x N x
@@ -38,12 +40,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.attention import causal_attention, landmark_attention
+from engine.attention import causal_attention
 from engine.block_select import check_store_layout, stream_kv, to_store_layout
 from engine.config import ModelConfig
 from engine.errors import ModelMismatchError
 from engine.model import apply_rope, rope_cos_sin
 from engine.retrieval import RetrievalStats
+from engine.sources import KeyGroup, compose, grouped_attention
 from engine.training_free import block_keys
 
 LaneCarry = tuple[list[torch.Tensor], list[torch.Tensor]]
@@ -214,20 +217,23 @@ class FoldedMemory:
         return F.scaled_dot_product_attention(q_rot, k_rot, v_all, attn_mask=mask)
 
     def _landmark(self, q_rot, k_rot, v_all, off: int, p: int, valid: torch.Tensor | None) -> torch.Tensor:
-        """The grouped softmax per query window: [its previous window's blocks, its own]."""
+        """The grouped softmax per query window: its previous window's keys (the carry, or the
+        window before it in this forward) as a blocks group before its own, causal, keys."""
         B, H, T, D = q_rot.shape
         N, L = self.N, self.L
         out = []
         for w in range(p // N, (p + T - 1) // N + 1):
             i0, i1 = max(0, w * N - p), min(T, (w + 1) * N - p)  # this window's query rows
-            k0 = max(0, (w - 1) * N + off)  # key index where the window's keys start (a block start)
+            k0, ws = max(0, (w - 1) * N + off), off + w * N  # key index of the previous / own window's start
             k1 = off + p + i1  # keys up to the last query's own position
-            kv_valid = None
-            if w == 0 and valid is not None and not bool(valid.all()):
-                kv_valid = torch.ones(B, k_rot.shape[1], k1 - k0, dtype=torch.bool, device=q_rot.device)
-                kv_valid[:, :, :N] = valid[:, None, None]
-            out.append(landmark_attention(q_rot[:, :, i0:i1], k_rot[:, :, k0:k1], v_all[:, :, k0:k1], L,
-                                          q_offset=off + p + i0 - k0, kv_valid=kv_valid))
+            prev = None
+            if ws > k0:
+                pv = None
+                if w == 0 and valid is not None:  # lanes without a carry: its keys are absent
+                    pv = valid[:, None, None].expand(B, k_rot.shape[1], ws - k0)
+                prev = KeyGroup(k_rot[:, :, k0:ws], v_all[:, :, k0:ws], pv, const=False)
+            inp = compose(q_rot[:, :, i0:i1], k_rot[:, :, ws:k1], v_all[:, :, ws:k1], p + i0 - w * N, [prev])
+            out.append(grouped_attention(inp, L, "vectorized"))
         return torch.cat(out, dim=2) if len(out) > 1 else out[0]
 
     # -- after each forward -------------------------------------------------------------
@@ -278,7 +284,7 @@ class FoldedRecurrence:
     current window; the current window's top states become the next prefix. One plain causal
     softmax over [prefix (positions 0..P-1), window (P..)]; the reach is unbounded (information
     passes through every window's states), at about 2x the FFN and 4x the attention of a window.
-    Causal models; whole windows of N per forward (training and the bench; no store).
+    Causal models; whole windows of N per forward (training and bench.folded; no store).
 
     detach: cut the graph between forwards (stop-gradient); False: BPTT across them.
     lanes: B (each lane's prefix starts empty; all lanes advance together)."""

@@ -12,6 +12,7 @@ the block store) keep; `forward(..., return_kv=True)` hands them out per layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -21,8 +22,10 @@ from engine.attention import (causal_attention, landmark_attention,
                               landmark_attention_blockwise)
 from engine.config import ModelConfig, RopeScaling
 from engine.kv_cache import KVCache
+from engine.memory import AttentionMemory, ResidualMemory
 
-IMPLS = ("auto", "vectorized", "blockwise", "sdpa")
+Impl = Literal["auto", "vectorized", "blockwise", "sdpa"]
+IMPLS = get_args(Impl)
 
 
 _ROPE_CACHE_MAX = 16384  # positions below this come from a cached table (identical values)
@@ -113,7 +116,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * self.hd, cfg.d_model, bias=cfg.o_bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], impl: str,
-                layer_cache: "KVCache.Layer | None" = None, memory=None, layer_idx: int = 0
+                layer_cache: "KVCache.Layer | None" = None, memory: AttentionMemory | None = None, layer_idx: int = 0
                 ) -> tuple[torch.Tensor, LayerKV]:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, D)
@@ -194,7 +197,7 @@ class LandmarkTransformer(nn.Module):
             bad = lo if lo < 0 else hi
             raise ValueError(f"tokens contain id {bad}: allowed 0..{self.cfg.vocab_size - 1}")
 
-    def resolve_impl(self, impl: str, T: int, cached: bool) -> str:
+    def resolve_impl(self, impl: Impl, T: int, cached: bool) -> Impl:
         if impl not in IMPLS:
             raise ValueError(f"impl={impl!r} is invalid: allowed {IMPLS}")
         if not self.cfg.landmarks:
@@ -209,13 +212,14 @@ class LandmarkTransformer(nn.Module):
             return "vectorized" if (not cached and T <= self.cfg.max_seq_len) else "blockwise"
         return impl
 
-    def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None, impl: str = "auto",
-                memory=None, return_kv: bool = False, positions: torch.Tensor | None = None):
+    def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None, impl: Impl = "auto",
+                memory: AttentionMemory | None = None, return_kv: bool = False,
+                positions: torch.Tensor | None = None):
         """tokens (B, T) with landmarks in place -> logits (B, T, vocab).
 
         cache: continue after the tokens already in it (prefill chunks or decoding).
         impl: "auto", "vectorized" (window only: T <= max_seq_len), "blockwise", "sdpa".
-        memory: a memory source (engine/memory.py: retrieval, folded context, UIO memories).
+        memory: an `AttentionMemory` (engine/memory.py: retrieval, folded context, UIO memories).
         positions: (T,) RoPE positions (default: the cache length onward).
         return_kv: also return a list of per-layer `LayerKV` (pre-RoPE keys).
         Raises ValueError on bad tokens, an unknown impl, or a window overflow.
@@ -241,7 +245,8 @@ class LandmarkTransformer(nn.Module):
         x = self.tok_emb(tokens)  # (B, T, d)
         # a memory that feeds hidden states in at layer 0 (folded context, variant B: the previous
         # window's top-layer states evolve again with this window) and reads the top layer's back
-        prefix = memory.prefix_states(x) if hasattr(memory, "prefix_states") else None
+        residual = isinstance(memory, ResidualMemory)
+        prefix = memory.prefix_states(x) if residual else None
         if prefix is not None:
             x = torch.cat([prefix, x], dim=1)  # (B, P + T, d)
         kvs = []
@@ -252,7 +257,7 @@ class LandmarkTransformer(nn.Module):
                 kvs.append(kv)
         if prefix is not None:
             x = x[:, prefix.shape[1]:]
-        if hasattr(memory, "top_states"):
+        if residual:
             memory.top_states(x)
         if cache is not None:
             cache.length += T

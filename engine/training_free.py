@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from engine.config import ModelConfig
 from engine.errors import ModelMismatchError
+from engine.local_window import LocalWindow
 from engine.model import apply_rope, rope_cos_sin
 from engine.block_select import (check_store_layout, choose_blocks, gather_selected, mask_excluded, stream_kv,
                                  to_store_layout)
@@ -144,17 +145,36 @@ class TrainingFreeMemory:
         self.dtype, self.device = lay.torch_dtype, store.device
         empty = torch.zeros(1, cfg.n_kv_heads, 0, cfg.head_dim, device=self.device)
         nl = cfg.n_layers
-        self.local_k, self.local_v = [empty] * nl, [empty] * nl  # (1, Hkv, n_local, D) pre-RoPE
+        self.window = LocalWindow(nl, cfg.n_kv_heads, cfg.head_dim, self.L, self.device)
         self.sink_k, self.sink_v = [empty] * nl, [empty] * nl  # (1, Hkv, S, D) pre-RoPE
-        self.local_ids: list[int | None] = []  # per complete local block: its store id (None: not stored)
         self.sink_ids: list[int] = []
-        self.local_first_block = 0  # stream block index of the first local block
         self.n_pos = 0
-        self._pending: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * nl
         self._blocks: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(nl)]
         self._rot: list[_Rotated | None] = [None] * nl
         self._steps = [0] * nl  # per layer, decode steps served by its current selection
         self.stats = RetrievalStats(per_layer_blocks=[0] * nl)
+
+    # -- the window, by its earlier names --------------------------------------------------
+    @property
+    def local_k(self) -> list[torch.Tensor]:
+        return self.window.k
+
+    @property
+    def local_v(self) -> list[torch.Tensor]:
+        return self.window.v
+
+    @property
+    def local_ids(self) -> list[int | None]:
+        return self.window.ids
+
+    @property
+    def local_first_block(self) -> int:
+        """Stream block index of the first local block."""
+        return self.window.start // self.L
+
+    @property
+    def _pending(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        return self.window.pending
 
     # -- state ---------------------------------------------------------------------------
     def resume_from_store(self, stream: str | None = None) -> None:
@@ -167,14 +187,16 @@ class TrainingFreeMemory:
         first_local = max(len(sinks), n - self.rc.local_blocks)
         local = ids[first_local:]
         self.n_pos = n * self.L
-        self.local_first_block = first_local
         self.sink_ids = [int(i) for i in sinks]
-        self.local_ids = [int(i) for i in local]
+        kv = []
         for layer in range(self.cfg.n_layers):
-            for which, part in (("sink", sinks), ("local", local)):
-                if len(part):
-                    k, v = stream_kv(self.store, part, layer, self.device)
-                    getattr(self, f"{which}_k")[layer], getattr(self, f"{which}_v")[layer] = k.float(), v.float()
+            if len(sinks):
+                k, v = stream_kv(self.store, sinks, layer, self.device)
+                self.sink_k[layer], self.sink_v[layer] = k.float(), v.float()
+            if len(local):
+                k, v = stream_kv(self.store, local, layer, self.device)
+                kv.append((k.float(), v.float()))
+        self.window.load(local, kv, first_local * self.L)
 
     def unfinished_positions(self) -> int:
         return self.n_pos % self.L
@@ -195,8 +217,8 @@ class TrainingFreeMemory:
         qs = qf[0].view(Hkv, H // Hkv, T, D).permute(1, 2, 0, 3).reshape(-1, Hkv, D)  # (G*T, Hkv, D)
         if self.rc.query_agg == "mean":  # the mean score over queries is the mean query's score
             qs = qs.mean(dim=0, keepdim=True)  # (1, Hkv, D)
-        exclude = self.sink_ids + [i for i in self.local_ids if i is not None]
-        ids, scores = self.store.search_max(layer, qs, kk + len(exclude), streams=self.read_streams)
+        exclude = self.sink_ids + self.window.stored_ids()
+        ids, scores = self.store.index.search_max(layer, qs, kk + len(exclude), streams=self.read_streams)
         self.stats.searches += 1
         ids, scores = ids.cpu(), scores.float().cpu()
         return choose_blocks(ids, mask_excluded(ids, scores, exclude), kk)[0]
@@ -294,48 +316,31 @@ class TrainingFreeMemory:
         """Commit the chunk just processed: extend the local window, put completed blocks into
         the store (persist=True) with their block keys, move the stream's first blocks to the
         sinks and trim the window to `local_blocks`. Returns the number of blocks put."""
-        if any(p is None for p in self._pending):
-            raise RuntimeError("end_chunk() called before every layer attended this chunk")
-        T = self._pending[0][0].shape[2]
-        nl, L = self.cfg.n_layers, self.L
-        for layer, (k, v) in enumerate(self._pending):
-            self.local_k[layer] = torch.cat([self.local_k[layer], k.detach().to(self.device).float()], dim=2)
-            self.local_v[layer] = torch.cat([self.local_v[layer], v.detach().to(self.device).float()], dim=2)
-        self._pending = [None] * nl
-        self.n_pos += T
-        n_complete = self.local_k[0].shape[2] // L
-        new = n_complete - len(self.local_ids)
-        put = 0
+        L = self.L
+        self.n_pos += self.window.append_pending()
+        new, k, v = self.window.new_blocks()
         if new > 0:
-            s0 = len(self.local_ids) * L
             if self.persist:
-                K, V, _ = to_store_layout([lk[0, :, s0:s0 + new * L] for lk in self.local_k],
-                                          [lv[0, :, s0:s0 + new * L] for lv in self.local_v], L, self.dtype,
-                                          self.device)  # (new, nl, Hkv, L, D)
+                K, V, _ = to_store_layout(k, v, L, self.dtype, self.device)  # (new, nl, Hkv, L, D)
                 ids = self.store.put_blocks(self.stream, K, V, block_keys(K, L, self.rc.block_key).contiguous())
                 self.stats.blocks_put += len(ids)
-                self.local_ids.extend(int(i) for i in ids)
-                put = new
+                self.window.ids.extend(int(i) for i in ids)
             else:
-                self.local_ids.extend([None] * new)
+                self.window.ids.extend([None] * new)
         self._trim()
-        return put
+        return new if self.persist else 0
 
     def _trim(self) -> None:
         """Keep `local_blocks` complete stored blocks (+ the unfinished one); blocks leaving the
         window that are among the stream's first `sink_blocks` become sinks."""
-        L, drop = self.L, 0
-        while len(self.local_ids) - drop > self.rc.local_blocks and self.local_ids[drop] is not None:
-            drop += 1
+        w, L = self.window, self.L
+        drop = w.droppable(self.rc.local_blocks)
         if not drop:
             return
         n_sink = max(0, min(drop, self.rc.sink_blocks - self.local_first_block))
-        for layer in range(self.cfg.n_layers):
-            if n_sink:
-                self.sink_k[layer] = torch.cat([self.sink_k[layer], self.local_k[layer][:, :, :n_sink * L]], dim=2)
-                self.sink_v[layer] = torch.cat([self.sink_v[layer], self.local_v[layer][:, :, :n_sink * L]], dim=2)
-            self.local_k[layer] = self.local_k[layer][:, :, drop * L:]
-            self.local_v[layer] = self.local_v[layer][:, :, drop * L:]
-        self.sink_ids.extend(int(i) for i in self.local_ids[:n_sink])
-        self.local_ids = self.local_ids[drop:]
-        self.local_first_block += drop
+        if n_sink:
+            for layer in range(self.cfg.n_layers):
+                self.sink_k[layer] = torch.cat([self.sink_k[layer], w.k[layer][:, :, :n_sink * L]], dim=2)
+                self.sink_v[layer] = torch.cat([self.sink_v[layer], w.v[layer][:, :, :n_sink * L]], dim=2)
+        self.sink_ids.extend(int(i) for i in w.ids[:n_sink])
+        w.drop(drop)

@@ -19,7 +19,8 @@ factor) is `train/uio_tbptt.py`.
   local softmax group, visible to every query, slot j of M at RoPE position p0 - M + j (p0 the
   window's first position); the window's own tokens use the unmodified projections, so with no
   memory the decoder is exactly the base model (bitwise: test U6). In a landmark model the
-  memory keys join group 0 of the grouped softmax.
+  memory keys join group 0 of the grouped softmax. The memory tokens are a key source
+  (`MemoryTokens`) of the composed attention of engine/sources.py.
 
 Shapes: B batch, T window positions, m slots per window, M memory slots attended, H query heads,
 Hkv KV heads, D head dim, d d_model.
@@ -35,9 +36,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.attention import causal_attention, grouped_scores, landmark_attention
 from engine.config import ModelConfig
 from engine.model import LandmarkTransformer, apply_rope, rope_cos_sin
+from engine.sources import KeyGroup, KeySource, compose, grouped_attention
 
 Memory = list[torch.Tensor]
 """One window's memory: per layer (B, m, d_model)."""
@@ -191,10 +192,12 @@ class UIOMemory:
     """
 
     def __init__(self, model: LandmarkTransformer, memories: Sequence[Memory], *, p0: int = 0,
-                 kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None, cache: bool = False):
+                 kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None, cache: bool = False,
+                 sources: Sequence[KeySource] = ()):
         """kv: instead of memories, per layer the memory keys and values already through the
         transfer head (pre-RoPE, (B, Hkv, M, D)), as `ingest` stores them. cache: keep the window's
-        own keys and values between forwards (decoding continues the window; `end_chunk`)."""
+        own keys and values between forwards (decoding continues the window; `end_chunk`).
+        sources: more `KeySource`s (engine/sources.py) whose keys join every layer's attention."""
         self.model, self.mods = model, _modules(model)
         self.cfg = model.cfg
         self.p0 = p0
@@ -214,6 +217,7 @@ class UIOMemory:
         self.local: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.cfg.n_layers
         self._pending: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.cfg.n_layers
         self.n_pos = 0  # window positions cached (cache=True)
+        self.sources: list[KeySource] = [MemoryTokens(self), *sources]
 
     @property
     def n_slots(self) -> int:
@@ -233,6 +237,8 @@ class UIOMemory:
         return transfer(self.model, layer, h.to(dtype))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (B, H, T, D), k, v (B, Hkv, T, D) pre-RoPE -> (B, H, T, D): the window (causal, its
+        own grouped softmax for a landmark model) with every source's keys (the memory tokens)."""
         B, H, T, D = q.shape
         cfg = self.cfg
         n0 = self.n_pos
@@ -244,30 +250,11 @@ class UIOMemory:
                 k = torch.cat([self.local[layer][0], k], 2)
                 v = torch.cat([self.local[layer][1], v], 2)
         k_rot = apply_rope(k, cos, sin)
-        mkv = self.memory_kv(layer, B, q.dtype)
-        if mkv is None:  # exactly the base model's attention
-            if cfg.landmarks:
-                return landmark_attention(q_rot, k_rot, v, cfg.block_len, q_offset=n0)
-            return causal_attention(q_rot, k_rot, v, q_offset=n0)
-        a = self.model.layers[layer].attn
-        km, vm = mkv  # (B, Hkv, M, D)
-        M = km.shape[2]
-        mc, ms = rope_cos_sin(torch.arange(self.p0 - M, self.p0, device=q.device), D, cfg.rope, q.dtype)
-        km = apply_rope(km, mc, ms)
-        if not cfg.landmarks:  # memory keys precede every query: causal with an offset sees them all
-            return causal_attention(q_rot, torch.cat([km, k_rot], 2), torch.cat([vm, v], 2), q_offset=M + n0)
-        # a landmark model: the memory keys join group 0 of the grouped softmax (scores as they are)
-        G = H // a.n_kv
-        scale = D ** -0.5
-        L, Sk = cfg.block_len, k_rot.shape[2]
-        pad = -Sk % L  # the grouped scores work on whole blocks; keys past Sk are masked
-        kp = F.pad(k_rot, (0, 0, 0, pad)) if pad else k_rot
-        v = F.pad(v, (0, 0, 0, pad)) if pad else v
-        s_loc = (q_rot @ kp.repeat_interleave(G, 1).transpose(-1, -2)) * scale  # (B, H, T, Sk + pad)
-        s_loc, _, _ = grouped_scores(s_loc, torch.arange(n0, n0 + T, device=q.device), 0, L, Sk)
-        s_mem = (q_rot @ km.repeat_interleave(G, 1).transpose(-1, -2)) * scale  # (B, H, T, M)
-        w = torch.softmax(torch.cat([s_mem, s_loc], -1), -1)
-        return w[..., :M] @ vm.repeat_interleave(G, 1) + w[..., M:] @ v.repeat_interleave(G, 1)
+        q_local = torch.arange(n0, n0 + T, device=q.device)
+        groups = [src.keys(layer, q, q_local) for src in self.sources]
+        # without memory keys: exactly the base model's attention
+        return grouped_attention(compose(q_rot, k_rot, v, n0, groups), cfg.block_len,
+                                 "vectorized" if cfg.landmarks else "causal")
 
     def end_chunk(self) -> int:
         """With cache=True, the forward's keys and values join the window (decoding)."""
@@ -278,6 +265,23 @@ class UIOMemory:
             self.n_pos += self._pending[0][0].shape[2]
             self._pending = [None] * self.cfg.n_layers
         return 0
+
+
+class MemoryTokens:
+    """The compressed memory tokens of a `UIOMemory` as a key source: every query sees them in
+    group 0 (scores as they are), at RoPE positions p0 - M .. p0 - 1 just before the window."""
+
+    def __init__(self, memory: UIOMemory):
+        self.memory = memory
+
+    def keys(self, layer: int, q: torch.Tensor, q_local: torch.Tensor) -> KeyGroup | None:
+        mkv = self.memory.memory_kv(layer, q.shape[0], q.dtype)
+        if mkv is None:
+            return None
+        km, vm = mkv  # (B, Hkv, M, D)
+        p0, M = self.memory.p0, km.shape[2]
+        mc, ms = rope_cos_sin(torch.arange(p0 - M, p0, device=q.device), q.shape[3], self.memory.cfg.rope, q.dtype)
+        return KeyGroup(apply_rope(km, mc, ms), vm, kind="group0", const=False)
 
 
 def transfer(model: LandmarkTransformer, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -331,5 +335,5 @@ def stored_memory_kv(store, stream: str, model: LandmarkTransformer) -> list[tup
     return out
 
 
-__all__ = ["UIOConfig", "UIOModules", "UIOMemory", "LoRA", "attach", "encode", "encoder_mask", "Memory", "transfer",
+__all__ = ["UIOConfig", "UIOModules", "UIOMemory", "MemoryTokens", "LoRA", "attach", "encode", "encoder_mask", "Memory", "transfer",
            "put_memory", "stored_memory_kv"]

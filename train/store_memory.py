@@ -24,7 +24,8 @@ from typing import Any
 
 from engine.config import ModelConfig
 from engine.inference import open_store, store_layout_for
-from engine.retrieval import BatchMemory, RetrievalConfig, RetrievalMemory, end_chunks
+from engine.retrieval import RetrievalConfig, RetrievalMemory
+from engine.retrieval_lanes import BatchMemory, end_chunks
 from train.windows import DocumentState, WindowMemory
 
 
@@ -39,8 +40,7 @@ class StoreWindowMemory(WindowMemory):
         self.rc = RetrievalConfig(top_k=top_k, local_blocks=0, chunk_len=window, kernel="vectorized")
         # no fsync on the hot path: durability is asked for at checkpoints only. Write-back: a
         # document's stream lives a few steps and is deleted when it ends, so its blocks stay in
-        # the write queue and are mostly never written (write-behind cost ~5 ms per step on the
-        # 2-core test machine, same-process A/B); a checkpoint's flush writes what is alive.
+        # the write queue and are mostly never written; a checkpoint's flush writes what is alive.
         # The queue holds at least 8 lane-windows (64 MiB for the tiny model; a large model's
         # window of blocks can be bigger than that alone, and a put bigger than the queue would
         # wait for it to drain every step).

@@ -366,25 +366,24 @@ def test_batch_memory_with_lanes_at_different_depths_matches_row_by_row(top_k, r
     assert ga.keys() == gb.keys() and all(max_abs_diff(ga[n], gb[n]) <= 1e-5 for n in ga)
 
 
-def test_whole_chunk_put_equals_the_general_end_chunk(monkeypatch):
+def test_whole_chunk_put_equals_the_general_end_chunk():
     """Training windows (whole blocks, no local window): end_chunk's direct put stores the
-    same blocks, ids and landmarks, and gives the same outputs, as the general path."""
-    import engine.retrieval as R
-
+    same blocks, ids and landmarks, and gives the same outputs, as the general path
+    (`commit_through_window`, which every other chunk takes)."""
     m = _model()
     doc = insert_landmarks(torch.randint(0, 256, (168,), generator=torch.Generator().manual_seed(4)),
                            8, TOKENIZER.LANDMARK)  # 192 positions: 3 windows of 64
     rc = RetrievalConfig(top_k=2, local_blocks=0, chunk_len=64, kernel="vectorized")
 
     def run(fast):
-        monkeypatch.setattr(R, "_WHOLE_CHUNK_PUT", fast)
         store = _mem_store(m)
         mem = RetrievalMemory(m.cfg, store, stream="d", retrieval=rc)
         outs, puts = [], []
         with torch.no_grad():
             for w in range(3):
                 outs.append(m(doc[None, w * 64:(w + 1) * 64], memory=mem))
-                puts.append(mem.end_chunk())
+                assert mem.whole_chunk_pending()  # end_chunk would take the direct path
+                puts.append(mem.end_chunk() if fast else mem.commit_through_window())
         ids = store.stream_blocks("d")
         blocks = [store.get(int(i)) for i in ids]
         return torch.cat(outs, 1), puts, ids, blocks, (mem.n_pos, mem.local_start, mem.local_ids)
