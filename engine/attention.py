@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import cpu_kernels
+from engine.tuning import BLOCKWISE_Q_CHUNK, VECTORIZED_Q_CHUNK, default_k_chunk
 
 NEG_INF = float("-inf")
 
@@ -152,9 +153,6 @@ def grouped_scores(s: torch.Tensor, q_pos: torch.Tensor, k_start: int, block_len
         p_block = torch.where(earlier.unsqueeze(-1), torch.exp(ordinary - lse_b.unsqueeze(-1)),
                               torch.zeros_like(ordinary))
     return s_prime, p_block, earlier
-
-
-VECTORIZED_Q_CHUNK = 128  # query rows per chunk of implementation 2 (times G heads)
 
 
 # ---------------------------------------------------------------------------------------
@@ -590,26 +588,11 @@ def _key_tiles(end: int, k_chunk: int, L: int) -> list[tuple[int, int]]:
     return _chunks(-(-end // L) * L, k_chunk)
 
 
-BLOCKWISE_K_CHUNK = 512  # key columns per tile when the key axis is long
-BLOCKWISE_ONE_TILE_MAX = 1024  # key axes up to this (padded) length run as one tile
-
-
-def default_k_chunk(n_keys: int, block_len: int) -> int:
-    """The blockwise kernel's default key tile: the whole key axis (padded to whole blocks)
-    when it is at most BLOCKWISE_ONE_TILE_MAX positions — retrieval and training shapes
-    (top-k blocks + a window of a few hundred): 20-40% faster than two tiles, forward and
-    backward, per bench runs on CPU — else BLOCKWISE_K_CHUNK (rounded down to whole blocks)."""
-    padded = -(-n_keys // block_len) * block_len
-    if padded <= BLOCKWISE_ONE_TILE_MAX:
-        return max(block_len, padded)
-    return max(block_len, (BLOCKWISE_K_CHUNK // block_len) * block_len)
-
-
 def landmark_attention_blockwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  block_len: int, *, q_offset: int = 0,
                                  scale: float | None = None,
                                  kv_valid: torch.Tensor | None = None,
-                                 q_chunk: int = 256, k_chunk: int | None = None) -> torch.Tensor:
+                                 q_chunk: int = BLOCKWISE_Q_CHUNK, k_chunk: int | None = None) -> torch.Tensor:
     """Grouped-softmax attention with an online softmax over key chunks.
 
     q (B, H, T, D); k, v (B, Hkv, S, D); query i at key position q_offset + i.

@@ -47,8 +47,10 @@ from typing import Any
 
 from engine.config import ModelConfig
 
-from .plan_components import HOST_RESERVED, PlanSettings, activation_breakdown, estimate, step_peak_bytes
-from .plan_errors import MeasureUnavailableError
+from .activations import activation_breakdown, step_peak_bytes
+from .components import estimate
+from .errors import MeasureUnavailableError
+from .settings import HOST_RESERVED, PlanSettings
 
 COMPONENTS = ("parameters", "gradients", "Adam moments", "activations saved", "peak tensors",
               "baseline RSS", "peak RSS - baseline")
@@ -332,7 +334,7 @@ def run_probe_infer(model: ModelConfig, s: PlanSettings, context: int, *, timeou
     cs = infer_cpu_settings(s)
     arg = json.dumps({"kind": "infer", "model": model.to_dict(), "context": context,
                       "settings": {k: getattr(cs, k) for k in PlanSettings.__slots__}})
-    proc = subprocess.run([sys.executable, "-m", "train.plan_measure", arg], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "plan.measure", arg], capture_output=True, text=True,
                           timeout=timeout, env=probe_env())
     if proc.returncode != 0:
         raise MeasureUnavailableError(f"the inference probe failed: {proc.stderr.strip()[-800:]}")
@@ -353,7 +355,7 @@ def run_probe(model: ModelConfig, s: PlanSettings, *, steps: int = 2, timeout: f
     arg = json.dumps({"model": model.to_dict(), "settings": {k: getattr(cs, k) for k in PlanSettings.__slots__},
                       "steps": steps})
     env = probe_env()
-    proc = subprocess.run([sys.executable, "-m", "train.plan_measure", arg], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "plan.measure", arg], capture_output=True, text=True,
                           timeout=timeout, env=env)
     if proc.returncode != 0:
         raise MeasureUnavailableError(f"the training probe failed: {proc.stderr.strip()[-800:]}")

@@ -20,10 +20,12 @@ from typing import Any
 
 from engine.config import PRESETS, ModelConfig
 
-from .plan_components import (ALLGATHER_BUCKET, NVME_OPT_BUFFERS, NVME_PARAM_BUFFERS, PREFETCH_BUCKET,
-                              REDUCE_BUCKET, SUB_GROUP_SIZE, TIERS, Estimate, PlanSettings, estimate)
-from .plan_search import Candidate, SearchResult
 from engine.units import format_bytes, format_context
+
+from .components import estimate
+from .search import Candidate, SearchResult
+from .settings import (ALLGATHER_BUCKET, NVME_OPT_BUFFERS, NVME_PARAM_BUFFERS, PREFETCH_BUCKET, REDUCE_BUCKET,
+                       SUB_GROUP_SIZE, TIERS, Estimate, PlanSettings)
 
 
 def components_table(est: Estimate, budgets: dict[str, int] | None = None) -> str:
