@@ -256,7 +256,6 @@ def probe_infer(model_dict: dict[str, Any], settings: dict[str, Any], context: i
     import psutil
     import torch
 
-    from engine import retrieval as retrieval_mod
     from engine.inference import GenerateConfig, ask, ingest, open_store
     from engine.model import LandmarkTransformer
     from engine.retrieval import RetrievalConfig
@@ -277,25 +276,6 @@ def probe_infer(model_dict: dict[str, Any], settings: dict[str, Any], context: i
             ingest(mini, st, "warm", torch.randint(32, 127, (3 * s.chunk,)), retrieval=rc)
             ask(mini, st, "?", streams=["warm"], retrieval=rc, gen=GenerateConfig(max_new_tokens=2))
         del mini
-    seen = {"window": 0, "retrieved": 0}
-    attend, retrieved = retrieval_mod.RetrievalMemory.attend, retrieval_mod.RetrievalMemory._retrieved
-
-    def attend_spy(self, layer, q, k, v):
-        # local window of every layer as this chunk sees it (float32: the memory's dtype)
-        n = sum(lk.shape[2] for lk in self.local_k) + self.cfg.n_layers * k.shape[2]
-        seen["window"] = max(seen["window"], 2 * n * k.shape[1] * k.shape[3] * 4)
-        if layer == 0:
-            seen["step"] = 0
-        return attend(self, layer, q, k, v)
-
-    def retrieved_spy(self, layer, sel):
-        k_rot, v_sel, valid = retrieved(self, layer, sel)
-        seen["step"] = seen.get("step", 0) + k_rot.nbytes + v_sel.nbytes  # this chunk, every layer
-        seen["retrieved"] = max(seen["retrieved"], seen["step"])
-        return k_rot, v_sel, valid
-
-    retrieval_mod.RetrievalMemory.attend = attend_spy
-    retrieval_mod.RetrievalMemory._retrieved = retrieved_spy
     gc.collect()
     rss0 = psutil.Process().memory_info().rss
     model = LandmarkTransformer(cfg).eval()
@@ -305,16 +285,16 @@ def probe_infer(model_dict: dict[str, Any], settings: dict[str, Any], context: i
     with tempfile.TemporaryDirectory() as d:
         sc = StoreConfig(device_budget_bytes=s.device_tier_bytes, host_budget_bytes=s.host_tier_bytes,
                          device="cpu", sync_mode="none")
-        def run(where: str) -> Any:
+        def run(where: str) -> tuple[Any, Any]:
             store = open_store(os.path.join(d, where), cfg, "a", config=sc)
-            ingest(model, store, "doc", doc, retrieval=rc)
+            res = ingest(model, store, "doc", doc, retrieval=rc)
             ask(model, store, "What is the pass key?", streams=["doc"], retrieval=rc,
                 gen=GenerateConfig(max_new_tokens=8))
-            return store
+            return store, res.stats
 
         # first run unprofiled: its RSS and its store; the profiler's event buffers would
         # count as RSS, so the tracked tensor peak comes from a second run on a fresh store
-        store = run("store")
+        store, seen = run("store")
         peak = peak_rss_bytes()
         st = store.stats()["tiers"]
         out["device tier"], out["host tier"] = st["device"]["allocated_bytes"], st["host"]["allocated_bytes"]
@@ -323,8 +303,9 @@ def probe_infer(model_dict: dict[str, Any], settings: dict[str, Any], context: i
         store.close()
         out["KV store on disk"] = sum(os.path.getsize(os.path.join(r, f))
                                       for r, _, fs in os.walk(os.path.join(d, "store")) for f in fs)
-        out["peak tensors"] = out["parameters"] + tracked_peak_bytes(lambda: run("profiled").close())
-    out["local KV window"], out["retrieved blocks"] = seen["window"], seen["retrieved"]
+        out["peak tensors"] = out["parameters"] + tracked_peak_bytes(lambda: run("profiled")[0].close())
+    # the ingest's chunks hold the largest window and retrieval (a question is shorter than a chunk)
+    out["local KV window"], out["retrieved blocks"] = seen.peak_window_bytes, seen.peak_retrieved_bytes
     out["baseline RSS"], out["peak RSS - baseline"] = rss0, peak - rss0
     return out
 
