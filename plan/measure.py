@@ -85,9 +85,8 @@ def probe(model_dict: dict[str, Any], settings: dict[str, Any], steps: int = 2, 
     import psutil
     import torch
     import torch.nn.functional as F
-    from torch.utils.checkpoint import checkpoint
-
     from engine.model import LandmarkTransformer
+    from engine.recompute import checkpoint_layers
 
     torch.manual_seed(seed)
     cfg = ModelConfig.from_dict({**model_dict, "dtype": "float32"})
@@ -97,14 +96,7 @@ def probe(model_dict: dict[str, Any], settings: dict[str, Any], steps: int = 2, 
     rss0 = psutil.Process().memory_info().rss
     model = LandmarkTransformer(cfg)
     if s.activation_checkpointing:
-        for layer in model.layers:
-            fwd = layer.forward
-
-            def ck_forward(x, rope, impl, layer_cache=None, memory=None, layer_idx=0, _f=fwd):
-                # non-reentrant: the recomputed layer's tensors are what backward holds
-                return checkpoint(_f, x, rope, impl, layer_cache, memory, layer_idx, use_reentrant=False)
-
-            layer.forward = ck_forward
+        checkpoint_layers(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
     B, T = s.micro_batch, s.window
@@ -226,10 +218,10 @@ INFER_SCORED = ("local KV window", "retrieved blocks", "device tier", "host tier
 
 
 def retrieval_kwargs(model: ModelConfig, s: PlanSettings) -> dict[str, int]:
-    """RetrievalConfig fields of an infer plan: the local window holds `local_blocks` whole
-    blocks plus the chunk being prefilled, so W = local_blocks * block_len + chunk."""
-    return {"top_k": s.top_k, "chunk_len": s.chunk,
-            "local_blocks": max(0, (s.window - s.chunk) // model.block_len)}
+    """RetrievalConfig fields of an infer plan (what folio_ingest.json holds)."""
+    from .output import ingest_config_dict
+
+    return ingest_config_dict(model, s)["retrieval"]
 
 
 def infer_cpu_settings(s: PlanSettings) -> PlanSettings:
