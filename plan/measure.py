@@ -25,14 +25,14 @@ Infer: ingests a generated document into a fresh store with the plan's tier budg
 parameters, the largest local KV window and retrieved blocks (all layers) of one chunk,
 the tiers' allocated slabs, the landmark index's arrays, the store's size on disk, the
 tracked tensor peak and peak RSS, against `estimate` of the same setting. The store's
-libraries, threads and a first small ingest are part of the baseline.
+libraries, threads and a first small ingest are part of the baseline. The window and
+retrieval peaks are the memory's own counters (`RetrievalStats`, via `IngestResult.stats`).
 
-Allocator slack. glibc's malloc raises its mmap threshold dynamically (up to 32 MiB)
-once a large block is freed, after which freed tensors stay in the heap: RSS then
-drifts 50-75% above the live tensors and grows from step to step (tiny preset: 120 MiB
-of RSS for 77 MiB of tensors). The probes fix the threshold (MALLOC_MMAP_THRESHOLD_)
-so blocks of 64 KiB and more are returned on free; what remains above the tracked
-tensors is the small-allocation heap (about +0-10%).
+Allocator slack. glibc's malloc raises its mmap threshold dynamically once a large block
+is freed, after which freed tensors stay in the heap and RSS drifts well above the live
+tensors. The probes fix the threshold (MALLOC_MMAP_THRESHOLD_, `probe_env`) so large
+blocks are returned on free; what remains above the tracked tensors is the
+small-allocation heap.
 """
 
 from __future__ import annotations
