@@ -20,10 +20,19 @@ if TYPE_CHECKING:
     from .planner import PlanRequest
 
 
+HELP = "what fits on a given card: settings, configs, memory per tier"
+
+
 def add_plan_command(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
-    """Register `plan` on the root parser's subparsers."""
-    p = sub.add_parser("plan", help="what fits on a given card: settings, configs, memory per tier",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Register `plan` on the root parser's subparsers; `run` handles it."""
+    p = sub.add_parser("plan", help=HELP, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The `folio plan` flags (the attributes `request_from_args` and `run` read)."""
     p.add_argument("--model", default="llama-7b", help="preset name or ModelConfig .json (default llama-7b)")
     p.add_argument("--mode", choices=("train", "infer"), default="train")
     p.add_argument("--context", default="1M", help="tokens of context: 4096, 128k, 1M, 10M (default 1M)")
@@ -45,8 +54,6 @@ def add_plan_command(sub: "argparse._SubParsersAction") -> argparse.ArgumentPars
     p.add_argument("--pcie-gbps", type=float, default=16.0)
     p.add_argument("--nvme-gbps", type=float, default=2.0)
     p.add_argument("--measure", action="store_true", help="run the plan on this machine and compare")
-    p.set_defaults(func=run)
-    return p
 
 
 def request_from_args(args: argparse.Namespace) -> "PlanRequest":

@@ -108,3 +108,16 @@ def test_ingest_runs_the_written_config(tmp_path):
     assert (args.top_k, args.local_blocks, args.chunk) == (rc.top_k, rc.local_blocks, rc.chunk_len)
     assert parse_bytes(args.device_budget) == sc.device_budget_bytes
     assert parse_bytes(args.host_budget) == sc.host_budget_bytes
+
+
+def test_train_config_validates_the_plan_fields():
+    from train.config import TrainConfig
+
+    with pytest.raises(ValueError, match="TrainConfig.attention_impl='sdpa'"):
+        TrainConfig(attention_impl="sdpa")
+    with pytest.raises(ValueError, match="TrainConfig.store_host_budget_bytes=-1"):
+        TrainConfig(store_host_budget_bytes=-1)
+    with pytest.raises(ValueError, match="TrainConfig.activation_checkpointing=1"):
+        TrainConfig(activation_checkpointing=1)
+    d = TrainConfig(attention_impl="blockwise", activation_checkpointing=True).to_dict()
+    assert TrainConfig.from_dict(d).attention_impl == "blockwise"
