@@ -3,7 +3,7 @@
     python -m bench.plan --quick     # under 60 s: tiny, three training settings + ingest/ask
     python -m bench.plan             # + the small preset, and a longer ingest
 
-Each case runs a probe of train/plan_measure.py in a fresh process (train: a few AdamW
+Each case runs a probe of plan/measure.py in a fresh process (train: a few AdamW
 steps; infer: an ingest of a generated document into a store with small tier budgets,
 then an ask) and compares it with the planner's prediction for the same setting. The
 baseline is the prediction itself, computed in the same run; the figure is the error of
@@ -25,8 +25,8 @@ from pathlib import Path
 
 from bench import RUNS
 from engine.config import preset
-from train.plan_components import PlanSettings
-from train.plan_measure import compare, compare_infer, run_probe, run_probe_infer
+from plan.measure import compare, compare_infer, run_probe, run_probe_infer
+from plan.settings import PlanSettings
 
 KiB = 1024
 INFER = dict(mode="infer", zero_stage=0, window=512, top_k=4, chunk=256, precision="fp32",

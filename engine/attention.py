@@ -42,8 +42,8 @@ from engine.attention_reference import grouped_scores, landmark_attention_refere
 from engine.attention_tiles import (NEG_INF, TINY, _block_positions, _check_kv_valid, _check_qkv, _chunks,
                                     _compute_dtype, _earlier_present, _exp_blocks, _fused_kernels,
                                     _group0_logits, _pad_keys, _prepare_kv_valid, _scores_grad)
+from engine.tuning import BLOCKWISE_Q_CHUNK, VECTORIZED_Q_CHUNK, default_k_chunk
 
-VECTORIZED_Q_CHUNK = 128  # query rows per chunk of implementation 2 (times G heads)
 SHIFT_FREE_BOUND = 80.0  # exp(+-80) is a normal float32: no overflow, no denormals
 
 
@@ -298,26 +298,11 @@ def _key_tiles(end: int, k_chunk: int, L: int) -> list[tuple[int, int]]:
     return _chunks(-(-end // L) * L, k_chunk)
 
 
-BLOCKWISE_K_CHUNK = 512  # key columns per tile when the key axis is long
-BLOCKWISE_ONE_TILE_MAX = 1024  # key axes up to this (padded) length run as one tile
-
-
-def default_k_chunk(n_keys: int, block_len: int) -> int:
-    """The blockwise kernel's default key tile: the whole key axis (padded to whole blocks)
-    when it is at most BLOCKWISE_ONE_TILE_MAX positions — retrieval and training shapes
-    (top-k blocks + a window of a few hundred run faster as one tile than as two, forward and
-    backward) — else BLOCKWISE_K_CHUNK (rounded down to whole blocks)."""
-    padded = -(-n_keys // block_len) * block_len
-    if padded <= BLOCKWISE_ONE_TILE_MAX:
-        return max(block_len, padded)
-    return max(block_len, (BLOCKWISE_K_CHUNK // block_len) * block_len)
-
-
 def landmark_attention_blockwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  block_len: int, *, q_offset: int = 0,
                                  scale: float | None = None,
                                  kv_valid: torch.Tensor | None = None,
-                                 q_chunk: int = 256, k_chunk: int | None = None) -> torch.Tensor:
+                                 q_chunk: int = BLOCKWISE_Q_CHUNK, k_chunk: int | None = None) -> torch.Tensor:
     """Grouped-softmax attention with an online softmax over key chunks.
 
     q (B, H, T, D); k, v (B, Hkv, S, D); query i at key position q_offset + i.

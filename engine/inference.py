@@ -26,7 +26,7 @@ from engine.config import ModelConfig
 from engine.folded import FoldedConfig, FoldedMemory
 from engine.landmarks import insert_landmarks
 from engine.model import LandmarkTransformer
-from engine.retrieval import RetrievalConfig, RetrievalMemory
+from engine.retrieval import RetrievalConfig, RetrievalMemory, RetrievalStats
 from engine.tokenizer import ByteTokenizer, Tokenizer
 from engine.training_free import TrainingFreeConfig, TrainingFreeMemory
 
@@ -105,6 +105,7 @@ class IngestResult:
     blocks_put: int
     seconds: float
     bytes_fetched: int
+    stats: RetrievalStats | None = None  # the memory's counters (window and retrieved K/V peaks); None for UIO
 
     @property
     def tokens_per_s(self) -> float:
@@ -214,7 +215,7 @@ def ingest(model: LandmarkTransformer, store, stream: str, tokens: Sequence[int]
     if bar is not None:
         bar.close()
     return IngestResult(stream=stream, tokens=new.numel(), skipped=skip, blocks_put=mem.stats.blocks_put,
-                        seconds=time.perf_counter() - t0, bytes_fetched=mem.stats.bytes_fetched)
+                        seconds=time.perf_counter() - t0, bytes_fetched=mem.stats.bytes_fetched, stats=mem.stats)
 
 
 class _LandmarkedStream:

@@ -112,6 +112,22 @@ class RetrievalStats:
     blocks_put: int = 0
     per_layer_blocks: list[int] = field(default_factory=list)
     taken_bytes: int = 0
+    peak_window_bytes: int = 0
+    """Largest local window a chunk attended over: K and V of every layer, as `attend` holds them."""
+    peak_retrieved_bytes: int = 0
+    """Largest retrieved K/V (rotated K and V of the selected blocks) of one chunk, all layers."""
+    chunk_retrieved_bytes: int = 0  # the running sum of the current chunk, for the peak
+
+    def count_window(self, layer: int, nbytes: int) -> None:
+        """`attend` of `layer` holds a local window of `nbytes` (every layer); layer 0 starts a chunk."""
+        self.peak_window_bytes = max(self.peak_window_bytes, nbytes)
+        if layer == 0:
+            self.chunk_retrieved_bytes = 0
+
+    def count_retrieved(self, nbytes: int) -> None:
+        """One layer's retrieved K/V of the current chunk: `nbytes`."""
+        self.chunk_retrieved_bytes += nbytes
+        self.peak_retrieved_bytes = max(self.peak_retrieved_bytes, self.chunk_retrieved_bytes)
 
     def count_fetched(self, layer: int, n: int, layout) -> None:
         """n distinct blocks of `layer` fetched from a store of this `StoreLayout` (K and V)."""
@@ -259,9 +275,11 @@ class RetrievalMemory:
         memo = self._ret_memo[layer]
         if memo is not None and memo[0].shape == sel.shape and torch.equal(memo[0], sel):
             self.stats.reused += 1
-            return memo[1]
-        out = self._fetch_rotated(layer, sel)
-        self._ret_memo[layer] = (sel.clone(), out)
+            out = memo[1]
+        else:
+            out = self._fetch_rotated(layer, sel)
+            self._ret_memo[layer] = (sel.clone(), out)
+        self.stats.count_retrieved(out[0].nbytes + out[1].nbytes)
         return out
 
     def _fetch_rotated(self, layer: int, sel: torch.Tensor):
@@ -304,6 +322,8 @@ class RetrievalMemory:
         self.promote_reads = q.shape[2] > 1
         n_before, T = self.window.k[layer].shape[2], q.shape[2]
         k_loc, v_loc = self.window.with_chunk(layer, k, v)  # (1, Hkv, n_loc, D)
+        # every layer's window has this length during a chunk (end_chunk extends them together)
+        self.stats.count_window(layer, 2 * self.cfg.n_layers * k_loc[0].numel() * k_loc.element_size())
         q_local = torch.arange(n_before, n_before + T)
         if self.rc.selection == "token" and self.rc.top_k > 0:
             outs = [self._attend_once(layer, q[:, :, t:t + 1], k_loc, v_loc, q_local[t:t + 1])

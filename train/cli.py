@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The root `folio` parser with every subcommand registered."""
     from engine.cli import add_engine_commands
     from engine.corpora_cli import add_data_command
-    from train.plan import add_plan_command
+    from plan.cli import add_plan_command
 
     parser = argparse.ArgumentParser(prog="folio", description="Landmark-attention transformers over a "
                                      "tiered KV-block store, and their DeepSpeed trainer.")

@@ -20,6 +20,8 @@ from engine.config import ModelConfig, preset
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+AttentionImpl = Literal["auto", "vectorized", "blockwise"]
+ATTENTION_IMPLS: tuple[str, ...] = get_args(AttentionImpl)
 BUILTIN_SOURCES = ("passkey", "recall", "stdlib", "stdlib-heldout")
 
 
@@ -83,6 +85,16 @@ class TrainConfig:
     training (train/store_memory.py); False is the paper's plain-window training."""
     retrieval_top_k: int = 4
     """Blocks retrieved per layer and KV head when `retrieval` is on."""
+    attention_impl: AttentionImpl = "auto"
+    """Attention kernel of a training window: 'auto' (the model's choice: vectorized for a
+    window), 'vectorized' or 'blockwise' (linear memory). `folio plan` picks one."""
+    activation_checkpointing: bool = False
+    """Recompute each layer in backward instead of keeping its activations (less memory, ~1/3
+    more compute)."""
+    store_device_budget_bytes: int = 256 << 20
+    """With `retrieval`: the training store's device tier budget."""
+    store_host_budget_bytes: int = 1 << 30
+    """With `retrieval`: the training store's host tier budget."""
     init_from: str | None = None
     """An exported model directory (model.safetensors + config.json) whose weights start
     the run (fine-tuning, or a second stage of a curriculum); its config must equal the
@@ -125,6 +137,14 @@ class TrainConfig:
                 _fail("data_weights", self.data_weights, "weights >= 0 with a positive sum")
         if not isinstance(self.retrieval_top_k, int) or self.retrieval_top_k < 1:
             _fail("retrieval_top_k", self.retrieval_top_k, "an int >= 1")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            _fail("attention_impl", self.attention_impl, f"one of {ATTENTION_IMPLS}")
+        if not isinstance(self.activation_checkpointing, bool):
+            _fail("activation_checkpointing", self.activation_checkpointing, "true or false")
+        for name in ("store_device_budget_bytes", "store_host_budget_bytes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                _fail(name, v, "an int >= 0 (bytes)")
         if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
             _fail("init_from", self.init_from, "None or the path of an exported model directory")
         if not isinstance(self.eval_data, str) or not self.eval_data:

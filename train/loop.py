@@ -64,13 +64,14 @@ class LanguageModelLoss(torch.nn.Module):
     and with all weights 1 it is the plain mean, computed exactly as before.
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, impl: str = "auto") -> None:
         super().__init__()
         self.model = model
+        self.kw = {} if impl == "auto" else {"impl": impl}  # plain models need not know impl
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor, memory: Any = None) -> torch.Tensor:
-        logits = self.model(tokens) if memory is None else self.model(tokens, memory=memory)  # (B, T, V)
-        return lm_loss(logits, targets)
+        logits = self.model(tokens, **self.kw) if memory is None else self.model(tokens, memory=memory, **self.kw)
+        return lm_loss(logits, targets)  # logits (B, T, V)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -338,7 +339,11 @@ def train(tcfg: TrainConfig, *, ds: DSOptions | None = None, resume: str | os.Pa
                 from train.finetune import apply_lora
 
                 net = apply_lora(net, lora)
-            model = LanguageModelLoss(net)
+            if tcfg.activation_checkpointing:
+                from engine.recompute import checkpoint_layers
+
+                checkpoint_layers(net)
+            model = LanguageModelLoss(net, impl=tcfg.attention_impl)
             engine = ds_engine.initialize(model, ds_cfg, env, lr_lambda=lr_multiplier(tcfg), verbose=ds.verbose)
             mixer = DocumentMixer(sources, tcfg.data_weights, seed=tcfg.seed, rank=env.rank,
                                   world_size=env.world_size)
@@ -352,7 +357,9 @@ def train(tcfg: TrainConfig, *, ds: DSOptions | None = None, resume: str | os.Pa
                 # one store per process; a resumed run reopens the one its checkpoint flushed
                 memory = StoreWindowMemory(mcfg, out_dir / "train_store" / f"rank{env.rank}",
                                            top_k=tcfg.retrieval_top_k, window=tcfg.window,
-                                           fresh=step_dir is None)
+                                           fresh=step_dir is None, kernel=tcfg.attention_impl,
+                                           device_budget_bytes=tcfg.store_device_budget_bytes,
+                                           host_budget_bytes=tcfg.store_host_budget_bytes)
             batcher = LaneBatcher(mixer, lanes=tcfg.micro_batch, window=tcfg.window,
                                   block_len=mcfg.block_len, memory=memory or NoMemory(), tokenizer=tok)
             step = 0

@@ -33,11 +33,14 @@ class StoreWindowMemory(WindowMemory):
     """Per-document store streams + retrieval attention for the training loop."""
 
     def __init__(self, cfg: ModelConfig, store_dir: str | os.PathLike, *, top_k: int = 4,
-                 window: int = 512, store_config=None, fresh: bool = True):
+                 window: int = 512, store_config=None, fresh: bool = True, kernel: str = "auto",
+                 device_budget_bytes: int = 256 << 20, host_budget_bytes: int = 1 << 30):
         from memory_store import StoreConfig
 
         self.cfg = cfg
-        self.rc = RetrievalConfig(top_k=top_k, local_blocks=0, chunk_len=window, kernel="vectorized")
+        # 'auto': vectorized, the training window's kernel
+        self.rc = RetrievalConfig(top_k=top_k, local_blocks=0, chunk_len=window,
+                                  kernel="vectorized" if kernel == "auto" else kernel)
         # no fsync on the hot path: durability is asked for at checkpoints only. Write-back: a
         # document's stream lives a few steps and is deleted when it ends, so its blocks stay in
         # the write queue and are mostly never written; a checkpoint's flush writes what is alive.
@@ -45,7 +48,7 @@ class StoreWindowMemory(WindowMemory):
         # window of blocks can be bigger than that alone, and a put bigger than the queue would
         # wait for it to drain every step).
         lane_window = window // cfg.block_len * cfg.n_layers * store_layout_for(cfg).block_bytes()
-        sc = store_config or StoreConfig(device_budget_bytes=256 << 20, host_budget_bytes=1 << 30,
+        sc = store_config or StoreConfig(device_budget_bytes=device_budget_bytes, host_budget_bytes=host_budget_bytes,
                                          lazy_writes=True, write_queue_bytes=max(64 << 20, 8 * lane_window))
         Path(store_dir).parent.mkdir(parents=True, exist_ok=True)
         self.store = open_store(str(store_dir), cfg, "w" if fresh else "a", config=sc)

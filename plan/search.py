@@ -34,9 +34,11 @@ from dataclasses import dataclass, field
 
 from engine.config import ModelConfig
 
-from .plan_components import (FRAGMENTATION, GiB, TIERS, Estimate, PlanSettings, block_entry_bytes, compute_bytes,
-                              estimate, kv_store_disk_bytes, layer_fetch_bytes, n_blocks)
 from engine.units import format_bytes, format_context
+
+from .components import estimate, kv_store_disk_bytes, layer_fetch_bytes
+from .settings import (FRAGMENTATION, TIERS, Estimate, GiB, PlanSettings, block_entry_bytes, compute_bytes,
+                       n_blocks)
 
 LAUNCH_S_PER_LAYER = 2e-4
 RETRIEVAL_REUSE = 0.5

@@ -25,14 +25,14 @@ Infer: ingests a generated document into a fresh store with the plan's tier budg
 parameters, the largest local KV window and retrieved blocks (all layers) of one chunk,
 the tiers' allocated slabs, the landmark index's arrays, the store's size on disk, the
 tracked tensor peak and peak RSS, against `estimate` of the same setting. The store's
-libraries, threads and a first small ingest are part of the baseline.
+libraries, threads and a first small ingest are part of the baseline. The window and
+retrieval peaks are the memory's own counters (`RetrievalStats`, via `IngestResult.stats`).
 
-Allocator slack. glibc's malloc raises its mmap threshold dynamically (up to 32 MiB)
-once a large block is freed, after which freed tensors stay in the heap: RSS then
-drifts 50-75% above the live tensors and grows from step to step (tiny preset: 120 MiB
-of RSS for 77 MiB of tensors). The probes fix the threshold (MALLOC_MMAP_THRESHOLD_)
-so blocks of 64 KiB and more are returned on free; what remains above the tracked
-tensors is the small-allocation heap (about +0-10%).
+Allocator slack. glibc's malloc raises its mmap threshold dynamically once a large block
+is freed, after which freed tensors stay in the heap and RSS drifts well above the live
+tensors. The probes fix the threshold (MALLOC_MMAP_THRESHOLD_, `probe_env`) so large
+blocks are returned on free; what remains above the tracked tensors is the
+small-allocation heap.
 """
 
 from __future__ import annotations
@@ -47,8 +47,10 @@ from typing import Any
 
 from engine.config import ModelConfig
 
-from .plan_components import HOST_RESERVED, PlanSettings, activation_breakdown, estimate, step_peak_bytes
-from .plan_errors import MeasureUnavailableError
+from .activations import activation_breakdown, step_peak_bytes
+from .components import estimate
+from .errors import MeasureUnavailableError
+from .settings import HOST_RESERVED, PlanSettings
 
 COMPONENTS = ("parameters", "gradients", "Adam moments", "activations saved", "peak tensors",
               "baseline RSS", "peak RSS - baseline")
@@ -83,9 +85,8 @@ def probe(model_dict: dict[str, Any], settings: dict[str, Any], steps: int = 2, 
     import psutil
     import torch
     import torch.nn.functional as F
-    from torch.utils.checkpoint import checkpoint
-
     from engine.model import LandmarkTransformer
+    from engine.recompute import checkpoint_layers
 
     torch.manual_seed(seed)
     cfg = ModelConfig.from_dict({**model_dict, "dtype": "float32"})
@@ -95,14 +96,7 @@ def probe(model_dict: dict[str, Any], settings: dict[str, Any], steps: int = 2, 
     rss0 = psutil.Process().memory_info().rss
     model = LandmarkTransformer(cfg)
     if s.activation_checkpointing:
-        for layer in model.layers:
-            fwd = layer.forward
-
-            def ck_forward(x, rope, impl, layer_cache=None, memory=None, layer_idx=0, _f=fwd):
-                # non-reentrant: the recomputed layer's tensors are what backward holds
-                return checkpoint(_f, x, rope, impl, layer_cache, memory, layer_idx, use_reentrant=False)
-
-            layer.forward = ck_forward
+        checkpoint_layers(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
     B, T = s.micro_batch, s.window
@@ -224,10 +218,10 @@ INFER_SCORED = ("local KV window", "retrieved blocks", "device tier", "host tier
 
 
 def retrieval_kwargs(model: ModelConfig, s: PlanSettings) -> dict[str, int]:
-    """RetrievalConfig fields of an infer plan: the local window holds `local_blocks` whole
-    blocks plus the chunk being prefilled, so W = local_blocks * block_len + chunk."""
-    return {"top_k": s.top_k, "chunk_len": s.chunk,
-            "local_blocks": max(0, (s.window - s.chunk) // model.block_len)}
+    """RetrievalConfig fields of an infer plan (what folio_ingest.json holds)."""
+    from .output import ingest_config_dict
+
+    return ingest_config_dict(model, s)["retrieval"]
 
 
 def infer_cpu_settings(s: PlanSettings) -> PlanSettings:
@@ -254,7 +248,6 @@ def probe_infer(model_dict: dict[str, Any], settings: dict[str, Any], context: i
     import psutil
     import torch
 
-    from engine import retrieval as retrieval_mod
     from engine.inference import GenerateConfig, ask, ingest, open_store
     from engine.model import LandmarkTransformer
     from engine.retrieval import RetrievalConfig
@@ -275,25 +268,6 @@ def probe_infer(model_dict: dict[str, Any], settings: dict[str, Any], context: i
             ingest(mini, st, "warm", torch.randint(32, 127, (3 * s.chunk,)), retrieval=rc)
             ask(mini, st, "?", streams=["warm"], retrieval=rc, gen=GenerateConfig(max_new_tokens=2))
         del mini
-    seen = {"window": 0, "retrieved": 0}
-    attend, retrieved = retrieval_mod.RetrievalMemory.attend, retrieval_mod.RetrievalMemory._retrieved
-
-    def attend_spy(self, layer, q, k, v):
-        # local window of every layer as this chunk sees it (float32: the memory's dtype)
-        n = sum(lk.shape[2] for lk in self.local_k) + self.cfg.n_layers * k.shape[2]
-        seen["window"] = max(seen["window"], 2 * n * k.shape[1] * k.shape[3] * 4)
-        if layer == 0:
-            seen["step"] = 0
-        return attend(self, layer, q, k, v)
-
-    def retrieved_spy(self, layer, sel):
-        k_rot, v_sel, valid = retrieved(self, layer, sel)
-        seen["step"] = seen.get("step", 0) + k_rot.nbytes + v_sel.nbytes  # this chunk, every layer
-        seen["retrieved"] = max(seen["retrieved"], seen["step"])
-        return k_rot, v_sel, valid
-
-    retrieval_mod.RetrievalMemory.attend = attend_spy
-    retrieval_mod.RetrievalMemory._retrieved = retrieved_spy
     gc.collect()
     rss0 = psutil.Process().memory_info().rss
     model = LandmarkTransformer(cfg).eval()
@@ -303,16 +277,16 @@ def probe_infer(model_dict: dict[str, Any], settings: dict[str, Any], context: i
     with tempfile.TemporaryDirectory() as d:
         sc = StoreConfig(device_budget_bytes=s.device_tier_bytes, host_budget_bytes=s.host_tier_bytes,
                          device="cpu", sync_mode="none")
-        def run(where: str) -> Any:
+        def run(where: str) -> tuple[Any, Any]:
             store = open_store(os.path.join(d, where), cfg, "a", config=sc)
-            ingest(model, store, "doc", doc, retrieval=rc)
+            res = ingest(model, store, "doc", doc, retrieval=rc)
             ask(model, store, "What is the pass key?", streams=["doc"], retrieval=rc,
                 gen=GenerateConfig(max_new_tokens=8))
-            return store
+            return store, res.stats
 
         # first run unprofiled: its RSS and its store; the profiler's event buffers would
         # count as RSS, so the tracked tensor peak comes from a second run on a fresh store
-        store = run("store")
+        store, seen = run("store")
         peak = peak_rss_bytes()
         st = store.stats()["tiers"]
         out["device tier"], out["host tier"] = st["device"]["allocated_bytes"], st["host"]["allocated_bytes"]
@@ -321,8 +295,9 @@ def probe_infer(model_dict: dict[str, Any], settings: dict[str, Any], context: i
         store.close()
         out["KV store on disk"] = sum(os.path.getsize(os.path.join(r, f))
                                       for r, _, fs in os.walk(os.path.join(d, "store")) for f in fs)
-        out["peak tensors"] = out["parameters"] + tracked_peak_bytes(lambda: run("profiled").close())
-    out["local KV window"], out["retrieved blocks"] = seen["window"], seen["retrieved"]
+        out["peak tensors"] = out["parameters"] + tracked_peak_bytes(lambda: run("profiled")[0].close())
+    # the ingest's chunks hold the largest window and retrieval (a question is shorter than a chunk)
+    out["local KV window"], out["retrieved blocks"] = seen.peak_window_bytes, seen.peak_retrieved_bytes
     out["baseline RSS"], out["peak RSS - baseline"] = rss0, peak - rss0
     return out
 
@@ -332,7 +307,7 @@ def run_probe_infer(model: ModelConfig, s: PlanSettings, context: int, *, timeou
     cs = infer_cpu_settings(s)
     arg = json.dumps({"kind": "infer", "model": model.to_dict(), "context": context,
                       "settings": {k: getattr(cs, k) for k in PlanSettings.__slots__}})
-    proc = subprocess.run([sys.executable, "-m", "train.plan_measure", arg], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "plan.measure", arg], capture_output=True, text=True,
                           timeout=timeout, env=probe_env())
     if proc.returncode != 0:
         raise MeasureUnavailableError(f"the inference probe failed: {proc.stderr.strip()[-800:]}")
@@ -353,7 +328,7 @@ def run_probe(model: ModelConfig, s: PlanSettings, *, steps: int = 2, timeout: f
     arg = json.dumps({"model": model.to_dict(), "settings": {k: getattr(cs, k) for k in PlanSettings.__slots__},
                       "steps": steps})
     env = probe_env()
-    proc = subprocess.run([sys.executable, "-m", "train.plan_measure", arg], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "plan.measure", arg], capture_output=True, text=True,
                           timeout=timeout, env=env)
     if proc.returncode != 0:
         raise MeasureUnavailableError(f"the training probe failed: {proc.stderr.strip()[-800:]}")

@@ -9,11 +9,12 @@ import json
 import pytest
 
 from engine.config import ModelConfig, preset
-from train.plan import PlanRequest, add_plan_command, main, make_plan
-from train.plan_components import (DEVICE_RESERVED, PlanSettings, estimate, kv_store_disk_bytes,
-                                   largest_layer_params, model_state_components)
-from train.plan_errors import InfeasiblePlanError
-from train.plan_search import (Hardware, SearchSpace, _base_settings, _fit_tiers, quality_levels, search,
+from plan.cli import add_plan_command, main
+from plan.components import estimate, kv_store_disk_bytes, model_state_components
+from plan.errors import InfeasiblePlanError
+from plan.planner import PlanRequest, make_plan
+from plan.settings import DEVICE_RESERVED, PlanSettings, largest_layer_params
+from plan.search import (Hardware, SearchSpace, _base_settings, _fit_tiers, quality_levels, search,
                                seconds_per_token, solve_context, solve_model)
 from engine.units import format_context, parse_bytes, parse_context
 
@@ -392,7 +393,7 @@ def test_add_plan_command_registers_func():
 # ---------------------------------------------------------------------------------------
 
 def test_measure_probe_matches_prediction_for_states_and_saved_activations():
-    from train.plan_measure import compare, run_probe
+    from plan.measure import compare, run_probe
 
     m = ModelConfig(vocab_size=260, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128,
                     max_seq_len=256, block_len=32)
@@ -404,24 +405,29 @@ def test_measure_probe_matches_prediction_for_states_and_saved_activations():
 
 
 def test_vectorized_chunk_matches_the_kernel():
-    from engine import attention
+    import inspect
 
-    from train.plan_components import VECTORIZED_Q_CHUNK, vectorized_chunks
+    from engine import attention, tuning
+    from plan.activations import vectorized_chunks
 
-    assert VECTORIZED_Q_CHUNK == attention.VECTORIZED_Q_CHUNK
+    # one value, engine/tuning.py's: the kernel and the planner's chunking both read it
+    assert attention.VECTORIZED_Q_CHUNK is tuning.VECTORIZED_Q_CHUNK
+    assert inspect.signature(vectorized_chunks).parameters["q_chunk"].default is tuning.VECTORIZED_Q_CHUNK
     # 300 queries after 64 retrieved positions, blocks of 64: keys up to each chunk's last row
     assert vectorized_chunks(300, 364, 64) == [(128, 192), (128, 320), (44, 384)]
 
 
 def test_blockwise_tile_matches_the_kernel():
-    from engine import attention
+    import inspect
 
-    from train.plan_components import BLOCKWISE_K_CHUNK, BLOCKWISE_ONE_TILE_MAX, blockwise_k_chunk
+    from engine import attention, tuning
+    from plan import activations
 
-    assert (BLOCKWISE_K_CHUNK, BLOCKWISE_ONE_TILE_MAX) == (attention.BLOCKWISE_K_CHUNK, attention.BLOCKWISE_ONE_TILE_MAX)
-    for keys in (1, 63, 64, 640, 768, 1000, 1024, 1025, 4096, 70_000):
-        for bl in (16, 64, 100):
-            assert blockwise_k_chunk(keys, bl) == attention.default_k_chunk(keys, bl), (keys, bl)
+    # the kernel and the planner call the same function of engine/tuning.py (no copies)
+    assert attention.default_k_chunk is tuning.default_k_chunk is activations.default_k_chunk
+    assert activations.BLOCKWISE_Q_CHUNK is tuning.BLOCKWISE_Q_CHUNK
+    assert inspect.signature(attention.landmark_attention_blockwise).parameters["q_chunk"].default \
+        is tuning.BLOCKWISE_Q_CHUNK
     assert attention.default_k_chunk(768, 64) == 768 and attention.default_k_chunk(1088, 64) == 512
 
 
@@ -430,7 +436,7 @@ def test_index_capacity_follows_the_index_growth():
     import torch
 
     from memory_store.index import LandmarkIndex
-    from train.plan_components import index_capacity
+    from plan.components import index_capacity
 
     assert [index_capacity(n) for n in (0, 1, 1024, 1025, 1537, 5000)] == [0, 1024, 1024, 1536, 2304, 5184]
     ix = LandmarkIndex(1, 1, 4, backend="exact")
@@ -443,7 +449,7 @@ def test_index_capacity_follows_the_index_growth():
 
 def test_measure_inference_ingest_and_ask(tmp_path):
     """The infer probe: store components exact, tensor peak and RSS within the goal."""
-    from train.plan_measure import compare_infer, retrieval_kwargs, run_probe_infer
+    from plan.measure import compare_infer, retrieval_kwargs, run_probe_infer
 
     m = preset("tiny")
     s = PlanSettings(mode="infer", window=512, top_k=2, chunk=256, precision="fp32",

@@ -1,13 +1,15 @@
 """What `folio plan` writes: the table, ds_config.json, the Folio configs and the PNG.
 
 Files (in the output folder):
-  ds_config.json     DeepSpeed settings only, in the form the repository's ds_config.json
-                     takes (micro-batch and accumulation are filled from the train config)
-  folio_train.json   a TrainConfig (train/config.py) that `folio train --config` loads
-  folio_plan.json    every chosen setting, including those TrainConfig has no field for
-                     yet (activation checkpointing, attention impl, top-k, store budgets:
-                     StoreConfig's device_budget_bytes / host_budget_bytes), and the
-                     predicted bytes per component and tier
+  ds_config.json     train: DeepSpeed settings only, in the form the repository's
+                     ds_config.json takes (micro-batch and accumulation come from the
+                     train config)
+  folio_train.json   train: a TrainConfig (train/config.py) with every setting the plan
+                     chose; the printed `folio train` command sets the same fields
+  folio_ingest.json  infer: {"retrieval": RetrievalConfig fields, "store": StoreConfig
+                     tier budgets}; the printed `folio ingest` command sets the same
+  folio_plan.json    the report: settings, predicted bytes per component and tier,
+                     the rejected settings and why
   plan.png           memory per component against context length, one panel per tier
 """
 
@@ -20,10 +22,12 @@ from typing import Any
 
 from engine.config import PRESETS, ModelConfig
 
-from .plan_components import (ALLGATHER_BUCKET, NVME_OPT_BUFFERS, NVME_PARAM_BUFFERS, PREFETCH_BUCKET,
-                              REDUCE_BUCKET, SUB_GROUP_SIZE, TIERS, Estimate, PlanSettings, estimate)
-from .plan_search import Candidate, SearchResult
 from engine.units import format_bytes, format_context
+
+from .components import estimate
+from .search import Candidate, SearchResult
+from .settings import (ALLGATHER_BUCKET, NVME_OPT_BUFFERS, NVME_PARAM_BUFFERS, PREFETCH_BUCKET, REDUCE_BUCKET,
+                       SUB_GROUP_SIZE, TIERS, Estimate, PlanSettings)
 
 
 def components_table(est: Estimate, budgets: dict[str, int] | None = None) -> str:
@@ -110,12 +114,23 @@ def model_ref(model: ModelConfig, name: str | None) -> tuple[str, dict[str, Any]
     return base, {k: v for k, v in model.to_dict().items() if defaults.get(k) != v}
 
 
+def _set_fields(s: PlanSettings) -> dict[str, Any]:
+    """TrainConfig fields of the plan that have no named `folio train` flag (set with --set)."""
+    # the plan budgets top_k retrieved blocks per layer and KV head (0: plain-window training)
+    d: dict[str, Any] = {"retrieval": s.top_k > 0, "attention_impl": s.attention_impl,
+                         "activation_checkpointing": s.activation_checkpointing}
+    if s.top_k > 0:
+        d.update(retrieval_top_k=s.top_k, store_device_budget_bytes=s.device_tier_bytes,
+                 store_host_budget_bytes=s.host_tier_bytes)
+    return d
+
+
 def train_config_dict(model: ModelConfig, name: str | None, s: PlanSettings) -> dict[str, Any]:
     """Fields of train/config.py's TrainConfig for the plan (the rest keep their defaults)."""
     base, overrides = model_ref(model, name)
     return {"model": base, "model_overrides": overrides, "window_len": s.window,
             "micro_batch": s.micro_batch, "grad_accum": s.grad_accum, "precision": s.precision,
-            "retrieval": s.top_k > 0, "retrieval_top_k": max(1, s.top_k)}
+            "retrieval_top_k": max(1, s.top_k), **_set_fields(s)}
 
 
 def train_command(model: ModelConfig, name: str | None, s: PlanSettings, ds_path: str | Path) -> str:
@@ -125,10 +140,27 @@ def train_command(model: ModelConfig, name: str | None, s: PlanSettings, ds_path
     parts += [f"--model-set {k}={v}" for k, v in sorted(overrides.items())]
     parts += [f"--micro-batch {s.micro_batch}", f"--grad-accum {s.grad_accum}", f"--window {s.window}",
               f"--precision {s.precision}", f"--ds-config {ds_path}"]
-    # the plan budgets top_k retrieved blocks per layer and KV head (0: plain-window training)
-    parts += [f"--set retrieval={'true' if s.top_k > 0 else 'false'}"]
-    if s.top_k > 0:
-        parts += [f"--set retrieval_top_k={s.top_k}"]
+    parts += [f"--set {k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in _set_fields(s).items()]
+    return " ".join(parts)
+
+
+def ingest_config_dict(model: ModelConfig, s: PlanSettings) -> dict[str, Any]:
+    """An infer plan as engine.retrieval.RetrievalConfig fields and StoreConfig tier budgets.
+
+    The local window holds `local_blocks` whole blocks plus the chunk being prefilled, so
+    W = local_blocks * block_len + chunk."""
+    return {"retrieval": {"top_k": s.top_k, "chunk_len": s.chunk,
+                          "local_blocks": max(0, (s.window - s.chunk) // model.block_len)},
+            "store": {"device_budget_bytes": s.device_tier_bytes, "host_budget_bytes": s.host_tier_bytes}}
+
+
+def ingest_command(model: ModelConfig, s: PlanSettings) -> str:
+    """The `folio ingest` options that apply an infer plan (flags engine/cli.py accepts)."""
+    d = ingest_config_dict(model, s)
+    r = d["retrieval"]
+    parts = [f"folio ingest --top-k {r['top_k']} --local-blocks {r['local_blocks']} --chunk {r['chunk_len']}"]
+    # no store tiers without retrieval: the flags' defaults stand (they take no 0)
+    parts += [f"--{k.split('_')[0]}-budget {v}" for k, v in d["store"].items() if v]
     return " ".join(parts)
 
 
@@ -146,13 +178,14 @@ def plan_dict(result: SearchResult, model_name: str | None) -> dict[str, Any]:
         s = chosen.settings
         d["settings"] = _settings_dict(s)
         d["store"] = {"device_budget_bytes": s.device_tier_bytes, "host_budget_bytes": s.host_tier_bytes}
-        d["retrieval"] = {"top_k": s.top_k, "window": s.window, "chunk_len": s.chunk,
-                          "local_blocks": max(0, (s.window - s.chunk) // result.model.block_len)}
+        d["retrieval"] = {"window": s.window, **ingest_config_dict(result.model, s)["retrieval"]}
         d["predicted"] = {c.name: {t: c.on(t) for t in TIERS} for c in chosen.estimate.components}
         d["predicted_total"] = chosen.estimate.totals()
         d["tokens_per_s"] = chosen.tokens_per_s
         if result.mode == "train":
             d["train_command"] = train_command(result.model, model_name, s, "ds_config.json")
+        else:
+            d["ingest_command"] = ingest_command(result.model, s)
     return d
 
 
@@ -161,7 +194,8 @@ def _settings_dict(s: PlanSettings) -> dict[str, Any]:
 
 
 def write_configs(result: SearchResult, model_name: str | None, out_dir: str | Path) -> list[Path]:
-    """Write ds_config.json (train), folio_train.json (train) and folio_plan.json; returns paths."""
+    """Write ds_config.json and folio_train.json (train) or folio_ingest.json (infer), and
+    folio_plan.json; returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -172,6 +206,10 @@ def write_configs(result: SearchResult, model_name: str | None, out_dir: str | P
         written.append(p)
         p = out / "folio_train.json"
         p.write_text(json.dumps(train_config_dict(result.model, model_name, s), indent=2, sort_keys=True) + "\n")
+        written.append(p)
+    elif result.chosen is not None:
+        p = out / "folio_ingest.json"
+        p.write_text(json.dumps(ingest_config_dict(result.model, result.chosen.settings), indent=2) + "\n")
         written.append(p)
     p = out / "folio_plan.json"
     p.write_text(json.dumps(plan_dict(result, model_name), indent=2) + "\n")
