@@ -194,7 +194,6 @@ def step_peak_bytes(model: ModelConfig, s: PlanSettings, stored_blocks: int) -> 
     B, c, V, T, d = s.micro_batch, compute_bytes(s), model.vocab_size, s.window, model.d_model
     keys = attention_keys(model, s, stored_blocks)
     layer = layer_saved_bytes(model, s, keys)
-    head_saved = B * T * d * (4 + 2 * c) + B * T * V * 4
     head_transient = B * T * V * (c + 4)
     layer_transient = layer_transient_bytes(model, s, keys, T)
     g_head = (model.vocab_size * d + d) * c if not model.tie_embeddings else d * c
@@ -213,7 +212,6 @@ def step_peak_bytes(model: ModelConfig, s: PlanSettings, stored_blocks: int) -> 
 
 def activation_component(model: ModelConfig, s: PlanSettings, stored_blocks: int) -> Component:
     """Peak activation bytes of one training window, or of one inference chunk."""
-    B, c, V = s.micro_batch, compute_bytes(s), model.vocab_size
     if s.mode == "infer":
         return Component("activations", device=infer_activation_bytes(model, s, stored_blocks),
                          note=f"one chunk of {min(s.chunk, s.window)} tokens, one layer at a time")

@@ -45,8 +45,6 @@ DeepSpeed) + 10%; 5% of the disk bytes.
 
 from __future__ import annotations
 
-import math
-
 from engine.config import ModelConfig
 from memory_store.index import DEFAULT_EXACT_THRESHOLD
 
