@@ -66,7 +66,7 @@ from zarr.storage import LocalStore
 from .chunks import ChunkFiles, ChunkIO, ShardedChunks, ZarrChunks, kv_key, landmark_key
 from .commit import (COMMIT_KEY, FORMAT_NAME, FORMAT_VERSION, READABLE_VERSIONS, CommitRecord, Durability,
                      StreamRecord)
-from .errors import (ClosedError, CorruptBlockError, FormatVersionError, LayoutMismatchError, ReadOnlyError,
+from .errors import (ClosedError, FormatVersionError, LayoutMismatchError, ReadOnlyError,
                      ShapeError, StoreError, StoreIOError, StoreNotFoundError)
 from .layout import StoreLayout
 from .row_meta import META_CHUNK, RowMeta

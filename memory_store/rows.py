@@ -17,9 +17,26 @@ import numpy as np
 import torch
 
 from .commit import StreamRecord
-from .errors import CorruptBlockError, ShapeError, UnknownBlockError
+from .errors import CorruptBlockError, InvalidArgumentError, ShapeError, UnknownBlockError
 
-__all__ = ["RowTable", "as_ids"]
+__all__ = ["RowTable", "as_ids", "check_parts"]
+
+
+def check_parts(parts: object) -> list[tuple[str, int]]:
+    """A put's (stream, n_blocks) pairs, checked. InvalidArgumentError otherwise."""
+    if isinstance(parts, (str, bytes)):
+        raise InvalidArgumentError(f"parts={parts!r}: expected a sequence of (stream, n_blocks) pairs")
+    checked = []
+    for part in parts:
+        if not (isinstance(part, (tuple, list)) and len(part) == 2):
+            raise InvalidArgumentError(f"part {part!r}: expected a (stream, n_blocks) pair")
+        stream, n_part = part
+        if not isinstance(stream, str) or not stream:
+            raise InvalidArgumentError(f"stream={stream!r}: expected a non-empty str")
+        if not isinstance(n_part, (int, np.integer)) or isinstance(n_part, bool) or n_part < 0:
+            raise InvalidArgumentError(f"part ({stream!r}, {n_part!r}): n_blocks must be an int >= 0")
+        checked.append((stream, int(n_part)))
+    return checked
 
 
 def as_ids(ids: Sequence[int] | torch.Tensor | np.ndarray | int) -> np.ndarray:
@@ -127,27 +144,23 @@ class RowTable:
             off += n_part
         return codes, ords
 
-    def append(self, parts: Sequence[tuple[str, int]], codes: np.ndarray, ords: np.ndarray) -> list[np.ndarray]:
-        """Append the rows `plan(parts)` gave (codes, ords) at next_id; returns each part's ids.
-        Call grow(next_id + N) first."""
+    def append(self, parts: Sequence[tuple[str, int]], ids: Sequence[np.ndarray], codes: np.ndarray,
+               ords: np.ndarray) -> None:
+        """Append the rows `plan(parts)` gave (codes, ords) at next_id, ids[i] (next_id onwards) being
+        part i's. Call grow(next_id + N) first."""
         start = self.next_id
         n = codes.shape[0]
-        out, off = [], start
-        for stream, n_part in parts:
-            ids = np.arange(off, off + n_part, dtype=np.int64)
-            out.append(ids)
-            off += n_part
+        for (stream, n_part), part_ids in zip(parts, ids):
             if n_part == 0:
                 continue
-            code = int(codes[ids[0] - start])
+            code = int(codes[part_ids[0] - start])
             if code == len(self.streams):  # a new stream (codes were given in this order)
                 self._new_stream(stream)
             self.streams[code].n_blocks += n_part
-            self.stream_rows[code].append(ids)
+            self.stream_rows[code].append(part_ids)
         self.codes[start:start + n], self.ords[start:start + n], self.alive[start:start + n] = codes, ords, True
         self.n_alive += n
         self.next_id = start + n
-        return out
 
     def delete_stream(self, stream: str) -> np.ndarray | None:
         """Mark every row of a live stream dead and the stream deleted; returns its rows (None: unknown)."""

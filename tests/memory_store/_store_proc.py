@@ -69,7 +69,7 @@ def check(path: str) -> int:
                 assert torch.equal(k, torch.stack([w[0][layer] for w in want])), f"K mismatch at layer {layer}"
                 assert torch.equal(v, torch.stack([w[1][layer] for w in want])), f"V mismatch at layer {layer}"
             assert len(s.index) == n, f"index has {len(s.index)} keys for {n} blocks"
-            lm_ids, _ = s.search(0, torch.stack([w[2][0].float() for w in want[-2:]]), k=1)
+            lm_ids, _ = s.index.search(0, torch.stack([w[2][0].float() for w in want[-2:]]), k=1)
             assert set(lm_ids.flatten().tolist()) <= set(ids)
             assert sum(len(s.stream_blocks(x)) for x in STREAMS) == n
             metas = [s.get_stream_meta(x).get("n_rows_after", 0) for x in STREAMS]
