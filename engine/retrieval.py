@@ -279,9 +279,9 @@ class BatchMemory:
         B, H, T, D = q_rot.shape
         Hkv = cfg.n_kv_heads
         qs = q_rot.reshape(B, Hkv, H // Hkv * T, D)  # each KV head's queries (its G heads' rows)
-        ids, scores = m0.store.search_max_lanes(layer, qs, k_search, [m.read_streams for m in mems],
-                                                key_map=_rope_key_map(kk * m0.L - 1, D, cfg.rope),
-                                                heads_first=True)
+        ids, scores = m0.store.index.search_max_lanes(layer, qs, k_search, [m.read_streams for m in mems],
+                                                      key_map=_rope_key_map(kk * m0.L - 1, D, cfg.rope),
+                                                      heads_first=True)
         for m in mems:
             m.stats.searches += 1
         ids, scores = ids.cpu(), scores.float().cpu()  # (B, Hkv, k')
@@ -410,11 +410,11 @@ class RetrievalMemory:
         exclude = self._stored_local_ids()
         qs = _search_vectors(q, q_local_pos, self.cfg)[0]  # (T*G, Hkv, D)
         k_search = kk + len(exclude)  # the local window's stored blocks may take slots: ask for more
-        if self.rc.selection == "chunk" and hasattr(self.store, "search_max"):
+        if self.rc.selection == "chunk":
             # max over the chunk's queries inside the index: one matmul per call, no per-query top-k
-            ids, scores = self.store.search_max(layer, qs, k_search, streams=self.read_streams)
+            ids, scores = self.store.index.search_max(layer, qs, k_search, streams=self.read_streams)
         else:
-            ids, scores = self.store.search(layer, qs, k_search, streams=self.read_streams)
+            ids, scores = self.store.index.search(layer, qs, k_search, streams=self.read_streams)
         self.stats.searches += 1
         ids, scores = ids.cpu(), scores.float().cpu()  # (n_q, Hkv, k'); n_q = 1 from search_max
         scores = mask_excluded(ids, scores, exclude)

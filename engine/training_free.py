@@ -196,7 +196,7 @@ class TrainingFreeMemory:
         if self.rc.query_agg == "mean":  # the mean score over queries is the mean query's score
             qs = qs.mean(dim=0, keepdim=True)  # (1, Hkv, D)
         exclude = self.sink_ids + [i for i in self.local_ids if i is not None]
-        ids, scores = self.store.search_max(layer, qs, kk + len(exclude), streams=self.read_streams)
+        ids, scores = self.store.index.search_max(layer, qs, kk + len(exclude), streams=self.read_streams)
         self.stats.searches += 1
         ids, scores = ids.cpu(), scores.float().cpu()
         return choose_blocks(ids, mask_excluded(ids, scores, exclude), kk)[0]

@@ -26,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .errors import CorruptBlockError, StoreError
+from .errors import CorruptBlockError, InvalidArgumentError, StoreError
 from .eviction import make_policy
 from .layout import StoreLayout
 from .protocols import CacheTier, DiskLog
@@ -35,7 +35,26 @@ from .stats import StoreStats
 from .tiers import DeviceTier, HostTier, Key
 from .write_behind import WriteBehind
 
-__all__ = ["ReadCascade"]
+__all__ = ["ReadCascade", "heads_selection"]
+
+
+def heads_selection(sel: torch.Tensor, n_kv_heads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """get_heads' plan for sel (B, H, k) int64 block ids (-1: none): sel as numpy, its distinct ids
+    (M,) sorted, and per slot of sel flattened the entry of those ids (pos) and the head it takes.
+    InvalidArgumentError for a sel of another shape or dtype."""
+    H = n_kv_heads
+    if not isinstance(sel, torch.Tensor) or sel.dtype != torch.int64 or sel.dim() != 3 or sel.shape[1] != H:
+        raise InvalidArgumentError(f"get_heads: sel must be a (B, n_kv_heads={H}, k) int64 tensor, got "
+                                   f"{tuple(getattr(sel, 'shape', ()))} {getattr(sel, 'dtype', type(sel).__name__)}")
+    s = sel.detach().cpu().numpy()
+    valid = s >= 0
+    uniq = np.sort(s[valid])  # np.unique, without its overhead (a few us here, not 30)
+    uniq = uniq[np.concatenate(([True], uniq[1:] != uniq[:-1]))] if uniq.size else uniq
+    if not uniq.size:
+        return s, uniq, uniq, uniq
+    pos = np.searchsorted(uniq, np.where(valid, s, uniq[0])).reshape(-1)  # entry of uniq per slot
+    heads = np.arange(s.size) // s.shape[2] % H  # the head of each slot (B, H, k) flattened
+    return s, uniq, pos, heads
 
 
 class ReadCascade:
@@ -120,6 +139,32 @@ class ReadCascade:
             self._stats.hits["device"] += len(keys)
         return got
 
+    def heads_of(self, k: torch.Tensor, v: torch.Tensor, pos: np.ndarray, heads: np.ndarray
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head heads[i] of entry pos[i] of k, v (M, H, T, D) -> K, V (n, T, D)."""
+        H, T, D = self.layout.kv_shape
+        flat = torch.from_numpy(pos * H + heads).to(k.device)
+        return k.reshape(-1, T, D).index_select(0, flat), v.reshape(-1, T, D).index_select(0, flat)
+
+    def shape_heads(self, got: tuple[torch.Tensor, torch.Tensor], sel: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gathered heads (n, T, D) on the device, zero where sel (B, H, k) is -1, viewed (B, H, k, T, D)."""
+        _, T, D = self.layout.kv_shape
+        if got[0].device != self.device:  # a host-side device tier (CPU store): copy over
+            got = (self.to_device(got[0]), self.to_device(got[1]))
+            self.sync_copies()
+        valid = sel >= 0
+        if not valid.all():  # the gathers are new tensors: their absent slots are zeroed in place
+            absent = torch.from_numpy(np.flatnonzero(~valid)).to(got[0].device)
+            for t in got:
+                t.index_fill_(0, absent, 0.0)
+        return tuple(t.view(*sel.shape, T, D) for t in got)
+
+    def absent_heads(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeros K, V (*shape, T, D): a selection with no block."""
+        _, T, D = self.layout.kv_shape
+        z = torch.zeros((*shape, T, D), dtype=self.layout.torch_dtype, device=self.device)
+        return z, z.clone()
+
     def load(self, rows: np.ndarray, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Entries not in memory: from the write-behind queue or disk, as CPU tensors (M, H, T, D)."""
         m = rows.shape[0]
@@ -178,9 +223,17 @@ class ReadCascade:
         return t, self.layout.to_storage(t)
 
     # -- placement: the exclusive-tiers rule ---------------------------------------------------
-    def place_new(self, keys: list[Key], k: torch.Tensor, v: torch.Tensor) -> None:
-        """A put's entries (new ids: in no tier yet), K, V (M, H, T, D), into the device tier."""
-        self.admit(0, keys, k, v, source="put")
+    def place_new(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """A put's blocks start.. (new ids: in no tier yet), k, v (N, L, H, T, D), into the device tier:
+        only the newest entries that fit anywhere are worth placing."""
+        keep = self.room
+        if not keep:
+            return
+        n, L, H, T, D = k.shape
+        keys = [(int(r), layer) for r in range(start, start + n) for layer in range(L)]
+        kk = k.detach().reshape(n * L, H, T, D)  # (N*L, H, T, D), rows ordered (block, layer)
+        vv = v.detach().reshape(n * L, H, T, D)
+        self.admit(0, keys[-keep:], kk[-keep:], vv[-keep:], source="put")
 
     def drop(self, keys: list[Key]) -> None:
         """Remove entries from every memory tier (their blocks were deleted)."""

@@ -39,7 +39,6 @@ Shape letters: N blocks, M entries, L layers, H KV heads, T block_len, D head_di
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import threading
@@ -55,11 +54,11 @@ from zarr.abc.store import Store
 from .commit import CommitRecord
 from .config import StoreConfig
 from .disk import DiskTier
-from .errors import (ClosedError, CorruptBlockError, InvalidArgumentError, ReadOnlyError, StoreError,
-                     StoreIOError, StoreNotFoundError, UnknownBlockError)
+from .errors import (ClosedError, CorruptBlockError, InvalidArgumentError, ReadOnlyError, StoreError, StoreIOError,
+                     UnknownBlockError, io_error)
 from .index import LandmarkIndex
 from .layout import StoreLayout
-from .reads import ReadCascade
+from .reads import ReadCascade, heads_selection
 from .rows import RowTable, check_parts
 from .stats import StoreStats
 from .write_behind import WriteBehind
@@ -166,15 +165,7 @@ class TieredStore:
             raise err
 
     def _io_error(self, e: OSError, doing: str) -> StoreError:
-        """The typed error for a failed file-system call `e` made while `doing` (StoreErrors pass as they are)."""
-        if isinstance(e, StoreError):
-            return e
-        if self._disk.gone:
-            return StoreNotFoundError(f"store {self._disk.where}: {doing} failed: the store was deleted (its "
-                                      f"directory is gone or replaced) while open ({e})")
-        name = errno.errorcode.get(e.errno, str(e.errno)) if e.errno is not None else "error"
-        return StoreIOError(e.errno, f"store {self._disk.where}: {doing} failed ({name}: {e.strerror or e}); the "
-                            f"last commit (generation {self._generation}) is intact", e.filename)
+        return io_error(e, self._disk.where, doing, gone=self._disk.gone, generation=self._generation)
 
     @property
     def background_error(self) -> BaseException | None:
@@ -217,7 +208,6 @@ class TieredStore:
         """
         self._check_writable()
         checked = check_parts(parts)
-        L, H, T, D = self.layout.n_layers, self.layout.n_kv_heads, self.layout.block_len, self.layout.head_dim
         n = sum(c for _, c in checked)
         self.layout.check_blocks(k, v, landmarks, n)
         if n == 0:
@@ -251,13 +241,7 @@ class TieredStore:
             rows.append(checked, out, codes, ords)
             self._dirty = True
             self._writes.submit(start, k_np, v_np, lm_np, codes, ords)
-            # writes go to the device tier; only the newest entries that fit anywhere are worth placing
-            keep = self._reads.room
-            if keep:
-                keys = [(int(r), layer) for r in range(start, start + n) for layer in range(L)]
-                kk = k.detach().reshape(n * L, H, T, D)  # (N*L, H, T, D), rows ordered (block, layer)
-                vv = v.detach().reshape(n * L, H, T, D)
-                self._reads.place_new(keys[-keep:], kk[-keep:], vv[-keep:])
+            self._reads.place_new(start, k, v)
         return out
 
     def flush(self) -> None:
@@ -270,11 +254,10 @@ class TieredStore:
         unlinked only after every job that wrote them finished). Concurrent flushes run one
         after the other.
 
-        Raises StoreIOError when a file could not be written, synced or renamed (disk full, I/O
-        error; or the background writer's failure, raised once): the last commit stays intact and
-        everything acknowledged stays queued, so a later flush() retries (after a failed sync of
-        the data files every later flush raises; see DiskTier.make_durable). StoreNotFoundError
-        when the store's directory was deleted while open."""
+        Raises StoreIOError when a file could not be written, synced or renamed (or the background
+        writer's failure, raised once): the last commit stays intact and everything acknowledged
+        stays queued for a later flush() (after a failed data sync every later flush raises; see
+        commit.py). StoreNotFoundError when the store's directory was deleted while open."""
         self._check_open()
         if self._read_only:
             return
@@ -392,39 +375,21 @@ class TieredStore:
         gather from the device tier when it holds every block (training); otherwise
         `get_layer` of the distinct blocks (promote as there), then the gather.
         Raises InvalidArgumentError, UnknownBlockError, CorruptBlockError."""
-        H, T, D = self.layout.kv_shape
-        if not isinstance(sel, torch.Tensor) or sel.dtype != torch.int64 or sel.dim() != 3 or sel.shape[1] != H:
-            raise InvalidArgumentError(f"get_heads: sel must be a (B, n_kv_heads={H}, k) int64 tensor, got "
-                                       f"{tuple(getattr(sel, 'shape', ()))} {getattr(sel, 'dtype', type(sel).__name__)}")
         t0 = time.perf_counter()
+        sel_np, uniq, pos, heads = heads_selection(sel, self.layout.n_kv_heads)
         self._check_open()
         layer = self._check_layer(layer)
-        s = sel.detach().cpu().numpy()
-        valid = s >= 0
-        uniq = np.sort(s[valid])  # np.unique, without its overhead (a few us here, not 30)
-        uniq = uniq[np.concatenate(([True], uniq[1:] != uniq[:-1]))] if uniq.size else uniq
         if not uniq.size:
-            z = torch.zeros((*s.shape, T, D), dtype=self.layout.torch_dtype, device=self.device)
-            return z, z.clone()
-        pos = np.searchsorted(uniq, np.where(valid, s, uniq[0])).reshape(-1)  # entry of uniq per slot
-        heads = np.arange(s.size) // s.shape[2] % H  # the head of each slot (B, H, k) flattened
+            return self._reads.absent_heads(sel_np.shape)
         with self._lock:
             self._rows.check_ids(uniq)
             got = self._reads.gather_heads([(int(r), layer) for r in uniq], pos, heads)
         if got is None:
             k_u, v_u = self.get_layer(uniq, layer, promote=promote)  # (M, H, T, D)
-            flat = torch.from_numpy(pos * H + heads).to(k_u.device)
-            got = k_u.reshape(-1, T, D).index_select(0, flat), v_u.reshape(-1, T, D).index_select(0, flat)
+            got = self._reads.heads_of(k_u, v_u, pos, heads)
         else:
-            if got[0].device != self.device:  # a host-side device tier (CPU store): copy over
-                got = (self._reads.to_device(got[0]), self._reads.to_device(got[1]))
-                self._reads.sync_copies()
             self._stats.latencies.append(time.perf_counter() - t0)
-        if not valid.all():  # the gathers are new tensors: their absent slots are zeroed in place
-            absent = torch.from_numpy(np.flatnonzero(~valid)).to(got[0].device)
-            for t in got:
-                t.index_fill_(0, absent, 0.0)
-        return tuple(t.view(*s.shape, T, D) for t in got)
+        return self._reads.shape_heads(got, sel_np)
 
     def get(self, block_id: int) -> Block | None:
         """The whole block (all layers) or None when the id is unknown or deleted."""
