@@ -210,10 +210,10 @@ class BatchMemory:
     def _lanes_batchable(self, layer: int) -> bool:
         """Whether every lane can go through `_attend_lanes`: one store, one config with
         chunk selection and stingy positions (the same key axis for every lane), the same
-        local window length, and explicit streams to search (a store with search_max_lanes
-        and get_heads)."""
+        local window length, and explicit streams to search (a store with an index and
+        get_heads)."""
         m0 = self.memories[0]
-        return (len(self.memories) > 1 and hasattr(m0.store, "search_max_lanes") and hasattr(m0.store, "get_heads")
+        return (len(self.memories) > 1 and hasattr(m0.store, "index") and hasattr(m0.store, "get_heads")
                 and m0.rc.selection == "chunk" and m0.rc.positions == "stingy" and m0.rc.top_k > 0
                 and all(m.store is m0.store and m.rc == m0.rc and m.read_streams is not None
                         and m.local_k[layer].shape[2] == m0.local_k[layer].shape[2] for m in self.memories))

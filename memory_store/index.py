@@ -372,12 +372,12 @@ class LandmarkIndex(LanesSearch, IndexPersistence):
             q = queries.detach().to(self.device, torch.float32)
             if q.shape[0] <= _FEW_QUERIES:
                 # decode (a few queries): one (H, Q, D) x (H, D, N) matmul, then the max over
-                # Q rows; ~4x faster on CPU than (H, N, D) x (H, D, Q), whose output is too narrow
+                # Q rows; faster on CPU than (H, N, D) x (H, D, Q), whose output is too narrow
                 best = torch.matmul(q.transpose(0, 1), keys.transpose(1, 2)).amax(dim=1)  # (H, N)
             else:
                 qt = q.permute(1, 2, 0).contiguous()  # (H, D, Q)
                 # key tiles small enough that the (H, C, Q) scores stay in cache for the max:
-                # ~4x faster on CPU than one big matmul followed by a strided reduction
+                # faster on CPU than one big matmul followed by a strided reduction
                 chunk = max(64, _MAX_CHUNK_ELEMS // max(1, qt.shape[2] * self.n_kv_heads))
                 best = torch.empty(self.n_kv_heads, m, dtype=torch.float32, device=self.device)
                 for start in range(0, m, chunk):

@@ -121,14 +121,10 @@ class TieredStore:
         """Open a store at a local path or in any zarr Store.
 
         mode "r": read-only (must exist); "a": read/append, created when missing (layout required then);
-        "w": create, replacing what is there (layout required). A layout other than the stored one raises
-        LayoutMismatchError naming both; a missing store StoreNotFoundError; another format FormatVersionError.
-        Modes "a" and "w" take the writer lock, held until close(): when another writer holds it, wait up
-        to `wait_s` seconds (0: not at all; ignored by mode "r"), then raise StoreLockedError naming the
-        holder, before anything in the store was touched. A directory that cannot be written raises
-        ReadOnlyError. A store that is not a local directory has no lock (NoWriterLockWarning).
-        A store left unclosed keeps its lock until it is collected (its write-behind thread keeps it
-        alive until the process exits): close it, or use `with`.
+        "w": create, replacing what is there (layout required). Raises LayoutMismatchError (naming both
+        layouts), StoreNotFoundError, FormatVersionError, ReadOnlyError, and StoreLockedError when another
+        writer holds the lock after `wait_s` seconds (modes "a", "w"; see DiskTier.open). A store left
+        unclosed keeps its lock until the process exits (its writer thread keeps it alive): use `with`.
         """
         if mode not in ("r", "a", "w"):
             raise InvalidArgumentError(f"TieredStore.open mode={mode!r}: expected 'r', 'a' or 'w'")
@@ -198,14 +194,11 @@ class TieredStore:
         not modify them afterwards (the write-behind queue reads them later).
 
         parts: (stream, n_blocks) per part; k, v (N, L, H, T, D) and landmarks (N, L, H, D)
-        hold the parts' blocks one after the other, N = sum of n_blocks. Returns each
-        part's ids. Everything is checked (and the index grown) before anything changes: a
-        bad part, or the index failing to grow, stores no part.
+        hold the parts' blocks one after the other, N = sum of n_blocks. Returns each part's
+        ids. Everything is checked before anything changes: an error stores no part.
         Raises ShapeError, InvalidArgumentError, LandmarkIndexError, ReadOnlyError, ClosedError, and
-        StoreIOError: with write_behind=False when this put's own write fails (it then stored nothing);
-        with write-behind when the background writer failed since the last call (raised once; this
-        put then stored nothing, the earlier ones stay queued and the writer retries them).
-        """
+        StoreIOError (this put's own write failed, write_behind=False; or the background writer failed
+        since the last call: raised once, the earlier puts stay queued and are retried)."""
         self._check_writable()
         checked = check_parts(parts)
         n = sum(c for _, c in checked)

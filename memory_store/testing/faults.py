@@ -53,7 +53,7 @@ _CREATE_FLAGS = os.O_CREAT | os.O_TRUNC  # an open that may create or empty a fi
 _REAL_OPEN = open
 
 # memory_store functions -> the protocol step a call under them belongs to (innermost match wins;
-# functions not listed, e.g. _fsync_path or ShardSet.write, take the step of their caller)
+# functions not listed, e.g. fsync_path or ShardSet.write, take the step of their caller)
 _STEP_OF = {
     "write_blob": "index save", "delete_prefix": "index save", "_save_index": "index save",
     "commit": "commit record", "seal": "seal shards", "_write_pending_meta": "row metadata",
