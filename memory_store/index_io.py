@@ -152,7 +152,7 @@ class IndexPersistence:
                         streams: Iterable[tuple[str, np.ndarray]],
                         read_keys: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], *,
                         n_layers: int, n_kv_heads: int, head_dim: int, backend: str,
-                        device: str | torch.device) -> tuple[LandmarkIndex, str]:
+                        device: str | torch.device, where: str = "") -> tuple[LandmarkIndex, str]:
         """The index of a store at commit `generation` holding `n_live` live blocks, and where it came
         from: "loaded" (saved for this generation and matching), "rebuilt" (from the landmark keys
         read_keys(rows) -> ((M, L, H, D) float, found (M,)) of every (stream, rows) in `streams`) or
@@ -177,8 +177,8 @@ class IndexPersistence:
                     part = rows[s:s + _REBUILD_ROWS]
                     keys, found = read_keys(part)
                     if not found.all():
-                        raise CorruptBlockError(f"block {int(part[~found][0])}: landmark chunk missing",
-                                                block_id=int(part[~found][0]))
+                        raise CorruptBlockError(f"block {int(part[~found][0])}: landmark chunk missing from "
+                                                f"{where}", block_id=int(part[~found][0]))
                     idx.add(name, part, keys)
         idx.generation = generation
         return idx, source

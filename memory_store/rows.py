@@ -98,6 +98,10 @@ class RowTable:
         parts = self.stream_rows.get(code, []) if code is not None else []
         return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
+    def live_stream_rows(self) -> list[tuple[str, np.ndarray]]:
+        """(name, rows in ordinal order) of every live stream."""
+        return [(name, self.rows_of(name)) for name in self.stream_code]
+
     def names(self, rows: np.ndarray) -> list[str]:
         return [self.streams[c].name for c in self.codes[rows].tolist()]
 

@@ -54,7 +54,7 @@ from zarr.abc.store import Store
 from .commit import CommitRecord
 from .config import StoreConfig
 from .disk import DiskTier
-from .errors import (ClosedError, CorruptBlockError, InvalidArgumentError, ReadOnlyError, StoreError, StoreIOError,
+from .errors import (ClosedError, InvalidArgumentError, ReadOnlyError, StoreError, StoreIOError,
                      UnknownBlockError, io_error)
 from .index import LandmarkIndex
 from .layout import StoreLayout
@@ -111,9 +111,9 @@ class TieredStore:
                                   stats=self._stats)
         self.index: LandmarkIndex
         self.index, self.index_source = LandmarkIndex.open_or_rebuild(
-            disk, record.generation, self._rows.n_alive, self._live_stream_rows(), self._read_landmarks,
+            disk, record.generation, self._rows.n_alive, self._rows.live_stream_rows(), self._read_landmarks,
             n_layers=self.layout.n_layers, n_kv_heads=self.layout.n_kv_heads, head_dim=self.layout.head_dim,
-            backend=config.index_backend, device=self.device)
+            backend=config.index_backend, device=self.device, where=disk.where)
 
     @classmethod
     def open(cls, where: str | os.PathLike | Store, mode: str = "a", *, layout: StoreLayout | None = None,
@@ -467,14 +467,8 @@ class TieredStore:
         return [self._reads.device_tier, self._reads.host_tier, self._disk]
 
     # -- the derived index (index_io.py) ---------------------------------------------------------
-    def _live_stream_rows(self):
-        return ((name, self._rows.rows_of(name)) for name in self._rows.stream_code)
-
     def _read_landmarks(self, rows: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         lm, found = self._disk.read_landmarks(rows)
-        if not found.all():
-            bad = int(rows[~found][0])
-            raise CorruptBlockError(f"block {bad}: landmark chunk missing from {self._disk.where}", block_id=bad)
         return self.layout.from_storage(lm).float(), found
 
     def _save_index(self, doing: str) -> None:
