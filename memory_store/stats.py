@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
 
 __all__ = ["StoreStats"]
 
@@ -22,3 +26,14 @@ class StoreStats:
         """Hits, misses, bytes moved and prefetched entries (copies; no latency percentiles)."""
         return {"hits": dict(self.hits), "misses": dict(self.misses), "bytes_moved": dict(self.moved),
                 "prefetched_entries": self.prefetched}
+
+    def report(self, tiers: Sequence[Any], **extra: Any) -> dict:
+        """`counters()`, the get latency percentiles (ms), each memory tier's fill, then `extra`."""
+        out = self.counters()
+        lat = np.array(self.latencies, dtype=np.float64) * 1e3
+        out["get_latency_ms"] = {f"p{q}": (float(np.percentile(lat, q)) if lat.size else None) for q in (50, 90, 99)}
+        out["get_latency_ms"]["count"] = int(lat.size)
+        out["tiers"] = {t.name: {"entries": len(t), "bytes": t.nbytes, "allocated_bytes": t.allocated_bytes,
+                                 "budget_bytes": t.budget_bytes, "device": str(t.device)} for t in tiers}
+        out.update(extra)
+        return out

@@ -486,18 +486,9 @@ class TieredStore:
     def stats(self) -> dict:
         """Hits and misses per tier, bytes moved between tiers, get latency percentiles (ms), tier fill."""
         with self._lock:
-            out = self._stats.counters()
-            lat = np.array(self._stats.latencies, dtype=np.float64) * 1e3
-            out["get_latency_ms"] = {f"p{q}": (float(np.percentile(lat, q)) if lat.size else None) for q in (50, 90, 99)}
-            out["get_latency_ms"]["count"] = int(lat.size)
-            out["tiers"] = {t.name: {"entries": len(t), "bytes": t.nbytes, "allocated_bytes": t.allocated_bytes,
-                                     "budget_bytes": t.budget_bytes, "device": str(t.device)} for t in self._reads.memory}
-            out["blocks"] = len(self)
-            out["streams"] = len(self._rows.stream_code)
-            out["generation"] = self._generation
-            out["queued_write_bytes"] = self._writes.queued_bytes
-            out["index_source"] = self.index_source
-            return out
+            return self._stats.report(self._reads.memory, blocks=len(self), streams=len(self._rows.stream_code),
+                                      generation=self._generation, queued_write_bytes=self._writes.queued_bytes,
+                                      index_source=self.index_source)
 
     def close(self) -> None:
         """Flush (when writable), save the index, stop the background threads, release the writer lock.
