@@ -148,16 +148,16 @@ class IndexPersistence:
                 blobs.delete_prefix(f"index/{name}")
 
     @classmethod
-    def open_or_rebuild(cls, blobs: BlobStore, generation: int, n_live: int,
+    def open_or_rebuild(cls, blobs: BlobStore, generation: int, n_rows: int, n_live: int,
                         streams: Iterable[tuple[str, np.ndarray]],
                         read_keys: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], *,
                         n_layers: int, n_kv_heads: int, head_dim: int, backend: str,
                         device: str | torch.device, where: str = "") -> tuple[LandmarkIndex, str]:
-        """The index of a store at commit `generation` holding `n_live` live blocks, and where it came
-        from: "loaded" (saved for this generation and matching), "rebuilt" (from the landmark keys
-        read_keys(rows) -> ((M, L, H, D) float, found (M,)) of every (stream, rows) in `streams`) or
-        "new" (an empty store). CorruptBlockError when a live block's landmark chunk is missing."""
-        if n_live:
+        """The index of a store at commit `generation` with `n_rows` rows, `n_live` of them live, and
+        where it came from: "loaded" (saved for this generation and matching), "rebuilt" (from the
+        landmark keys read_keys(rows) -> ((M, L, H, D) float, found (M,)) of every (stream, rows) in
+        `streams`) or "new" (a store no row was ever put into). CorruptBlockError when a live block's landmark chunk is missing."""
+        if n_rows:
             try:
                 idx = cls.load(lambda key: blobs.read_blob(f"index/g{generation}/{key}"), device=device)
             except (StoreError, ValueError, OSError):
@@ -170,7 +170,7 @@ class IndexPersistence:
                 return idx, "loaded"
         idx = cls(n_layers, n_kv_heads, head_dim, backend=backend, device=device)
         source = "new"
-        if n_live:
+        if n_rows:
             source = "rebuilt"
             for name, rows in streams:
                 for s in range(0, rows.shape[0], _REBUILD_ROWS):

@@ -111,7 +111,8 @@ class TieredStore:
                                   stats=self._stats)
         self.index: LandmarkIndex
         self.index, self.index_source = LandmarkIndex.open_or_rebuild(
-            disk, record.generation, self._rows.n_alive, self._rows.live_stream_rows(), self._read_landmarks,
+            disk, record.generation, record.n_rows, self._rows.n_alive, self._rows.live_stream_rows(),
+            self._read_landmarks,
             n_layers=self.layout.n_layers, n_kv_heads=self.layout.n_kv_heads, head_dim=self.layout.head_dim,
             backend=config.index_backend, device=self.device, where=disk.where)
 

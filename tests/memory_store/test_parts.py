@@ -110,3 +110,16 @@ def test_landmark_index_nbytes_counts_keys_ids_and_codes():
     ix.add("s", np.arange(3, dtype=np.int64), torch.zeros(3, 2, 2, 4))
     cap = 1024  # the first allocation
     assert ix.nbytes == cap * (2 * 2 * 4 * 4 + 8 + 4)
+
+
+def test_a_store_whose_streams_were_all_deleted_reopens_with_its_saved_index(tmp_path):
+    from memory_store import TieredStore
+    from memory_store.testing import TEST_LAYOUT, make_blocks
+
+    cfg = StoreConfig(device_budget_bytes=0, host_budget_bytes=0, sync_mode="none")
+    with TieredStore.open(tmp_path / "s", "w", layout=TEST_LAYOUT, config=cfg) as s:
+        s.put_blocks("a", *make_blocks(2, seed=1))
+        s.flush()
+        s.delete_stream("a")
+    with TieredStore.open(tmp_path / "s", "r", config=cfg) as r:  # rows were put: loaded, not "new"
+        assert len(r) == 0 and r.index_source == "loaded" and len(r.index) == 0
