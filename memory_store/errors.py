@@ -8,6 +8,8 @@ partial mutation: a bad call leaves the stored data exactly as it was.
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "StoreError",
     "StoreNotFoundError",
@@ -119,3 +121,16 @@ class BudgetError(StoreError):
 
 class LandmarkIndexError(StoreError):
     """Misuse of the landmark index (bad ids, duplicate ids, bad key shapes, unreadable saved index)."""
+
+
+def io_error(e: OSError, where: str, doing: str, *, gone: bool, generation: int) -> StoreError:
+    """The typed error for a failed file-system call `e` the store at `where` made while `doing`:
+    StoreNotFoundError when its directory is `gone`, else StoreIOError (StoreErrors pass as they are)."""
+    if isinstance(e, StoreError):
+        return e
+    if gone:
+        return StoreNotFoundError(f"store {where}: {doing} failed: the store was deleted (its "
+                                  f"directory is gone or replaced) while open ({e})")
+    name = errno.errorcode.get(e.errno, str(e.errno)) if e.errno is not None else "error"
+    return StoreIOError(e.errno, f"store {where}: {doing} failed ({name}: {e.strerror or e}); the "
+                        f"last commit (generation {generation}) is intact", e.filename)

@@ -6,8 +6,8 @@ keys (float32, on `device`) and answers `search` either exactly (one einsum over
 all KV heads on the device, then top-k) or through a faiss backend
 (index_backends.py: flat, ivf, hnsw; faiss on GPU when CUDA and a GPU faiss are
 present). `backend="auto"` searches exactly while the searched set has at most
-`exact_threshold` keys and above that uses `AUTO_APPROX_BACKEND`, chosen from the
-measurements of bench/store_index.py (see the comment there).
+`exact_threshold` keys and above that uses `AUTO_APPROX_BACKEND` (chosen with
+bench/store_index.py; its figures are in BENCHMARKS.md).
 
 Rows are appended in insertion order; `remove_stream` compacts the key rows and
 removes the stream's ids from the faiss indexes by id (no retraining, no re-add).
@@ -15,70 +15,41 @@ faiss structures are built lazily on the first search that needs them and kept i
 sync incrementally afterwards.
 
 Not thread-safe by itself beyond one re-entrant lock around every public method.
+Batched lane search lives in index_lanes.py, persistence in index_io.py (both mixed in).
 
 Shape letters: N keys, L layers, H KV heads, D head_dim, Q queries, K top-k.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from .errors import FormatVersionError, LandmarkIndexError, ShapeError, UnknownBlockError
+from .errors import LandmarkIndexError, ShapeError, UnknownBlockError
 from .index_backends import FAISS_BACKENDS, AnnParams, FaissBackend
+from .index_io import IndexPersistence
+from .index_lanes import _MAX_CHUNK_ELEMS, LanesSearch
 
 __all__ = ["LandmarkIndex", "aggregate_max", "AnnParams", "BACKENDS", "AUTO_APPROX_BACKEND", "DEFAULT_EXACT_THRESHOLD"]
 
 BACKENDS = ("auto", "exact") + FAISS_BACKENDS
 
-# Measured by `python -m bench.store_index --quick` (200k keys, 2-core CPU, 256 queries; baseline =
-# torch exact, which beat faiss Flat 2-5x here). Clustered keys: hnsw (M=32, efC=80) efSearch=128
-# recall@10 0.997-0.999 at 23-51x, ivf (nlist=512) nprobe=8 recall 1.0 at 9-10x. Random Gaussian
-# keys: no backend reaches recall 0.95 faster than exact (hnsw efSearch=512 0.99 at 0.33x (d=64),
-# 0.84 at 1.3x (d=128); ivf nprobe=256 0.95 at 0.8x). So auto uses hnsw, but only after checking
-# its recall against exact on the live queries (AUTO_MIN_RECALL); below that it stays exact.
-# At 1M keys (`python -m bench.store_index`, d=64, bench/results/store_index_1M_partial.txt):
-# clustered ivf nlist=1024 nprobe=16 recall@10 1.000 at 26.9x (build 4.4 s) vs hnsw efSearch=128
-# 0.989 at 28.8x (build 65 s); one index per (layer, KV head) makes build cost count, so ivf.
+# Clustered keys (what real landmark keys look like) reach recall@10 ~1.0 with ivf at a fraction of
+# exact search's time; random-like keys do not, so auto checks faiss's recall against exact on the
+# live queries (AUTO_MIN_RECALL) and stays exact below it. ivf over hnsw: one index per (layer, KV
+# head) makes build time count. Figures: bench/store_index.py, BENCHMARKS.md.
 AUTO_APPROX_BACKEND = "ivf"
 AUTO_MIN_RECALL = 0.95
 AUTO_CALIBRATION_QUERIES = 32
-# Exact search of 256 queries over 64k keys takes ~40 ms on 2 cores; below that an hnsw graph
-# (build ~1 s per 10k keys per (layer, head)) does not pay for itself.
+# Below this many keys exact search is fast enough that building a faiss index does not pay for itself.
 DEFAULT_EXACT_THRESHOLD = 65_536
 
-FORMAT_NAME = "folio-landmark-index"
-FORMAT_VERSION = 1
 _SCORE_CHUNK_ELEMS = 1 << 24  # exact search: at most 16M scores (64 MB) alive per chunk
-_MAX_CHUNK_ELEMS = 1 << 20  # search_max: 1M scores (4 MB) per key tile (cache-sized; GPUs do not mind)
 _ROWS_CACHE_MAX = 64  # distinct stream sets whose rows are kept between index changes
 _FEW_QUERIES = 16  # search_max with at most this many queries: one untiled matmul (decode)
-
-
-def _npy_bytes(a: np.ndarray) -> bytearray:
-    """The .npy file of `a` (what np.save writes), built with one copy of the data: a 1M-token
-    store's keys are not copied three times over when the index is saved."""
-    a = np.asarray(a)
-    h = io.BytesIO()
-    np.lib.format.write_array_header_1_0(h, np.lib.format.header_data_from_array_1_0(a))
-    head = h.getvalue()
-    out = bytearray(len(head) + a.nbytes)
-    out[:len(head)] = head
-    if a.size:
-        np.copyto(np.frombuffer(out, dtype=a.dtype, offset=len(head)).reshape(a.shape), a)
-    return out
-
-
-def _npy_load(b: bytes, what: str) -> np.ndarray:
-    try:
-        return np.load(io.BytesIO(b), allow_pickle=False)
-    except ValueError as e:  # bad header / object arrays
-        raise LandmarkIndexError(f"saved landmark index: {what} is not a readable .npy array ({e})") from e
 
 
 def aggregate_max(ids: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +72,7 @@ def aggregate_max(ids: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torc
     return out_ids.to(ids.device), out_s.to(ids.device)
 
 
-class LandmarkIndex:
+class LandmarkIndex(LanesSearch, IndexPersistence):
     """Inner-product top-k search over landmark keys, per layer and KV head, restricted to streams on demand."""
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, *, backend: str = "auto",
@@ -144,6 +115,12 @@ class LandmarkIndex:
     # -- small queries --------------------------------------------------------------
     def __len__(self) -> int:
         return self._n
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the keys, ids and stream codes the index holds (allocated capacity included)."""
+        with self._lock:
+            return self._keys.nbytes + self._ids.nbytes + self._codes.nbytes
 
     def streams(self) -> list[str]:
         """Names of the streams holding at least one block, in order of first add."""
@@ -395,12 +372,12 @@ class LandmarkIndex:
             q = queries.detach().to(self.device, torch.float32)
             if q.shape[0] <= _FEW_QUERIES:
                 # decode (a few queries): one (H, Q, D) x (H, D, N) matmul, then the max over
-                # Q rows; ~4x faster on CPU than (H, N, D) x (H, D, Q), whose output is too narrow
+                # Q rows; faster on CPU than (H, N, D) x (H, D, Q), whose output is too narrow
                 best = torch.matmul(q.transpose(0, 1), keys.transpose(1, 2)).amax(dim=1)  # (H, N)
             else:
                 qt = q.permute(1, 2, 0).contiguous()  # (H, D, Q)
                 # key tiles small enough that the (H, C, Q) scores stay in cache for the max:
-                # ~4x faster on CPU than one big matmul followed by a strided reduction
+                # faster on CPU than one big matmul followed by a strided reduction
                 chunk = max(64, _MAX_CHUNK_ELEMS // max(1, qt.shape[2] * self.n_kv_heads))
                 best = torch.empty(self.n_kv_heads, m, dtype=torch.float32, device=self.device)
                 for start in range(0, m, chunk):
@@ -411,90 +388,6 @@ class LandmarkIndex:
             out_ids = torch.full((1, self.n_kv_heads, int(k)), -1, dtype=torch.int64, device=self.device)
             out_s = torch.full((1, self.n_kv_heads, int(k)), float("-inf"), dtype=torch.float32, device=self.device)
             out_ids[0, :, :k_eff], out_s[0, :, :k_eff] = ids[top_i], top_s
-            return out_ids.to(queries.device), out_s.to(queries.device)
-
-    def search_max_lanes(self, layer: int, queries: torch.Tensor, k: int,
-                         streams: Sequence[Sequence[str]], key_map: torch.Tensor | None = None, *,
-                         heads_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """`search_max` for several lanes at once, each over its own streams.
-
-        queries (B, Q, n_kv_heads, head_dim): lane b's Q queries; streams: one sequence of
-        stream names per lane (a lane searches only those). Returns ids (B, H, k) int64
-        padded with -1 and scores (B, H, k) float32 padded with -inf, sorted by descending
-        score: row b equals `search_max(layer, queries[b], k, streams[b])[0]`. Exact search
-        scores each lane's queries against its own keys (lanes padded to the longest) in one
-        batched matmul per key tile (training: 4 lanes x 1,024 queries per layer); over the
-        faiss threshold it runs `search_max` per lane. key_map: optional (head_dim, head_dim)
-        matrix; the scores are then q . (k @ key_map) (e.g. every key rotated by one RoPE
-        position, so queries already rotated for attention need no second rotation): the
-        keys are mapped (a few per lane), or, over the faiss threshold, the queries by its
-        transpose (the same scores). heads_first=True: queries are (lanes, n_kv_heads, n_q,
-        head_dim) instead (attention's layout: scored without a transposing copy).
-        """
-        with self._lock:
-            if not isinstance(queries, torch.Tensor) or queries.ndim != 4:
-                raise ShapeError(f"search_max_lanes: queries of shape {getattr(queries, 'shape', None)}, "
-                                 "expected a (lanes, n_q, n_kv_heads, head_dim) tensor")
-            if isinstance(streams, (str, bytes)) or len(streams) != queries.shape[0]:
-                raise LandmarkIndexError(f"search_max_lanes: {len(streams)} stream lists for "
-                                         f"{queries.shape[0]} lanes, expected one per lane")
-            if heads_first:
-                queries = queries.transpose(1, 2)  # (B, Q, H, D) view
-            for s in streams:
-                if s is None:
-                    raise LandmarkIndexError("search_max_lanes: every lane needs a sequence of streams, got None")
-                self._check_search(layer, queries[0], k, s)
-            if key_map is not None and (not isinstance(key_map, torch.Tensor)
-                                        or tuple(key_map.shape) != (self.head_dim, self.head_dim)):
-                raise ShapeError(f"search_max_lanes: key_map of shape {tuple(getattr(key_map, 'shape', ()))}, "
-                                 f"expected ({self.head_dim}, {self.head_dim})")
-            B, n_q, H = queries.shape[0], queries.shape[1], self.n_kv_heads
-            k = int(k)
-            lane_rows, rows_t, padding, groups = self._lanes_layout(streams, H)
-            m = max((len(r) for r in lane_rows), default=0)
-            out_ids = torch.full((B, H, k), -1, dtype=torch.int64, device=self.device)
-            out_s = torch.full((B, H, k), float("-inf"), dtype=torch.float32, device=self.device)
-            if m == 0 or n_q == 0:
-                return out_ids.to(queries.device), out_s.to(queries.device)
-            if self._use_faiss(m):
-                if key_map is not None:
-                    queries = queries.detach().float() @ key_map.to(queries.device, torch.float32).T
-                parts = [self.search_max(layer, queries[b], k, streams[b]) for b in range(B)]
-                return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-            keys = self._keys[layer].index_select(1, rows_t).view(H, B, m, -1).transpose(0, 1).reshape(B * H, m, -1)
-            if key_map is not None:
-                keys = keys @ key_map.to(self.device, torch.float32)
-            # (B*H, D, Q): a view of head-major queries (bmm reads the transpose as it is)
-            qt = queries.detach().to(self.device, torch.float32).transpose(1, 2).reshape(B * H, n_q, -1).transpose(1, 2)
-            best = torch.empty(B * H, m, dtype=torch.float32, device=self.device)  # past a lane's keys: unused
-            for lo, hi, n_keys in groups:
-                chunk = max(64, _MAX_CHUNK_ELEMS // max(1, (hi - lo) * n_q))
-                for start in range(0, n_keys, chunk):
-                    end = min(n_keys, start + chunk)
-                    best[lo:hi, start:end] = torch.bmm(keys[lo:hi, start:end], qt[lo:hi]).amax(dim=2)  # (rows, C)
-            best = best.view(B, H, m)
-            ids = self._device_ids()
-            kc = min(k, m)
-            # one top-k over every lane (padding -inf) when its result cannot depend on how ties
-            # are broken: no two equal finite scores among any lane's best k+1. Otherwise (e.g.
-            # layer 0, where every landmark key is the same) per lane as below.
-            padded = best.masked_fill(padding, float("-inf"))
-            top_s, top_i = padded.topk(min(k + 1, m), dim=-1)  # (B, H, k+1), descending
-            fin = torch.isfinite(top_s)
-            if not bool(((top_s[..., 1:] == top_s[..., :-1]) & fin[..., 1:]).any()):
-                top_s, top_i, fin = top_s[..., :kc], top_i[..., :kc], fin[..., :kc]
-                rows = torch.gather(rows_t.view(B, 1, m).expand(B, H, m), 2, top_i)
-                out_ids[..., :kc] = ids[rows].masked_fill(~fin, -1)
-                out_s[..., :kc] = top_s
-                return out_ids.to(queries.device), out_s.to(queries.device)
-            for b, r in enumerate(lane_rows):
-                # top-k over exactly the lane's keys in row order: the input search_max gets, so
-                # equal scores (every block's landmark key is the same at layer 0) resolve alike
-                k_eff = min(k, len(r))
-                if k_eff:
-                    top_s, top_i = best[b, :, : len(r)].topk(k_eff, dim=-1)  # (H, k')
-                    out_ids[b, :, :k_eff] = ids[rows_t[b * m:b * m + len(r)][top_i]]
-                    out_s[b, :, :k_eff] = top_s
             return out_ids.to(queries.device), out_s.to(queries.device)
 
     def _check_search(self, layer: int, queries: object, k: object, streams: object) -> None:
@@ -516,36 +409,6 @@ class LandmarkIndex:
         """Keep the row cache small when many stream sets are searched between changes."""
         if len(self._rows_cache) >= _ROWS_CACHE_MAX:
             self._rows_cache.clear()
-
-    def _lanes_layout(self, streams: Sequence[Sequence[str]], H: int):
-        """search_max_lanes' view of the lanes (cached with the stream rows, until the next add
-        or delete; every layer of a training step asks for the same lanes): each lane's rows
-        in row order (as search_max gathers them), those rows padded to the longest lane
-        (B*m,) on the device, which of those padded slots are padding (B, 1, m), and the row groups
-        scored together: all lanes in one batched matmul when they are of similar length,
-        lane by lane when one long document sits among short ones (padding to the longest
-        would more than 1.5x the work)."""
-        key = ("lanes", H, tuple(frozenset(st) for st in streams))
-        got = self._rows_cache.get(key)
-        if got is None:
-            self._bound_rows_cache()
-            lane_rows = []
-            for st in streams:
-                rows, _ = self._stream_rows(st)
-                lane_rows.append(np.arange(self._n) if rows is None else rows)
-            B, m = len(lane_rows), max((len(r) for r in lane_rows), default=0)
-            pad = np.zeros((B, m), dtype=np.int64)
-            for b, r in enumerate(lane_rows):
-                pad[b, : len(r)] = r
-            rows_t = torch.from_numpy(pad.reshape(-1)).to(self.device)
-            lens = torch.tensor([len(r) for r in lane_rows], device=self.device)
-            padding = torch.arange(m, device=self.device) >= lens[:, None, None]  # (B, 1, m)
-            if B * m <= 1.5 * sum(len(r) for r in lane_rows):
-                groups = [(0, B * H, m)]  # (first row, end row, keys) of best scored together
-            else:
-                groups = [(b * H, (b + 1) * H, len(r)) for b, r in enumerate(lane_rows)]
-            got = self._rows_cache[key] = (lane_rows, rows_t, padding, groups)
-        return got
 
     def _stream_rows(self, streams: Sequence[str] | None) -> tuple[np.ndarray | None, int]:
         """(rows of those streams or None for every row, number of rows searched). Cached until
@@ -623,84 +486,3 @@ class LandmarkIndex:
                 top_i = torch.cat([best_i, top_i], -1).gather(-1, sel)
             best_s, best_i = top_s, top_i
         return ids[best_i].permute(1, 0, 2), best_s.permute(1, 0, 2)  # (Q, H, k) each
-
-    # -- persistence ----------------------------------------------------------------
-    def save(self, write: Callable[[str, bytes], None]) -> None:
-        """Serialise through write(key, bytes): meta.json, ids.npy, codes.npy, keys.npy and, when built,
-        faiss_{layer}_{head}.bin (faiss.serialize_index) plus faiss_deleted.npy. No pickle anywhere.
-        The caller namespaces the keys (e.g. under an "index/" prefix)."""
-        with self._lock:
-            n = self._n
-            faiss_meta, blobs, deleted = None, [], np.empty(0, np.int64)
-            if self._faiss is not None and self._faiss_synced:
-                faiss_meta, blobs = self._faiss.state()
-                deleted = self._faiss.deleted_ids()
-            meta = {
-                "format": FORMAT_NAME, "version": FORMAT_VERSION,
-                "n_layers": self.n_layers, "n_kv_heads": self.n_kv_heads, "head_dim": self.head_dim,
-                "backend": self.backend, "exact_threshold": self.exact_threshold, "params": self.params.to_dict(),
-                "generation": int(self.generation), "n": n, "next_code": self._next_code,
-                "streams": [[s, c] for s, c in self._stream_code.items()], "faiss": faiss_meta,
-            }
-            write("ids.npy", _npy_bytes(self._ids[:n]))
-            write("codes.npy", _npy_bytes(self._codes[:n]))
-            write("keys.npy", _npy_bytes(self._keys[:, :, :n].cpu().numpy()))  # (L, H, N, D)
-            write("faiss_deleted.npy", _npy_bytes(deleted))
-            for slot, blob in enumerate(blobs):
-                layer, head = divmod(slot, self.n_kv_heads)
-                write(f"faiss_{layer}_{head}.bin", blob.tobytes())
-            # meta last: a reader that finds it finds everything it names.
-            write("meta.json", json.dumps(meta).encode())
-
-    @classmethod
-    def load(cls, read: Callable[[str], bytes | None], *, device: str | torch.device = "cpu") -> LandmarkIndex | None:
-        """Inverse of save(); None when nothing was saved (read("meta.json") is None).
-
-        Raises FormatVersionError for another format/version, LandmarkIndexError for inconsistent files.
-        """
-        raw = read("meta.json")
-        if raw is None:
-            return None
-        try:
-            meta = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise LandmarkIndexError(f"saved landmark index: meta.json is not JSON ({e})") from e
-        if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
-            raise FormatVersionError(f"saved landmark index has format {meta.get('format')!r} version "
-                                     f"{meta.get('version')!r}; this code reads {FORMAT_NAME!r} version {FORMAT_VERSION}")
-
-        def need(key: str) -> bytes:
-            b = read(key)
-            if b is None:
-                raise LandmarkIndexError(f"saved landmark index: {key} is missing")
-            return b
-
-        index = cls(meta["n_layers"], meta["n_kv_heads"], meta["head_dim"], backend=meta["backend"], device=device,
-                    exact_threshold=meta["exact_threshold"], params=AnnParams.from_dict(meta["params"]))
-        n = int(meta["n"])
-        ids = _npy_load(need("ids.npy"), "ids.npy")
-        codes = _npy_load(need("codes.npy"), "codes.npy")
-        keys = _npy_load(need("keys.npy"), "keys.npy")
-        want = (index.n_layers, index.n_kv_heads, n, index.head_dim)
-        if ids.shape != (n,) or ids.dtype != np.int64 or codes.shape != (n,) or keys.shape != want or keys.dtype != np.float32:
-            raise LandmarkIndexError(f"saved landmark index: arrays ids {ids.shape}/{ids.dtype}, codes {codes.shape}, keys "
-                                     f"{keys.shape}/{keys.dtype} do not match n={n} and keys shape (L, H, N, D)={want} float32")
-        index._grow(n)
-        index._keys[:, :, :n] = torch.from_numpy(keys).to(index.device)
-        index._ids[:n], index._codes[:n], index._n = ids, codes, n
-        index._stream_code = {s: int(c) for s, c in meta["streams"]}
-        index._stream_count = {s: int((codes == c).sum()) for s, c in index._stream_code.items()}
-        index._next_code = int(meta["next_code"])
-        order = np.argsort(ids, kind="stable")
-        index._sorted_ids, index._sorted_rows = ids[order], order.astype(np.int64)
-        index.generation = int(meta["generation"])
-        fm = meta.get("faiss")
-        # A faiss state of another kind (AUTO_APPROX_BACKEND changed since) is ignored and rebuilt lazily.
-        if index._faiss is not None and fm is not None and fm.get("kind") == index._faiss.kind:
-            blobs = []
-            if fm.get("built"):
-                blobs = [np.frombuffer(need(f"faiss_{l}_{h}.bin"), dtype=np.uint8).copy()
-                         for l in range(index.n_layers) for h in range(index.n_kv_heads)]
-            index._faiss.restore(fm, blobs, _npy_load(need("faiss_deleted.npy"), "faiss_deleted.npy"))
-            index._faiss_synced = True
-        return index

@@ -112,7 +112,7 @@ class AnnParams:
     hnsw_ef_construction: int = 80
     """HNSW build beam width."""
     hnsw_ef_search: int = 128
-    """HNSW search beam width (faiss' default 16 gave poor recall on d=64-128 here); raised to k if smaller."""
+    """HNSW search beam width (faiss' default 16 gives poor recall on d=64-128); raised to k if smaller."""
 
     def __post_init__(self) -> None:
         for name in ("ivf_nlist", "ivf_nprobe"):

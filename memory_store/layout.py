@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import ShapeError
+
 __all__ = ["StoreLayout", "DTYPES"]
 
 # name -> (torch dtype, zarr/numpy storage dtype, bytes per element)
@@ -85,6 +87,18 @@ class StoreLayout:
     def block_bytes(self) -> int:
         """Bytes of one (block, layer) cache entry: its K plus its V."""
         return 2 * self.n_kv_heads * self.block_len * self.head_dim * self.itemsize
+
+    def check_blocks(self, k: torch.Tensor, v: torch.Tensor, landmarks: torch.Tensor, n: int) -> None:
+        """ShapeError unless k, v are (n, L, H, T, D) and landmarks (n, L, H, D) tensors of this dtype."""
+        L, H, T, D = self.n_layers, self.n_kv_heads, self.block_len, self.head_dim
+        for name, t, shape in (("k", k, (n, L, H, T, D)), ("v", v, (n, L, H, T, D)), ("landmarks", landmarks, (n, L, H, D))):
+            if not isinstance(t, torch.Tensor):
+                raise ShapeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if tuple(t.shape) != shape:
+                raise ShapeError(f"{name} has shape {tuple(t.shape)}, expected {shape} "
+                                 f"(N, n_layers, n_kv_heads{', block_len' if len(shape) == 5 else ''}, head_dim)")
+            if t.dtype != self.torch_dtype:
+                raise ShapeError(f"{name} has dtype {t.dtype}, expected {self.torch_dtype} (the store layout dtype)")
 
     # -- conversions between torch tensors and storage arrays -----------------------
     def to_storage(self, t: torch.Tensor) -> np.ndarray:

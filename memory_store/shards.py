@@ -1,8 +1,7 @@
 """Append-only zarr v3 shard files: the local disk tier's I/O for the "kv" and "landmarks" arrays.
 
-Why: creating a file costs 0.12-0.24 ms on this VM's ext4, writing 32 KiB into an open
-one ~0.01 ms. One file per (block, layer) chunk made file creation most of the cost of
-every write (ingest, training, `write_vs_dd`). A shard holds the chunks of
+Why: creating a file costs far more than writing a chunk into an open one, so one file per
+(block, layer) chunk made file creation most of the cost of every write. A shard holds the chunks of
 `rows_per_shard` consecutive rows in one file, so a block write is a `pwritev` into a
 file that is already open, and a block read one `preadv` from a cached descriptor.
 
@@ -43,12 +42,18 @@ import numpy as np
 
 from .errors import CorruptBlockError, StoreError, StoreIOError
 
-__all__ = ["ShardSet", "check_crc", "CRC_BYTES", "EMPTY"]
+__all__ = ["ShardSet", "check_crc", "check_shard_rows", "CRC_BYTES", "EMPTY"]
 
 CRC_BYTES = 4
 EMPTY = np.uint64(2**64 - 1)  # zarr's marker of an absent chunk in a shard index
 _IOV_MAX = 512  # iovecs per pwritev (Linux allows 1024)
 _MAX_OPEN = 256  # shards kept open (descriptor and index) beyond the ones with unsealed writes
+
+
+def check_shard_rows(value: object, name: str = "shard_rows") -> None:
+    """ValueError unless `value` is a valid rows-per-shard setting: an int >= 1, or None."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name}={value!r}: expected an int >= 1 or None")
 
 
 def check_crc(key: str, data: Sequence[memoryview], stored: bytes, extra: int, row: int, layer: int) -> None:

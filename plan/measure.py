@@ -291,7 +291,7 @@ def probe_infer(model_dict: dict[str, Any], settings: dict[str, Any], context: i
         st = store.stats()["tiers"]
         out["device tier"], out["host tier"] = st["device"]["allocated_bytes"], st["host"]["allocated_bytes"]
         idx = store.index
-        out["landmark index"] = idx._keys.nbytes + idx._ids.nbytes + idx._codes.nbytes
+        out["landmark index"] = idx.nbytes
         store.close()
         out["KV store on disk"] = sum(os.path.getsize(os.path.join(r, f))
                                       for r, _, fs in os.walk(os.path.join(d, "store")) for f in fs)

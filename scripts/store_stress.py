@@ -2,7 +2,7 @@
 
     flock /tmp/folio-bench.lock python scripts/store_stress.py [--trials 200] [--max-delay 0.5] [--seed 0]
 
-Uses the same zygote and checks as tests/memory_store/test_crash.py (every acknowledged flush
+Uses the same zygote and checks as tests/memory_store/test_crash.py (memory_store/testing/sigkill.py) (every acknowledged flush
 survives bit-exact, nothing beyond the commit is visible, the index and stream metadata agree),
 with more trials and longer random kill offsets. Exits non-zero on the first violation.
 """
@@ -15,10 +15,7 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests", "memory_store"))
-from _zygote import Zygote  # noqa: E402
-from test_crash import run_crash_trials  # noqa: E402
+from memory_store.testing.sigkill import Zygote, run_crash_trials
 
 
 def main() -> int:

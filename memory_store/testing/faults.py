@@ -3,10 +3,11 @@
 The seam. memory_store reaches the file system through a few module-level names, and a test
 replaces exactly those, for the length of a `with FaultInjector(...)` block:
 
-- `os` in memory_store.disk, .shards and .writer_lock: every creating open, write, writev,
+- `os` in every module of SEAM_MODULES: every creating open, write, writev,
   pwrite(v), fsync, replace, unlink, truncate, mkdir of the store's own files;
-- `open` and `shutil` in memory_store.disk (the saved index's blobs; mode "w" clearing the directory);
-- `memory_store.disk._SYNCFS`, the libc syncfs(2) handle (a failure comes back as -1 and errno,
+- `open` in memory_store.chunks (the saved index's blobs) and `shutil` in memory_store.disk
+  (mode "w" clearing the directory);
+- `memory_store.commit._SYNCFS`, the libc syncfs(2) handle (a failure comes back as -1 and errno,
   as from libc);
 - zarr's LocalStore: `zarr.storage._local._put` (each key zarr writes: the per-row metadata chunks,
   array metadata when the arrays grow, the group at creation) and its `shutil` (delete_dir).
@@ -45,13 +46,14 @@ __all__ = ["FaultInjector", "Fault", "Call", "CRASH_EXIT", "KINDS", "SEAM_MODULE
 
 CRASH_EXIT = 86  # exit status of a process ended by an "exit" or "torn" fault
 # the memory_store modules whose `os` is replaced (the only ones that may write files: see test_faults.py)
-SEAM_MODULES = ("memory_store.disk", "memory_store.shards", "memory_store.writer_lock")
+SEAM_MODULES = ("memory_store.disk", "memory_store.chunks", "memory_store.commit", "memory_store.shards",
+                "memory_store.writer_lock")
 KINDS = ("open", "write", "fsync", "rename", "remove", "truncate", "mkdir")
 _CREATE_FLAGS = os.O_CREAT | os.O_TRUNC  # an open that may create or empty a file (others change nothing)
 _REAL_OPEN = open
 
 # memory_store functions -> the protocol step a call under them belongs to (innermost match wins;
-# functions not listed, e.g. _fsync_path or ShardSet.write, take the step of their caller)
+# functions not listed, e.g. fsync_path or ShardSet.write, take the step of their caller)
 _STEP_OF = {
     "write_blob": "index save", "delete_prefix": "index save", "_save_index": "index save",
     "commit": "commit record", "seal": "seal shards", "_write_pending_meta": "row metadata",
@@ -207,7 +209,8 @@ class FaultInjector:
 
         from zarr.storage import _local as zarr_local  # (imported here: the seam is zarr's private module)
 
-        disk, shards, writer_lock = (importlib.import_module(m) for m in SEAM_MODULES)
+        seams = [importlib.import_module(m) for m in SEAM_MODULES]
+        disk, chunks, commit = (importlib.import_module(f"memory_store.{m}") for m in ("disk", "chunks", "commit"))
         torn = {"write": _torn_write, "writev": _torn_writev, "pwrite": _torn_pwrite, "pwritev": _torn_pwritev}
         wrapped: dict[str, Callable] = {"open": self._os_open}
         for kind, target, ops in [("write", _fd_target, torn), ("fsync", _fd_target, ("fsync", "fdatasync")),
@@ -219,11 +222,11 @@ class FaultInjector:
                 wrapped[op] = self._wrap(kind, op, target, torn=torn.get(op))
         os_proxy = _Proxy(os, wrapped)
         shutil_proxy = _Proxy(shutil, {"rmtree": self._wrap("remove", "rmtree", _path_target, module=shutil)})
-        patches = [(disk, "os", os_proxy), (shards, "os", os_proxy), (writer_lock, "os", os_proxy),
-                   (disk, "shutil", shutil_proxy), (disk, "open", self._builtin_open),
+        patches = [*((mod, "os", os_proxy) for mod in seams),
+                   (disk, "shutil", shutil_proxy), (chunks, "open", self._builtin_open),
                    (zarr_local, "shutil", shutil_proxy), (zarr_local, "_put", self._zarr_put(zarr_local._put))]
-        if disk._SYNCFS is not None:
-            patches.append((disk, "_SYNCFS", self._syncfs(disk._SYNCFS)))
+        if commit._SYNCFS is not None:
+            patches.append((commit, "_SYNCFS", self._syncfs(commit._SYNCFS)))
         for mod, name, value in patches:
             self._saved.append((mod, name, mod.__dict__.get(name, _MISSING)))
             setattr(mod, name, value)
@@ -266,7 +269,7 @@ class FaultInjector:
         def syncfs(fd: int) -> int:
             try:
                 return self._call("fsync", "syncfs", _fd_target(fd), lambda: real(fd))
-            except OSError as e:  # libc's way: -1 and errno (disk.py reads ctypes.get_errno())
+            except OSError as e:  # libc's way: -1 and errno (commit.py reads ctypes.get_errno())
                 ctypes.set_errno(e.errno)
                 return -1
         return syncfs

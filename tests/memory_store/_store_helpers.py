@@ -2,19 +2,7 @@
 
 from __future__ import annotations
 
-import torch
+from memory_store.testing.blocks import TEST_LAYOUT as LAYOUT
+from memory_store.testing.blocks import make_blocks
 
-from memory_store.layout import StoreLayout
-
-LAYOUT = StoreLayout(n_layers=2, n_kv_heads=2, block_len=4, head_dim=8, fingerprint="test-model")
-
-
-def make_blocks(n: int, seed: int, layout: StoreLayout = LAYOUT) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """k, v (n, L, H, T, D) and landmarks (n, L, H, D) in the layout dtype, from a seeded generator."""
-    g = torch.Generator().manual_seed(seed)
-    L, H, T, D = layout.n_layers, layout.n_kv_heads, layout.block_len, layout.head_dim
-    k = torch.randn((n, L, H, T, D), generator=g).to(layout.torch_dtype)
-    v = torch.randn((n, L, H, T, D), generator=g).to(layout.torch_dtype)
-    lm = torch.randn((n, L, H, D), generator=g).to(layout.torch_dtype)
-    return k, v, lm
-
+__all__ = ["LAYOUT", "make_blocks"]

@@ -11,16 +11,11 @@ must see a consistent state as of some flush.
 from __future__ import annotations
 
 import os
-import random
 import signal
-import sys
-import time
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _store_proc import check  # noqa: E402
-from _zygote import Zygote  # noqa: E402
+from memory_store.testing.sigkill import Zygote, check, run_crash_trials
 
 N_TRIALS = 24
 
@@ -30,28 +25,6 @@ def zygote():
     z = Zygote()
     yield z
     z.close()
-
-
-def run_crash_trials(z: Zygote, path: str, trials: int, seed: int, max_delay: float = 0.25) -> list[tuple[int, int]]:
-    """Returns (acknowledged rows, visible rows) per trial; raises AssertionError on any violation."""
-    rnd = random.Random(seed)
-    results = []
-    acked_total = 0
-    for _ in range(trials):
-        pid = z.fork(f"writer {path} 3")
-        time.sleep(rnd.uniform(0.0, max_delay) + (0.3 if not acked_total else 0.0))  # the first open creates
-        os.kill(pid, signal.SIGKILL)
-        status = z.reap(pid)
-        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"writer ended early: {status}"
-        for line in z.drain():
-            if line.startswith(f"ACK {pid} "):
-                acked_total = max(acked_total, int(line.split()[2]))
-        z.backlog.clear()
-        visible = check(path)  # bit-exact contents, index, stream meta (raises on violation)
-        assert visible >= acked_total, f"acknowledged {acked_total} blocks but only {visible} survived"
-        results.append((acked_total, visible))
-        acked_total = visible  # a commit can land after its ACK line was lost
-    return results
 
 
 def test_sigkill_writer_loses_nothing_acknowledged(zygote, tmp_path):

@@ -342,7 +342,7 @@ def test_search_max_lanes_equals_search_max_per_lane(backend, tiled, monkeypatch
     """Each lane of the batched search == search_max over that lane's own streams alone:
     lanes over one stream, both, a missing one, and one with too few keys for k."""
     if tiled:
-        monkeypatch.setattr("memory_store.index._MAX_CHUNK_ELEMS", 1)
+        monkeypatch.setattr("memory_store.index_lanes._MAX_CHUNK_ELEMS", 1)
     ix, ids, keys = filled(backend)
     ix.add("c", np.array([99_999, 99_998]), data(2, seed=5))  # 2 keys < k
     lanes = [["a"], ["b"], ["nope"], ["a", "b"], ["c"]]  # lengths far apart: scored lane by lane

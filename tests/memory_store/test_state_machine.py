@@ -117,7 +117,7 @@ class StoreMachine(RuleBasedStateMachine):
         assert len(self.store.index) == len(self.blocks)
         if self.blocks:
             q = torch.stack([self.blocks[i][4][0].float() for i in sorted(self.blocks)[:2]])  # (Q, H, D)
-            ids, _ = self.store.search(0, q, k=1)
+            ids, _ = self.store.index.search(0, q, k=1)
             assert set(np.asarray(ids).flatten().tolist()) <= set(self.blocks)
 
 

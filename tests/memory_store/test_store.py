@@ -82,7 +82,7 @@ def test_put_streams_equals_put_blocks_per_part_and_a_bad_part_stores_nothing(tm
                     ids.append(s.put_blocks(name, k[off:off + n], v[off:off + n], lm[off:off + n]))
                     off += n
             tiers = [sorted(t.keys()) for t in s.tiers[:2]]
-            found = [s.search_max(layer, q, 3, streams=[name])[0].tolist()
+            found = [s.index.search_max(layer, q, 3, streams=[name])[0].tolist()
                      for layer in range(LAYOUT.n_layers) for name in ("a", "c")]
         with TieredStore.open(path, "r", layout=LAYOUT, config=small_config()) as s:
             meta = s.block_meta(list(range(9)))
@@ -131,7 +131,7 @@ def test_the_background_writer_runs_niced_and_bad_niceness_is_refused(tmp_path):
     with TieredStore.open(tmp_path / "s", "a", layout=LAYOUT, config=cfg) as s:
         s.put_blocks("doc", k, v, lm)
         s.flush()  # the writer has run
-        tid = s._writer.native_id
+        tid = s._writes.thread.native_id
         for _ in range(100):  # its first act: lower its own priority
             if os.getpriority(os.PRIO_PROCESS, tid) != base:
                 break
@@ -199,9 +199,9 @@ def test_a_killed_writers_appends_are_cut_off_on_reopen(tmp_path):
     committed = {p.name: p.stat().st_size for p in (tmp_path / "s" / "kv").glob("c.*")}
     s.put_blocks("doc", k[3:], v[3:], lm[3:])  # rows 3 (shard 0) and 4-5 (a new shard 1)
     with s._cv:
-        while s._jobs:
+        while s._writes.jobs:
             s._cv.wait()  # written (appended to shard 0, shard 1 created), never committed
-    s._stopping = True  # "killed": never flushed
+    s._writes.stopping = True  # "killed": never flushed
     s.disk.writer_lock.release()  # (the kernel drops a killed process's flock)
     kv = tmp_path / "s" / "kv"
     assert (kv / "c.1.0.0.0.0.0").exists() and (kv / "c.0.0.0.0.0.0").stat().st_size > committed["c.0.0.0.0.0.0"]
@@ -324,7 +324,7 @@ def test_delete_stream_removes_data_and_index(tmp_path):
         s.flush()
         assert s.delete_stream("gone") == 3 and s.delete_stream("gone") == 0
         assert s.streams() == ["keep"] and not s.contains(4) and len(s.index) == 3
-        ids, _ = s.search(0, lm[4, 0].float().unsqueeze(0), k=6)
+        ids, _ = s.index.search(0, lm[4, 0].float().unsqueeze(0), k=6)
         assert set(ids.flatten().tolist()) <= {0, 1, 2, -1}
         s.flush()
         for row in (3, 4, 5):  # chunks removed (from their shard's index) after the commit
@@ -345,13 +345,13 @@ def test_stale_or_missing_index_is_rebuilt(tmp_path):
         s.put_blocks("doc", k, v, lm)
     q = torch.randn(3, LAYOUT.n_kv_heads, LAYOUT.head_dim)
     with TieredStore.open(tmp_path / "s", "r") as r:
-        want = r.search(1, q, 3)
+        want = r.index.search(1, q, 3)
     # stale: a later commit that did not save the index
     with TieredStore.open(tmp_path / "s", "a", config=small_config(save_index="never")) as s:
         s.set_stream_meta("doc", {"x": 1})
     with TieredStore.open(tmp_path / "s", "r") as r:
         assert r.index_source == "rebuilt"
-        got = r.search(1, q, 3)
+        got = r.index.search(1, q, 3)
         assert torch.equal(got[0], want[0]) and torch.allclose(got[1], want[1])
 
 
@@ -483,10 +483,10 @@ def test_reopen_after_a_writer_died_inside_ensure_capacity(tmp_path):
 
 
 def test_parallel_batched_disk_read_is_bit_exact_and_still_detects_corruption(tmp_path, monkeypatch):
-    import memory_store.disk as disk_mod
+    import memory_store.chunks as chunks_mod
     from memory_store.errors import CorruptBlockError
 
-    monkeypatch.setattr(disk_mod, "_PARALLEL_READ_BYTES", 1)  # every batch of >= 2 chunks per thread
+    monkeypatch.setattr(chunks_mod, "_PARALLEL_READ_BYTES", 1)  # every batch of >= 2 chunks per thread
     monkeypatch.setenv("FOLIO_READ_THREADS", "3")
     # the threaded read is the one-file-per-chunk layout's (format 3); sharded stores read on the caller's thread
     cfg = small_config(device_budget_bytes=0, host_budget_bytes=0, shard_rows=None)

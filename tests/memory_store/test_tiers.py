@@ -1,8 +1,13 @@
-"""One conformance suite that every tier passes (subclassed per tier), plus the eviction policy."""
+"""One conformance suite that every tier passes (subclassed per tier), plus the eviction policy.
+
+Each tier is also checked against the protocol the TieredStore composes it through
+(memory_store.protocols): the memory tiers as CacheTier, the disk tier as DiskLog (and
+BlobStore), both by isinstance (runtime_checkable) and by the behaviour the store relies on."""
 
 from __future__ import annotations
 
 import fsspec
+import numpy as np
 import pytest
 import torch
 import zarr
@@ -11,6 +16,7 @@ from memory_store.disk import DiskTier
 from memory_store.errors import BudgetError, ClosedError, ReadOnlyError, ShapeError
 from memory_store.eviction import LRUPolicy, make_policy
 from memory_store.layout import StoreLayout
+from memory_store.protocols import BlobStore, CacheTier, DiskLog
 from memory_store.tiers import DeviceTier, HostTier, Tier
 
 from _store_helpers import LAYOUT
@@ -119,6 +125,24 @@ class MemoryTierConformance(TierConformance):
         assert torch.equal(k[0].cpu(), entry(2)[0])
         assert not tier.contains((2, 0)) and tier.contains((1, 0))
 
+    def test_is_a_cache_tier(self, tmp_path):
+        tier = self.make_tier(tmp_path)
+        assert isinstance(tier, CacheTier)
+        assert tier.max_entries == 6 and tier.free_entries == 6
+        for i in range(3):
+            tier.put((i, 0), *entry(i))
+        assert tier.free_entries == 3 and tier.victim_keys(2) == [(0, 0), (1, 0)]  # nothing removed
+        H, T, D = LAYOUT.kv_shape
+        k, v = tier.gather_heads([(2, 0), (0, 0)], np.array([0, 1, 1]), np.array([1, 0, 1]))  # (n, T, D)
+        assert k.shape == (3, T, D)
+        assert torch.equal(k[0].cpu(), entry(2)[0][1]) and torch.equal(v[2].cpu(), entry(0)[1][1])
+        assert tier.gather_heads([(9, 0)], np.array([0]), np.array([0])) is None  # a miss: None
+        assert tier.evict(1) == [(1, 0)] and not tier.contains((1, 0))  # the gather touched 2 and 0
+        other = HostTier(LAYOUT, 6 * LAYOUT.block_bytes(), pin_memory=False)
+        if other.can_copy_from(tier):
+            other.put_from(tier, [(2, 0)])
+            assert torch.equal(other.get((2, 0))[0], entry(2)[0])
+
 
 class TestDeviceTier(MemoryTierConformance):
     def make_tier(self, tmp_path, layout=LAYOUT):
@@ -153,6 +177,42 @@ class DiskConformance(TierConformance):
         with pytest.raises(ReadOnlyError):
             ro.put((1, 0), *entry(2))
         assert torch.equal(ro.get((0, 0))[0], entry(1)[0])
+
+    def test_is_a_disk_log(self, tmp_path):
+        """Rows written in bulk read back bit-exact only once made durable and committed, layer by
+        layer into the caller's buffers; row metadata and blobs round-trip."""
+        where = self.make_store(tmp_path)
+        tier, record = DiskTier.open(where, "w", layout=LAYOUT, sync_mode="none", shard_rows=self.shard_rows)
+        assert isinstance(tier, DiskLog) and isinstance(tier, BlobStore)
+        n, (L, H, T, D) = 3, (LAYOUT.n_layers, *LAYOUT.kv_shape)
+        g = torch.Generator().manual_seed(7)
+        k, v = (torch.randn((n, L, H, T, D), generator=g) for _ in range(2))
+        lm = torch.randn((n, L, H, D), generator=g)
+        st = LAYOUT.to_storage
+        tier.write_rows(0, st(k), st(v), st(lm), np.array([0, 0, 1], np.int32), np.array([0, 1, 0], np.int64))
+        tier.make_durable()
+        record.n_rows, record.generation = n, 1
+        tier.commit(record)
+        assert tier.read_commit().n_rows == n and tier.read_commit().generation == 1
+        codes, ords = tier.read_row_meta(n)
+        assert codes.tolist() == [0, 0, 1] and ords.tolist() == [0, 1, 0]
+        out_k = np.empty((2, H, T, D), dtype=LAYOUT.zarr_dtype)
+        out_v = np.empty_like(out_k)
+        found = tier.read_layer_into(np.array([2, 0, 5]), 1, np.empty((3, H, T, D), LAYOUT.zarr_dtype),
+                                     np.empty((3, H, T, D), LAYOUT.zarr_dtype))
+        assert found.tolist() == [True, True, False]  # row 5 was never written
+        assert tier.read_layer_into(np.array([2, 0]), 1, out_k, out_v).all()
+        assert torch.equal(LAYOUT.from_storage(out_k), k[[2, 0], 1]) and torch.equal(LAYOUT.from_storage(out_v), v[[2, 0], 1])
+        got, found = tier.read_landmarks(np.array([1]))
+        assert found.all() and torch.equal(LAYOUT.from_storage(got), lm[[1]])
+        tier.delete_rows([1])
+        assert not tier.read_layer_into(np.array([1]), 0, out_k[:1], out_v[:1]).any()
+        tier.write_blob("index/g1/meta.json", b"{}")
+        assert tier.read_blob("index/g1/meta.json") == b"{}" and tier.list_dir("index") == ["g1"]
+        tier.delete_prefix("index/g1")
+        assert tier.read_blob("index/g1/meta.json") is None and not tier.gone
+        tier.check_present()
+        tier.close()
 
 
 class TestDiskTierLocal(DiskConformance):
