@@ -135,7 +135,7 @@ def set_page_decay(dirty_ms: int, muzzy_ms: int) -> bool:
 
 
 @contextlib.contextmanager
-def kept_pages():
+def training_phase():
     """Within: jemalloc keeps freed pages (TRAINING_CONF's decay times), when jemalloc is loaded
     and MALLOC_CONF is not set (a process started without `folio`'s re-execution: jemalloc
     preloaded by a container, torchrun, Python); the previous times are restored after.

@@ -255,7 +255,7 @@ def train(tcfg: TrainConfig, *, ds: DSOptions | None = None, resume: str | os.Pa
                                 synthetic_chars=tcfg.synthetic_chars, chat=chat)
                    if tcfg.eval_windows else None)
 
-    with ds_engine.distributed_env() as env, runtime.kept_pages():  # freed pages kept between steps
+    with ds_engine.distributed_env() as env, runtime.training_phase():  # freed pages kept between steps
         engine = None
         stop = StopFlag()
         try:

@@ -19,9 +19,9 @@ def rng_state() -> dict[str, Any]:
     npst = np.random.get_state()
     st = {"python": [py[0], list(py[1]), py[2]],
           "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])],
-          "torch": torch.getrng_state().tolist()}
+          "torch": torch.get_rng_state().tolist()}
     if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.getrng_state().tolist()
+        st["cuda"] = torch.cuda.get_rng_state().tolist()
     return st
 
 

@@ -113,18 +113,18 @@ def test_page_decay_switches_at_run_time():
 
 
 @pytest.mark.parametrize("malloc_conf,inside", [(None, "(5000, 5000)"), ("narenas:4", "(10000, 0)")])
-def test_kept_pages_inside_training_unless_malloc_conf_is_set(malloc_conf, inside):
+def test_training_phase_keeps_pages_unless_malloc_conf_is_set(malloc_conf, inside):
     """A process that has jemalloc without folio's re-execution (preloaded by a container,
-    torchrun) keeps freed pages inside `kept_pages` (train runs in it) and returns to its
+    torchrun) keeps freed pages inside `training_phase` (train runs in it) and returns to its
     previous decay after; a MALLOC_CONF the user set is left alone."""
     lib = find_jemalloc({})
     if lib is None or not sys.platform.startswith("linux"):
         pytest.skip("no jemalloc on this machine")
-    code = ("from engine.runtime import kept_pages, page_decay, _huge_arena, _mallctl\n"
+    code = ("from engine.runtime import training_phase, page_decay, _huge_arena, _mallctl\n"
             "import torch\n"
             "x = torch.empty(8 << 20); del x\n"  # jemalloc's arena of huge allocations exists
             "h = _huge_arena(_mallctl())\n"
-            "with kept_pages():\n    print(page_decay())\nprint(page_decay())\nprint(page_decay(h))\n")
+            "with training_phase():\n    print(page_decay())\nprint(page_decay())\nprint(page_decay(h))\n")
     env = {**os.environ, "LD_PRELOAD": lib}
     env.pop("MALLOC_CONF", None)
     if malloc_conf:
