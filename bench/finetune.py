@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from engine.cli import load_model_arg
+    from engine.commands import load_model_arg
     from engine.needle import NeedleConfig, machine_info, run_needle
     from engine.perplexity import PerplexityConfig, run_perplexity
     from engine.training_free import TrainingFreeConfig

@@ -25,7 +25,7 @@ Figures (each against a baseline measured in the same run; BENCHMARKS.md says ho
                                (goal <= 1.15)
   peak_rss_mb_{16k,256k,1m}    peak RSS (VmHWM) of the child that ingested and decoded that
                                context (goal: flat, 1M within 10% of 16k; --quick: 16k and 64k),
-                               on the allocator `folio` uses (`allocator`, engine/allocator.py);
+                               on the allocator `folio` uses (`allocator`, engine/runtime.py);
                                when that is jemalloc, again on glibc's malloc:
                                peak_rss_mb_system_malloc_{16k,256k,1m}
 
@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from bench import RUNS
+from engine import runtime
 
 RESULTS = RUNS
 BUDGETS = dict(device_budget_bytes=4 << 20, host_budget_bytes=8 << 20, write_queue_bytes=16 << 20)
@@ -123,7 +124,8 @@ def child(context: int, growth_base: int | None = None, full_baseline: bool = Fa
     store in alternation (SPEEDUP_ROUNDS rounds): the decode-speedup figure, side by side."""
     from engine.inference import ingest, open_store
 
-    torch.set_num_threads(int(os.environ.get("FOLIO_BENCH_THREADS", torch.get_num_threads())))
+    threads = os.environ.get("FOLIO_BENCH_THREADS")
+    runtime.set_threads(int(threads) if threads else None)
     model = _model()
     doc = _document(context)
     out: dict[str, Any] = {"context": context}
@@ -162,9 +164,7 @@ def _label(context: int) -> str:
 
 
 def _allocator() -> str:
-    from engine.allocator import active
-
-    return active()
+    return runtime.active()
 
 
 def run_child(context: int, env: dict[str, str] | None = None, growth_base: int | None = None,
@@ -287,11 +287,9 @@ def run(quick: bool) -> dict[str, Any]:
     res: dict[str, Any] = {"command": "python -m bench.inference" + (" --quick" if quick else "")}
     contexts = (4096, 16384, 65536) if quick else (4096, 16384, 65536, 262144, 1048576)
     rss_contexts = (16384, 65536) if quick else (16384, 262144, 1048576)
-    # the allocator `folio` runs on: jemalloc when the machine has it (engine.allocator), else glibc's
-    from engine.allocator import preload_env
-
-    jem_env = preload_env()
-    system_env = {**os.environ, "FOLIO_MALLOC": "system"}
+    # the allocator `folio` runs on: jemalloc when the machine has it (engine.runtime), else glibc's
+    jem_env = runtime.preload_env()
+    system_env = runtime.child_env(malloc="system")
     kids = {}
     for n in contexts:
         kids[n] = run_child(n, jem_env or system_env, growth_base=contexts[0] if n == contexts[-1] else None,

@@ -71,7 +71,7 @@ def _peak_rss_mb() -> float:
 def child_folio(ctx: int, steps: int) -> dict:
     import torch
 
-    from engine.cli import load_model_arg
+    from engine.commands import load_model_arg
     from engine.inference import GenerateConfig, generate, ingest, open_store
 
     torch.set_grad_enabled(False)

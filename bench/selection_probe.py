@@ -11,7 +11,7 @@ queries (and query heads), of the block's mean key, of its best key (max_k), or 
 logsumexp over its keys; `rot1024`: the query rotated to distance 1024 first.
 """
 import torch, shutil, sys, json, random
-from engine.cli import load_model_arg
+from engine.commands import load_model_arg
 from engine.inference import ingest, open_store, chat_document, question_tokens, CHAT_META
 from engine.training_free import TrainingFreeConfig, TrainingFreeMemory
 from engine.model import apply_rope, rope_cos_sin

@@ -16,7 +16,7 @@ in the same run:
                                        same step without (goal <= 1.3)
   lora.step_time_retrieval_vs_none     the same for the LoRA fine-tuning step of SmolLM2-135M
                                        (the smollm2-landmark preset), and its tokens/s
-Runs on the allocator `folio train` runs on (engine/allocator.py: jemalloc, keeping freed
+Runs on the allocator `folio train` runs on (engine/runtime.py: jemalloc, keeping freed
 pages, when the machine has it; FOLIO_MALLOC=system for glibc's malloc): it re-executes
 itself with it first. The JSON's `machine` says which.
 Writes runs/bench/train.json (--out PATH to choose).
@@ -37,14 +37,14 @@ from pathlib import Path
 from typing import Any
 
 if __name__ == "__main__":  # before torch loads: the allocator `folio train` runs on
-    from engine.allocator import TRAINING_CONF, maybe_reexec
+    from engine import runtime
 
-    maybe_reexec(["-m", "bench.train", *sys.argv[1:]], conf=TRAINING_CONF)
+    runtime.enter(["-m", "bench.train", *sys.argv[1:]], training=True)
 
 import torch  # noqa: E402
 
 from bench import RUNS  # noqa: E402
-from engine.allocator import active  # noqa: E402
+from engine.runtime import active  # noqa: E402
 from train.config import TrainConfig, train_preset  # noqa: E402
 from train.data import DocumentMixer, build_source  # noqa: E402
 from train.loop import DSOptions, LanguageModelLoss, default_model_factory, lr_multiplier, train  # noqa: E402

@@ -24,13 +24,16 @@ import torch
 
 from engine.config import ModelConfig
 from engine.folded import FoldedConfig, FoldedMemory
+from engine.landmark_stream import LandmarkedStream
 from engine.landmarks import insert_landmarks
 from engine.model import LandmarkTransformer
 from engine.retrieval import RetrievalConfig, RetrievalMemory, RetrievalStats
+from engine.runtime import trim_heap
 from engine.tokenizer import ByteTokenizer, Tokenizer
 from engine.training_free import TrainingFreeConfig, TrainingFreeMemory
 
 TOKENIZER = ByteTokenizer()
+_TRIM_EVERY = 16  # chunks between heap trims when no commit (which trims too) happened
 AnyRetrievalConfig = RetrievalConfig | TrainingFreeConfig | FoldedConfig
 
 
@@ -175,7 +178,7 @@ def ingest(model: LandmarkTransformer, store, stream: str, tokens: Sequence[int]
     mem = make_memory(cfg, store, stream=stream, retrieval=rc, persist=True)
     mem.resume_from_store()
     # starts at a block boundary
-    seq = _LandmarkedStream(tail, new, cfg.block_len, tok.landmark_id if cfg.landmarks else None)
+    seq = LandmarkedStream(tail, new, cfg.block_len, tok.landmark_id if cfg.landmarks else None)
     bar = _progress(new.numel(), f"ingest {stream}", progress)
     done_pos = 0
     chunks = since_flush = 0
@@ -209,7 +212,7 @@ def ingest(model: LandmarkTransformer, store, stream: str, tokens: Sequence[int]
             _commit(store, stream, meta, sources, source, seq, done_pos, cfg, skip, tail.numel())
             last_flush, since_flush = time.perf_counter(), 0
         elif chunks % _TRIM_EVERY == 0:
-            _trim_heap()
+            trim_heap()
     if seq.numel() == 0:
         _commit(store, stream, meta, sources, source, seq, 0, cfg, skip, tail.numel())
     if bar is not None:
@@ -218,83 +221,6 @@ def ingest(model: LandmarkTransformer, store, stream: str, tokens: Sequence[int]
                         seconds=time.perf_counter() - t0, bytes_fetched=mem.stats.bytes_fetched, stats=mem.stats)
 
 
-class _LandmarkedStream:
-    """`insert_landmarks(cat([tail, new]))`, made a piece at a time: slices are read in
-    increasing order, and only the positions from the block holding the last slice's start
-    on are kept, so the memory does not grow with the document (a 1M-token document as
-    int64 with landmarks would be ~8.5 MB, and ~40 MB of temporaries to build it)."""
-
-    PIECE_BLOCKS = 256  # blocks landmarked per piece
-
-    def __init__(self, tail: torch.Tensor, new: torch.Tensor, block_len: int, landmark: int | None):
-        self.tail, self.new, self.L, self.landmark = tail, new, block_len, landmark
-        self._per = block_len - 1 if landmark is not None else block_len  # ordinary tokens per block
-        self._n_ord = tail.numel() + new.numel()  # ordinary tokens, tail included
-        self._numel = self._n_ord + (self._n_ord // self._per if landmark is not None else 0)
-        self._piece_ord = self.PIECE_BLOCKS * self._per  # ordinary tokens per piece
-        self._buf = torch.empty(0, dtype=torch.long)
-        self._buf_start = 0  # stream position (in this sequence) of _buf[0]
-        self._next_ord = 0  # ordinary tokens (tail included) landmarked so far
-
-    def numel(self) -> int:
-        return self._numel
-
-    def ordinary_before(self, pos: int) -> int:
-        """Ordinary tokens (tail included) among the first `pos` positions."""
-        return pos - pos // self.L if self.landmark is not None else pos
-
-    def _ordinary(self, a: int, b: int) -> torch.Tensor:
-        """Ordinary tokens [a, b) of cat([tail, new]) as int64."""
-        nt = self.tail.numel()
-        parts = []
-        if a < nt:
-            parts.append(self.tail[a:min(b, nt)])
-        if b > nt:
-            parts.append(self.new[max(a - nt, 0):b - nt].to(torch.long))
-        return torch.cat(parts) if len(parts) > 1 else parts[0].to(torch.long)
-
-    def slice(self, a: int, b: int) -> torch.Tensor:
-        """Positions [a, b); a never decreases below the block of an earlier slice's start."""
-        if a < self._buf_start:
-            raise ValueError(f"_LandmarkedStream: position {a} was already released")
-        keep = (a // self.L) * self.L  # _commit reads the unfinished block from its start
-        if keep > self._buf_start:
-            self._buf = self._buf[keep - self._buf_start:]
-            self._buf_start = keep
-        while self._buf_start + self._buf.numel() < b and self._next_ord < self._n_ord:
-            hi = min(self._n_ord, self._next_ord + self._piece_ord)  # pieces start at block boundaries
-            piece = self._ordinary(self._next_ord, hi)
-            if self.landmark is not None:
-                piece = insert_landmarks(piece, self.L, self.landmark)
-            self._buf = torch.cat([self._buf, piece])
-            self._next_ord = hi
-        return self._buf[a - self._buf_start:b - self._buf_start]
-
-    def __getitem__(self, sl: slice) -> torch.Tensor:
-        return self.slice(sl.start, sl.stop)
-
-
-def _trim_heap() -> None:
-    """Give freed C-heap pages back to the OS (glibc's malloc_trim; a no-op elsewhere).
-
-    Ingest's temporaries (search scores, fetched blocks, write buffers) are freed but glibc keeps
-    the pages, and their sizes shift as the store grows, so without this the process RSS crept
-    up ~6 KB per stored block (306 -> 408 MiB over a 1M-token ingest with fixed tier budgets)."""
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
-
-
-_MALLOC_TRIM = None
-_TRIM_EVERY = 16  # chunks between heap trims when no commit (which trims too) happened
 
 
 def _commit(store, stream, meta, sources, source, seq, done_pos, cfg, skip, n_tail_old):
@@ -309,7 +235,7 @@ def _commit(store, stream, meta, sources, source, seq, done_pos, cfg, skip, n_ta
                 "positions": int(store.stream_blocks(stream).shape[0]) * L + len(tail)}
     store.set_stream_meta(stream, new_meta)
     store.flush()
-    _trim_heap()
+    trim_heap()
 
 
 @dataclass(kw_only=True, slots=True)

@@ -7,7 +7,8 @@ The planner predicts every component per tier (components.py, activations.py),
 searches the settings for the fastest that fits (search.py), and writes the configs
 and a plot (output.py). `--solve context` / `--solve model` answer the inverse
 questions. A budget nothing fits prints the smallest change that would fit (exit code
-1), never a traceback. The parser only needs argparse; `run` imports the planner.
+1), never a traceback. Its flags are defined with every other command's in train/cli.py;
+`run` imports the planner.
 """
 
 from __future__ import annotations
@@ -18,42 +19,6 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .planner import PlanRequest
-
-
-HELP = "what fits on a given card: settings, configs, memory per tier"
-
-
-def add_plan_command(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
-    """Register `plan` on the root parser's subparsers; `run` handles it."""
-    p = sub.add_parser("plan", help=HELP, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=run)
-    return p
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The `folio plan` flags (the attributes `request_from_args` and `run` read)."""
-    p.add_argument("--model", default="llama-7b", help="preset name or ModelConfig .json (default llama-7b)")
-    p.add_argument("--mode", choices=("train", "infer"), default="train")
-    p.add_argument("--context", default="1M", help="tokens of context: 4096, 128k, 1M, 10M (default 1M)")
-    p.add_argument("--device-mem", default="24GiB", help="memory of one GPU (default 24GiB)")
-    p.add_argument("--host-mem", default="128GiB", help="host RAM (default 128GiB)")
-    p.add_argument("--disk", default="2TiB", help="free disk (default 2TiB)")
-    p.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs (default 1)")
-    p.add_argument("--solve", choices=("context", "model"), default=None,
-                   help="longest context / largest preset that fits")
-    p.add_argument("--window", type=int, default=None, help="fix the window (default: model's, halved if needed)")
-    p.add_argument("--top-k", type=int, default=None, help="fix top-k (default 4, halved if needed)")
-    p.add_argument("--global-batch", type=int, default=8, help="train: sequences per optimizer step")
-    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
-    p.add_argument("--zero-stage", type=int, action="append", choices=(0, 1, 2, 3), default=None,
-                   help="restrict ZeRO stages (repeatable)")
-    p.add_argument("--out", default="plan_out", help="folder for configs and plan.png (default plan_out)")
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--gpu-tflops", type=float, default=100.0)
-    p.add_argument("--pcie-gbps", type=float, default=16.0)
-    p.add_argument("--nvme-gbps", type=float, default=2.0)
-    p.add_argument("--measure", action="store_true", help="run the plan on this machine and compare")
 
 
 def request_from_args(args: argparse.Namespace) -> "PlanRequest":
@@ -99,16 +64,3 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(report.text)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m plan ...` (the same as `folio plan ...`)."""
-    root = argparse.ArgumentParser(prog="folio")
-    sub = root.add_subparsers(dest="command", required=True)
-    add_plan_command(sub)
-    args = root.parse_args(["plan", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -45,6 +45,7 @@ import subprocess
 import sys
 from typing import Any
 
+from engine import runtime
 from engine.config import ModelConfig
 
 from .activations import activation_breakdown, step_peak_bytes
@@ -207,8 +208,7 @@ def peak_rss_bytes() -> int:
 
 def probe_env() -> dict[str, str]:
     """Environment of a probe child: 2 threads, glibc's mmap threshold fixed (see module docstring)."""
-    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
-            "MALLOC_MMAP_THRESHOLD_": str(MALLOC_MMAP_THRESHOLD)}
+    return runtime.child_env(default_threads=2, mmap_threshold=MALLOC_MMAP_THRESHOLD)
 
 
 INFER_COMPONENTS = ("parameters", "local KV window", "retrieved blocks", "device tier", "host tier",

@@ -155,7 +155,7 @@ def ingest_config_dict(model: ModelConfig, s: PlanSettings) -> dict[str, Any]:
 
 
 def ingest_command(model: ModelConfig, s: PlanSettings) -> str:
-    """The `folio ingest` options that apply an infer plan (flags engine/cli.py accepts)."""
+    """The `folio ingest` options that apply an infer plan (flags train/cli.py defines)."""
     d = ingest_config_dict(model, s)
     r = d["retrieval"]
     parts = [f"folio ingest --top-k {r['top_k']} --local-blocks {r['local_blocks']} --chunk {r['chunk_len']}"]

@@ -13,6 +13,6 @@ ROOT="$(cd "$HERE/.." && pwd)"
 command -v "$PY" >/dev/null 2>&1 || [ -x "$PY" ] || {
     echo "fetch_data: no python at $PY; skipped (the built-in samples stand in)" >&2; exit 0; }
 # the repository on the path: this runs before (or without) the editable install
-PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m engine.corpora_cli fetch || \
+PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m train.cli data fetch || \
     echo "fetch_data: not every corpus was fetched (see above); the built-in samples stand in" >&2
 exit 0

@@ -2,7 +2,7 @@
 # Put jemalloc beside the virtual environment when the machine has none (called by `make install`;
 # run it by hand, `bash scripts/fetch_jemalloc.sh .venv`, to add it to an existing environment).
 # Why: the `folio` command runs on jemalloc when it finds it, which keeps a long ingest's peak RSS
-# flat (glibc's malloc fragments; see engine/allocator.py and BENCHMARKS.md). On Debian/Ubuntu the
+# flat (glibc's malloc fragments; see engine/runtime.py and BENCHMARKS.md). On Debian/Ubuntu the
 # library is one package: `apt-get download` fetches it without installing anything, and only
 # libjemalloc.so.2 is unpacked into VENV/lib. A machine with no package lists yet gets them
 # refreshed once (`apt-get update`, root only). Never fatal, and every network step is bounded
@@ -10,8 +10,8 @@
 set -u
 VENV="${1:-.venv}"
 DEST="$VENV/lib/libjemalloc.so.2"
-# already there (the system's, or this environment's copy)? engine/allocator.py decides, as at run time
-"$VENV/bin/python" -c 'import sys; from engine.allocator import find_jemalloc; sys.exit(find_jemalloc({}) is None)' \
+# already there (the system's, or this environment's copy)? engine/runtime.py decides, as at run time
+"$VENV/bin/python" -c 'import sys; from engine.runtime import find_jemalloc; sys.exit(find_jemalloc({}) is None)' \
     2>/dev/null && exit 0
 command -v apt-get >/dev/null 2>&1 && command -v dpkg-deb >/dev/null 2>&1 || {
     echo "fetch_jemalloc: no apt-get here; folio will use the system allocator" >&2; exit 0; }

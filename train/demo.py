@@ -22,7 +22,7 @@ import os
 import time
 from pathlib import Path
 
-from engine.allocator import JEMALLOC_DEFAULT_DECAY_MS, TRAINING_CONF, set_page_decay
+from engine import runtime
 from train.checkpoint import export_from_checkpoint
 from train.config import train_preset
 from train.loop import DSOptions, TrainResult, train
@@ -68,10 +68,7 @@ def run_demo(*, out_dir: str | os.PathLike = "runs/demo", steps: int | None = No
         print(f"demo: held-out stdlib loss {result.eval_loss:.3f} nats/byte "
               f"(perplexity {math.exp(result.eval_loss):.2f}) over {tcfg.eval_windows} windows")
     print(f"demo: exported model -> {export} (model.safetensors + config.json)")
-    # training ran with jemalloc keeping freed pages (engine/allocator.py); the long ingests
-    # below are inference: back to jemalloc's defaults, which keep their peak RSS lower
-    if os.environ.get("MALLOC_CONF") == TRAINING_CONF:  # (set by folio's re-execution, not the user)
-        set_page_decay(*JEMALLOC_DEFAULT_DECAY_MS)
+    runtime.inference_phase()  # the long ingests below: jemalloc's defaults keep their RSS lower
     held_out_perplexity(export, windows=48)
     if lengths:
         evaluate_passkey(export, Path(tcfg.out_dir) / "passkey", lengths=lengths, depths=depths,
@@ -86,7 +83,7 @@ def demo_real_model(out: Path, *, model_dir: Path = REAL_MODEL, document: str = 
                     tuned_dir: Path = TUNED_MODEL, log=print) -> dict:
     """Ingest a real document with the real model, ask it questions, run the needle table."""
     from engine import corpora
-    from engine.cli import load_model_arg
+    from engine.commands import load_model_arg
     from engine.inference import CHAT_META, GenerateConfig, ask, chat_document, ingest, open_store
 
     if not (model_dir / "config.json").is_file():

@@ -21,20 +21,16 @@ from __future__ import annotations
 
 import math
 import os
-import random
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.allocator import kept_pages
+from engine import runtime
 from engine.checkpoint import read_model, write_model
 from engine.config import ModelConfig
 from engine.landmarks import IGNORE_INDEX
@@ -45,6 +41,7 @@ from train.data import DocumentMixer, DocumentSource, build_source
 from train.evaluate import evaluate_loss
 from train.errors import CheckpointError, TrainError
 from train.metrics import MetricsLog, Progress, plot_loss
+from train.process_state import StopFlag, gather, rng_state, seed_all, set_rng_state
 from train.windows import LaneBatcher, NoMemory, WindowMemory
 
 ModelFactory = Callable[[ModelConfig], torch.nn.Module]
@@ -185,42 +182,6 @@ def lr_multiplier(tcfg: TrainConfig) -> Callable[[int], float]:
     return f
 
 
-def _rng_state() -> dict[str, Any]:
-    """This process's RNG states, JSON-able."""
-    py = random.getstate()
-    npst = np.random.get_state()
-    st = {"python": [py[0], list(py[1]), py[2]],
-          "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])],
-          "torch": torch.get_rng_state().tolist()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state().tolist()
-    return st
-
-
-def _set_rng_state(st: dict[str, Any]) -> None:
-    v, state, gauss = st["python"]
-    random.setstate((v, tuple(state), gauss))
-    n = st["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-    torch.set_rng_state(torch.tensor(st["torch"], dtype=torch.uint8))
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.tensor(st["cuda"], dtype=torch.uint8))
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _gather(obj: Any) -> list[Any]:
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        out: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(out, obj)
-        return out
-    return [obj]
-
-
 def _check_resume_config(meta: dict[str, Any], tcfg: TrainConfig, step_dir: Path, world_size: int) -> None:
     theirs = meta.get("train_config", {})
     mine = tcfg.to_dict()
@@ -231,30 +192,6 @@ def _check_resume_config(meta: dict[str, Any], tcfg: TrainConfig, step_dir: Path
     if meta.get("world_size", 1) != world_size:
         raise CheckpointError(f"{step_dir}: written by {meta.get('world_size')} processes, this run has "
                               f"{world_size}; resume with the same number of processes")
-
-
-class _StopFlag:
-    """Turns SIGINT/SIGTERM into 'stop after this step'; a second signal interrupts at once."""
-
-    def __init__(self) -> None:
-        self.signal: str | None = None
-        self._old: dict[int, Any] = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set from the main thread
-        for s in (signal.SIGINT, signal.SIGTERM):
-            self._old[s] = signal.signal(s, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-
-    def restore(self) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
-        self._old.clear()
 
 
 def _init_state(path: str, mcfg: ModelConfig, *, derived: bool = False) -> dict[str, torch.Tensor]:
@@ -319,11 +256,11 @@ def train(tcfg: TrainConfig, *, ds: DSOptions | None = None, resume: str | os.Pa
                                 synthetic_chars=tcfg.synthetic_chars, chat=chat)
                    if tcfg.eval_windows else None)
 
-    with ds_engine.distributed_env() as env, kept_pages():  # jemalloc: freed pages kept (engine/allocator.py)
+    with ds_engine.distributed_env() as env, runtime.training_phase():  # freed pages kept between steps
         engine = None
-        stop = _StopFlag()
+        stop = StopFlag()
         try:
-            _seed_all(tcfg.seed)
+            seed_all(tcfg.seed)
             net = factory(mcfg)
             if init_state is not None:
                 missing, unexpected = net.load_state_dict(init_state, strict=False)
@@ -371,7 +308,7 @@ def train(tcfg: TrainConfig, *, ds: DSOptions | None = None, resume: str | os.Pa
                                           f"{step_dir.name}/folio_meta.json says {step}")
                 mine = meta["ranks"][env.rank]
                 batcher.load_state_dict(mine["data"])
-                _set_rng_state(mine["rng"])
+                set_rng_state(mine["rng"])
             runner = _Runner(tcfg=tcfg, mcfg=mcfg, ds_cfg=ds_cfg, env=env, engine=engine, batcher=batcher,
                              out_dir=out_dir, stop=stop, factory=factory, eval_source=eval_source,
                              lora=lora, tokenizer=tok,
@@ -397,7 +334,7 @@ class _Runner:
     engine: Any
     batcher: LaneBatcher
     out_dir: Path
-    stop: _StopFlag
+    stop: StopFlag
     factory: ModelFactory
     eval_source: DocumentSource | None = None
     lora: Any = None
@@ -419,7 +356,7 @@ class _Runner:
         """Checkpoint at `step` (every process calls it); returns the step folder."""
         ck_dir = self.out_dir / CHECKPOINTS
         tag = step_tag(step)
-        ranks = _gather({"data": self.batcher.state_dict(), "rng": _rng_state()})
+        ranks = gather({"data": self.batcher.state_dict(), "rng": rng_state()})
         client = {"step": step, "ranks": ranks, "train_config": self.tcfg.to_dict(),
                   "model_config": self.mcfg.to_dict()}
         self.batcher.memory.checkpoint()  # retrieval store durable with the checkpoint

@@ -301,12 +301,9 @@ def test_fetch_script_is_never_fatal(tmp_path):
 
 
 def test_data_commands_list_and_show(capsys):
-    import argparse
+    from train.cli import build_parser
 
-    from engine.corpora_cli import add_data_command
-
-    parser = argparse.ArgumentParser(prog="folio")
-    add_data_command(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     args = parser.parse_args(["data", "list", "sample", "--split", "heldout"])
     assert args.func(args) == 0
     assert capsys.readouterr().out.split() == held_out_documents("sample")

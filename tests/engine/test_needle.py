@@ -189,16 +189,14 @@ def test_run_needle_rows_grading_and_outputs(source, tmp_path):
 
 
 def test_the_command_line_builds_the_config():
-    import argparse
+    from engine.commands import needle_config
+    from train.cli import build_parser
 
-    from engine.eval_cli import add_eval_commands, needle_config
-
-    root = argparse.ArgumentParser()
-    add_eval_commands(root.add_subparsers())
-    args = root.parse_args(["needle", "--model", "m", "--lengths", "4k,8k,128k", "--depths", "0,0.5,1",
-                            "--formats", "passkey,code", "--modes", "retrieval,local", "--full-beyond", "12k",
-                            "--top-k", "16", "--block-key", "max-norm", "--search-distance", "1024",
-                            "--query-agg", "max", "--decode-reselect", "4"])
+    args = build_parser().parse_args(["eval", "needle", "--model", "m", "--lengths", "4k,8k,128k",
+                                      "--depths", "0,0.5,1", "--formats", "passkey,code", "--modes",
+                                      "retrieval,local", "--full-beyond", "12k", "--top-k", "16", "--block-key",
+                                      "max-norm", "--search-distance", "1024", "--query-agg", "max",
+                                      "--decode-reselect", "4"])
     cfg = needle_config(args)
     assert cfg.lengths == [4000, 8000, 128000] and cfg.depths == [0.0, 0.5, 1.0]
     assert cfg.formats == ("passkey", "code") and cfg.modes == ("retrieval", "local") and cfg.full_beyond == (12000,)
@@ -207,7 +205,7 @@ def test_the_command_line_builds_the_config():
                                                                                                "max", 4)
     assert cfg.text == ("austen:persuasion",)
     with pytest.raises(ValueError, match="lengths"):
-        needle_config(root.parse_args(["needle", "--model", "m", "--lengths", "4q"]))
+        needle_config(build_parser().parse_args(["eval", "needle", "--model", "m", "--lengths", "4q"]))
 
 
 def _landmark_model(seed: int = 0) -> LandmarkTransformer:

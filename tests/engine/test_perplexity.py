@@ -98,14 +98,12 @@ def test_config_validation():
 
 
 def test_the_command_line_builds_the_config():
-    import argparse
+    from engine.commands import perplexity_config
+    from train.cli import build_parser
 
-    from engine.eval_cli import add_eval_commands, perplexity_config
-
-    root = argparse.ArgumentParser()
-    add_eval_commands(root.add_subparsers())
-    cfg = perplexity_config(root.parse_args(["perplexity", "--model", "m", "--contexts", "1k,8k,128k",
-                                             "--local-max-len", "none", "--local-blocks", "32"]))
+    cfg = perplexity_config(build_parser().parse_args(["eval", "perplexity", "--model", "m", "--contexts",
+                                                       "1k,8k,128k", "--local-max-len", "none",
+                                                       "--local-blocks", "32"]))
     assert cfg.contexts == [1000, 8000, 128000] and cfg.local_max_len is None and cfg.texts is None
     assert cfg.retrieval.local_blocks == 32 and cfg.local().local_blocks == 32 and cfg.local().top_k == 0
 

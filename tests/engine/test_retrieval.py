@@ -469,7 +469,7 @@ def test_end_chunks_puts_every_lane_at_once_like_end_chunk_in_order(monkeypatch)
 
 @pytest.mark.parametrize("n_tail,n_new,chunk", [(0, 0, 5), (3, 1, 4), (0, 200, 13), (5, 333, 7), (6, 90, 64)])
 def test_landmarked_stream_pieces_equal_landmarking_everything(n_tail, n_new, chunk, monkeypatch):
-    from engine.inference import _LandmarkedStream
+    from engine.landmark_stream import LandmarkedStream as _LandmarkedStream
 
     monkeypatch.setattr(_LandmarkedStream, "PIECE_BLOCKS", 3)  # many pieces, chunks straddling them
     g = torch.Generator().manual_seed(n_new)

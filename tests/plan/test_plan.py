@@ -9,7 +9,7 @@ import json
 import pytest
 
 from engine.config import ModelConfig, preset
-from plan.cli import add_plan_command, main
+from train.cli import main as folio_main
 from plan.components import estimate, kv_store_disk_bytes, model_state_components
 from plan.errors import InfeasiblePlanError
 from plan.planner import PlanRequest, make_plan
@@ -268,8 +268,8 @@ def test_infeasible_names_smallest_change(capsys):
         make_plan(req)
     msg = str(e.value)
     assert "does not fit" in msg and "smallest change" in msg and "--host-mem" in msg
-    rc = main(["--model", "llama-7b", "--device-mem", "8GiB", "--host-mem", "32GiB", "--out", "none",
-               "--no-plot"])
+    rc = folio_main(["plan", "--model", "llama-7b", "--device-mem", "8GiB", "--host-mem", "32GiB",
+                     "--out", "none", "--no-plot"])
     err = capsys.readouterr().err
     assert rc == 1 and "smallest change" in err and "Traceback" not in err
 
@@ -327,9 +327,9 @@ def test_parse_context_errors_name_argument(text):
 
 
 def test_cli_bad_values_are_one_line_errors(capsys):
-    assert main(["--context", "12q", "--out", "none"]) == 2
+    assert folio_main(["plan", "--context", "12q", "--out", "none"]) == 2
     assert "--context='12q'" in capsys.readouterr().err
-    assert main(["--model", "llama-70b", "--out", "none"]) == 2
+    assert folio_main(["plan", "--model", "llama-70b", "--out", "none"]) == 2
     assert "preset" in capsys.readouterr().err
 
 
@@ -363,7 +363,8 @@ def test_written_configs_load(tmp_path):
     # the printed command parses with `folio train`'s own parser into the same TrainConfig
     import shlex
 
-    from train.cli import build_parser, train_config_from_args
+    from train.cli import build_parser
+    from train.commands import train_config_from_args
 
     cmd = json.loads((tmp_path / "folio_plan.json").read_text())["train_command"]
     targs = build_parser().parse_args(shlex.split(cmd)[1:])
@@ -379,12 +380,9 @@ def test_written_configs_load(tmp_path):
 
 
 def test_add_plan_command_registers_func():
-    import argparse
+    from train.cli import build_parser
 
-    root = argparse.ArgumentParser()
-    sub = root.add_subparsers(dest="command")
-    add_plan_command(sub)
-    args = root.parse_args(["plan", "--model", "tiny", "--mode", "infer", "--context", "128k"])
+    args = build_parser().parse_args(["plan", "--model", "tiny", "--mode", "infer", "--context", "128k"])
     assert args.func is not None and args.context == "128k"
 
 

@@ -40,7 +40,8 @@ def train_plan(tmp_path_factory):
 
 
 def test_written_train_config_holds_every_choice(train_plan):
-    from train.cli import build_parser, train_config_from_args
+    from train.cli import build_parser
+    from train.commands import train_config_from_args
     from train.config import TrainConfig
 
     rep, out = train_plan

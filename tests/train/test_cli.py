@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from train.cli import build_parser, main, train_config_from_args
+from train.cli import build_parser, main
+from train.commands import train_config_from_args
 from train.config import TrainConfig
 
 
@@ -115,8 +116,8 @@ def test_the_shipped_checkpoints_documented_commands_still_train(tmp_path):
 ])
 def test_training_commands_reexecute_with_the_training_allocator_setting(argv, conf, monkeypatch, tmp_path):
     """`folio train` / `folio demo` re-execute with jemalloc keeping freed pages
-    (engine.allocator.TRAINING_CONF); other commands with jemalloc's defaults."""
-    import engine.allocator as allocator
+    (engine.runtime.TRAINING_CONF); other commands with jemalloc's defaults."""
+    import engine.runtime as allocator
 
     lib = tmp_path / "libjemalloc.so.2"
     lib.write_bytes(b"")

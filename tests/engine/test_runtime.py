@@ -1,4 +1,4 @@
-"""engine.allocator: jemalloc is preloaded by re-executing `folio` when the machine has it."""
+"""engine.runtime: jemalloc is preloaded by re-executing `folio` when the machine has it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.allocator import TRAINING_CONF, find_jemalloc, preload_env
+from engine.runtime import TRAINING_CONF, find_jemalloc, preload_env
 
 FOLIO = Path(sys.executable).parent / "folio"
 
@@ -53,7 +53,7 @@ def test_folio_reexecutes_with_the_preloaded_library():
     env = {**os.environ, "FOLIO_MALLOC": lib}
     env.pop("FOLIO_MALLOC_ACTIVE", None)
     code = ("import os, sys; sys.argv[0] = os.environ['FOLIO_SCRIPT']; "
-            "from engine.allocator import maybe_reexec; maybe_reexec(sys.argv); "
+            "from engine.runtime import maybe_reexec; maybe_reexec(sys.argv); "
             "print('ACTIVE=' + os.environ.get('FOLIO_MALLOC_ACTIVE', ''), 'PRELOAD=' + os.environ.get('LD_PRELOAD', ''))")
     script = Path(os.environ.get("TMPDIR", "/tmp")) / f"folio-alloc-{os.getpid()}.py"
     script.write_text(code)
@@ -74,7 +74,7 @@ def test_folio_reexecutes_with_the_preloaded_library():
 def test_auto_finds_the_copy_in_the_virtual_environment(tmp_path, monkeypatch):
     """With no system jemalloc, 'auto' picks the copy scripts/fetch_jemalloc.sh puts in
     <prefix>/lib; with neither, it returns None (the system allocator)."""
-    import engine.allocator as allocator
+    import engine.runtime as allocator
 
     monkeypatch.setattr(allocator, "_CANDIDATES", (str(tmp_path / "absent.so"),))
     monkeypatch.setattr(allocator.ctypes.util, "find_library", lambda name: None)
@@ -91,14 +91,14 @@ def test_auto_finds_the_copy_in_the_virtual_environment(tmp_path, monkeypatch):
 def test_page_decay_switches_at_run_time():
     """set_page_decay changes jemalloc's decay for every arena in a running process (the demo
     hands training's kept pages back before its long ingests); without jemalloc: a no-op."""
-    from engine.allocator import active, page_decay, set_page_decay
+    from engine.runtime import active, page_decay, set_page_decay
 
     if active() != "jemalloc":
         assert page_decay() is None and set_page_decay(10_000, 0) is False
     lib = find_jemalloc({})
     if lib is None or not sys.platform.startswith("linux"):
         pytest.skip("no jemalloc on this machine")
-    code = ("from engine.allocator import page_decay, set_page_decay, _huge_arena, _mallctl, JEMALLOC_DEFAULT_DECAY_MS as D\n"
+    code = ("from engine.runtime import page_decay, set_page_decay, _huge_arena, _mallctl, JEMALLOC_DEFAULT_DECAY_MS as D\n"
             "import torch\n"
             "x = [torch.empty(1 << 20) for _ in range(64)] + [torch.empty(8 << 20)]; del x\n"
             "h = _huge_arena(_mallctl())\n"
@@ -113,18 +113,18 @@ def test_page_decay_switches_at_run_time():
 
 
 @pytest.mark.parametrize("malloc_conf,inside", [(None, "(5000, 5000)"), ("narenas:4", "(10000, 0)")])
-def test_kept_pages_inside_training_unless_malloc_conf_is_set(malloc_conf, inside):
+def test_training_phase_keeps_pages_unless_malloc_conf_is_set(malloc_conf, inside):
     """A process that has jemalloc without folio's re-execution (preloaded by a container,
-    torchrun) keeps freed pages inside `kept_pages` (train runs in it) and returns to its
+    torchrun) keeps freed pages inside `training_phase` (train runs in it) and returns to its
     previous decay after; a MALLOC_CONF the user set is left alone."""
     lib = find_jemalloc({})
     if lib is None or not sys.platform.startswith("linux"):
         pytest.skip("no jemalloc on this machine")
-    code = ("from engine.allocator import kept_pages, page_decay, _huge_arena, _mallctl\n"
+    code = ("from engine.runtime import training_phase, page_decay, _huge_arena, _mallctl\n"
             "import torch\n"
             "x = torch.empty(8 << 20); del x\n"  # jemalloc's arena of huge allocations exists
             "h = _huge_arena(_mallctl())\n"
-            "with kept_pages():\n    print(page_decay())\nprint(page_decay())\nprint(page_decay(h))\n")
+            "with training_phase():\n    print(page_decay())\nprint(page_decay())\nprint(page_decay(h))\n")
     env = {**os.environ, "LD_PRELOAD": lib}
     env.pop("MALLOC_CONF", None)
     if malloc_conf:

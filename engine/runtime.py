@@ -1,32 +1,14 @@
-"""Which C allocator the process runs on: jemalloc when the machine has it, else glibc's.
+"""Process set-up, in one place: the C allocator, its page-decay phases, heap trims, threads.
 
-Why: a long ingest frees and allocates megabyte-sized temporaries (attention tiles,
-index search tiles, store copies) thousands of times. glibc's malloc serves them from
-its main heap, which fragments: its in-use bytes stay flat (~105 MiB through a 384k
-ingest) while free-but-resident pages pile up between trims, so peak RSS grows with the
-document (bench.inference, glibc: 16k 310 MiB, 256k 390-480 MiB). jemalloc returns those
-pages and keeps peak RSS flat at the same speed (256k 329 MiB; measured side by side
-in `python -m bench.inference`). It has to be chosen before the process starts
-(LD_PRELOAD), so the `folio` command re-executes itself once with jemalloc preloaded
-when it finds the library: the system's (Debian/Ubuntu: `apt install libjemalloc2`) or
-the copy `make install` unpacks into the virtual environment's lib/ when the system has
-none (scripts/fetch_jemalloc.sh: `apt-get download`, which installs nothing).
-
-Training (`folio train`, `folio demo`, `python -m bench.train`) also sets jemalloc's
-MALLOC_CONF to TRAINING_CONF unless MALLOC_CONF is already set: freed pages are kept for
-reuse for a few seconds (a decay of 5 s, and no separate muzzy stage) instead of being
-returned at once. A training step allocates and frees the same
-megabyte-sized tensors (attention tiles, activations, gradients) every step; returning them
-makes every step fault the pages in again. Measured on the 2-core test machine (tiny preset,
-4 lanes, plain loop, three interleaved runs each): glibc malloc 54 / 71 ms per step (without /
-with retrieval), jemalloc's defaults 62 / 82 ms, jemalloc keeping freed pages forever
-(decay -1, the setting before this one) 51 / 65 ms. Forever was wrong for a bigger model:
-the SmolLM2-135M LoRA fine-tune (49k-token vocabulary, window 512) grew +250 MB of RSS per
-step until the kernel killed it at 24 GB, with the huge-allocation arena purging too; with
-a 5 s decay its RSS stayed at 2.4 GB over 10 steps (glibc's malloc: 5.0 GB), same step time.
-
-FOLIO_MALLOC=system (or glibc) turns this off; FOLIO_MALLOC=/path/to/libjemalloc.so.2
-names the library. Nothing is downloaded at run time; Linux only (elsewhere this is a no-op).
+Long ingests and training steps free and allocate megabyte-sized temporaries thousands of
+times; glibc's malloc keeps the freed pages and RSS grows with the document, jemalloc gives
+them back. jemalloc must be chosen before the process starts (LD_PRELOAD), so entry points
+call `enter`, which re-executes the command once with it preloaded when the machine has it
+(the system's `libjemalloc2`, or the copy scripts/fetch_jemalloc.sh puts in the virtual
+environment). Training keeps freed pages a few seconds (TRAINING_CONF): a step reuses the same
+tensors every step, and returning them would fault them in again; inference uses jemalloc's
+defaults. FOLIO_MALLOC=system turns jemalloc off; FOLIO_MALLOC=/path/libjemalloc.so.2 names it.
+Nothing is downloaded at run time; Linux only (elsewhere every call here is a no-op).
 """
 
 from __future__ import annotations
@@ -40,7 +22,7 @@ from collections.abc import Mapping, Sequence
 ENV = "FOLIO_MALLOC"
 _DONE = "FOLIO_MALLOC_ACTIVE"  # set in the re-executed process: never re-execute twice
 TRAINING_DECAY_MS = (5000, 5000)
-TRAINING_CONF = "dirty_decay_ms:5000,muzzy_decay_ms:5000"  # keep freed pages a while (see above)
+TRAINING_CONF = "dirty_decay_ms:5000,muzzy_decay_ms:5000"  # freed pages kept 5 s (forever grew RSS without bound)
 _CANDIDATES = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
                "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
 
@@ -153,7 +135,7 @@ def set_page_decay(dirty_ms: int, muzzy_ms: int) -> bool:
 
 
 @contextlib.contextmanager
-def kept_pages():
+def training_phase():
     """Within: jemalloc keeps freed pages (TRAINING_CONF's decay times), when jemalloc is loaded
     and MALLOC_CONF is not set (a process started without `folio`'s re-execution: jemalloc
     preloaded by a container, torchrun, Python); the previous times are restored after.
@@ -166,6 +148,53 @@ def kept_pages():
     finally:
         if changed:
             set_page_decay(*prev)
+
+
+def inference_phase() -> None:
+    """After training in the same process (`folio demo`): back to jemalloc's default decay,
+    which keeps a long ingest's peak RSS lower. Only when the training setting is folio's own
+    (set by `enter`), never a MALLOC_CONF the user chose."""
+    if os.environ.get("MALLOC_CONF") == TRAINING_CONF:
+        set_page_decay(*JEMALLOC_DEFAULT_DECAY_MS)
+
+
+_MALLOC_TRIM = None
+
+
+def trim_heap() -> None:
+    """Give freed C-heap pages back to the OS (glibc's malloc_trim; a no-op elsewhere). A long
+    ingest's temporaries change size as the store grows, and glibc keeps their pages."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+def set_threads(n: int | None) -> None:
+    """Threads of torch's CPU ops (and the fused kernels, which follow torch); None: unchanged."""
+    if n is not None:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def child_env(*, malloc: str | None = None, default_threads: int | None = None,
+              mmap_threshold: int | None = None) -> dict[str, str]:
+    """The environment of a child process that measures something: this one's, with
+    FOLIO_MALLOC=malloc, OMP_NUM_THREADS=default_threads unless set already, and glibc's
+    mmap threshold fixed (MALLOC_MMAP_THRESHOLD_: its dynamic threshold moves RSS by run)."""
+    env = dict(os.environ)
+    if malloc is not None:
+        env[ENV] = malloc
+    if default_threads is not None:
+        env.setdefault("OMP_NUM_THREADS", str(default_threads))
+    if mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
+    return env
 
 
 def active() -> str:
@@ -189,3 +218,10 @@ def maybe_reexec(argv: Sequence[str], conf: str | None = None) -> None:
         os.execve(sys.executable, [sys.executable, *argv], env)
     except OSError:
         return  # cannot re-execute here: go on with the system allocator
+
+
+def enter(argv: Sequence[str], *, training: bool = False) -> None:
+    """Process set-up of an entry point, first thing (before torch loads): re-execute with
+    jemalloc preloaded when the machine has it, keeping freed pages when `training`.
+    ValueError: FOLIO_MALLOC names no file."""
+    maybe_reexec(argv, conf=TRAINING_CONF if training else None)
