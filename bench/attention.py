@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import RUNS
+from engine import runtime
 from engine.attention import landmark_attention, landmark_attention_blockwise
 
 RESULTS = RUNS / "attention.json"
@@ -126,16 +127,12 @@ def run(quick: bool) -> dict:
     res["blockwise_fwd_bwd_T2048_s"] = t_blk
     res["landmark_vs_sdpa_fwd_bwd_T2048"] = t_vec / t_sdpa
     res["blockwise_vs_sdpa_fwd_bwd_T2048"] = t_blk / t_sdpa
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with runtime.threads(1):
         s1 = _time_fwd_bwd(sdpa_causal, T, reps)
         res["sdpa_fwd_bwd_T2048_1thread_s"] = s1
         res["landmark_vs_sdpa_fwd_bwd_T2048_1thread"] = _time_fwd_bwd(vectorized, T, reps) / s1
         res["blockwise_vs_sdpa_fwd_bwd_T2048_1thread"] = _time_fwd_bwd(blockwise, T, reps) / s1
         res["landmark_fwd_bwd_matmul_fraction_T2048"] = matmul_fraction(vectorized, T)
-    finally:
-        torch.set_num_threads(threads)
     m2, m8 = peak_mem_bytes(blockwise, 2048), peak_mem_bytes(blockwise, 8192)
     res["blockwise_peak_mem_T2048_bytes"] = m2
     res["blockwise_peak_mem_T8192_bytes"] = m8

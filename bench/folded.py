@@ -257,7 +257,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-b", action="store_true", help="skip variant B (the folded recurrence)")
     ap.add_argument("--out", default=str(RESULTS / "folded.json"), help="where to write the JSON (folded.md beside it)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     windows = [12] if args.quick else [int(v) for v in args.windows.split(",")]
     layer_counts = [4] if args.quick else [int(v) for v in args.layers.split(",")]
     def steps_batch(N: int) -> tuple[int, int]:

@@ -17,7 +17,7 @@ import contextlib
 import ctypes.util
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 ENV = "FOLIO_MALLOC"
 _DONE = "FOLIO_MALLOC_ACTIVE"  # set in the re-executed process: never re-execute twice
@@ -180,6 +180,19 @@ def set_threads(n: int | None) -> None:
         import torch
 
         torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def threads(n: int) -> Iterator[None]:
+    """torch's CPU ops on n threads inside the block (a measurement at one thread), then back."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def child_env(*, malloc: str | None = None, default_threads: int | None = None,

@@ -125,15 +125,20 @@ def check_model_matches(step_dir: str | os.PathLike, cfg: ModelConfig) -> dict[s
     Returns the meta. Raises CheckpointMismatchError naming the differing fields.
     """
     meta = read_meta(step_dir)
-    theirs = meta.get("model_config", {})
-    mine = cfg.to_dict()
-    diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
+    diff = config_diff(meta.get("model_config", {}), cfg.to_dict())
     if diff:
-        a = ", ".join(f"{k}={theirs.get(k)!r}" for k in diff)
-        b = ", ".join(f"{k}={mine.get(k)!r}" for k in diff)
-        raise CheckpointMismatchError(f"{step_dir}: checkpoint was written by a model with {a}; "
-                                      f"this run builds {b}")
+        raise CheckpointMismatchError(f"{step_dir}: checkpoint was written by a model with {diff[0]}; "
+                                      f"this run builds {diff[1]}")
     return meta
+
+
+def config_diff(theirs: dict[str, Any], mine: dict[str, Any]) -> tuple[str, str] | None:
+    """None if the two model config dicts are equal, else each side's differing fields as
+    'k=v, ...' (for an error naming them)."""
+    diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
+    if not diff:
+        return None
+    return (", ".join(f"{k}={theirs.get(k)!r}" for k in diff), ", ".join(f"{k}={mine.get(k)!r}" for k in diff))
 
 
 def prune_checkpoints(checkpoints_dir: str | os.PathLike, keep: int) -> None:

@@ -91,20 +91,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     from engine.checkpoint import load_model
     from engine.convert import export_hf
     from engine.tokenizer import HFTokenizer, load_tokenizer
-    from train.checkpoint import export_from_checkpoint, find_checkpoint
+    from train.checkpoint import export_from_checkpoint, find_checkpoint, is_model_dir
 
     src = Path(args.checkpoint)
-    is_model_dir = ((src / "config.json").is_file() or (src / "adapter_config.json").is_file()) \
-        and not (src / "folio_meta.json").is_file()
+    given_model = is_model_dir(src)
     if args.format in ("folio", "adapter"):
-        out = export_from_checkpoint(src if is_model_dir else find_checkpoint(src), args.out,
+        out = export_from_checkpoint(src if given_model else find_checkpoint(src), args.out,
                                      adapter_only=args.format == "adapter")
         print(f"exported {src} -> {out}" + (" (adapter)" if args.format == "adapter" else ""))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = src if is_model_dir else export_from_checkpoint(find_checkpoint(src), tmp)
+        model_dir = src if given_model else export_from_checkpoint(find_checkpoint(src), tmp)
         model = load_model(model_dir)
-        tok = load_tokenizer(src if is_model_dir else model_dir, model_vocab=model.cfg.vocab_size - 1)
+        tok = load_tokenizer(src if given_model else model_dir, model_vocab=model.cfg.vocab_size - 1)
         if not isinstance(tok, HFTokenizer):
             raise ValueError(f"{src}: --format hf needs a model with its checkpoint's own tokenizer "
                              f"(tokenizer.json, as `folio import` writes); Folio's byte-level models have none")

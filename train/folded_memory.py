@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from engine.checkpoint import read_tensors, write_tensors
 from engine.config import ModelConfig
 from engine.folded import FoldedMemory
 from train.windows import DocumentState, WindowMemory
@@ -62,8 +63,6 @@ class FoldedWindowMemory(WindowMemory):
         state.memory = None
 
     def save_state(self, step_dir: Path, states: list[DocumentState | None]) -> None:
-        from safetensors.torch import save_file
-
         tensors = {}
         for st in states:
             if st is None or st.done or st.memory is None:
@@ -72,15 +71,13 @@ class FoldedWindowMemory(WindowMemory):
             for layer, (k, v) in enumerate(zip(ks, vs)):
                 tensors[f"{st.draw}.{layer}.k"] = k.detach().cpu().contiguous()
                 tensors[f"{st.draw}.{layer}.v"] = v.detach().cpu().contiguous()
-        save_file(tensors, str(Path(step_dir) / CARRY_FILE.format(rank=self.rank)))
+        write_tensors(Path(step_dir) / CARRY_FILE.format(rank=self.rank), tensors, {})
 
 
 def _read_carries(path: Path, n_layers: int) -> dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    from safetensors.torch import load_file
-
     if not path.is_file():
         return {}
-    flat = load_file(str(path))
+    flat, _ = read_tensors(path)
     out: dict[int, tuple[list, list]] = {}
     for draw in sorted({int(name.split(".")[0]) for name in flat}):
         out[draw] = ([flat[f"{draw}.{i}.k"] for i in range(n_layers)], [flat[f"{draw}.{i}.v"] for i in range(n_layers)])

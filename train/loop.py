@@ -35,7 +35,7 @@ from engine.checkpoint import read_model, write_model
 from engine.config import ModelConfig
 from engine.landmarks import IGNORE_INDEX
 from train import ds_engine
-from train.checkpoint import CHECKPOINTS, check_model_matches, find_checkpoint, prune_checkpoints, step_tag, write_meta
+from train.checkpoint import CHECKPOINTS, check_model_matches, config_diff, find_checkpoint, prune_checkpoints, step_tag, write_meta
 from train.config import TrainConfig
 from train.data import DocumentMixer, DocumentSource, build_source
 from train.evaluate import evaluate_loss
@@ -203,12 +203,9 @@ def _init_state(path: str, mcfg: ModelConfig, *, derived: bool = False) -> dict[
     theirs, state = read_model(path)
     if derived:
         return state
-    mine, other = mcfg.to_dict(), theirs.to_dict()
-    diff = sorted(k for k in set(mine) | set(other) if mine.get(k) != other.get(k))
+    diff = config_diff(theirs.to_dict(), mcfg.to_dict())
     if diff:
-        raise CheckpointMismatchError(
-            f"init_from={path!r}: that model has " + ", ".join(f"{k}={other.get(k)!r}" for k in diff)
-            + "; this run's model has " + ", ".join(f"{k}={mine.get(k)!r}" for k in diff))
+        raise CheckpointMismatchError(f"init_from={path!r}: that model has {diff[0]}; this run's model has {diff[1]}")
     return state
 
 
