@@ -72,6 +72,12 @@ def aggregate_max(ids: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torc
     return out_ids.to(ids.device), out_s.to(ids.device)
 
 
+def grown_capacity(cap: int, need: int) -> int:
+    """Key rows the index allocates when `need` rows exceed its capacity `cap`: 1.5x (a 1M-token
+    store's keys are not doubled), at least 1024. The planner predicts the index's size with it."""
+    return max(need, cap + cap // 2, 1024)
+
+
 class LandmarkIndex(LanesSearch, IndexPersistence):
     """Inner-product top-k search over landmark keys, per layer and KV head, restricted to streams on demand."""
 
@@ -264,7 +270,7 @@ class LandmarkIndex(LanesSearch, IndexPersistence):
         cap = self._keys.shape[2]
         if need <= cap:
             return
-        new_cap = max(need, cap + cap // 2, 1024)  # 1.5x: a 1M-token store's keys are not doubled
+        new_cap = grown_capacity(cap, need)
         keys = torch.empty((self.n_layers, self.n_kv_heads, new_cap, self.head_dim), dtype=torch.float32, device=self.device)
         keys[:, :, : self._n] = self._keys[:, :, : self._n]
         self._keys = keys

@@ -46,7 +46,7 @@ DeepSpeed) + 10%; 5% of the disk bytes.
 from __future__ import annotations
 
 from engine.config import ModelConfig
-from memory_store.index import DEFAULT_EXACT_THRESHOLD
+from memory_store.index import DEFAULT_EXACT_THRESHOLD, grown_capacity
 
 from .activations import activation_component
 from .settings import (ALLGATHER_BUCKET, DEVICE_RESERVED, DISK_MARGIN, FRAGMENTATION, GiB, HOST_RESERVED,
@@ -54,18 +54,12 @@ from .settings import (ALLGATHER_BUCKET, DEVICE_RESERVED, DISK_MARGIN, FRAGMENTA
                        Component, Estimate, PlanSettings, block_entry_bytes, compute_bytes, landmark_key_bytes,
                        largest_layer_params, n_blocks)
 
-INDEX_MIN_ROWS = 1024
-"""LandmarkIndex allocates this many rows first, then grows 1.5x as it fills."""
-
 
 def index_capacity(n: int) -> int:
-    """Rows memory_store.index.LandmarkIndex allocates for n keys (added a few at a time): 1024,
-    then 1.5x as it fills."""
-    if n <= 0:
-        return 0
-    cap = INDEX_MIN_ROWS
+    """Rows memory_store's LandmarkIndex allocates for n keys added a few at a time."""
+    cap = 0
     while cap < n:
-        cap += cap // 2
+        cap = grown_capacity(cap, cap + 1)
     return cap
 
 
