@@ -201,30 +201,6 @@ class RetrievalMemory:
         self.promote_reads = True  # False during one-query (decode) steps: see _fetch_rotated
         self.stats = RetrievalStats(per_layer_blocks=[0] * cfg.n_layers)
 
-    # -- the window, by its earlier names --------------------------------------------------
-    @property
-    def local_k(self) -> list[torch.Tensor]:
-        return self.window.k
-
-    @property
-    def local_v(self) -> list[torch.Tensor]:
-        return self.window.v
-
-    @property
-    def local_ids(self) -> list[int | None]:
-        return self.window.ids
-
-    @property
-    def local_start(self) -> int:
-        return self.window.start
-
-    @property
-    def _pending(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-        return self.window.pending
-
-    def _stored_local_ids(self) -> list[int]:
-        return self.window.stored_ids()
-
     # -- state ---------------------------------------------------------------------------
     def resume_from_store(self) -> None:
         """Continue the memory's stream after its last stored block: load the last

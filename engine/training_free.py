@@ -154,19 +154,6 @@ class TrainingFreeMemory:
         self._steps = [0] * nl  # per layer, decode steps served by its current selection
         self.stats = RetrievalStats(per_layer_blocks=[0] * nl)
 
-    # -- the window, by its earlier names --------------------------------------------------
-    @property
-    def local_k(self) -> list[torch.Tensor]:
-        return self.window.k
-
-    @property
-    def local_v(self) -> list[torch.Tensor]:
-        return self.window.v
-
-    @property
-    def local_ids(self) -> list[int | None]:
-        return self.window.ids
-
     @property
     def local_first_block(self) -> int:
         """Stream block index of the first local block."""
@@ -262,8 +249,8 @@ class TrainingFreeMemory:
         k_buf = torch.empty(1, Hkv, cap, D, device=self.device)
         v_buf = torch.empty(1, Hkv, cap, D, device=self.device)
         cos, sin = rope_cos_sin(torch.arange(n_prefix, device=self.device), D, self.cfg.rope)
-        k_buf[:, :, :n_prefix] = apply_rope(torch.cat([self.sink_k[layer], k_ret, self.local_k[layer]], dim=2), cos, sin)
-        v_buf[:, :, :n_prefix] = torch.cat([self.sink_v[layer], v_ret, self.local_v[layer]], dim=2)
+        k_buf[:, :, :n_prefix] = apply_rope(torch.cat([self.sink_k[layer], k_ret, self.window.k[layer]], dim=2), cos, sin)
+        v_buf[:, :, :n_prefix] = torch.cat([self.sink_v[layer], v_ret, self.window.v[layer]], dim=2)
         buf = _Rotated(k_buf, v_buf, n_prefix, key, sel.clone())
         self._rot[layer] = buf
         return buf
@@ -276,7 +263,7 @@ class TrainingFreeMemory:
         self._pending[layer] = (k, v)
         _, H, T, D = q.shape
         Hkv = self.cfg.n_kv_heads
-        S, n_before = self.sink_k[layer].shape[2], self.local_k[layer].shape[2]
+        S, n_before = self.sink_k[layer].shape[2], self.window.k[layer].shape[2]
         prev = self._rot[layer]
         if (T == 1 and prev is not None and self._steps[layer] < self.rc.decode_reselect
                 and prev.key[:2] == (S, self.local_first_block) and prev.n == S + prev.sel.shape[1] * self.L + n_before):

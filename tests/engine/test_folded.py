@@ -329,7 +329,7 @@ def test_landmark_retrieval_with_a_one_window_local_part_is_folded_context_plus_
             m(tokens[:, a:a + N], memory=mem2)
             mem2.end_chunk()
         sel = mem2.select(0, torch.randn(1, 4, 1, m.cfg.head_dim), torch.tensor([0]))
-        assert not (set(sel.flatten().tolist()) & set(mem2._stored_local_ids()))
+        assert not (set(sel.flatten().tolist()) & set(mem2.window.stored_ids()))
         store.close()
 
 

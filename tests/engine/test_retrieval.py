@@ -386,7 +386,7 @@ def test_whole_chunk_put_equals_the_general_end_chunk():
                 puts.append(mem.end_chunk() if fast else mem.commit_through_window())
         ids = store.stream_blocks("d")
         blocks = [store.get(int(i)) for i in ids]
-        return torch.cat(outs, 1), puts, ids, blocks, (mem.n_pos, mem.local_start, mem.local_ids)
+        return torch.cat(outs, 1), puts, ids, blocks, (mem.n_pos, mem.window.start, mem.window.ids)
 
     a, b = run(True), run(False)
     assert max_abs_diff(a[0], b[0]) == 0 and a[1] == b[1] == [8, 8, 8] and a[4] == b[4]
@@ -422,7 +422,7 @@ def test_end_chunks_puts_every_lane_at_once_like_end_chunk_in_order(monkeypatch)
                 m(torch.stack([d[w * 64:(w + 1) * 64] for d in docs]), memory=BatchMemory(mems))
                 puts.append(end_chunks(mems) if batched else [mem.end_chunk() for mem in mems])
         blocks = {name: [store.get(int(i)) for i in store.stream_blocks(name)] for name in store.streams()}
-        state = [(mem.n_pos, mem.local_start, mem.local_ids, mem.stats.blocks_put) for mem in mems]
+        state = [(mem.n_pos, mem.window.start, mem.window.ids, mem.stats.blocks_put) for mem in mems]
         return puts, blocks, state, list(calls)
 
     a, b = run(True), run(False)
@@ -456,7 +456,7 @@ def test_end_chunks_puts_every_lane_at_once_like_end_chunk_in_order(monkeypatch)
         m(torch.stack([d[:64] for d in docs]), memory=BatchMemory(mems))
     with pytest.raises(OSError, match="disk full"):
         end_chunks(mems)
-    assert all(mem._pending[0] is not None and mem.n_pos == 0 for mem in mems) and len(store) == 0
+    assert all(mem.window.pending[0] is not None and mem.n_pos == 0 for mem in mems) and len(store) == 0
     monkeypatch.undo()
     assert end_chunks(mems) == [8, 8, 8] and len(store) == 24
 

@@ -78,7 +78,7 @@ def test_sinks_are_the_streams_first_blocks_and_survive_reopen(tmp_path):
     store = open_store(tmp_path / "s", m.cfg, "r")
     mem = TrainingFreeMemory(m.cfg, store, stream=None, retrieval=rc, persist=False, read_streams=["doc"])
     mem.resume_from_store("doc")
-    assert mem.sink_ids == [int(i) for i in ids[:2]] and mem.local_ids == [int(i) for i in ids[-2:]]
+    assert mem.sink_ids == [int(i) for i in ids[:2]] and mem.window.ids == [int(i) for i in ids[-2:]]
     sink = mem.sink_k[0][0].view(m.cfg.n_kv_heads, 2, L, -1).transpose(0, 1)  # (2, Hkv, L, D)
     assert torch.equal(sink, k0.float())
     # the sinks and the local window are never among the retrieved
@@ -86,7 +86,7 @@ def test_sinks_are_the_streams_first_blocks_and_survive_reopen(tmp_path):
         m(_tokens(2 * L, seed=5)[None], memory=mem)
     sel = mem.select(0, torch.randn(1, 4, 3, m.cfg.head_dim))
     chosen = set(sel[sel >= 0].tolist())
-    assert chosen and not chosen & (set(mem.sink_ids) | {i for i in mem.local_ids if i is not None})
+    assert chosen and not chosen & (set(mem.sink_ids) | {i for i in mem.window.ids if i is not None})
     store.close()
 
 
