@@ -160,9 +160,16 @@ class WriterLease:
                 self._etag = mine[1] if mine else None
 
     def check(self) -> None:
-        """StoreLockedError unless this writer still holds an unexpired lease (called before each commit)."""
+        """StoreLockedError unless this writer still holds an unexpired lease (called before each commit:
+        one GET, so a lease taken over is seen at the next commit, not the next renewal)."""
         if self._stop.is_set():
             raise StoreError(f"store {self.path}: the writer lease was released (store closed)")
+        with self._mu:
+            if self._lost is None:
+                got = self._objects.get(LEASE_KEY)
+                holder = _parse(got[0]) if got else {}
+                if holder.get("owner") != self._record["owner"]:
+                    self._lost = f"taken over by {_describe(holder, time.time())}" if holder else "deleted"
         if self._lost is None and float(self._record["expires"]) - time.time() < self.ttl_s / 3:
             self.renew()  # (the renewal thread is late: renew now rather than commit on a stale lease)
         if self._lost is None and float(self._record["expires"]) <= time.time():

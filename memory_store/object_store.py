@@ -19,6 +19,7 @@ version) falls back to its commit.json.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from typing import Any
 
@@ -52,8 +53,12 @@ def open_url(url: str, *, storage_options: dict[str, Any] | None = None, read_on
     if storage_options is not None and not isinstance(storage_options, dict):
         raise InvalidArgumentError(f"storage_options={storage_options!r}: expected a dict of the filesystem's "
                                    f"options (for s3: endpoint_url, key, secret, ...)")
+    options = dict(storage_options or {})
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if url.startswith(("s3://", "s3a://")) and endpoint and "endpoint_url" not in options:
+        options["endpoint_url"] = endpoint  # (the AWS CLI's variable; older s3fs/botocore ignore it)
     try:
-        return FsspecStore.from_url(url, storage_options=storage_options, read_only=read_only)
+        return FsspecStore.from_url(url, storage_options=options or None, read_only=read_only)
     except (ImportError, ValueError, TypeError) as e:
         raise InvalidArgumentError(f"store URL {url!r} cannot be opened ({e}); for s3:// install s3fs "
                                    f"(pip install s3fs)") from e
@@ -177,9 +182,13 @@ def read_newest_commit(store: Store, legacy_key: str) -> bytes | None:
 
 def write_commit(store: Store, generation: int, raw: bytes, where: str) -> None:
     """Publish a commit record as a new object, then prune the records KEEP_COMMITS behind it.
-    StoreLockedError when that generation exists already: another writer committed it (this one
-    lost its lease), and nothing is overwritten."""
-    if not Objects(store).create(commit_key(generation), raw):
+    StoreLockedError when that generation exists already with other content: another writer
+    committed it (this one lost its lease), and nothing is overwritten."""
+    objects = Objects(store)
+    if not objects.create(commit_key(generation), raw):
+        there = objects.get(commit_key(generation))
+        if there is not None and there[0] == raw:
+            return  # the same record again (a retried put that had landed): already published
         raise StoreLockedError(f"store {where}: commit generation {generation} was already written by another "
                                f"writer; this writer no longer holds the store (its lease expired and was taken "
                                f"over); nothing was committed: reopen the store", path=where, holder={})
