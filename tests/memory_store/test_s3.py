@@ -289,3 +289,20 @@ def test_cli_ingest_in_one_process_ask_and_inspect_from_another(s3_url, s3_serve
     assert "doc.txt" in capsys.readouterr().out
     assert main(["store", "inspect", s3_url, "--storage-options", "{nope"]) == 2
     assert "not JSON" in capsys.readouterr().err
+
+
+def test_the_server_honours_conditional_writes(s3_url):
+    """The lease and the commit records rely on S3's If-None-Match / If-Match: check the server does them."""
+    objects = Objects(open_url(s3_url))
+    assert objects.conditional
+    assert objects.create("probe", b"one") and not objects.create("probe", b"two")
+    data, etag = objects.get("probe")
+    assert data == b"one" and etag
+    assert not objects.replace("probe", b"three", '"not-the-etag"') and objects.get("probe")[0] == b"one"
+    assert objects.replace("probe", b"four", etag) and objects.get("probe")[0] == b"four"
+    from memory_store.object_store import write_commit
+
+    write_commit(open_url(s3_url), 7, b"record", s3_url)
+    write_commit(open_url(s3_url), 7, b"record", s3_url)  # the same record again: idempotent
+    with pytest.raises(StoreLockedError, match="generation 7 was already written by another writer"):
+        write_commit(open_url(s3_url), 7, b"another record", s3_url)
