@@ -306,3 +306,18 @@ def test_the_server_honours_conditional_writes(s3_url):
     write_commit(open_url(s3_url), 7, b"record", s3_url)  # the same record again: idempotent
     with pytest.raises(StoreLockedError, match="generation 7 was already written by another writer"):
         write_commit(open_url(s3_url), 7, b"another record", s3_url)
+
+
+def test_a_live_writer_renews_its_lease(s3_url, monkeypatch):
+    monkeypatch.setenv("FOLIO_LEASE_TTL_S", "0.6")
+    k, v, lm = make_blocks(3, seed=8)
+    with TieredStore.open(s3_url, "w", layout=LAYOUT, config=CFG) as s:
+        first = read_lease(open_url(s3_url))["expires"]
+        time.sleep(2.0)  # more than three ttls: only the renewals keep it
+        assert read_lease(open_url(s3_url))["expires"] > first + 1.0
+        with pytest.raises(StoreLockedError):
+            TieredStore.open(s3_url, "a", config=CFG)
+        s.put_blocks("doc", k, v, lm)
+        s.flush()  # still its own: commits
+    with TieredStore.open(s3_url, "r") as r:
+        assert len(r) == 3
