@@ -1,6 +1,7 @@
 """Benchmark of the tiered store against baselines measured in the same run.
 
     flock /tmp/folio-bench.lock python -m bench.store [--quick] [--out PATH]
+    python -m bench.store --s3 [--quick]     (object storage: a local moto S3 server)
 
 Figures (ratio = store throughput / baseline throughput, higher is better):
 - disk_read_vs_memmap: `TieredStore.get_layer` of 256 random blocks with empty memory tiers
@@ -14,7 +15,14 @@ Figures (ratio = store throughput / baseline throughput, higher is better):
   ratio of the medians. Goal >= 0.5.
 - index_recall_at_k, index_speedup_vs_exact, ...: from bench/store_index.py (`run(quick)`) when present.
 
-Writes runs/bench/store.json (--out PATH to choose).
+--s3 (needs the dev extra: moto[server], s3fs) measures only the object-store figures, each beside
+the same figure on a local store in the same run: `s3_read_ms` (get_layer of `batch` random
+blocks, empty memory tiers, against a moto server on a loopback port: one GET per chunk) against
+`local_read_ms`, and `s3_write_mbps` (put_blocks + flush) against `local_write_mbps`. moto keeps
+objects in memory in this process, so these are protocol and request costs, not a real
+network's or bucket's.
+
+Writes runs/bench/store.json (store_s3.json with --s3; --out PATH to choose).
 """
 
 from __future__ import annotations
@@ -151,6 +159,73 @@ def bench_write(layout: StoreLayout, k, v, lm, work: str, rounds: int, trials: i
             "dd_mbps_runs": [round(x / 1e6) for x in dd_bw], "write_sync_mode": sync_mode}
 
 
+def _moto_server():
+    """(server, endpoint) of a moto S3 server on a free loopback port, with a bucket 'folio-bench'."""
+    import socket
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # (one log line per request otherwise)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint})
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="folio-bench")
+    return server, endpoint
+
+
+def _read_and_write(where: str, layout: StoreLayout, k, v, lm, batch: int, repeats: int) -> dict[str, float]:
+    """Random get_layer of `batch` blocks (ms, median) and put_blocks + flush throughput (MB/s) of one store."""
+    cfg = StoreConfig(device="cpu", device_budget_bytes=0, host_budget_bytes=0, save_index="never",
+                      index_backend="exact")
+    t0 = time.perf_counter()
+    with TieredStore.open(where, "w", layout=layout, config=cfg) as s:
+        for i in range(0, k.shape[0], 32):
+            s.put_blocks("doc", k[i:i + 32], v[i:i + 32], lm[i:i + 32])
+        s.flush()  # durable (local: syncfs/fsync; S3: every PUT answered)
+        t_write = time.perf_counter() - t0
+    rng = np.random.default_rng(1)
+    ids = np.sort(rng.choice(k.shape[0], size=batch, replace=False))
+    layer = layout.n_layers - 1
+    with TieredStore.open(where, "r", config=cfg) as s:
+        got = s.get_layer(ids, layer)
+        assert torch.equal(got[0], k[ids, layer]) and torch.equal(got[1], v[ids, layer])
+        t_read = best_of(lambda: s.get_layer(ids, layer), repeats)
+    return {"read_ms": t_read * 1e3, "write_mbps": (k.nbytes + v.nbytes + lm.nbytes) / t_write / 1e6}
+
+
+def run_s3(quick: bool) -> dict:
+    """The object-store figures beside the local ones, measured in the same run (see the module docstring)."""
+    layout = StoreLayout(n_layers=2, n_kv_heads=8, block_len=64, head_dim=128, dtype="bfloat16")
+    n_blocks, batch, repeats = (128, 32, 3) if quick else (256, 64, 5)
+    k, v, lm = (t.to(torch.bfloat16) for t in make_data(layout, n_blocks))
+    work = tempfile.mkdtemp(prefix="folio-bench-s3-", dir=os.environ.get("FOLIO_BENCH_DIR", "/tmp"))
+    server, endpoint = _moto_server()
+    try:
+        local = _read_and_write(os.path.join(work, "local"), layout, k, v, lm, batch, repeats)
+        s3 = _read_and_write("s3://folio-bench/store", layout, k, v, lm, batch, repeats)
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    figures = {"s3_read_ms": s3["read_ms"], "local_read_ms": local["read_ms"],
+               "s3_read_vs_local": local["read_ms"] / s3["read_ms"],
+               "s3_write_mbps": s3["write_mbps"], "local_write_mbps": local["write_mbps"],
+               "s3_write_vs_local": s3["write_mbps"] / local["write_mbps"]}
+    meta = {"command": "python -m bench.store --s3" + (" --quick" if quick else ""), "quick": quick,
+            "layout": layout.to_dict(), "blocks": n_blocks, "batch": batch, "endpoint": "moto (loopback)",
+            "machine": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
+            "torch": torch.__version__, "notes": ["S3: one object per (block, layer) chunk; the local store is "
+                                                  "sharded (format 4)"]}
+    return {"figures": figures, "goals": {}, "meta": meta}
+
+
 def run(quick: bool, with_index: bool = True) -> dict:
     layout = StoreLayout(n_layers=2, n_kv_heads=8, block_len=64, head_dim=128, dtype="float32")
     n_blocks = 384 if quick else 1024
@@ -185,10 +260,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller data, fewer repeats (under 60 s)")
     ap.add_argument("--skip-index", action="store_true", help="leave out bench.store_index (the slow part)")
-    ap.add_argument("--out", default=RESULTS, help="where to write the JSON")
+    ap.add_argument("--s3", action="store_true", help="only the object-store figures (local moto S3 server)")
+    ap.add_argument("--out", default=None, help="where to write the JSON")
     args = ap.parse_args(argv)
+    args.out = args.out or (RESULTS.replace("store.json", "store_s3.json") if args.s3 else RESULTS)
     t0 = time.perf_counter()
-    out = run(args.quick, with_index=not args.skip_index)
+    out = run_s3(args.quick) if args.s3 else run(args.quick, with_index=not args.skip_index)
     out["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
     print(f"{'figure':<34} {'value':>12} {'goal':>8}")
     for name, val in out["figures"].items():

@@ -98,6 +98,28 @@ def retrieval_config(args, cfg):
     return training_free_config(args)
 
 
+def store_where(args, where: str, mode: str):
+    """The store to open: `where` itself (a path, or an s3:// URL whose filesystem reads its options from
+    the environment), or with --storage-options a zarr FsspecStore of the URL with those options."""
+    raw = getattr(args, "storage_options", None)
+    if raw is None:
+        return where
+    import json
+
+    from memory_store.object_store import is_url, open_url
+
+    if not is_url(where):
+        raise ValueError(f"--storage-options applies to an object-store URL (s3://bucket/path), not {where!r}")
+    try:
+        options = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--storage-options {raw!r}: not JSON ({e}); expected an object such as "
+                         f'{{"endpoint_url": "http://127.0.0.1:9000"}}') from e
+    if not isinstance(options, dict):
+        raise ValueError(f"--storage-options {raw!r}: expected a JSON object of the filesystem's options")
+    return open_url(where, storage_options=options, read_only=mode == "r")
+
+
 def store_config(args):
     from memory_store import StoreConfig
 
@@ -129,7 +151,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     model, tok = load_model_arg(args.model)
     rc = retrieval_config(args, model.cfg)
     chat = not args.raw and tok.chat_parts() is not None
-    store = open_store(args.store, model.cfg, "a", config=store_config(args), wait_s=args.wait)
+    store = open_store(store_where(args, args.store, "a"), model.cfg, "a", config=store_config(args),
+                       wait_s=args.wait)
     try:
         for f in args.files:
             path = Path(f)
@@ -156,7 +179,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from engine.inference import GenerateConfig, continues_chat_turn, generate, open_store, question_tokens
 
     model, tok = load_model_arg(args.model)
-    store = open_store(args.store, model.cfg, "r", config=store_config(args))
+    store = open_store(store_where(args, args.store, "r"), model.cfg, "r", config=store_config(args))
     try:
         streams = args.stream
         if streams:
@@ -211,7 +234,7 @@ def cmd_passkey(args: argparse.Namespace) -> int:
 def cmd_store_inspect(args: argparse.Namespace) -> int:
     from memory_store.inspect import inspect_store
 
-    print(inspect_store(args.path))
+    print(inspect_store(store_where(args, args.path, "r")))
     return 0
 
 

@@ -13,7 +13,8 @@ published only after every file it names is on stable storage. So:
    directory above it (zarr's LocalStore renames its temp files but never fsyncs).
 3. Only then `Durability.commit()` replaces commit.json in one atomic step: for a local
    directory a temp file that is fsynced, renamed over commit.json, and the directory
-   fsynced; for any other zarr store a single-key put (as atomic as that store's puts).
+   fsynced; for any other zarr store (object storage) a new object commits/g<generation>.json,
+   created only if absent, the reader taking the newest (object_store.py).
 
 Failures. A failed sync of the data files is never retried: Linux marks the pages it could
 not write back clean, so a second fsync would report success for data the disk never got;
@@ -34,11 +35,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zarr.abc.store import Store
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
 
 from .errors import FormatVersionError, StoreIOError, StoreNotFoundError
 from .layout import StoreLayout
+from .object_store import write_commit
 
 __all__ = ["CommitRecord", "StreamRecord", "Durability", "FORMAT_NAME", "FORMAT_VERSION", "READABLE_VERSIONS",
            "COMMIT_KEY", "SYNC_MODES"]
@@ -172,7 +172,6 @@ class Durability:
         self._root_id = dir_id(root) if root is not None else None  # the directory opened
         self._unsynced: set[str] = set()  # local files written since the last make_durable (fsync mode)
         self._sync_error: OSError | None = None  # a failed sync of data files: never committed past
-        self._proto = default_buffer_prototype()
 
     @property
     def tracks_files(self) -> bool:
@@ -247,8 +246,8 @@ class Durability:
     def commit(self, record: CommitRecord) -> None:
         """Step 3: atomically replace the commit record (after make_durable)."""
         raw = record.to_json()
-        if self.root is None:
-            sync(self.store.set(COMMIT_KEY, self._proto.buffer.from_bytes(raw)))
+        if self.root is None:  # a new object per commit (objects are immutable; object_store.py)
+            write_commit(self.store, record.generation, raw, self.where)
             return
         self.check_present()  # a record written into a recreated directory would name data that is gone
         final = os.path.join(self.root, COMMIT_KEY)

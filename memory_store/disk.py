@@ -36,8 +36,9 @@ nothing else), and close() releases it; a second writer is refused at open with
 StoreLockedError. Readers never take it. Mode "w" clears the directory around the lock
 file (zarr's own "w" would delete the locked file with the rest), commit.json first, so
 an interrupted clear reads as an interrupted creation. A store that is not a local
-directory has no lock: it opens with a NoWriterLockWarning, one writer being the caller's
-job (an object store has no lock primitive that a killed writer releases).
+directory takes a lease object instead when it is an fsspec store (S3...: lease.py, whose
+commits are new objects: object_store.py); a zarr MemoryStore, seen by one process only,
+opens with a NoWriterLockWarning, one writer being the caller's job.
 
 Failures. A commit.json or blob temp file whose write fails is removed; those of a killed writer
 (and zarr's `*.partial` files) are removed by the next writer at open, under the lock. A failed
@@ -69,6 +70,9 @@ from .commit import (COMMIT_KEY, FORMAT_NAME, FORMAT_VERSION, READABLE_VERSIONS,
 from .errors import (ClosedError, FormatVersionError, LayoutMismatchError, ReadOnlyError,
                      ShapeError, StoreError, StoreIOError, StoreNotFoundError)
 from .layout import StoreLayout
+from .lease import LEASE_KEY, WriterLease
+from .object_store import COMMITS_PREFIX, is_object_store, is_url, open_url, read_newest_commit
+from .range_shards import RangeShards
 from .row_meta import META_CHUNK, RowMeta
 from .shards import check_shard_rows
 from .tiers import Entry, Key, Tier
@@ -92,7 +96,7 @@ class DiskTier(Tier):
 
     def __init__(self, store: Store, group: zarr.Group, layout: StoreLayout, *, read_only: bool,
                  sync_mode: str = "auto", where: str = "", record: CommitRecord | None = None,
-                 writer_lock: WriterLock | None = None) -> None:
+                 writer_lock: WriterLock | WriterLease | None = None) -> None:
         self.store = store
         self.group = group
         self.layout = layout
@@ -117,8 +121,13 @@ class DiskTier(Tier):
         """The one backend this store's chunks go through."""
         if self._arrays["kv"].shards is not None:
             if self._root is None:
-                raise FormatVersionError(f"{self.where}: a sharded (local) Folio store opens only from a local "
-                                         f"directory path or zarr LocalStore")
+                if not self._read_only:
+                    raise FormatVersionError(f"{self.where}: a sharded (format 4) Folio store is written only from a "
+                                             f"local directory; on object storage it opens with mode 'r' (read by "
+                                             f"byte ranges: range_shards.py says why)")
+                return RangeShards(self.store, self.layout, self._durable, self.where,
+                                   rows_per_shard=self._arrays["kv"].shards[0],
+                                   committed=record.shards if record is not None else {})
             return ShardedChunks(self.store, self.layout, self._durable, self.where, self._root,
                                  rows_per_shard=self._arrays["kv"].shards[0],
                                  committed=record.shards if record is not None else {},
@@ -131,7 +140,7 @@ class DiskTier(Tier):
     @classmethod
     def open(cls, where: str | os.PathLike | Store, mode: str = "a", *, layout: StoreLayout | None = None,
              sync_mode: str = "auto", shard_rows: int | None = ROWS_PER_SHARD,
-             wait_s: float = 0.0) -> tuple[DiskTier, CommitRecord]:
+             wait_s: float = 0.0, storage_options: dict | None = None) -> tuple[DiskTier, CommitRecord]:
         """Open or create the group; returns the tier and the current commit record.
 
         mode "r": must exist; "a": open, or create when missing (layout required); "w": create, replacing
@@ -140,7 +149,9 @@ class DiskTier(Tier):
         chunk (format 3's layout; slower to write, see shards.py).
         Modes "a" and "w" take the writer lock first, waiting up to `wait_s` seconds for another
         writer: StoreLockedError (naming the holder) when it is still held, ReadOnlyError when the
-        directory cannot be written. A non-local store opens without a lock (NoWriterLockWarning).
+        directory cannot be written. `where` may be an fsspec URL (s3://bucket/path; `storage_options`
+        for its filesystem): an object store's writer takes a lease instead (lease.py); a zarr
+        MemoryStore opens without a lock (NoWriterLockWarning).
         """
         check_shard_rows(shard_rows)
         if mode not in ("r", "a", "w"):
@@ -150,6 +161,8 @@ class DiskTier(Tier):
         if isinstance(where, Store):
             store, label = where, str(where)
             root = str(where.root) if isinstance(where, LocalStore) else None
+        elif is_url(where):
+            store, label, root = open_url(where, storage_options=storage_options, read_only=read_only), where, None
         else:
             path = Path(where)
             label, root = str(path), str(path)
@@ -160,6 +173,8 @@ class DiskTier(Tier):
         if not read_only:
             if root is not None:
                 lock = WriterLock.acquire(root, wait_s)  # before anything in the store is read or written
+            elif is_object_store(store):
+                lock = WriterLease.acquire(store, label, wait_s)
             else:
                 warnings.warn(NoWriterLockWarning(
                     f"{label} is not a local directory, so no writer lock is taken: nothing stops a second "
@@ -180,9 +195,10 @@ class DiskTier(Tier):
 
     @classmethod
     def _open_locked(cls, store: Store, label: str, mode: str, layout: StoreLayout | None, sync_mode: str,
-                     shard_rows: int | None, lock: WriterLock | None) -> tuple[DiskTier, CommitRecord]:
+                     shard_rows: int | None, lock: WriterLock | WriterLease | None
+                     ) -> tuple[DiskTier, CommitRecord]:
         read_only = mode == "r"
-        raw = None if mode == "w" else _get_bytes(store, COMMIT_KEY)
+        raw = None if mode == "w" else _read_commit_bytes(store)
         if raw is None and mode != "w":
             group_meta = _get_bytes(store, "zarr.json")
             if group_meta is not None and b'"folio"' not in group_meta:
@@ -218,9 +234,12 @@ class DiskTier(Tier):
     @classmethod
     def _create(cls, store: Store, layout: StoreLayout, label: str, sync_mode: str,
                 shard_rows: int | None = ROWS_PER_SHARD,
-                lock: WriterLock | None = None) -> tuple[DiskTier, CommitRecord]:
+                lock: WriterLock | WriterLease | None = None) -> tuple[DiskTier, CommitRecord]:
         if isinstance(store, LocalStore):
             _clear_local(str(store.root))  # (keeps the lock file, which zarr's "w" would delete)
+            group = zarr.open_group(store, mode="a", zarr_format=3)
+        elif is_object_store(store):
+            _clear_objects(store)  # (keeps the lease, which zarr's "w" would delete)
             group = zarr.open_group(store, mode="a", zarr_format=3)
         else:
             group = zarr.open_group(store, mode="w", zarr_format=3)
@@ -265,8 +284,9 @@ class DiskTier(Tier):
         return self._root is not None
 
     @property
-    def writer_lock(self) -> WriterLock | None:
-        """The writer lock this tier holds (None: opened read-only, or not a local directory)."""
+    def writer_lock(self) -> WriterLock | WriterLease | None:
+        """The writer lock (local) or lease (object store) this tier holds (None: opened read-only, or a
+        MemoryStore)."""
         return self._writer_lock
 
     @property
@@ -366,7 +386,7 @@ class DiskTier(Tier):
     def read_commit(self) -> CommitRecord:
         """The commit record as stored now."""
         self._check_open()
-        raw = _get_bytes(self.store, COMMIT_KEY)
+        raw = _read_commit_bytes(self.store)
         if raw is None:
             raise FormatVersionError(f"{self.where}: {COMMIT_KEY} is missing")
         return CommitRecord.from_json(raw, self.where)
@@ -377,6 +397,8 @@ class DiskTier(Tier):
         lengths = self._chunks.shard_lengths()
         if lengths:
             record.shards = lengths
+        if isinstance(self._writer_lock, WriterLease):
+            self._writer_lock.check()  # fencing: a writer whose lease was taken over commits nothing
         self._durable.commit(record)
 
     # -- small blobs (the saved index) --------------------------------------------------
@@ -480,6 +502,31 @@ def _clear_local(root: str) -> None:
             shutil.rmtree(entry.path)
         else:
             os.unlink(entry.path)
+
+
+def _clear_objects(store: Store) -> None:
+    """Delete every key of an object store but its writer lease: the commit records first, so an
+    interrupted clear reads as an interrupted creation (recreated)."""
+    async def keys() -> list[str]:
+        return [k async for k in store.list()]
+
+    found = sync(keys())
+    first = [k for k in found if k == COMMIT_KEY or k.startswith(f"{COMMITS_PREFIX}/")]
+    for key in first + [k for k in found if k not in first and k != LEASE_KEY]:
+        sync(store.delete(key))
+
+
+def _read_commit_bytes(store: Store) -> bytes | None:
+    """The current commit record: commit.json of a local directory, the newest of commits/ elsewhere."""
+    if isinstance(store, LocalStore):
+        return _get_bytes(store, COMMIT_KEY)
+    try:
+        return read_newest_commit(store, COMMIT_KEY)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise StoreIOError(e.errno, f"{store}: reading its commit record failed ({e.strerror or e})",
+                           e.filename) from e
 
 
 def _remove_temp_files(root: str) -> None:

@@ -26,9 +26,10 @@ lock to two hosts at once. Use a local disk for the writer, or make sure there i
 writer host. A file system that refuses locks outright (ENOLCK) makes the writer's open fail
 with a StoreError saying so.
 
-Stores that are not a local directory (a zarr MemoryStore, an fsspec object store) have no
-file to lock: they are opened without a lock, with a NoWriterLockWarning, and keeping to one
-writer is the caller's job (see disk.py).
+Stores that are not a local directory have no file to lock. An fsspec store (S3, ...) takes a
+lease object instead (lease.py: owner, expiry, renewed; a killed writer's lease expires). A
+zarr MemoryStore, seen by its own process only, opens without a lock, with a
+NoWriterLockWarning, keeping to one writer being the caller's job (see disk.py).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ _BUSY = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES)  # EACCES: fcntl-emulate
 
 
 class NoWriterLockWarning(UserWarning):
-    """A store was opened for writing where no writer lock can be taken (not a local directory)."""
+    """A store was opened for writing where no writer lock or lease is taken (a zarr MemoryStore)."""
 
 
 def check_wait_s(wait_s: object) -> float:

@@ -85,7 +85,11 @@ def _add_engine(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ingest", help="ingest documents into a KV-block store (resumable)")
     p.add_argument("--model", required=True,
                    help="Folio model dir, Hugging Face checkpoint dir, .gguf file, or random:PRESET")
-    p.add_argument("--store", required=True, help="store path (created if missing)")
+    p.add_argument("--store", required=True,
+                   help="store path (created if missing), or an object-store URL: s3://bucket/path")
+    p.add_argument("--storage-options", metavar="JSON",
+                   help="an s3:// (fsspec URL) store: the filesystem's options as JSON, e.g. "
+                        "'{\"endpoint_url\": \"http://127.0.0.1:9000\"}' (default: AWS_* variables, ~/.aws)")
     p.add_argument("--raw", action="store_true",
                    help="chat models: ingest the text as it is (default: as the start of a user turn, "
                         "which a later `folio ask` closes with the question)")
@@ -104,7 +108,10 @@ def _add_engine(sub: argparse._SubParsersAction) -> None:
                            ("generate", "continue a prompt with retrieval from the store")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--model", required=True)
-        p.add_argument("--store", required=True)
+        p.add_argument("--store", required=True, help="store path or object-store URL (s3://bucket/path)")
+        p.add_argument("--storage-options", metavar="JSON",
+                       help="an s3:// (fsspec URL) store: the filesystem's options as JSON, e.g. "
+                            "'{\"endpoint_url\": \"http://127.0.0.1:9000\"}' (default: AWS_* variables, ~/.aws)")
         p.add_argument("prompt", help="question or prompt text")
         if name == "ask":
             p.add_argument("--raw", action="store_true",
@@ -133,6 +140,9 @@ def _add_engine(sub: argparse._SubParsersAction) -> None:
     store_sub = store.add_subparsers(dest="store_command", required=True)
     insp = store_sub.add_parser("inspect", help="print layout, block counts, size on disk, stats")
     insp.add_argument("path")
+    insp.add_argument("--storage-options", metavar="JSON",
+                      help="an s3:// (fsspec URL) store: the filesystem's options as JSON, e.g. "
+                           "'{\"endpoint_url\": \"http://127.0.0.1:9000\"}' (default: AWS_* variables, ~/.aws)")
     insp.set_defaults(func=engine_commands.cmd_store_inspect)
 
 
