@@ -59,7 +59,7 @@ from .errors import (ClosedError, InvalidArgumentError, ReadOnlyError, StoreErro
 from .index import LandmarkIndex
 from .layout import StoreLayout
 from .reads import ReadCascade, heads_selection
-from .rows import RowTable, check_parts
+from .rows import RowTable, check_finite, check_parts, check_stream_name
 from .stats import StoreStats
 from .write_behind import WriteBehind
 
@@ -208,7 +208,9 @@ class TieredStore:
             return [np.empty(0, dtype=np.int64) for _ in checked]
         # CPU copies for the disk (the caller may reuse its tensors)
         # (numpy copies: single-threaded, so they do not stall on a core held by the writer thread)
-        host = [self.layout.to_storage(t.detach().to("cpu").contiguous()) for t in (k, v, landmarks)]
+        cpu = [t.detach().to("cpu").contiguous() for t in (k, v, landmarks)]
+        check_finite(cpu, ("k", "v", "landmarks"), [s for s, c in checked for _ in range(c)])
+        host = [self.layout.to_storage(t) for t in cpu]
         k_np, v_np, lm_np = (a.copy() if copy else a for a in host)
         lm_cpu = self.layout.from_storage(lm_np)  # (N, L, H, D)
         with self._cv:
@@ -312,6 +314,8 @@ class TieredStore:
         """Remove every block of `stream` from all tiers and the index (durable after the next flush).
         Returns how many blocks were removed (0 for an unknown stream)."""
         self._check_writable()
+        if not isinstance(stream, str):
+            raise InvalidArgumentError(f"stream={stream!r}: expected a str")
         with self._lock:
             rows = self._rows.delete_stream(stream)
             if rows is None:
@@ -325,10 +329,9 @@ class TieredStore:
     def set_stream_meta(self, stream: str, meta: dict) -> None:
         """Replace the small JSON metadata of `stream` (persisted by flush). Creates the stream if new."""
         self._check_writable()
-        if not isinstance(stream, str) or not stream:
-            raise InvalidArgumentError(f"stream={stream!r}: expected a non-empty str")
+        check_stream_name(stream)
         try:
-            meta = json.loads(json.dumps(meta))
+            meta = json.loads(json.dumps(meta, allow_nan=False))
         except (TypeError, ValueError) as e:
             raise InvalidArgumentError(f"stream meta of {stream!r} must be JSON-serialisable ({e})") from e
         if not isinstance(meta, dict):
