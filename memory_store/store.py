@@ -54,7 +54,7 @@ from zarr.abc.store import Store
 from .commit import CommitRecord
 from .config import StoreConfig
 from .disk import DiskTier
-from .errors import (ClosedError, InvalidArgumentError, ReadOnlyError, StoreError, StoreIOError,
+from .errors import (ClosedError, CorruptBlockError, InvalidArgumentError, ReadOnlyError, StoreError, StoreIOError,
                      UnknownBlockError, io_error)
 from .index import LandmarkIndex
 from .layout import StoreLayout
@@ -64,6 +64,15 @@ from .stats import StoreStats
 from .write_behind import WriteBehind
 
 __all__ = ["StoreConfig", "Block", "TieredStore"]
+
+_READER_RETRIES = 5  # reopens of a reader whose commit was superseded while it opened
+
+
+def _has_newer_commit(disk: DiskTier, record: CommitRecord) -> bool:
+    try:
+        return disk.read_commit().generation != record.generation
+    except (StoreError, OSError):
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,13 +141,22 @@ class TieredStore:
         if layout is not None and not isinstance(layout, StoreLayout):
             raise InvalidArgumentError(f"TieredStore.open layout must be a StoreLayout, got {type(layout).__name__}")
         config = config or StoreConfig()
-        disk, record = DiskTier.open(where, mode, layout=layout, sync_mode=config.sync_mode,
-                                     shard_rows=config.shard_rows, wait_s=wait_s)
-        try:
-            return cls(disk, record, mode=mode, config=config)
-        except BaseException:
-            disk.close()  # (releases the writer lock: a store that failed to open holds nothing)
-            raise
+        for attempt in range(_READER_RETRIES + 1):
+            disk, record = DiskTier.open(where, mode, layout=layout, sync_mode=config.sync_mode,
+                                         shard_rows=config.shard_rows, wait_s=wait_s)
+            try:
+                return cls(disk, record, mode=mode, config=config)
+            except CorruptBlockError:
+                # a reader that read commit g while the writer committed a delete and removed its
+                # chunks finds them missing (e.g. rebuilding the index): open the newer commit instead
+                newer = mode == "r" and attempt < _READER_RETRIES and _has_newer_commit(disk, record)
+                disk.close()
+                if not newer:
+                    raise
+            except BaseException:
+                disk.close()  # (releases the writer lock: a store that failed to open holds nothing)
+                raise
+        raise AssertionError("unreachable")
 
     def __enter__(self) -> TieredStore:
         return self

@@ -124,6 +124,7 @@ def _check_snapshot(r: TieredStore, acked: int, deleted_below, rng: random.Rando
             if s != stream_of(b) or o != b % STREAM_BLOCKS:
                 problems.append(f"inconsistent: block {b} says stream {s!r} ordinal {o}")
                 break
+    counts["empty_snapshots"] += not all_ids
     sample = rng.sample(all_ids, min(6, len(all_ids)))
     layer = rng.randrange(LAYOUT.n_layers)
     try:
@@ -150,7 +151,7 @@ def _check_snapshot(r: TieredStore, acked: int, deleted_below, rng: random.Rando
 
 
 def _reader(path: str, seconds: float, seed: int, acked, deleted_below, out) -> None:
-    counts = {"opens": 0, "blocks_read": 0, "raced_delete": 0}
+    counts = {"opens": 0, "empty_snapshots": 0, "blocks_read": 0, "raced_delete": 0}
     problems: list[str] = []
     rng = random.Random(seed)
     stop = time.monotonic() + seconds
