@@ -230,8 +230,10 @@ def test_truncated_and_garbage_metadata_files(base, tmp_path_factory, data):
     path, files, digests = base
     victim = data.draw(st.sampled_from(_victims(path)), label="file")
     original = (path / victim).read_bytes()
-    kinds = ["truncate", "garbage", "empty", "flip"] + (["json-list", "json-string"] if victim != "zarr.json" else [])
-    how = data.draw(st.sampled_from(kinds), label="how")  # (valid JSON, not an object, as zarr.json: xfail below)
+    # (zarr.json still JSON but not the group's metadata: a list, a string, a key with a flipped byte, is
+    # the disk.py bug of the strict xfail test_a_damaged_zarr_json_that_zarr_rejects below)
+    kinds = ["truncate", "garbage", "empty"] + (["flip", "json-list", "json-string"] if victim != "zarr.json" else [])
+    how = data.draw(st.sampled_from(kinds), label="how")
     if how == "truncate":
         new = original[:data.draw(st.integers(0, max(0, len(original) - 1)), label="length")]
     elif how == "garbage":
@@ -249,7 +251,9 @@ def test_truncated_and_garbage_metadata_files(base, tmp_path_factory, data):
     shutil.copytree(path, copy)
     (copy / victim).write_bytes(new)
     CASES[f"corrupt {Path(victim).name}"] += 1
-    for mode in ("r", "a"):
+    # (a writer on a commit.json with a flipped byte can rewrite data: test_a_writer_on_a_commit_record_
+    # missing_a_key below, a strict xfail; here such a record is only read)
+    for mode in ("r",) if (victim, how) == ("commit.json", "flip") else ("r", "a"):
         try:
             with TieredStore.open(copy, mode, config=CFG) as s:
                 got = block_digests(s)
@@ -277,12 +281,15 @@ def test_truncated_and_garbage_metadata_files(base, tmp_path_factory, data):
                    "AttributeError instead of a StoreError naming the file")
 @pytest.mark.parametrize("name,content", [("kv/zarr.json", None), ("landmarks/zarr.json", None),
                                           ("block_stream/zarr.json", None), ("block_ordinal/zarr.json", None),
-                                          ("zarr.json", b"[1, 2]"), ("zarr.json", b'"zarr"')])
+                                          ("zarr.json", b"[1, 2]"), ("zarr.json", b'"zarr"'),
+                                          ("zarr.json", "flip")])
 def test_a_damaged_zarr_json_that_zarr_rejects(base, tmp_path, name, content):
     path, files, digests = base
     copy = tmp_path / "s"
     shutil.copytree(path, copy)
     meta = copy / name
+    if content == "flip":  # one bit of a key: "attributes" -> "`ttributes" (TypeError inside zarr)
+        content = meta.read_bytes().replace(b'"attributes"', b'"`ttributes"')
     meta.write_bytes(content if content is not None else meta.read_bytes()[:40])  # (None: truncated)
     refused("xfail: damaged zarr.json", lambda: TieredStore.open(copy, "r", config=CFG))
 
@@ -293,6 +300,26 @@ def test_a_store_path_that_is_a_file(tmp_path):
     f = tmp_path / "plain.txt"
     f.write_text("not a store")
     refused("xfail: store path is a file", lambda: TieredStore.open(f, "a", layout=LAYOUT, config=CFG), says=str(f))
+
+
+@pytest.mark.xfail(strict=True, reason="memory_store/commit.py + disk.py: commit.json has no checksum and a missing "
+                   "'shards' key is read as an unsharded store, so one flipped byte ('shards' -> 'rhards', found "
+                   "by the fuzz test) opens without error and a writer then rewrites the shard files "
+                   "kv/c.0.0.0.0.0.0 and landmarks/c.0.0.0.0; expected: a typed error at open, data untouched")
+def test_a_writer_on_a_commit_record_missing_a_key(base, tmp_path):
+    path, files, digests = base
+    copy = tmp_path / "s"
+    shutil.copytree(path, copy)
+    commit = copy / "commit.json"
+    commit.write_bytes(commit.read_bytes().replace(b'"shards"', b'"rhards"'))
+    try:
+        with TieredStore.open(copy, "a", config=CFG) as s:
+            block_digests(s)
+    except StoreError:
+        pass
+    after = tree(copy)
+    changed = sorted(k for k in files if k != "commit.json" and files[k] != after.get(k))
+    assert not changed, f"a writer on a damaged commit record changed {changed}"
 
 
 def test_a_store_written_by_another_model(base):
