@@ -227,7 +227,7 @@ class TieredStore:
         # CPU copies for the disk (the caller may reuse its tensors)
         # (numpy copies: single-threaded, so they do not stall on a core held by the writer thread)
         cpu = [t.detach().to("cpu").contiguous() for t in (k, v, landmarks)]
-        check_finite(cpu, ("k", "v", "landmarks"), [s for s, c in checked for _ in range(c)])
+        check_finite(cpu[:2], ("k", "v"), [s for s, c in checked for _ in range(c)])  # (landmarks: the index's check)
         host = [self.layout.to_storage(t) for t in cpu]
         k_np, v_np, lm_np = (a.copy() if copy else a for a in host)
         lm_cpu = self.layout.from_storage(lm_np)  # (N, L, H, D)
