@@ -145,22 +145,40 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_document(f: str) -> str:
+    """The text of document `f` for `folio ingest`. ValueError (FileNotFoundError when missing) saying
+    what is wrong: not a file, empty, binary (a NUL byte), or not UTF-8 (the offset of the first bad
+    byte); a document is never ingested with guessed characters."""
+    path = Path(f)
+    if not path.exists():
+        raise FileNotFoundError(f"{f}: no such file")
+    if not path.is_file():
+        raise ValueError(f"{f}: not a regular file (ingest takes text files)")
+    data = path.read_bytes()
+    if not data:
+        raise ValueError(f"{f}: file holds no text (it is empty)")
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise ValueError(f"{f}: a binary file (NUL byte at offset {nul}); ingest takes UTF-8 text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{f}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}: {e.reason}); "
+                         f"convert it first, e.g. `iconv -f latin1 -t utf-8 {f}`") from None
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     from engine.inference import CHAT_META, chat_document, ingest, open_store
 
+    texts = [(f, read_document(f)) for f in args.files]  # every document checked before the store is opened
     model, tok = load_model_arg(args.model)
     rc = retrieval_config(args, model.cfg)
     chat = not args.raw and tok.chat_parts() is not None
     store = open_store(store_where(args, args.store, "a"), model.cfg, "a", config=store_config(args),
                        wait_s=args.wait)
     try:
-        for f in args.files:
+        for f, text in texts:
             path = Path(f)
-            if not path.is_file():
-                raise FileNotFoundError(f"{f}: no such file")
-            text = path.read_text(encoding="utf-8", errors="replace")
-            if not text:
-                raise ValueError(f"{f}: file holds no text")
             stream = args.stream or path.name
             ids = chat_document(tok, text) if chat else tok.encode(text)
             r = ingest(model, store, stream, ids, source=str(path.resolve()), retrieval=rc,

@@ -14,6 +14,7 @@ the same source continues where the flushed part ends.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -74,8 +75,10 @@ def store_layout_for(cfg: ModelConfig):
 def open_store(where, cfg: ModelConfig, mode: str = "a", config=None, wait_s: float = 0.0):
     """Open (or create) a store for this model; refuses a store of another model, and (writing)
     a store another process is writing to, after waiting up to wait_s seconds for it."""
-    from memory_store import LayoutMismatchError, TieredStore
+    from memory_store import LayoutMismatchError, StoreNotFoundError, TieredStore
 
+    if isinstance(where, (str, os.PathLike)) and os.path.exists(where) and not os.path.isdir(where):
+        raise StoreNotFoundError(f"--store {os.fspath(where)}: a file, not a store directory")
     try:
         return TieredStore.open(where, mode, layout=store_layout_for(cfg), config=config, wait_s=wait_s)
     except LayoutMismatchError as e:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+from tokenize import TokenError
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -49,7 +50,7 @@ def _npy_bytes(a: np.ndarray) -> bytearray:
 def _npy_load(b: bytes, what: str) -> np.ndarray:
     try:
         return np.load(io.BytesIO(b), allow_pickle=False)
-    except ValueError as e:  # bad header / object arrays
+    except (ValueError, EOFError, SyntaxError, TokenError) as e:  # bad or truncated header / object arrays
         raise LandmarkIndexError(f"saved landmark index: {what} is not a readable .npy array ({e})") from e
 
 
@@ -97,6 +98,8 @@ class IndexPersistence:
             meta = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise LandmarkIndexError(f"saved landmark index: meta.json is not JSON ({e})") from e
+        if not isinstance(meta, dict):
+            raise LandmarkIndexError(f"saved landmark index: meta.json holds a {type(meta).__name__}, not an object")
         if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
             raise FormatVersionError(f"saved landmark index has format {meta.get('format')!r} version "
                                      f"{meta.get('version')!r}; this code reads {FORMAT_NAME!r} version {FORMAT_VERSION}")
@@ -107,9 +110,12 @@ class IndexPersistence:
                 raise LandmarkIndexError(f"saved landmark index: {key} is missing")
             return b
 
-        index = cls(meta["n_layers"], meta["n_kv_heads"], meta["head_dim"], backend=meta["backend"], device=device,
-                    exact_threshold=meta["exact_threshold"], params=AnnParams.from_dict(meta["params"]))
-        n = int(meta["n"])
+        try:
+            index = cls(meta["n_layers"], meta["n_kv_heads"], meta["head_dim"], backend=meta["backend"], device=device,
+                        exact_threshold=meta["exact_threshold"], params=AnnParams.from_dict(meta["params"]))
+            n = int(meta["n"])
+        except (KeyError, TypeError, ValueError) as e:  # a field missing or of the wrong kind
+            raise LandmarkIndexError(f"saved landmark index: meta.json does not describe an index ({e!r})") from e
         ids = _npy_load(need("ids.npy"), "ids.npy")
         codes = _npy_load(need("codes.npy"), "codes.npy")
         keys = _npy_load(need("keys.npy"), "keys.npy")
@@ -160,8 +166,8 @@ class IndexPersistence:
         if n_rows:
             try:
                 idx = cls.load(lambda key: blobs.read_blob(f"index/g{generation}/{key}"), device=device)
-            except (StoreError, ValueError, OSError):
-                idx = None  # unreadable or half-deleted by a writer: it is derived, rebuild it
+            except (StoreError, ValueError, OSError, KeyError, TypeError):
+                idx = None  # unreadable, damaged or half-deleted by a writer: it is derived, rebuild it
             if idx is not None and (idx.generation != generation or len(idx) != n_live
                                     or (idx.n_layers, idx.n_kv_heads, idx.head_dim) != (n_layers, n_kv_heads, head_dim)
                                     or idx.backend != backend):

@@ -47,6 +47,9 @@ def heads_selection(sel: torch.Tensor, n_kv_heads: int) -> tuple[np.ndarray, np.
         raise InvalidArgumentError(f"get_heads: sel must be a (B, n_kv_heads={H}, k) int64 tensor, got "
                                    f"{tuple(getattr(sel, 'shape', ()))} {getattr(sel, 'dtype', type(sel).__name__)}")
     s = sel.detach().cpu().numpy()
+    if s.size and s.min() < -1:  # (only -1 means "none": another negative id is a caller's bug)
+        raise InvalidArgumentError(f"get_heads: sel holds block id {int(s.min())}; ids are >= 0, and -1 marks "
+                                   f"an empty slot")
     valid = s >= 0
     uniq = np.sort(s[valid])  # np.unique, without its overhead (a few us here, not 30)
     uniq = uniq[np.concatenate(([True], uniq[1:] != uniq[:-1]))] if uniq.size else uniq

@@ -19,7 +19,30 @@ import torch
 from .commit import StreamRecord
 from .errors import CorruptBlockError, InvalidArgumentError, ShapeError, UnknownBlockError
 
-__all__ = ["RowTable", "as_ids", "check_parts"]
+__all__ = ["RowTable", "as_ids", "check_finite", "check_parts", "check_stream_name"]
+
+MAX_STREAM_NAME = 1024  # characters; a name is a label in the commit record, not a path
+
+
+def check_stream_name(stream: object) -> str:
+    """`stream` if it is a valid new stream name, else InvalidArgumentError saying why: a non-empty
+    str of at most MAX_STREAM_NAME characters, without path separators (names print as paths and
+    file names in tools), control characters (they break one-line output) or lone surrogates (not
+    encodable as UTF-8)."""
+    if not isinstance(stream, str) or not stream:
+        raise InvalidArgumentError(f"stream={stream!r}: expected a non-empty str")
+    if len(stream) > MAX_STREAM_NAME:
+        raise InvalidArgumentError(f"stream name of {len(stream)} characters: at most {MAX_STREAM_NAME} allowed")
+    bad = next((c for c in stream if c in "/\\" or ord(c) < 32 or 127 <= ord(c) < 160
+                or 0xD800 <= ord(c) < 0xE000), None)
+    if bad is not None:
+        what = "a path separator" if bad in "/\\" else "a lone surrogate" if ord(bad) >= 0xD800 \
+            else "a control character"
+        raise InvalidArgumentError(f"stream={stream!r}: holds {what} ({bad!r}); stream names are printable text "
+                                   f"without '/' or '\\'")
+    if stream in (".", ".."):
+        raise InvalidArgumentError(f"stream={stream!r}: not a name (use e.g. the document's file name)")
+    return stream
 
 
 def check_parts(parts: object) -> list[tuple[str, int]]:
@@ -31,12 +54,22 @@ def check_parts(parts: object) -> list[tuple[str, int]]:
         if not (isinstance(part, (tuple, list)) and len(part) == 2):
             raise InvalidArgumentError(f"part {part!r}: expected a (stream, n_blocks) pair")
         stream, n_part = part
-        if not isinstance(stream, str) or not stream:
-            raise InvalidArgumentError(f"stream={stream!r}: expected a non-empty str")
+        check_stream_name(stream)
         if not isinstance(n_part, (int, np.integer)) or isinstance(n_part, bool) or n_part < 0:
             raise InvalidArgumentError(f"part ({stream!r}, {n_part!r}): n_blocks must be an int >= 0")
         checked.append((stream, int(n_part)))
     return checked
+
+
+def check_finite(tensors: Sequence[torch.Tensor], names: Sequence[str], streams: Sequence[str]) -> None:
+    """InvalidArgumentError naming the tensor, block and stream when a put's CPU tensors (N, ...) hold
+    NaN or Inf: a non-finite key or value would turn every later attention over it into NaN."""
+    for t, name in zip(tensors, names):
+        if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+            continue
+        i = int((~torch.isfinite(t).reshape(t.shape[0], -1).all(dim=1)).nonzero()[0, 0])
+        raise InvalidArgumentError(f"{name} holds NaN or Inf in block {i} of this put (stream {streams[i]!r}); "
+                                   f"the store takes finite values only")
 
 
 def as_ids(ids: Sequence[int] | torch.Tensor | np.ndarray | int) -> np.ndarray:

@@ -54,16 +54,25 @@ from zarr.abc.store import Store
 from .commit import CommitRecord
 from .config import StoreConfig
 from .disk import DiskTier
-from .errors import (ClosedError, InvalidArgumentError, ReadOnlyError, StoreError, StoreIOError,
+from .errors import (ClosedError, CorruptBlockError, InvalidArgumentError, ReadOnlyError, StoreError, StoreIOError,
                      UnknownBlockError, io_error)
 from .index import LandmarkIndex
 from .layout import StoreLayout
 from .reads import ReadCascade, heads_selection
-from .rows import RowTable, check_parts
+from .rows import RowTable, check_finite, check_parts, check_stream_name
 from .stats import StoreStats
 from .write_behind import WriteBehind
 
 __all__ = ["StoreConfig", "Block", "TieredStore"]
+
+_READER_RETRIES = 5  # reopens of a reader whose commit was superseded while it opened
+
+
+def _has_newer_commit(disk: DiskTier, record: CommitRecord) -> bool:
+    try:
+        return disk.read_commit().generation != record.generation
+    except (StoreError, OSError):
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,13 +141,22 @@ class TieredStore:
         if layout is not None and not isinstance(layout, StoreLayout):
             raise InvalidArgumentError(f"TieredStore.open layout must be a StoreLayout, got {type(layout).__name__}")
         config = config or StoreConfig()
-        disk, record = DiskTier.open(where, mode, layout=layout, sync_mode=config.sync_mode,
-                                     shard_rows=config.shard_rows, wait_s=wait_s)
-        try:
-            return cls(disk, record, mode=mode, config=config)
-        except BaseException:
-            disk.close()  # (releases the writer lock: a store that failed to open holds nothing)
-            raise
+        for attempt in range(_READER_RETRIES + 1):
+            disk, record = DiskTier.open(where, mode, layout=layout, sync_mode=config.sync_mode,
+                                         shard_rows=config.shard_rows, wait_s=wait_s)
+            try:
+                return cls(disk, record, mode=mode, config=config)
+            except CorruptBlockError:
+                # a reader that read commit g while the writer committed a delete and removed its
+                # chunks finds them missing (e.g. rebuilding the index): open the newer commit instead
+                newer = mode == "r" and attempt < _READER_RETRIES and _has_newer_commit(disk, record)
+                disk.close()
+                if not newer:
+                    raise
+            except BaseException:
+                disk.close()  # (releases the writer lock: a store that failed to open holds nothing)
+                raise
+        raise AssertionError("unreachable")
 
     def __enter__(self) -> TieredStore:
         return self
@@ -208,7 +226,9 @@ class TieredStore:
             return [np.empty(0, dtype=np.int64) for _ in checked]
         # CPU copies for the disk (the caller may reuse its tensors)
         # (numpy copies: single-threaded, so they do not stall on a core held by the writer thread)
-        host = [self.layout.to_storage(t.detach().to("cpu").contiguous()) for t in (k, v, landmarks)]
+        cpu = [t.detach().to("cpu").contiguous() for t in (k, v, landmarks)]
+        check_finite(cpu[:2], ("k", "v"), [s for s, c in checked for _ in range(c)])  # (landmarks: the index's check)
+        host = [self.layout.to_storage(t) for t in cpu]
         k_np, v_np, lm_np = (a.copy() if copy else a for a in host)
         lm_cpu = self.layout.from_storage(lm_np)  # (N, L, H, D)
         with self._cv:
@@ -312,6 +332,8 @@ class TieredStore:
         """Remove every block of `stream` from all tiers and the index (durable after the next flush).
         Returns how many blocks were removed (0 for an unknown stream)."""
         self._check_writable()
+        if not isinstance(stream, str):
+            raise InvalidArgumentError(f"stream={stream!r}: expected a str")
         with self._lock:
             rows = self._rows.delete_stream(stream)
             if rows is None:
@@ -325,10 +347,9 @@ class TieredStore:
     def set_stream_meta(self, stream: str, meta: dict) -> None:
         """Replace the small JSON metadata of `stream` (persisted by flush). Creates the stream if new."""
         self._check_writable()
-        if not isinstance(stream, str) or not stream:
-            raise InvalidArgumentError(f"stream={stream!r}: expected a non-empty str")
+        check_stream_name(stream)
         try:
-            meta = json.loads(json.dumps(meta))
+            meta = json.loads(json.dumps(meta, allow_nan=False))
         except (TypeError, ValueError) as e:
             raise InvalidArgumentError(f"stream meta of {stream!r} must be JSON-serialisable ({e})") from e
         if not isinstance(meta, dict):
