@@ -96,8 +96,9 @@ class CommitRecord:
                        streams=[StreamRecord(s["name"], bool(s["alive"]), int(s["n_blocks"]), dict(s["meta"]))
                                 for s in d["streams"]],
                        writer_stats=dict(d.get("writer_stats", {})),
+                       # version 4 always writes "shards" ({} when unsharded): missing means damaged
                        shards={str(name): {int(no): int(n) for no, n in lengths.items()}
-                               for name, lengths in d.get("shards", {}).items()})
+                               for name, lengths in (d["shards"] if d["format_version"] >= 4 else {}).items()})
         except (KeyError, TypeError, ValueError) as e:
             raise FormatVersionError(f"{where}: {COMMIT_KEY} is malformed ({e!r})") from e
 

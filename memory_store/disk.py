@@ -215,18 +215,27 @@ class DiskTier(Tier):
             raise LayoutMismatchError(
                 f"{label}: the store was written with layout [{record.layout.describe()}] but opened with "
                 f"[{layout.describe()}]", stored=record.layout, requested=layout)
+        # zarr parses the group's and each array's zarr.json here: a damaged one (not JSON, not an
+        # object, a key flipped) surfaces as ValueError/TypeError/AttributeError/UnicodeDecodeError
         try:
             group = zarr.open_group(store, mode="r" if read_only else "r+", zarr_format=3)
-        except (FileNotFoundError, ValueError, KeyError) as e:
-            raise FormatVersionError(f"{label}: cannot open the zarr group ({e})") from e
-        attrs = group.attrs.get("folio", {})
-        if attrs.get("format_version") not in READABLE_VERSIONS:
-            raise FormatVersionError(f"{label}: group format version {attrs.get('format_version')!r}; "
-                                     f"this code reads versions {list(READABLE_VERSIONS)} (versions before 3 kept K "
-                                     f"and V in separate arrays; re-ingest the documents with this version)")
-        missing = [name for name in _DATA_ARRAYS if name not in group]
-        if missing:
-            raise FormatVersionError(f"{label}: arrays {missing} are missing from the group")
+            attrs = group.attrs.get("folio", {})
+            if not isinstance(attrs, dict):
+                raise TypeError(f"the group's 'folio' attributes are {type(attrs).__name__}, not an object")
+            if attrs.get("format_version") not in READABLE_VERSIONS:
+                raise FormatVersionError(f"{label}: group format version {attrs.get('format_version')!r}; "
+                                         f"this code reads versions {list(READABLE_VERSIONS)} (versions before 3 kept "
+                                         f"K and V in separate arrays; re-ingest the documents with this version)")
+            missing = [name for name in _DATA_ARRAYS if name not in group]
+            if missing:
+                raise FormatVersionError(f"{label}: arrays {missing} are missing from the group")
+            for name in _DATA_ARRAYS:
+                group[name]  # (each array's metadata, checked before anything is read or written)
+        except FormatVersionError:
+            raise
+        except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            raise FormatVersionError(f"{label}: the zarr metadata (zarr.json of the group or of an array) is "
+                                     f"damaged or not a Folio store's ({type(e).__name__}: {e})") from e
         tier = cls(store, group, record.layout, read_only=read_only, sync_mode=sync_mode, where=label, record=record,
                    writer_lock=lock)
         return tier, record

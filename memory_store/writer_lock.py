@@ -46,7 +46,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from .errors import InvalidArgumentError, ReadOnlyError, StoreError, StoreLockedError
+from .errors import InvalidArgumentError, ReadOnlyError, StoreError, StoreLockedError, StoreNotFoundError
 
 __all__ = ["WriterLock", "read_holder", "check_wait_s", "NoWriterLockWarning", "LOCK_NAME", "POLL_S"]
 
@@ -161,6 +161,9 @@ class WriterLock:
 
     @staticmethod
     def _open(path: str, lock_path: str) -> int:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise StoreNotFoundError(f"store path {path} is a file, not a store directory: give a directory "
+                                     f"(an existing store, or a new one to create)")
         try:
             os.makedirs(path, exist_ok=True)
             if not os.access(path, os.W_OK):  # (a lock file already there would open: check the directory)

@@ -169,7 +169,7 @@ def test_a_store_written_by_another_model(capsys, intact, base):
 
 
 def _metadata_files(store: Path) -> list[str]:
-    # (an array's own zarr.json: a known disk.py bug, tests/memory_store/test_fuzz_api.py's strict xfail)
+    # (the arrays' own zarr.json: tests/memory_store/test_fuzz_api.py)
     return sorted(str(p.relative_to(store)) for p in store.rglob("*") if p.is_file() and p.name != LOCK_NAME
                   and (p.parent == store and p.suffix == ".json" or "index" in str(p.relative_to(store))))
 
