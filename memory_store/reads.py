@@ -194,7 +194,9 @@ class ReadCascade:
                 bad = rows[on_disk][~found][:8].tolist()
                 self._disk.check_present()  # (deleted under this store: say so, not "corrupt")
                 raise CorruptBlockError(f"blocks {bad} layer {layer}: committed but their chunks are missing from "
-                                        f"{self._disk.where}", block_id=bad[0], layer=layer)
+                                        f"{self._disk.where} (a reader: the writer may have deleted their stream "
+                                        f"since this store was opened; reopen it to read the current state. "
+                                        f"Otherwise the store is damaged)", block_id=bad[0], layer=layer)
             self._stats.hits["disk"] += int(on_disk.sum())
         return kt, vt
 

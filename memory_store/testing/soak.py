@@ -21,7 +21,6 @@ that drops it. At the end the parent reads the whole store back against the sche
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import queue
 import random
 import threading
