@@ -250,7 +250,25 @@ class ShardedChunks(_LocalFiles):
             sset.close()
 
 
-class ChunkFiles(_LocalFiles):
+class _OneObjectPerChunk:
+    """The row operations of a backend keeping one file or object per chunk, in terms of its
+    `_put_chunks(items)` and `_read(items)`."""
+
+    def write_rows(self, start, k, v, landmarks):
+        self._put_chunks(_row_items(self.layout.n_layers, start, k, v, landmarks))
+
+    def read_kv(self, rows, layers, out_k, out_v):
+        return self._read([(kv_key(row, layer), [out_k[i], out_v[i]], row, layer)
+                           for i, (row, layer) in enumerate(zip(rows, layers))])
+
+    def read_landmarks(self, rows, out):
+        return self._read([(landmark_key(r), [out[i]], r, -1) for i, r in enumerate(rows)])
+
+    def put_kv(self, row, layer, k, v):
+        self._put_chunks([(kv_key(row, layer), [k, v])])
+
+
+class ChunkFiles(_OneObjectPerChunk, _LocalFiles):
     """Format 3's local layout: one file per chunk."""
 
     def _put_chunks(self, items: list[tuple[str, list[np.ndarray]]]) -> None:
@@ -275,19 +293,6 @@ class ChunkFiles(_LocalFiles):
             finally:
                 os.close(fd)
             self.durability.written(path)
-
-    def write_rows(self, start, k, v, landmarks):
-        self._put_chunks(_row_items(self.layout.n_layers, start, k, v, landmarks))
-
-    def read_kv(self, rows, layers, out_k, out_v):
-        return self._read([(kv_key(row, layer), [out_k[i], out_v[i]], row, layer)
-                           for i, (row, layer) in enumerate(zip(rows, layers))])
-
-    def read_landmarks(self, rows, out):
-        return self._read([(landmark_key(r), [out[i]], r, -1) for i, r in enumerate(rows)])
-
-    def put_kv(self, row, layer, k, v):
-        self._put_chunks([(kv_key(row, layer), [k, v])])
 
     def delete_kv(self, row, layer):
         try:
@@ -354,7 +359,7 @@ class ChunkFiles(_LocalFiles):
             found[i] = True
 
 
-class ZarrChunks(ChunkIO):
+class ZarrChunks(_OneObjectPerChunk, ChunkIO):
     """Any zarr store that is not a local directory: one object per chunk."""
 
     def _put_chunks(self, items: list[tuple[str, list[np.ndarray]]]) -> None:
@@ -367,19 +372,6 @@ class ZarrChunks(ChunkIO):
             await asyncio.gather(*(self.store.set(key, buf) for key, buf in bufs))
 
         sync(put_all())
-
-    def write_rows(self, start, k, v, landmarks):
-        self._put_chunks(_row_items(self.layout.n_layers, start, k, v, landmarks))
-
-    def read_kv(self, rows, layers, out_k, out_v):
-        return self._read([(kv_key(row, layer), [out_k[i], out_v[i]], row, layer)
-                           for i, (row, layer) in enumerate(zip(rows, layers))])
-
-    def read_landmarks(self, rows, out):
-        return self._read([(landmark_key(r), [out[i]], r, -1) for i, r in enumerate(rows)])
-
-    def put_kv(self, row, layer, k, v):
-        self._put_chunks([(kv_key(row, layer), [k, v])])
 
     def delete_kv(self, row, layer):
         sync(self.store.delete(kv_key(row, layer)))
