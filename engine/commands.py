@@ -73,11 +73,11 @@ def retrieval_config(args, cfg):
         return ", ".join(f"--{k.replace('_', '-')}" for k in names + TRAINING_FREE_FLAGS
                          if getattr(args, k, None) is not None)
 
-    if cfg.uio is not None:
+    if cfg.uio is not None and not cfg.landmarks:
         if bad := flags_set("top_k", "local_blocks", "chunk"):
             raise ValueError(f"{bad}: this model reads UIO memories "
-                             f"(ModelConfig.uio): every window's memory is attended, nothing is retrieved; these "
-                             f"flags do not apply")
+                             f"(ModelConfig.uio) and has no landmarks: every window's memory is attended, nothing "
+                             f"is retrieved; these flags do not apply")
         return None
     if cfg.folded_window:
         from engine.folded import FoldedConfig

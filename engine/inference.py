@@ -32,6 +32,7 @@ from engine.retrieval import RetrievalConfig, RetrievalMemory, RetrievalStats
 from engine.runtime import trim_heap
 from engine.tokenizer import ByteTokenizer, Tokenizer
 from engine.training_free import TrainingFreeConfig, TrainingFreeMemory
+from engine.uio_inference import UIO_META, UIO_TAIL, generate_uio, ingest_uio  # noqa: F401 (UIO_TAIL: re-exported)
 
 TOKENIZER = ByteTokenizer()
 _TRIM_EVERY = 16  # chunks between heap trims when no commit (which trims too) happened
@@ -157,7 +158,7 @@ def ingest(model: LandmarkTransformer, store, stream: str, tokens: Sequence[int]
     if not isinstance(stream, str) or not stream:
         raise ValueError(f"stream={stream!r} is invalid: a non-empty name")
     cfg = model.cfg
-    rc = retrieval_for(cfg, retrieval) if cfg.uio is None else None
+    rc = retrieval_for(cfg, retrieval) if cfg.uio is None or cfg.landmarks else None
     tok = tokenizer or TOKENIZER
     byte = isinstance(tok, ByteTokenizer)
     top, what = (255, "byte tokens") if byte else (tok.vocab_size - 1, "token ids")
@@ -174,7 +175,7 @@ def ingest(model: LandmarkTransformer, store, stream: str, tokens: Sequence[int]
     skip = min(skip, toks.numel())
     if cfg.uio is not None:
         return ingest_uio(model, store, stream, toks, source=source, meta=meta, sources=sources, skip=skip,
-                          tok=tok, progress=progress)
+                          tok=tok, progress=progress, retrieval=rc)
     new = toks[skip:]
     tail = torch.as_tensor(meta.get("tail", []), dtype=torch.long)
     t0 = time.perf_counter()
@@ -297,8 +298,9 @@ def generate(model: LandmarkTransformer, store, prompt: Sequence[int] | torch.Te
     dev = model.tok_emb.weight.device
     prompt = torch.as_tensor(prompt, dtype=torch.long).reshape(-1)
     if cfg.uio is not None:
-        yield from _generate_uio(model, store, prompt, streams=streams, gc=gc, on_text=on_text, tok=tok,
-                                 continue_stream=continue_stream)
+        yield from generate_uio(model, store, prompt, streams=streams, gc=gc, on_text=on_text, tok=tok,
+                                continue_stream=continue_stream,
+                                retrieval=retrieval_for(cfg, retrieval) if cfg.landmarks else None)
         return
     rc = retrieval_for(cfg, retrieval)
     if cfg.folded_window:  # its state is one stream's: that stream (or the store's only one)
@@ -346,72 +348,6 @@ def _decode(model, mem, logits, gc: GenerateConfig, tok: Tokenizer, on_text) -> 
             step.append(tok.landmark_id)
         logits = model(torch.tensor([step], device=dev), memory=mem)
         mem.end_chunk()
-
-
-def _generate_uio(model, store, prompt, *, streams, gc, on_text, tok, continue_stream) -> Iterator[int]:
-    """A UIO model: the prompt (after the stream's unfinished window) is a window that attends to
-    every stored memory of the one stream (`ingest_uio`), then decoding continues that window."""
-    from engine.uio import UIOMemory, stored_memory_kv
-
-    cfg = model.cfg
-    streams, one = _folded_stream(store, streams, continue_stream, what="a UIO model")
-    tail = store.get_stream_meta(streams[0]).get(UIO_TAIL, []) if one else []
-    if one and not store.get_stream_meta(streams[0]).get(UIO_META):
-        raise ValueError(f"stream {streams[0]!r} holds no UIO memories (not ingested by a UIO model)")
-    kv = stored_memory_kv(store, streams[0], model) if one else None
-    mem = UIOMemory(model, [], kv=kv, cache=True)
-    seq = torch.cat([torch.as_tensor(tail, dtype=torch.long), prompt])
-    if cfg.landmarks:
-        seq = insert_landmarks(seq, cfg.block_len, tok.landmark_id)
-    if seq.numel() == 0:
-        seq = torch.tensor([tok.bos_id if tok.bos_id is not None else 0])
-    logits = model(seq[None].to(model.tok_emb.weight.device), memory=mem)
-    mem.end_chunk()
-    yield from _decode(model, mem, logits, gc, tok, on_text)
-
-
-UIO_META, UIO_TAIL = "uio", "uio_tail"  # stream metadata of a UIO stream: its flag, the unfinished window
-
-
-@torch.no_grad()
-def ingest_uio(model: LandmarkTransformer, store, stream: str, toks: torch.Tensor, *, source: str | None,
-               meta: dict, sources: dict, skip: int, tok: Tokenizer, progress: bool) -> IngestResult:
-    """`ingest` for a UIO model: every complete window of the model's max_seq_len positions is
-    encoded into its memory (engine/uio.py) and stored under the stream (m / block_len blocks per
-    layer: the memory keys and values through the transfer head); the unfinished window's
-    ordinary tokens stay in the stream's metadata. Only the encoder runs: a memory depends on its
-    own window alone."""
-    from engine.uio import encode, put_memory
-
-    cfg = model.cfg
-    T = cfg.max_seq_len
-    t0 = time.perf_counter()
-    tail = torch.as_tensor(meta.get(UIO_TAIL, []), dtype=torch.long)
-    new = toks[skip:].to(torch.long)
-    seq = torch.cat([tail, new])
-    if cfg.landmarks:
-        per = T - T // cfg.block_len  # ordinary tokens per window of T positions
-        windows = [insert_landmarks(seq[a:a + per], cfg.block_len, tok.landmark_id)
-                   for a in range(0, seq.numel() - per + 1, per)]
-    else:
-        per = T
-        windows = [seq[a:a + T] for a in range(0, seq.numel() - T + 1, T)]
-    bar = _progress(len(windows) * per, f"ingest {stream} (UIO)", progress)
-    dev = model.tok_emb.weight.device
-    put = 0
-    for w in windows:
-        put += put_memory(store, stream, model, encode(model, w[None].to(dev)))
-        if bar is not None:
-            bar.update(per)
-    if bar is not None:
-        bar.close()
-    if source:
-        sources[source] = skip + new.numel()
-    store.set_stream_meta(stream, {**meta, UIO_META: True, UIO_TAIL: seq[len(windows) * per:].tolist(),
-                                   "sources": sources})
-    store.flush()
-    return IngestResult(stream=stream, tokens=new.numel(), skipped=skip, blocks_put=put,
-                        seconds=time.perf_counter() - t0, bytes_fetched=0)
 
 
 def _folded_stream(store, streams: Sequence[str] | None, continue_stream: bool,

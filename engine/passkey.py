@@ -136,13 +136,15 @@ def run_passkey(model: LandmarkTransformer, pc: PasskeyConfig, *, progress: bool
     """Accuracy per (length, depth) for retrieval, local-window-only and full attention.
 
     A model with its own memory (folded context, UIO memories) answers through it in the
-    'retrieval' column (ingest, then ask: whatever memory the model has), 'local' is the model on
-    its window alone (the folded window; UIO's training window) and 'full' is not run."""
+    'retrieval' column (ingest, then ask: whatever memory the model has; a landmark UIO model
+    with pc.retrieval's landmark retrieval beside its memories), 'local' is the model on its
+    window alone (the folded window; UIO's training window) and 'full' is not run."""
     rng = random.Random(pc.seed)
     cfg = model.cfg
     own_memory = bool(cfg.folded_window) or cfg.uio is not None
     L, W = cfg.block_len, (cfg.folded_window or cfg.max_seq_len)
-    rc = None if own_memory else pc.retrieval
+    uio_landmark = cfg.uio is not None and cfg.landmarks
+    rc = pc.retrieval if not own_memory or uio_landmark else None
     prose = None
     if pc.filler != "generator":
         from engine import corpora
@@ -188,10 +190,11 @@ def run_passkey(model: LandmarkTransformer, pc: PasskeyConfig, *, progress: bool
                     f"local {row['local']:.2f}  full {full}  ({row['seconds']:.1f} s)")
     return {"rows": rows, "config": {"lengths": pc.lengths, "depths": pc.depths, "trials": pc.trials,
                                      "filler": pc.filler,
-                                     "memory": ("folded" if cfg.folded_window else "uio" if cfg.uio is not None
-                                                else "retrieval"),
-                                     "top_k": None if own_memory else pc.retrieval.top_k,
-                                     "positions": None if own_memory else pc.retrieval.positions,
+                                     "memory": ("folded" if cfg.folded_window
+                                                else ("uio+landmark" if uio_landmark and rc.top_k else "uio")
+                                                if cfg.uio is not None else "retrieval"),
+                                     "top_k": None if rc is None else rc.top_k,
+                                     "positions": None if rc is None else rc.positions,
                                      "window": W, "block_len": L}}
 
 

@@ -80,10 +80,25 @@ def test_uio_model_trains_ingests_and_answers_from_the_cli(tmp_path, capsys):
 
     model, store = train_export_ingest(tmp_path, "uio-tiny", micro_batch=1,
                                        doc_text="The pass key is 4821. Remember it. " + "The grass is green. " * 30)
-    # 635 tokens: 5 whole windows of 120 tokens + 8 landmarks (128 positions), one block of 16 slots each
-    assert "635 tokens ingested, 5 blocks" in capsys.readouterr().out
-    assert main(["ask", "--model", str(model), "--store", str(store), QUESTION, "--top-k", "3"]) == 2
-    assert "UIO memories" in capsys.readouterr().err
+    # 635 tokens: 5 whole windows of 120 tokens + 8 landmarks (128 positions): one memory block of 16
+    # slots each, and (a landmark model) its 8 token blocks for retrieval in the companion stream
+    assert "635 tokens ingested, 45 blocks" in capsys.readouterr().out
+    for k in ("3", "0"):  # memories + landmark retrieval; memories alone
+        assert main(["ask", "--model", str(model), "--store", str(store), QUESTION, "--top-k", k,
+                     "--max-tokens", "3"]) == 0
     assert main(["ask", "--model", "random:tiny", "--store", str(store), QUESTION]) == 2
     assert "trained without UIO" in capsys.readouterr().err
     ask_in_another_process(model, store)
+
+
+def test_a_causal_uio_model_refuses_retrieval_flags():
+    import argparse
+
+    from engine.commands import retrieval_config
+    from engine.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=260, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_hidden=32, max_seq_len=32,
+                      block_len=4, attention="causal", uio={"ratio": 4})
+    args = argparse.Namespace(top_k=3, local_blocks=None, chunk=None)
+    with pytest.raises(ValueError, match="UIO memories.*no landmarks"):
+        retrieval_config(args, cfg)
