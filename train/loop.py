@@ -259,16 +259,21 @@ def train(tcfg: TrainConfig, *, ds: DSOptions | None = None, resume: str | os.Pa
         try:
             seed_all(tcfg.seed)
             net = factory(mcfg)
+            uio_fresh = False
             if init_state is not None:
                 missing, unexpected = net.load_state_dict(init_state, strict=False)
                 missing = [k for k in missing if not (mcfg.tie_embeddings and k == "lm_head.weight")]
+                # UIO's modules are new when the model it starts from has none: they start fresh
+                uio_fresh = mcfg.uio is not None and not any(k.startswith("uio.") for k in init_state)
+                if uio_fresh:
+                    missing = [k for k in missing if not k.startswith("uio.")]
                 if missing or unexpected:
                     raise CheckpointError(f"init_from={tcfg.init_from!r}: its weights do not fit this run's "
                                           f"model: missing {missing[:4]}, unexpected {unexpected[:4]}")
             if mcfg.uio is not None:
                 from train.uio_loop import prepare_uio_model
 
-                prepare_uio_model(net, mcfg, tok, fresh=step_dir is None and init_state is None)
+                prepare_uio_model(net, mcfg, tok, fresh=step_dir is None and (init_state is None or uio_fresh))
             if lora is not None:
                 from train.finetune import apply_lora
 

@@ -102,3 +102,23 @@ def test_a_causal_uio_model_refuses_retrieval_flags():
     args = argparse.Namespace(top_k=3, local_blocks=None, chunk=None)
     with pytest.raises(ValueError, match="UIO memories.*no landmarks"):
         retrieval_config(args, cfg)
+
+
+def test_uio_starts_from_a_model_trained_without_it(tmp_path):
+    """`--init-from` a model without UIO modules (the paper's setting: a pretrained model plus the
+    LoRAs): the base weights load, UIO's modules start fresh (the slot from EOS), the base stays
+    frozen with train_base false, and only uio.* parameters change."""
+    from engine.checkpoint import load_model
+    from train.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--init-from", "models/passkey-tiny", "--model-set", "max_seq_len=128",
+                 "--model-set", 'uio={"ratio": 8, "S": 1, "train_base": false, "enc_rank": 2, "head_rank": 2, '
+                                '"max_windows": 2}',
+                 "--window", "128", "--data", "sample", "--set", "retrieval=false", "--micro-batch", "1",
+                 "--steps", "2", "--offload", "none", "--no-progress", "--set", "eval_windows=0",
+                 "--out", str(out)]) == 0
+    assert main(["export", str(out), "--out", str(tmp_path / "m")]) == 0
+    base, tuned = load_model("models/passkey-tiny").state_dict(), load_model(tmp_path / "m").state_dict()
+    assert all(torch.equal(base[k], tuned[k]) for k in base if k in tuned)
+    assert any(k.startswith("uio.") for k in tuned)

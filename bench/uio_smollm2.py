@@ -1,0 +1,99 @@
+"""UIO-LLMs' own setting at this machine's scale: a frozen SmolLM2-135M-Instruct with the
+encoder and transfer-head LoRAs, trained by `folio train` with incremental TBPTT.
+
+    folio train --init-from models/smollm2-135m --model-set max_seq_len=256 \\
+        --model-set 'uio={"ratio": 4, "S": 2, "factor": true, "train_base": false, "enc_rank": 8, "head_rank": 8, "max_windows": 4}' \\
+        --window 256 --data austen --set retrieval=false --micro-batch 1 --steps 110 --lr 1e-3 --out runs/smol-uio
+    folio export runs/smol-uio --out runs/smol-uio/export
+    python -m bench.uio_smollm2 --model runs/smol-uio/export
+
+On held-out Persuasion (never in training), documents of n windows of 256 tokens: the
+perplexity of the LAST window with every earlier window's memory (64 slots per window and
+layer), beside the same window alone — which is the base model exactly (no memory = the base,
+tested U6), so the comparison is the memories' effect on the same tokens in the same run.
+Writes runs/bench/uio_smollm2.json and .md beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench import RUNS
+
+
+@torch.no_grad()
+def run(model_dir: str, *, lengths=(2, 4, 8), docs: int = 12, log=print) -> dict:
+    from engine.commands import load_model_arg
+    from engine.corpora import held_out_documents, load
+    from engine.uio import UIOMemory, encode
+
+    m, tok = load_model_arg(model_dir)
+    m.eval()
+    T = m.cfg.max_seq_len
+    ids = torch.tensor(tok.encode(load(held_out_documents("austen")[0])), dtype=torch.long)
+    g = torch.Generator().manual_seed(5)
+    out = {"model": model_dir, "window": T, "slots_per_window": m.uio.uio.slots(T), "documents": docs,
+           "lengths": list(lengths), "perplexity": {}}
+    for n in lengths:
+        starts = torch.randint(0, ids.numel() - n * T - 1, (docs,), generator=g).tolist()
+        nll = {"window only (= the base model)": 0.0, "with the memories": 0.0}
+        cnt = 0
+        t0 = time.perf_counter()
+        for s in starts:
+            seq = ids[s:s + n * T + 1]
+            wins = [seq[i * T:(i + 1) * T][None] for i in range(n)]
+            x, y = wins[-1], seq[(n - 1) * T + 1:n * T + 1][None]
+            mems = [encode(m, w) for w in wins[:-1]]
+            for key, mm in (("window only (= the base model)", []), ("with the memories", mems)):
+                lg = m(x, memory=UIOMemory(m, mm))
+                nll[key] += float(F.cross_entropy(lg.flatten(0, 1).float(), y.flatten(), reduction="sum"))
+            cnt += y.numel()
+        out["perplexity"][str(n)] = {k: round(math.exp(v / cnt), 3) for k, v in nll.items()}
+        log(f"  {n} windows: {out['perplexity'][str(n)]} ({time.perf_counter() - t0:.0f} s)")
+    return out
+
+
+def format_md(res: dict) -> str:
+    ns = res["lengths"]
+    keys = list(res["perplexity"][str(ns[0])])
+    lines = [f"`{res['command']}` — {res['machine']}", "",
+             f"Last-window perplexity on held-out Persuasion ({res['documents']} documents per length), windows of "
+             f"{res['window']} tokens, {res['slots_per_window']} memory slots per window and layer:", "",
+             "| memory | " + " | ".join(f"{n} windows" for n in ns) + " |", "|---|" + "---|" * len(ns)]
+    for k in keys:
+        lines.append(f"| {k} | " + " | ".join(f"{res['perplexity'][str(n)][k]:.3f}" for n in ns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="a SmolLM2 model trained with UIO (its export or run)")
+    ap.add_argument("--docs", type=int, default=12)
+    ap.add_argument("--out", default=str(RUNS / "uio_smollm2.json"))
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    res = {"command": f"python -m bench.uio_smollm2 --model {args.model}",
+           "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
+    res.update(run(args.model, docs=args.docs))
+    res["total_seconds"] = round(time.perf_counter() - t0, 1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    md = format_md(res)
+    out.with_suffix(".md").write_text(md)
+    print(md)
+    print(f"wrote {out} in {res['total_seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
