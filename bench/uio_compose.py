@@ -133,7 +133,7 @@ def last_window_nll(m: LandmarkTransformer, wins, mode: str, top_k: int) -> tupl
     from engine.inference import open_store
     from engine.retrieval import RetrievalConfig, RetrievalMemory
     from engine.uio import UIOMemory, encode, transfer
-    from engine.uio_inference import composed_memory
+    from engine.uio_inference import append_kv, composed_memory
     from memory_store import StoreConfig
 
     *earlier, (x, y) = wins
@@ -162,8 +162,7 @@ def last_window_nll(m: LandmarkTransformer, wins, mode: str, top_k: int) -> tupl
             mem.end_chunk()
             if mode == "UIO + landmark":
                 mm = encode(m, w)
-                kv = [(torch.cat([k, transfer(m, i, mm[i])[0]], 2), torch.cat([v, transfer(m, i, mm[i])[1]], 2))
-                      for i, (k, v) in enumerate(kv)]
+                kv = append_kv(kv, [transfer(m, i, mm[i]) for i in range(m.cfg.n_layers)], 10 ** 9)
         if mode == "UIO + landmark":
             mem.sources[1].set(kv)
     lg = m(x, memory=mem)

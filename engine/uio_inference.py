@@ -85,7 +85,8 @@ def composed_memory(model: LandmarkTransformer, store, kv: KV, rc: RetrievalConf
     return mem
 
 
-def _append(kv: KV, new: KV, cap: int) -> KV:
+def append_kv(kv: KV, new: KV, cap: int) -> KV:
+    """Memory K/V with a window's new ones after them, the newest `cap` kept."""
     return [(torch.cat([k, nk], 2)[:, :, -cap:], torch.cat([v, nv], 2)[:, :, -cap:])
             for (k, v), (nk, nv) in zip(kv, new)]
 
@@ -135,7 +136,7 @@ def ingest_uio(model: LandmarkTransformer, store, stream: str, toks: torch.Tenso
         m = encode(model, w)
         put += put_memory(store, stream, model, m)
         if mem is not None:
-            kv = _append(kv, [transfer(model, layer, m[layer]) for layer in range(cfg.n_layers)], cap)
+            kv = append_kv(kv, [transfer(model, layer, m[layer]) for layer in range(cfg.n_layers)], cap)
         if bar is not None:
             bar.update(per)
     if bar is not None:
@@ -198,5 +199,5 @@ def generate_uio(model: LandmarkTransformer, store, prompt: torch.Tensor, *, str
     yield from _decode(model, mem, logits, gc, tok, on_text)
 
 
-__all__ = ["BLOCKS_OF", "UIO_META", "UIO_TAIL", "StoredMemoryTokens", "blocks_stream", "composed_memory",
+__all__ = ["BLOCKS_OF", "UIO_META", "UIO_TAIL", "StoredMemoryTokens", "append_kv", "blocks_stream", "composed_memory",
            "generate_uio", "ingest_uio", "is_companion", "uio_stream"]

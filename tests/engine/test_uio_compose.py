@@ -179,3 +179,17 @@ def test_memory_tokens_sit_just_before_the_local_window(positions):
     assert first == (2 * L if positions == "stingy" else mem.window.start)
     assert mem.window.start > 0
     store.close()
+
+
+def test_the_composition_benchmark_runs_every_mode_on_the_same_documents():
+    from bench.uio_compose import MODES, format_md, run
+
+    res = run(steps=2, train_windows=2, lengths=(2,), docs=1, top_k=1, log=lambda *_: None)
+    rows = res["perplexity"]
+    assert len(rows) == len(MODES) + 2
+    assert all(1 < r["2"] < 1e4 for r in rows.values())
+    # the memory sources change the score of the same last window
+    uio = {k.split(": ")[1]: v["2"] for k, v in rows.items() if k.startswith("UIO-trained")}
+    assert len(set(uio.values())) == len(MODES)
+    res.update(command="x", machine="y")
+    assert "UIO + landmark" in format_md(res)
