@@ -10,7 +10,9 @@ encoder and transfer-head LoRAs, trained by `folio train` with incremental TBPTT
 On held-out Persuasion (never in training), documents of n windows of 256 tokens: the
 perplexity of the LAST window with every earlier window's memory (64 slots per window and
 layer), beside the same window alone — which is the base model exactly (no memory = the base,
-tested U6), so the comparison is the memories' effect on the same tokens in the same run.
+tested U6), so the comparison is the memories' effect on the same tokens in the same run; beside
+them the base model with full attention over the whole document (the upper bound: every earlier
+token as context) and the memories as training starts them (LoRA B = 0, slot = EOS).
 Writes runs/bench/uio_smollm2.json and .md beside it.
 """
 
@@ -31,13 +33,20 @@ from bench import RUNS
 
 
 @torch.no_grad()
-def run(model_dir: str, *, lengths=(2, 4, 8), docs: int = 12, log=print) -> dict:
+def run(model_dir: str, *, base_dir: str | None = None, lengths=(2, 4, 8), docs: int = 12, log=print) -> dict:
     from engine.commands import load_model_arg
     from engine.corpora import held_out_documents, load
     from engine.uio import UIOMemory, encode
 
     m, tok = load_model_arg(model_dir)
     m.eval()
+    fresh = None
+    if base_dir:  # the base with UIO modules as training starts them (LoRA B = 0, slot = EOS)
+        from engine.uio import UIOConfig, attach
+
+        fresh, _ = load_model_arg(base_dir)
+        fresh.eval()
+        attach(fresh, UIOConfig(**m.cfg.uio), slot_token=tok.eos_id)
     T = m.cfg.max_seq_len
     ids = torch.tensor(tok.encode(load(held_out_documents("austen")[0])), dtype=torch.long)
     g = torch.Generator().manual_seed(5)
@@ -45,7 +54,10 @@ def run(model_dir: str, *, lengths=(2, 4, 8), docs: int = 12, log=print) -> dict
            "lengths": list(lengths), "perplexity": {}}
     for n in lengths:
         starts = torch.randint(0, ids.numel() - n * T - 1, (docs,), generator=g).tolist()
-        nll = {"window only (= the base model)": 0.0, "with the memories": 0.0}
+        nll = {"window only (= the base model)": 0.0, "with the memories": 0.0,
+               "base, full attention over the whole document": 0.0}
+        if fresh is not None:
+            nll["with the memories, untrained (step 0)"] = 0.0
         cnt = 0
         t0 = time.perf_counter()
         for s in starts:
@@ -56,6 +68,14 @@ def run(model_dir: str, *, lengths=(2, 4, 8), docs: int = 12, log=print) -> dict
             for key, mm in (("window only (= the base model)", []), ("with the memories", mems)):
                 lg = m(x, memory=UIOMemory(m, mm))
                 nll[key] += float(F.cross_entropy(lg.flatten(0, 1).float(), y.flatten(), reduction="sum"))
+            # the upper bound: every earlier token as context (n * T fits SmolLM2's 8k window)
+            lg = m(seq[None, :n * T])[:, (n - 1) * T:]
+            nll["base, full attention over the whole document"] += float(
+                F.cross_entropy(lg.flatten(0, 1).float(), y.flatten(), reduction="sum"))
+            if fresh is not None:
+                lg = fresh(x, memory=UIOMemory(fresh, [encode(fresh, w) for w in wins[:-1]]))
+                nll["with the memories, untrained (step 0)"] += float(
+                    F.cross_entropy(lg.flatten(0, 1).float(), y.flatten(), reduction="sum"))
             cnt += y.numel()
         out["perplexity"][str(n)] = {k: round(math.exp(v / cnt), 3) for k, v in nll.items()}
         log(f"  {n} windows: {out['perplexity'][str(n)]} ({time.perf_counter() - t0:.0f} s)")
@@ -77,13 +97,15 @@ def format_md(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="a SmolLM2 model trained with UIO (its export or run)")
+    ap.add_argument("--base", default="models/smollm2-135m",
+                    help="the base model, for the untrained-memory row ('' to skip)")
     ap.add_argument("--docs", type=int, default=12)
     ap.add_argument("--out", default=str(RUNS / "uio_smollm2.json"))
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     res = {"command": f"python -m bench.uio_smollm2 --model {args.model}",
            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
-    res.update(run(args.model, docs=args.docs))
+    res.update(run(args.model, base_dir=args.base or None, docs=args.docs))
     res["total_seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
