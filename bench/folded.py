@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import sys
 import tempfile
@@ -41,7 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench import RUNS
+from bench import RUNS, machine, write_results
 from engine.config import ModelConfig
 from engine.folded import FoldedMemory, FoldedRecurrence, reach, state_numbers
 from engine.model import LandmarkTransformer
@@ -267,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     trials = 16 if args.quick else args.trials
     t_all = time.perf_counter()
     res: dict = {"command": "python -m bench.folded" + (" --quick" if args.quick else ""),
-                 "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+                 "machine": machine(),
                  "task": "one-token key (10 values, chance 0.1) after a marker; random filler; the query last",
                  "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -314,12 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     res["state_numbers_example"] = {"window": 12, "layers": 13,
                                     "numbers": state_numbers(_cfg(12, 13))}
     res["total_seconds"] = round(time.perf_counter() - t_all, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    out.with_suffix(".md").write_text(format_md(res))
-    print(format_md(res))
-    print(f"wrote {out} in {res['total_seconds']} s")
+    write_results(res, args.out, format_md(res))
     return 0
 
 

@@ -27,17 +27,14 @@ Writes runs/bench/uio.json and uio.md beside it (--out PATH to choose).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from bench import RUNS
+from bench import RUNS, machine, write_results
 from engine.config import ModelConfig
 from engine.model import LandmarkTransformer
 from engine.uio import UIOConfig, attach
@@ -323,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     seeds = args.seeds or (6 if args.quick else 64)
     res = {"command": "python -m bench.uio" + (" --quick" if args.quick else ""),
-           "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+           "machine": machine(),
            "grad_norm_ratio": norm_ratios(seeds=seeds, model_seeds=1 if args.quick else 4),
            "paper_table4": {"without_factor": {"1": 0.676, "4": 0.818, "8": 0.935},
                             "with_factor": {"1": 0.994, "4": 0.980, "8": 1.024}},
@@ -340,13 +337,7 @@ def main(argv: list[str] | None = None) -> int:
              ("UIO S=2, factor, transfer head off", 2, True, 0)))
         res["passkey"] = passkey_against_distance(steps=10 if args.quick else 300)
     res["total_seconds"] = round(time.perf_counter() - t0, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    md = format_md(res)
-    out.with_suffix(".md").write_text(md)
-    print(md)
-    print(f"wrote {out} in {res['total_seconds']} s")
+    write_results(res, args.out, format_md(res))
     return 0
 
 

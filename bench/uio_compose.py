@@ -26,19 +26,16 @@ Writes runs/bench/uio_compose.json and .md beside it (--out PATH to choose).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import zarr
 
-from bench import RUNS
-from bench.uio import _documents, _lr_at
+from bench import RUNS, machine, write_results
+from bench.uio import _documents, _lr_at, _train_document
 from engine.config import ModelConfig
 from engine.landmarks import insert_landmarks, next_token_targets
 from engine.model import LandmarkTransformer
@@ -89,18 +86,8 @@ def train_uio(train_rows, *, steps: int, train_windows: int, lr: float = 2e-3, l
     t0 = time.perf_counter()
     for step in range(steps):
         wins = _windows(_documents(train_rows, train_windows + 1, 1, g)[0])
-        for grp in opt.param_groups:
-            grp["lr"] = _lr_at(step, steps, lr)
-        opt.zero_grad(set_to_none=True)
-        res = tb.run_document(wins, _loss)
-        for p in m.parameters():
-            if p.grad is not None:
-                p.grad /= len(wins)
-        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-        step_fn()
-        if (step + 1) % max(1, steps // 4) == 0:
-            log(f"  UIO landmark model: document {step + 1}/{steps} loss {sum(res.losses) / len(res.losses):.3f} "
-                f"({time.perf_counter() - t0:.0f} s)")
+        _train_document(m, opt, tb, step_fn, wins, _loss, step=step, steps=steps, lr=lr, label="UIO landmark model",
+                        t0=t0, log=log, per_window=True)
     return m.eval(), round(time.perf_counter() - t0, 1)
 
 
@@ -132,8 +119,8 @@ def last_window_nll(m: LandmarkTransformer, wins, mode: str, top_k: int) -> tupl
     """Summed NLL and count of the last window's targets after the earlier windows in `mode`."""
     from engine.inference import open_store
     from engine.retrieval import RetrievalConfig, RetrievalMemory
-    from engine.uio import UIOMemory, encode, transfer
-    from engine.uio_inference import append_kv, composed_memory
+    from engine.uio import UIOMemory, encode
+    from engine.uio_inference import compose_window, composed_memory
     from memory_store import StoreConfig
 
     *earlier, (x, y) = wins
@@ -151,19 +138,14 @@ def last_window_nll(m: LandmarkTransformer, wins, mode: str, top_k: int) -> tupl
         rc = RetrievalConfig(top_k=top_k, local_blocks=0, chunk_len=T)  # the local window: the window itself
         if mode == "landmark":
             mem = RetrievalMemory(m.cfg, store, stream="d", retrieval=rc, persist=True)
-        else:
-            empty = [(torch.zeros(1, m.cfg.n_kv_heads, 0, m.cfg.head_dim),) * 2 for _ in range(m.cfg.n_layers)]
-            mem = composed_memory(m, store, empty, rc, stream="d", persist=True, read_streams=["d"])
-            kv = empty
-        for w, _ in earlier:
-            if mode == "UIO + landmark":
-                mem.sources[1].set(kv)
-            m(w, memory=mem)
-            mem.end_chunk()
-            if mode == "UIO + landmark":
-                mm = encode(m, w)
-                kv = append_kv(kv, [transfer(m, i, mm[i]) for i in range(m.cfg.n_layers)], 10 ** 9)
-        if mode == "UIO + landmark":
+            for w, _ in earlier:
+                m(w, memory=mem)
+                mem.end_chunk()
+        else:  # as ingest runs a landmark UIO model, window by window
+            kv = [(torch.zeros(1, m.cfg.n_kv_heads, 0, m.cfg.head_dim),) * 2 for _ in range(m.cfg.n_layers)]
+            mem = composed_memory(m, store, kv, rc, stream="d", persist=True, read_streams=["d"])
+            for w, _ in earlier:
+                kv = compose_window(m, mem, kv, w, T, m.uio.uio.max_memories)[1]
             mem.sources[1].set(kv)
     lg = m(x, memory=mem)
     if store is not None:
@@ -220,17 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     res = {"command": "python -m bench.uio_compose" + (" --quick" if args.quick else ""),
-           "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
+           "machine": machine()}
     res.update(run(steps=8 if args.quick else 400, train_windows=4 if args.quick else 16,
                    lengths=(4, 8) if args.quick else (4, 16, 32, 64), docs=3 if args.quick else 16, top_k=2))
     res["total_seconds"] = round(time.perf_counter() - t0, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    md = format_md(res)
-    out.with_suffix(".md").write_text(md)
-    print(md)
-    print(f"wrote {out} in {res['total_seconds']} s")
+    write_results(res, args.out, format_md(res))
     return 0
 
 

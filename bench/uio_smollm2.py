@@ -19,17 +19,14 @@ Writes runs/bench/uio_smollm2.json and .md beside it.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from bench import RUNS
+from bench import RUNS, machine, write_results
 
 
 @torch.no_grad()
@@ -104,16 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     res = {"command": f"python -m bench.uio_smollm2 --model {args.model}",
-           "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
+           "machine": machine()}
     res.update(run(args.model, base_dir=args.base or None, docs=args.docs))
     res["total_seconds"] = round(time.perf_counter() - t0, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    md = format_md(res)
-    out.with_suffix(".md").write_text(md)
-    print(md)
-    print(f"wrote {out} in {res['total_seconds']} s")
+    write_results(res, args.out, format_md(res))
     return 0
 
 

@@ -32,7 +32,7 @@ from engine.retrieval import RetrievalConfig, RetrievalMemory, RetrievalStats
 from engine.runtime import trim_heap
 from engine.tokenizer import ByteTokenizer, Tokenizer
 from engine.training_free import TrainingFreeConfig, TrainingFreeMemory
-from engine.uio_inference import UIO_META, UIO_TAIL, generate_uio, ingest_uio  # noqa: F401 (UIO_TAIL: re-exported)
+from engine.uio_inference import UIO_META, generate_uio, ingest_uio
 
 TOKENIZER = ByteTokenizer()
 _TRIM_EVERY = 16  # chunks between heap trims when no commit (which trims too) happened

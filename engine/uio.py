@@ -278,10 +278,15 @@ class MemoryTokens:
         mkv = self.memory.memory_kv(layer, q.shape[0], q.dtype)
         if mkv is None:
             return None
-        km, vm = mkv  # (B, Hkv, M, D)
-        p0, M = self.memory.p0, km.shape[2]
-        mc, ms = rope_cos_sin(torch.arange(p0 - M, p0, device=q.device), q.shape[3], self.memory.cfg.rope, q.dtype)
-        return KeyGroup(apply_rope(km, mc, ms), vm, kind="group0", const=False)
+        return memory_key_group(*mkv, self.memory.p0, self.memory.cfg.rope, q.dtype, const=False)
+
+
+def memory_key_group(km: torch.Tensor, vm: torch.Tensor, p0: int, rope, dtype, *, const: bool = True) -> KeyGroup:
+    """Memory keys (pre-RoPE) and values (B, Hkv, M, D) as a group-0 `KeyGroup` at RoPE positions
+    p0 - M .. p0 - 1, just before a window starting at p0."""
+    M = km.shape[2]
+    cos, sin = rope_cos_sin(torch.arange(p0 - M, p0, device=km.device), km.shape[3], rope, dtype)
+    return KeyGroup(apply_rope(km.to(dtype), cos, sin), vm.to(dtype), kind="group0", const=const)
 
 
 def transfer(model: LandmarkTransformer, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,20 +300,27 @@ def transfer(model: LandmarkTransformer, layer: int, h: torch.Tensor) -> tuple[t
     return km, vm
 
 
-def put_memory(store, stream: str, model: LandmarkTransformer, mem: Memory) -> int:
-    """Put one window's memory (through the transfer head: K pre-RoPE, V) into the store under
-    `stream` (a UIO model's streams hold memories, not token blocks), as m / block_len blocks per
-    layer. Returns the blocks put."""
+def memory_kv(model: LandmarkTransformer, mem: Memory) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One window's memory through the transfer head of every layer: (k pre-RoPE, v), (B, Hkv, m, D)."""
+    return [transfer(model, layer, mem[layer]) for layer in range(model.cfg.n_layers)]
+
+
+def put_memory(store, stream: str, model: LandmarkTransformer, mem: Memory | None = None, *,
+               kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> int:
+    """Put one window's memory (through the transfer head: K pre-RoPE, V; or its `memory_kv`
+    given as kv) into the store under `stream` (a UIO model's streams hold memories, not token
+    blocks), as m / block_len blocks per layer. Returns the blocks put."""
     cfg = model.cfg
     L = cfg.block_len
-    m = mem[0].shape[1]
+    kv = memory_kv(model, mem) if kv is None else kv
+    m = kv[0][0].shape[2]
     if m % L:
         raise ValueError(f"a window's {m} memory slots do not fill whole blocks of block_len={L}: UIO memories "
                          f"are stored only when window / ratio is a multiple of block_len")
     from engine.block_select import to_store_layout
     from engine.training_free import block_keys
 
-    ks, vs = zip(*(transfer(model, layer, mem[layer]) for layer in range(cfg.n_layers)))  # (1, Hkv, m, D) each
+    ks, vs = zip(*kv)  # (1, Hkv, m, D) each
     K, V, _ = to_store_layout([k[0] for k in ks], [v[0] for v in vs], L, store.layout.torch_dtype, store.device)
     ids = store.put_blocks(stream, K, V, block_keys(K, L, "mean").contiguous())
     return len(ids)
@@ -336,4 +348,4 @@ def stored_memory_kv(store, stream: str, model: LandmarkTransformer) -> list[tup
 
 
 __all__ = ["UIOConfig", "UIOModules", "UIOMemory", "MemoryTokens", "LoRA", "attach", "encode", "encoder_mask", "Memory", "transfer",
-           "put_memory", "stored_memory_kv"]
+           "put_memory", "memory_key_group", "memory_kv", "stored_memory_kv"]

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from engine.landmarks import insert_landmarks
-from engine.model import LandmarkTransformer, apply_rope, rope_cos_sin
+from engine.model import LandmarkTransformer
 from engine.retrieval import RetrievalConfig, RetrievalMemory
 from engine.sources import KeyGroup
 from engine.tokenizer import Tokenizer
@@ -65,10 +65,9 @@ class StoredMemoryTokens:
     def keys(self, layer: int, q: torch.Tensor, q_local: torch.Tensor) -> KeyGroup | None:
         if not self.kv or not self.kv[layer][0].shape[2]:
             return None
-        km, vm = self.kv[layer]
-        M, p0 = km.shape[2], self.first_position()
-        cos, sin = rope_cos_sin(torch.arange(p0 - M, p0, device=km.device), km.shape[3], self.cfg.rope)
-        return KeyGroup(apply_rope(km.float(), cos, sin), vm.float(), kind="group0")
+        from engine.uio import memory_key_group
+
+        return memory_key_group(*self.kv[layer], self.first_position(), self.cfg.rope, torch.float32)
 
 
 def composed_memory(model: LandmarkTransformer, store, kv: KV, rc: RetrievalConfig, *, stream: str | None,
@@ -91,6 +90,23 @@ def append_kv(kv: KV, new: KV, cap: int) -> KV:
             for (k, v), (nk, nv) in zip(kv, new)]
 
 
+def compose_window(model: LandmarkTransformer, mem: RetrievalMemory, kv: KV, w: torch.Tensor, chunk: int,
+                   cap: int) -> tuple[KV, KV, int]:
+    """One window (1, T) through a `composed_memory` as ingest runs it: decoded in chunks with the
+    memories `kv` of the windows before it (its blocks go to the memory's stream when it
+    persists), then encoded. Returns (the window's memory K/V, kv with them appended and capped,
+    blocks put)."""
+    from engine.uio import encode, memory_kv
+
+    mem.sources[1].set(kv)
+    put = 0
+    for a in range(0, w.shape[1], chunk):
+        model(w[:, a:a + chunk], memory=mem)
+        put += mem.end_chunk()
+    new = memory_kv(model, encode(model, w))
+    return new, append_kv(kv, new, cap), put
+
+
 @torch.no_grad()
 def ingest_uio(model: LandmarkTransformer, store, stream: str, toks: torch.Tensor, *, source: str | None,
                meta: dict, sources: dict, skip: int, tok: Tokenizer, progress: bool,
@@ -99,7 +115,7 @@ def ingest_uio(model: LandmarkTransformer, store, stream: str, toks: torch.Tenso
     complete window into `stream`; for a landmark model also the window's token blocks, decoded
     with the earlier memories and retrieval, into `blocks_stream(stream)`. One commit at the end."""
     from engine.inference import IngestResult, _progress
-    from engine.uio import _modules, encode, put_memory, stored_memory_kv, transfer
+    from engine.uio import _modules, encode, put_memory, stored_memory_kv
 
     cfg = model.cfg
     T = cfg.max_seq_len
@@ -129,14 +145,10 @@ def ingest_uio(model: LandmarkTransformer, store, stream: str, toks: torch.Tenso
     for w in windows:
         w = w[None].to(dev)
         if mem is not None:  # the window's token blocks, decoded with the memories before it
-            mem.sources[1].set(kv)
-            for a in range(0, w.shape[1], chunk):
-                model(w[:, a:a + chunk], memory=mem)
-                put += mem.end_chunk()
-        m = encode(model, w)
-        put += put_memory(store, stream, model, m)
-        if mem is not None:
-            kv = append_kv(kv, [transfer(model, layer, m[layer]) for layer in range(cfg.n_layers)], cap)
+            mkv, kv, n = compose_window(model, mem, kv, w, chunk, cap)
+            put += n + put_memory(store, stream, model, kv=mkv)
+        else:
+            put += put_memory(store, stream, model, encode(model, w))
         if bar is not None:
             bar.update(per)
     if bar is not None:
@@ -199,5 +211,5 @@ def generate_uio(model: LandmarkTransformer, store, prompt: torch.Tensor, *, str
     yield from _decode(model, mem, logits, gc, tok, on_text)
 
 
-__all__ = ["BLOCKS_OF", "UIO_META", "UIO_TAIL", "StoredMemoryTokens", "append_kv", "blocks_stream", "composed_memory",
+__all__ = ["BLOCKS_OF", "UIO_META", "UIO_TAIL", "StoredMemoryTokens", "append_kv", "blocks_stream", "compose_window", "composed_memory",
            "generate_uio", "ingest_uio", "is_companion", "uio_stream"]
