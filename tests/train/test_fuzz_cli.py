@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from memory_store import StoreConfig, TieredStore
@@ -137,8 +137,11 @@ def test_empty_and_enormous_lines_are_text(capsys, tmp_path):
     st.builds(lambda a, b: f"{a}/{b}", st.text(min_size=1, max_size=6), st.text(max_size=6)),
     st.builds(lambda a, c: a + c, st.text(max_size=6), st.sampled_from(["\n", "\t", "\x00", "\x1b[2J", "\x7f", "\\"])),
 ))
+@example(name="-/")  # found by CI: a name that looks like an option
+@example(name="--help\n")
 def test_stream_names_with_separators_or_control_characters(capsys, intact, base, name):
-    refused(capsys, "bad stream name", _ingest(intact, base[0] / "emma.txt", extra=("--stream", name)),
+    # `--stream=NAME`: a name may begin with "-", which argparse would otherwise read as an option
+    refused(capsys, "bad stream name", _ingest(intact, base[0] / "emma.txt", extra=(f"--stream={name}",)),
             says="stream")
 
 
