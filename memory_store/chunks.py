@@ -132,8 +132,11 @@ class ChunkIO:
         """Make what was written readable at the next commit (shards: append their indexes)."""
 
     def shard_lengths(self) -> dict[str, dict[int, int]]:
-        """Each shard's length, for the commit record ({} when not sharded)."""
+        """Each shard's length (segments: its index version), for the commit record ({} when not sharded)."""
         return {}
+
+    def committed(self) -> None:
+        """A commit record naming what `shard_lengths` returned was published."""
 
     def chunk_location(self, row: int, layer: int) -> tuple[str, int, int] | None:
         raise StoreError(f"{self.where}: chunk_location needs a local store")

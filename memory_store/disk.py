@@ -74,6 +74,7 @@ from .lease import LEASE_KEY, WriterLease
 from .object_store import COMMITS_PREFIX, is_object_store, is_url, open_url, read_newest_commit
 from .range_shards import RangeShards
 from .row_meta import META_CHUNK, RowMeta
+from .segments import SHARD_STORAGE, SegmentShards
 from .shards import check_shard_rows
 from .tiers import Entry, Key, Tier
 from .writer_lock import LOCK_NAME, NoWriterLockWarning, WriterLock, check_wait_s
@@ -120,11 +121,17 @@ class DiskTier(Tier):
     def _open_chunks(self, record: CommitRecord | None) -> ChunkIO:
         """The one backend this store's chunks go through."""
         if self._arrays["kv"].shards is not None:
+            if self._root is None and _shard_storage(self.group) == SHARD_STORAGE:
+                return SegmentShards(self.store, self.layout, self._durable, self.where,
+                                     rows_per_shard=self._arrays["kv"].shards[0],
+                                     committed=record.shards if record is not None else {},
+                                     writable=not self._read_only)
             if self._root is None:
                 if not self._read_only:
-                    raise FormatVersionError(f"{self.where}: a sharded (format 4) Folio store is written only from a "
-                                             f"local directory; on object storage it opens with mode 'r' (read by "
-                                             f"byte ranges: range_shards.py says why)")
+                    raise FormatVersionError(f"{self.where}: this sharded store was copied from a local directory "
+                                             f"(zarr's shard files, appended to in place): on object storage it "
+                                             f"opens with mode 'r' (read by byte ranges: range_shards.py). A store "
+                                             f"created on object storage is written as segments (segments.py)")
                 return RangeShards(self.store, self.layout, self._durable, self.where,
                                    rows_per_shard=self._arrays["kv"].shards[0],
                                    committed=record.shards if record is not None else {})
@@ -253,9 +260,11 @@ class DiskTier(Tier):
         else:
             group = zarr.open_group(store, mode="w", zarr_format=3)
         L, H, T, D = layout.n_layers, layout.n_kv_heads, layout.block_len, layout.head_dim
-        # a local directory shards kv and landmarks (appends into open files; see shards.py); any other
-        # zarr store keeps one object per chunk (an object store has no append, and no file-creation cost)
-        local = isinstance(store, LocalStore) and shard_rows is not None
+        # a local directory shards kv and landmarks (appends into open files; see shards.py); an object
+        # store shards them as immutable segments and index objects (segments.py); a MemoryStore (one
+        # process) keeps one object per chunk, as does shard_rows=None anywhere
+        segments = is_object_store(store) and shard_rows is not None
+        local = (isinstance(store, LocalStore) or segments) and shard_rows is not None
         S = shard_rows or 1
         cap = max(S, INITIAL_CAPACITY) if local else INITIAL_CAPACITY
         spec = {
@@ -271,7 +280,8 @@ class DiskTier(Tier):
                                chunk_key_encoding={"name": "default", "separator": "."})
         group.attrs["folio"] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "layout": layout.to_dict(),
                                 "note": "rows < commit.json n_rows whose stream is alive are valid blocks; "
-                                        "bfloat16 is stored as uint16 bits"}
+                                        "bfloat16 is stored as uint16 bits",
+                                **({"shard_storage": SHARD_STORAGE} if segments else {})}
         record = CommitRecord(generation=0, n_rows=0, layout=layout, streams=[])
         tier = cls(store, group, layout, read_only=False, sync_mode=sync_mode, where=label, record=record,
                    writer_lock=lock)
@@ -409,6 +419,7 @@ class DiskTier(Tier):
         if isinstance(self._writer_lock, WriterLease):
             self._writer_lock.check()  # fencing: a writer whose lease was taken over commits nothing
         self._durable.commit(record)
+        self._chunks.committed()
 
     # -- small blobs (the saved index) --------------------------------------------------
     def write_blob(self, key: str, data: bytes | bytearray) -> None:
@@ -493,6 +504,11 @@ class DiskTier(Tier):
         finally:
             if self._writer_lock is not None:
                 self._writer_lock.release()
+
+
+def _shard_storage(group: zarr.Group) -> str | None:
+    attrs = group.attrs.get("folio", {})
+    return attrs.get("shard_storage") if isinstance(attrs, dict) else None
 
 
 def _clear_local(root: str) -> None:

@@ -311,6 +311,18 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
                              max_steps=900, lr=1e-3, warmup_steps=20, min_lr_ratio=0.1, save_every=20,
                              keep_checkpoints=2, retrieval=True, retrieval_top_k=4, lora_rank=8,
                              lora_alpha=16.0, precision="fp32", out_dir="runs/smollm2-landmark"),
+    # Stage 2 of the SmolLM2 fine-tune: continues the shipped adapter (models/smollm2-135m-landmark)
+    # with a second needles source of long documents (up to ~6k tokens, 12 windows), so keys are
+    # retrieved from many windows back, as the 8k-32k evaluations ask.
+    "smollm2-landmark-long": dict(model="init", init_from="models/smollm2-135m-landmark",
+                                  model_overrides={"attention": "landmark", "max_seq_len": 512},
+                                  data=("needles:answer_weight=8,max_keys=3,plain=0.1",
+                                        "needles:answer_weight=8,max_keys=3,chars=7000-24000"),
+                                  data_weights=(3.0, 1.0), synthetic_chars=(1200, 7000), window_len=512,
+                                  micro_batch=2, grad_accum=1, max_steps=600, lr=5e-4, warmup_steps=10,
+                                  min_lr_ratio=0.1, save_every=20, keep_checkpoints=2, retrieval=True,
+                                  retrieval_top_k=4, lora_rank=8, lora_alpha=16.0, precision="fp32", seed=1,
+                                  out_dir="runs/smollm2-landmark-long"),
     # Stage 3 of the passkey checkpoint: from the shipped models/passkey-tiny, keys hidden in real
     # training prose (filler=prose) mixed with the generator's filler, multi-window documents,
     # retrieval from the store; so the key is found in text that is not the generator's.

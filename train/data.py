@@ -31,6 +31,8 @@ Synthetic sources take options in their spec, `name:key=value,...`:
   sentences, so the model learns to find the key in ordinary prose.
 - `max_keys=N`, `plain=F` (needles only): up to N keys per document (one asked, the others
   distractors), and the share F of documents that are the prose excerpt alone.
+- `chars=LO-HI`: this source's document lengths in characters (default: the run's
+  `synthetic_chars`), e.g. a second `needles` source of long documents beside short ones.
 
 The generators: `needles` (keys of several formats hidden in excerpts of the real training
 texts, a question in the model's chat format: `train.prose_tasks`), `passkey` (the paper's
@@ -101,7 +103,7 @@ class SyntheticSource(DocumentSource):
 
     def __init__(self, kind: str, *, seed: int, chars: tuple[int, int], answer_weight: int = 1,
                  key_digits: tuple[int, int] | None = None, max_keys: int = 3, plain: float = 0.0,
-                 chat: tuple[str, str] | None = None, filler: str = "generator") -> None:
+                 chat: tuple[str, str] | None = None, filler: str = "generator", stream: str = "") -> None:
         if kind not in self.KINDS:
             raise ValueError(f"kind={kind!r} is invalid: one of {self.KINDS}")
         if not isinstance(answer_weight, int) or isinstance(answer_weight, bool) or answer_weight < 1:
@@ -120,12 +122,14 @@ class SyntheticSource(DocumentSource):
         self.answer_weight, self.key_digits = answer_weight, key_digits
         self.max_keys, self.plain, self.chat, self.filler = max_keys, plain, chat, filler
         self._hay = None
-        # the name keys the data order, so the plain spec keeps the plain name
+        # the name keys the data order, so the plain spec keeps the plain name; `stream` sets
+        # apart the documents of a second source of the same kind (e.g. its own `chars`)
         self.name = kind
+        self.stream = stream
 
     def document(self, i: int) -> Document:
         # A str seed is hashed with sha512 by `random`, so it is stable across processes.
-        rng = random.Random(f"{self.seed}:{self.kind}:{i}")
+        rng = random.Random(f"{self.seed}:{self.kind}{self.stream}:{i}")
         n = rng.randint(*self.chars)
         if self.kind == "passkey":
             prose = None
@@ -346,7 +350,7 @@ def stdlib_source(split: str = "train", *, seed: int = 0) -> FileSource:
     return FileSource([], seed=seed, name=name, root=stdlib_dir(), files=stdlib_files(split))
 
 
-_SYNTHETIC_OPTIONS = ("answer_weight", "key_digits", "max_keys", "plain", "filler")
+_SYNTHETIC_OPTIONS = ("answer_weight", "key_digits", "max_keys", "plain", "filler", "chars")
 
 
 def parse_synthetic_spec(spec: str) -> tuple[str, dict] | None:
@@ -374,10 +378,12 @@ def parse_synthetic_spec(spec: str) -> tuple[str, dict] | None:
             else:
                 lo, dash, hi = raw.partition("-")
                 out[key] = (int(lo), int(hi if dash else lo))
+                if key == "chars" and not 1 <= out[key][0] <= out[key][1]:
+                    raise ValueError
         except ValueError:
             raise ValueError(f"data source {spec!r}: option {item!r} is invalid; allowed "
                              f"answer_weight=N (int >= 1), key_digits=LO-HI and filler=generator|prose (passkey), "
-                             f"max_keys=N and plain=F (needles)") from None
+                             f"max_keys=N and plain=F (needles), chars=LO-HI (1 <= LO <= HI)") from None
     return kind, out
 
 
@@ -397,7 +403,9 @@ def build_source(spec: str, *, seed: int, jsonl_field: str = "text",
     synthetic = parse_synthetic_spec(spec)
     if synthetic is not None:
         kind, opts = synthetic
-        return SyntheticSource(kind, seed=seed, chars=synthetic_chars, chat=chat, **opts)
+        chars = opts.pop("chars", None)
+        return SyntheticSource(kind, seed=seed, chars=chars or synthetic_chars, chat=chat,
+                               stream=f"@{chars[0]}-{chars[1]}" if chars else "", **opts)
     if spec == "stdlib":
         return stdlib_source("train", seed=seed)
     if spec == "stdlib-heldout":

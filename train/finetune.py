@@ -12,6 +12,9 @@ The trained state (peft's parameter names) is turned into two things at every ch
 - `adapter_state(state)`: the adapter alone (LoRA A/B and the landmark row), a few MB,
   written as an adapter directory (`write_adapter`, the format of `engine.adapter`), which
   `engine.adapter.load_adapted` applies to its base model directory.
+
+`load_adapter_tensors(model, tensors, spec)` is the inverse of `adapter_state`: a run started
+from an adapter directory (`folio train --init-from ADAPTER_DIR`) continues its LoRA weights.
 """
 
 from __future__ import annotations
@@ -126,6 +129,34 @@ def adapter_state(state: dict[str, torch.Tensor], spec: LoraSpec) -> dict[str, t
         elif k.endswith(_TOKENS_DELTA):
             out[k[: -len(_TOKENS_DELTA)] + ".landmark_row"] = v
     return out
+
+
+def load_adapter_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], spec: LoraSpec) -> None:
+    """Copy an adapter's tensors (`adapter_state`'s names) into a model `apply_lora(spec)` made.
+    Raises CheckpointMismatchError for a tensor the model has no place for, a place the
+    adapter leaves empty, or a shape that differs."""
+    from engine.errors import CheckpointMismatchError
+
+    params = dict(model.named_parameters())
+    wanted = {k for k in params if f".lora_A.{_NAME}." in k or f".lora_B.{_NAME}." in k or k.endswith(_TOKENS_DELTA)}
+    placed = set()
+    for name, t in tensors.items():
+        if name.endswith(".landmark_row"):
+            key = name[: -len(".landmark_row")] + _TOKENS_DELTA
+        else:
+            key = f"{name}.{_NAME}.weight"
+        if key not in params:
+            raise CheckpointMismatchError(f"adapter tensor {name}: this run's LoRA (rank {spec.rank}, targets "
+                                          f"{list(spec.targets)}) has no {key}")
+        if tuple(params[key].shape) != tuple(t.shape):
+            raise CheckpointMismatchError(f"adapter tensor {name}: shape {tuple(t.shape)}, this run's LoRA has "
+                                          f"{tuple(params[key].shape)} (rank {spec.rank})")
+        with torch.no_grad():
+            params[key].copy_(t.to(params[key].dtype))
+        placed.add(key)
+    if wanted - placed:
+        raise CheckpointMismatchError(f"the adapter has no tensor for {sorted(wanted - placed)[:3]} "
+                                      f"({len(wanted - placed)} in all) of this run's LoRA")
 
 
 def write_adapter(directory: str | os.PathLike, state: dict[str, torch.Tensor], spec: LoraSpec, *,

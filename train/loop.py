@@ -209,6 +209,43 @@ def _init_state(path: str, mcfg: ModelConfig, *, derived: bool = False) -> dict[
     return state
 
 
+@dataclass(frozen=True)
+class _Start:
+    """Where a run's weights come from: `init_from` itself, or, when that is an adapter
+    directory, its base model (the frozen weights, and what checkpoints' adapters record) and
+    its tensors (a LoRA run continues them; a full run trains the merged model)."""
+    base: str | None
+    adapter: dict[str, torch.Tensor] | None = None
+
+    @staticmethod
+    def of(tcfg: TrainConfig, lora) -> "_Start":
+        from engine.adapter import is_adapter_dir, read_adapter, resolve_base
+
+        if not tcfg.init_from or not is_adapter_dir(tcfg.init_from):
+            return _Start(tcfg.init_from)
+        meta, tensors = read_adapter(tcfg.init_from)
+        base = resolve_base(tcfg.init_from, meta["base"])
+        if lora is not None:
+            mine = lora.to_dict()
+            theirs = meta.get("lora", {})
+            diff = {k: (theirs.get(k), mine[k]) for k in ("rank", "targets", "train_landmark", "landmark_id")
+                    if theirs.get(k) != mine[k]}
+            if diff:
+                raise CheckpointError(f"init_from={tcfg.init_from!r}: the adapter's LoRA differs from this run's "
+                                      + ", ".join(f"{k} {a!r} (run: {b!r})" for k, (a, b) in diff.items())
+                                      + "; continue it with the same --lora-rank and targets")
+        return _Start(str(base), tensors)
+
+    def state(self, tcfg: TrainConfig, mcfg: ModelConfig, lora) -> dict[str, torch.Tensor]:
+        if self.adapter is None:
+            return _init_state(self.base, mcfg, derived=tcfg.model == "init")
+        if lora is not None:  # the frozen base; the adapter's tensors go into the LoRA weights
+            return _init_state(self.base, mcfg, derived=True)
+        from engine.adapter import load_adapted
+
+        return load_adapted(tcfg.init_from)[1]
+
+
 def train(tcfg: TrainConfig, *, ds: DSOptions | None = None, resume: str | os.PathLike | bool | None = None,
           model_factory: ModelFactory | None = None, memory: WindowMemory | None = None,
           stop_after: int | None = None, progress: bool = True,
@@ -248,7 +285,8 @@ def train(tcfg: TrainConfig, *, ds: DSOptions | None = None, resume: str | os.Pa
     lora = lora_spec(tcfg, mcfg)
     # a LoRA run's frozen base is not in its DeepSpeed checkpoint: a resume re-reads it
     need_init = tcfg.init_from and (step_dir is None or lora is not None)
-    init_state = _init_state(tcfg.init_from, mcfg, derived=tcfg.model == "init") if need_init else None
+    start = _Start.of(tcfg, lora)
+    init_state = start.state(tcfg, mcfg, lora) if need_init else None
     eval_source = (build_source(tcfg.eval_data, seed=tcfg.seed, jsonl_field=tcfg.jsonl_field,
                                 synthetic_chars=tcfg.synthetic_chars, chat=chat)
                    if tcfg.eval_windows else None)
@@ -278,6 +316,10 @@ def train(tcfg: TrainConfig, *, ds: DSOptions | None = None, resume: str | os.Pa
                 from train.finetune import apply_lora
 
                 net = apply_lora(net, lora)
+                if start.adapter is not None and step_dir is None:  # a resume has them in its checkpoint
+                    from train.finetune import load_adapter_tensors
+
+                    load_adapter_tensors(net, start.adapter, lora)
             if tcfg.activation_checkpointing:
                 from engine.recompute import checkpoint_layers
 
@@ -314,7 +356,8 @@ def train(tcfg: TrainConfig, *, ds: DSOptions | None = None, resume: str | os.Pa
             runner = _Runner(tcfg=tcfg, mcfg=mcfg, ds_cfg=ds_cfg, env=env, engine=engine, batcher=batcher,
                              out_dir=out_dir, stop=stop, factory=factory, eval_source=eval_source,
                              lora=lora, tokenizer=tok,
-                             base_fingerprint=_fingerprint_of(tcfg.init_from) if lora is not None else None)
+                             base=start.base,
+                             base_fingerprint=_fingerprint_of(start.base) if lora is not None else None)
             stop.install()
             return runner.run(step, resumed=step_dir is not None, stop_after=stop_after,
                               progress=progress, on_step=on_step)
@@ -341,6 +384,7 @@ class _Runner:
     eval_source: DocumentSource | None = None
     lora: Any = None
     tokenizer: Any = None
+    base: str | None = None  # the model directory an adapter applies to
     base_fingerprint: str | None = None
 
     def evaluate(self, step_dir: Path) -> float:
@@ -371,7 +415,7 @@ class _Runner:
             if self.lora is not None:
                 from train.finetune import merge_state, write_adapter
 
-                write_adapter(ck_dir / tag, weights, self.lora, base=str(self.tcfg.init_from),
+                write_adapter(ck_dir / tag, weights, self.lora, base=str(self.base),
                               model_config=self.mcfg.to_dict(), base_fingerprint=self.base_fingerprint)
                 weights = merge_state(weights, self.lora)
             write_model(ck_dir / tag, weights, self.mcfg)

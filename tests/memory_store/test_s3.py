@@ -88,9 +88,13 @@ def _keys(url: str, prefix: str) -> list[str]:
     return sorted(k for k in sync(go()) if k.startswith(prefix))
 
 
-def test_write_flush_reopen_read_delete(s3_url):
+@pytest.mark.parametrize("shard_rows", [2, None], ids=["segments", "chunk-objects"])
+def test_write_flush_reopen_read_delete(s3_url, shard_rows):
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, shard_rows=shard_rows)
     k, v, lm = make_blocks(8, seed=1)
-    with TieredStore.open(s3_url, "w", layout=LAYOUT, config=CFG) as s:
+    with TieredStore.open(s3_url, "w", layout=LAYOUT, config=cfg) as s:
         assert isinstance(s.disk.writer_lock, WriterLease)
         s.put_blocks("a", k[:5], v[:5], lm[:5])
         s.flush()
@@ -110,15 +114,34 @@ def test_write_flush_reopen_read_delete(s3_url):
         for layer in range(LAYOUT.n_layers):
             K, V = r.get_layer(list(range(8)), layer)
             assert torch.equal(K, k[:, layer]) and torch.equal(V, v[:, layer])
-    with TieredStore.open(s3_url, "a", config=CFG) as s:
+    with TieredStore.open(s3_url, "a", config=cfg) as s:
         assert s.delete_stream("a") == 5
         s.flush()
+        with TieredStore.open(s3_url, "r") as r:
+            assert r.streams() == ["b"] and len(r) == 3
+            K, _ = r.get_layer([5, 6, 7], 1)
+            assert torch.equal(K, k[5:, 1])
+        if shard_rows is None:
+            kv = _keys(s3_url, "kv/c.")
+            assert kv and not any(key.startswith(f"kv/c.{row}.") for key in kv for row in range(5))  # removed
+            return
+        # segments: rows 0-3 filled shards 0 and 1; their chunks are dropped after the commit that
+        # deleted the stream, at the next seal no index references their segments, and readers of the
+        # last KEEP_COMMITS records may still read them, so they go KEEP_COMMITS commits after that one
+        assert _keys(s3_url, "kv/seg/0/") and not _keys(s3_url, "kv/c.")  # (not zarr's shard keys)
+        dead = [key for key in _keys(s3_url, "kv/seg/0/") + _keys(s3_url, "kv/seg/1/") if key.endswith(".bin")]
+        assert dead
+        for g in range(KEEP_COMMITS + 1):
+            if g == KEEP_COMMITS:
+                assert set(dead) <= set(_keys(s3_url, "kv/seg/"))  # still there one commit before
+            s.set_stream_meta("b", {"round": g})
+            s.flush()
+        left = [key for key in _keys(s3_url, "kv/seg/") if key.endswith(".bin")]
+        assert not set(dead) & set(left) and left  # b's segments stay
+        assert len([key for key in _keys(s3_url, "kv/seg/0/") if key.endswith(".idx")]) == 1  # superseded gone
     with TieredStore.open(s3_url, "r") as r:
-        assert r.streams() == ["b"] and len(r) == 3
-        K, _ = r.get_layer([5, 6, 7], 1)
-        assert torch.equal(K, k[5:, 1])
-    kv = _keys(s3_url, "kv/c.")
-    assert kv and not any(key.startswith(f"kv/c.{row}.") for key in kv for row in range(5))  # chunks removed
+        K, V = r.get_layer([5, 6, 7], 0)
+        assert torch.equal(K, k[5:, 0]) and torch.equal(V, v[5:, 0])
 
 
 def test_missing_store_is_a_typed_error(s3_url):
@@ -267,7 +290,7 @@ def test_a_sharded_local_store_copied_to_the_bucket_reads_by_byte_ranges(s3_url,
             K, V = r.get_layer([6, 0, 3, 5], layer)
             assert torch.equal(K, k[[6, 0, 3, 5], layer]) and torch.equal(V, v[[6, 0, 3, 5], layer])
         assert torch.equal(r.get(2).landmarks, lm[2])
-    with pytest.raises(FormatVersionError, match="written only from a local directory"):
+    with pytest.raises(FormatVersionError, match="copied from a local directory"):
         TieredStore.open(s3_url, "a", config=CFG)
     assert read_lease(open_url(s3_url)) == {}  # the refused writer left no lease behind
 

@@ -160,8 +160,20 @@ def test_synthetic_spec_options_mark_answer_spans():
     assert answers and all(a.rstrip(".") in facts.values() for a in answers)
 
 
+def test_a_source_of_its_own_lengths_draws_its_own_documents():
+    short = build_source("passkey", seed=2, synthetic_chars=(150, 460))
+    long = build_source("passkey:chars=2000-3000", seed=2, synthetic_chars=(150, 460))
+    assert all(150 <= len(short.document(i).text) <= 600 for i in range(6))
+    assert all(1900 <= len(long.document(i).text) <= 3200 for i in range(6))
+    # not the short source's documents stretched: their keys differ
+    key = re.compile(r"pass key is (\d+)\.")
+    assert [key.search(short.document(i).text)[1] for i in range(6)] != [
+        key.search(long.document(i).text)[1] for i in range(6)]
+
+
 @pytest.mark.parametrize("spec", ["passkey:answer_weight=0", "passkey:weight=3", "passkey:key_digits=x",
-                                  "recall:key_digits=1-5", "passkey:answer_weight"])
+                                  "recall:key_digits=1-5", "passkey:answer_weight", "passkey:chars=9-3",
+                                  "needles:chars=0-10"])
 def test_bad_synthetic_options_are_value_errors_naming_the_spec(spec):
     with pytest.raises(ValueError, match="is invalid"):
         build_source(spec, seed=0)

@@ -230,6 +230,58 @@ def test_lora_finetune_trains_only_the_adapter_resumes_exactly_and_exports(tmp_p
         assert torch.allclose(load_model(ad)(x), load_model(ck)(x), atol=1e-5)
 
 
+def test_adapter_tensors_load_back_into_a_fresh_lora_model():
+    from engine.errors import CheckpointMismatchError
+    from train.finetune import load_adapter_tensors
+
+    spec = LoraSpec(rank=4, alpha=8.0, targets=("wq", "wv"), landmark_id=259)
+    trained = apply_lora(_landmark_model(), spec)
+    with torch.no_grad():
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.3)
+    tensors = adapter_state(trained.state_dict(), spec)
+    fresh = apply_lora(_landmark_model(), spec)
+    load_adapter_tensors(fresh, tensors, spec)
+    got = adapter_state(fresh.state_dict(), spec)
+    assert set(got) == set(tensors) and all(torch.equal(got[k], tensors[k]) for k in got)
+    with pytest.raises(CheckpointMismatchError, match="rank"):
+        load_adapter_tensors(apply_lora(_landmark_model(), LoraSpec(rank=2, targets=("wq", "wv"), landmark_id=259)),
+                             tensors, spec)
+    with pytest.raises(CheckpointMismatchError, match="no tensor for"):
+        load_adapter_tensors(apply_lora(_landmark_model(), LoraSpec(rank=4, targets=("wq", "wv", "wo"),
+                                                                    landmark_id=259)), tensors, spec)
+
+
+def test_a_run_from_an_adapter_directory_continues_its_lora_on_the_same_base(tmp_path, pretrained):
+    from engine.adapter import read_adapter
+    from train.checkpoint import find_checkpoint
+    from train.errors import CheckpointError
+
+    train(_ft(pretrained, tmp_path / "a", max_steps=2), ds=NO_OFFLOAD, progress=False)
+    ck = find_checkpoint(tmp_path / "a")
+    ad = tmp_path / "adapter-only"
+    ad.mkdir()
+    for name in ("adapter.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json"):
+        (ad / name).write_bytes((ck / name).read_bytes())
+    _, start = read_adapter(ad)
+    more = train(_ft(ad, tmp_path / "c", max_steps=2, seed=5), ds=NO_OFFLOAD, progress=False)
+    fresh = train(_ft(pretrained, tmp_path / "f", max_steps=2, seed=5), ds=NO_OFFLOAD, progress=False)
+    meta, after = read_adapter(find_checkpoint(tmp_path / "c"))
+    assert meta["base"] == str(pretrained)  # the continued adapter applies to the same base model
+    assert more.losses[0] != pytest.approx(fresh.losses[0], abs=1e-6)  # it started from the adapter, not zero
+    # after two more steps the LoRA weights are near where they started (lr 1e-2), far from a fresh B = 0
+    b = [k for k in after if ".lora_B" in k]
+    moved = sum((after[k] - start[k]).norm() for k in b)
+    assert moved < sum(start[k].norm() for k in b)
+    # ... and loads as base + adapter like any other
+    x = torch.randint(0, 300, (1, 60))
+    with torch.no_grad():
+        assert torch.isfinite(load_model(find_checkpoint(tmp_path / "c"))(x)).all()
+    with pytest.raises(CheckpointError, match="rank 4 .run: 2"):
+        train(_ft(ad, tmp_path / "d", lora_rank=2), ds=NO_OFFLOAD, progress=False)
+
+
 def test_lora_run_through_cpu_offload_zero2(tmp_path, pretrained):
     res = train(_ft(pretrained, tmp_path / "o", max_steps=2), ds=DSOptions(offload="optimizer"), progress=False)
     assert len(res.losses) == 2 and all(l == l for l in res.losses)
