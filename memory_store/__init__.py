@@ -11,7 +11,8 @@ from .config import StoreConfig
 from .disk import DiskTier
 from .errors import (BudgetError, ClosedError, CorruptBlockError, FormatVersionError, InvalidArgumentError,
                      LandmarkIndexError, LayoutMismatchError, ReadOnlyError, ShapeError, StoreError,
-                     StoreIOError, StoreLockedError, StoreNotFoundError, UnknownBlockError, UnknownStreamError)
+                     StoreIOError, StoreLockedError, StoreNotFoundError, StreamDeletedError, UnknownBlockError,
+                     UnknownStreamError)
 from .eviction import EvictionPolicy, LRUPolicy
 from .index import LandmarkIndex
 from .layout import StoreLayout
@@ -25,6 +26,6 @@ __all__ = [
     "Tier", "MemoryTier", "DeviceTier", "HostTier", "DiskTier", "CommitRecord",
     "CacheTier", "DiskLog", "BlobStore", "EvictionPolicy", "LRUPolicy", "WriterLock", "NoWriterLockWarning",
     "StoreError", "StoreNotFoundError", "LayoutMismatchError", "FormatVersionError", "ReadOnlyError", "ClosedError",
-    "StoreLockedError", "StoreIOError", "UnknownBlockError", "UnknownStreamError", "CorruptBlockError", "InvalidArgumentError",
+    "StoreLockedError", "StoreIOError", "StreamDeletedError", "UnknownBlockError", "UnknownStreamError", "CorruptBlockError", "InvalidArgumentError",
     "ShapeError", "BudgetError", "LandmarkIndexError",
 ]

@@ -1,7 +1,8 @@
 """The commit protocol: what makes a Folio store crash-safe, in one place.
 
 The promise. A reader trusts only what the commit record (commit.json) names: rows < n_rows
-whose stream is alive, and every shard's committed length. A writer killed at any moment
+whose stream is alive, and every shard's committed length. The record carries a crc32c of its
+own canonical JSON ("checksum"): a record altered or damaged in place is refused by name. A writer killed at any moment
 leaves either the old record or the new one, never a half-visible block, and a record is
 published only after every file it names is on stable storage. So:
 
@@ -77,6 +78,7 @@ class CommitRecord:
              "streams": [{"name": s.name, "alive": s.alive, "n_blocks": s.n_blocks, "meta": s.meta} for s in self.streams],
              "writer_stats": self.writer_stats,
              "shards": {name: {str(no): n for no, n in sorted(lengths.items())} for name, lengths in self.shards.items()}}
+        d["checksum"] = _checksum(d)
         return json.dumps(d, sort_keys=True).encode()
 
     @classmethod
@@ -87,6 +89,12 @@ class CommitRecord:
             raise FormatVersionError(f"{where}: {COMMIT_KEY} is not valid JSON ({e})") from e
         if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
             raise FormatVersionError(f"{where}: {COMMIT_KEY} is not a {FORMAT_NAME!r} commit record")
+        if "checksum" in d:  # (records before it have none)
+            body = {k: v for k, v in d.items() if k != "checksum"}
+            if d["checksum"] != _checksum(body):
+                raise FormatVersionError(f"{where}: {COMMIT_KEY} failed its checksum (stored {d['checksum']!r}, "
+                                         f"computed {_checksum(body)!r}): the record was altered or damaged; "
+                                         f"nothing is read from it")
         if d.get("format_version") not in READABLE_VERSIONS:
             raise FormatVersionError(f"{where}: store format version {d.get('format_version')!r}; "
                                      f"this code reads versions {list(READABLE_VERSIONS)}")
@@ -101,6 +109,13 @@ class CommitRecord:
                                for name, lengths in (d["shards"] if d["format_version"] >= 4 else {}).items()})
         except (KeyError, TypeError, ValueError) as e:
             raise FormatVersionError(f"{where}: {COMMIT_KEY} is malformed ({e!r})") from e
+
+
+def _checksum(d: dict[str, Any]) -> str:
+    """crc32c of the record's canonical JSON (sorted keys), everything but the checksum itself."""
+    import crc32c
+
+    return f"crc32c:{crc32c.crc32c(json.dumps(d, sort_keys=True).encode()):08x}"
 
 
 def _load_syncfs():

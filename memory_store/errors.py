@@ -17,6 +17,7 @@ __all__ = [
     "FormatVersionError",
     "ReadOnlyError",
     "StoreLockedError",
+    "StreamDeletedError",
     "StoreIOError",
     "ClosedError",
     "UnknownBlockError",
@@ -89,6 +90,15 @@ class UnknownBlockError(StoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable
         return str(self.args[0]) if self.args else ""
+
+
+class StreamDeletedError(StoreError):
+    """A reader asked for blocks of a stream that the writer deleted after the reader opened the
+    store (its chunks are gone). Names the stream and the generations; reopen to read the current state."""
+
+    def __init__(self, message: str, *, streams: list[str], opened: int, current: int) -> None:
+        super().__init__(message)
+        self.streams, self.opened, self.current = streams, opened, current
 
 
 class UnknownStreamError(StoreError, KeyError):

@@ -20,13 +20,13 @@ Shape letters: M entries, H KV heads, T block_len, D head_dim.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-from .errors import CorruptBlockError, InvalidArgumentError, StoreError
+from .errors import CorruptBlockError, InvalidArgumentError, StoreError, StreamDeletedError
 from .eviction import make_policy
 from .layout import StoreLayout
 from .protocols import CacheTier, DiskLog
@@ -65,7 +65,8 @@ class ReadCascade:
 
     def __init__(self, layout: StoreLayout, device: torch.device, *, device_budget_bytes: int,
                  host_budget_bytes: int, eviction: str, lock: threading.RLock, rows: RowTable,
-                 writes: WriteBehind, disk: DiskLog, stats: StoreStats) -> None:
+                 writes: WriteBehind, disk: DiskLog, stats: StoreStats,
+                 generation: Callable[[], int] = lambda: -1) -> None:
         self.layout = layout
         self.device = device
         self.device_tier = DeviceTier(layout, device_budget_bytes, device=device, policy=make_policy(eviction))
@@ -77,6 +78,7 @@ class ReadCascade:
         self._writes = writes
         self._disk = disk
         self._stats = stats
+        self._generation = generation  # the store's committed generation (for error messages)
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="folio-store-prefetch")
         self._inflight: dict[Key, Future] = {}
@@ -191,14 +193,32 @@ class ReadCascade:
                 found = self._disk.read_layer_into(rows[idx], layer, k2, v2)
                 kn[idx], vn[idx] = k2, v2
             if not found.all():
-                bad = rows[on_disk][~found][:8].tolist()
-                self._disk.check_present()  # (deleted under this store: say so, not "corrupt")
-                raise CorruptBlockError(f"blocks {bad} layer {layer}: committed but their chunks are missing from "
-                                        f"{self._disk.where} (a reader: the writer may have deleted their stream "
-                                        f"since this store was opened; reopen it to read the current state. "
-                                        f"Otherwise the store is damaged)", block_id=bad[0], layer=layer)
+                self._missing(rows[on_disk][~found], layer)
             self._stats.hits["disk"] += int(on_disk.sum())
         return kt, vt
+
+    def _missing(self, rows: np.ndarray, layer: int) -> None:
+        """Raise for committed rows whose chunks are not there: StoreNotFoundError when the store was
+        deleted, StreamDeletedError when the writer has since committed the deletion of their stream
+        (a reader opened before it), else CorruptBlockError (the store is damaged)."""
+        bad = rows[:8].tolist()
+        self._disk.check_present()  # (deleted under this store: say so, not "corrupt")
+        names = sorted(set(self._rows.names(rows)))
+        try:
+            now = self._disk.read_commit()
+        except (StoreError, OSError):
+            now = None
+        if now is not None:
+            alive = {s.name for s in now.streams if s.alive}
+            gone = [n for n in names if n not in alive]
+            if gone:
+                raise StreamDeletedError(
+                    f"blocks {bad} layer {layer} of stream(s) {gone}: the writer deleted {'them' if len(gone) > 1 else 'it'} "
+                    f"after this store was opened at generation {self._generation()} (the store is at "
+                    f"generation {now.generation} now); reopen it to read the current state",
+                    streams=gone, opened=self._generation(), current=now.generation)
+        raise CorruptBlockError(f"blocks {bad} layer {layer} of stream(s) {names}: committed but their chunks are "
+                                f"missing from {self._disk.where}: the store is damaged", block_id=bad[0], layer=layer)
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         if t.device == self.device:

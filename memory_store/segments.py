@@ -99,8 +99,9 @@ class _SegmentArray:
     """One array ("kv" or "landmarks") kept as segments and index objects (see the module docstring)."""
 
     def __init__(self, store: Store, name: str, S: int, per_row: int, chunk_bytes: int,
-                 committed: dict[int, int], proto, where: str) -> None:
+                 committed: dict[int, int], proto, where: str, writable: bool = False) -> None:
         self.store, self.name, self.S, self.per_row = store, name, S, per_row
+        self.writable = writable
         self.entries = S * per_row
         self.chunk_bytes = chunk_bytes  # incl. the crc
         self.committed = dict(committed)  # shard -> index version the last commit named
@@ -137,12 +138,14 @@ class _SegmentArray:
             key = f"{self.prefix(no)}/v{version:010d}.idx"
             raw = await self._get(key)
             where = f"{self.where}: shard index {key} (blocks {no * self.S}-{no * self.S + self.S - 1})"
-            if raw is None:
-                raise CorruptBlockError(f"{where} named by the commit record is missing (deleted under this "
-                                        f"reader by a writer {KEEP_COMMITS}+ commits on? reopen the store)",
+            if raw is None and self.writable:  # (a fresh index would drop every chunk the lost one named)
+                raise CorruptBlockError(f"{where} named by the commit record is missing: the store is damaged",
                                         block_id=no * self.S)
-            segments, entries = _decode_index(raw, self.entries, where, no * self.S)
-            sh = _Shard(version, segments, entries)
+            if raw is None:  # a reader: its chunks read as missing (the caller says why: reads.py)
+                sh = _Shard(version, [], np.full((self.entries, 3), EMPTY, dtype=np.uint64))
+            else:
+                segments, entries = _decode_index(raw, self.entries, where, no * self.S)
+                sh = _Shard(version, segments, entries)
         self._shards[no] = sh
         return sh
 
@@ -224,9 +227,8 @@ class _SegmentArray:
             row, sub, mvs = items[i]
             layer = sub if self.per_row > 1 else -1
             size = sum(len(m) for m in mvs)
-            if raw is None:
-                raise CorruptBlockError(f"{self.where}: block {row}: segment {key} named by the index is missing",
-                                        block_id=row, layer=layer if layer >= 0 else None)
+            if raw is None:  # missing: the caller says why (a stream deleted under a reader, or damage)
+                continue
             if len(raw) == size + CRC_BYTES:
                 off = 0
                 for m in mvs:
@@ -244,9 +246,9 @@ class SegmentShards(ChunkIO):
         super().__init__(store, layout, durability, where)
         L, H, T, D = layout.n_layers, layout.n_kv_heads, layout.block_len, layout.head_dim
         self._kv = _SegmentArray(store, "kv", rows_per_shard, L, 2 * H * T * D * layout.itemsize + CRC_BYTES,
-                                 committed.get("kv", {}), self._proto, where)
+                                 committed.get("kv", {}), self._proto, where, writable)
         self._lm = _SegmentArray(store, "landmarks", rows_per_shard, 1, L * H * D * layout.itemsize + CRC_BYTES,
-                                 committed.get("landmarks", {}), self._proto, where)
+                                 committed.get("landmarks", {}), self._proto, where, writable)
         self._arrays = (self._kv, self._lm)
         self._mu = threading.Lock()  # the write-behind thread writes while readers read
         newest = max([0, *committed.get("kv", {}).values(), *committed.get("landmarks", {}).values()])

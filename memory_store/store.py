@@ -117,7 +117,7 @@ class TieredStore:
         self._reads = ReadCascade(self.layout, self.device, device_budget_bytes=config.device_budget_bytes,
                                   host_budget_bytes=config.host_budget_bytes, eviction=config.eviction,
                                   lock=self._lock, rows=self._rows, writes=self._writes, disk=disk,
-                                  stats=self._stats)
+                                  stats=self._stats, generation=lambda: self._generation)
         self.index: LandmarkIndex
         self.index, self.index_source = LandmarkIndex.open_or_rebuild(
             disk, record.generation, record.n_rows, self._rows.n_alive, self._rows.live_stream_rows(),

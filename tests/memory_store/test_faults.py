@@ -501,6 +501,38 @@ def test_store_deleted_under_its_reader_and_writer(tmp_path):
     assert not os.path.exists(path), f"the writer recreated the deleted store: {os.listdir(path)}"
 
 
+def test_a_reader_of_a_stream_the_writer_deleted_is_told_so(tmp_path):
+    from _store_helpers import make_blocks
+
+    from memory_store.errors import CorruptBlockError, StreamDeletedError
+    cfg = StoreConfig(device="cpu", device_budget_bytes=0, host_budget_bytes=0, save_index="never",
+                      index_backend="exact", sync_mode="none", shard_rows=2)
+    path = tmp_path / "s"
+    k, v, lm = make_blocks(6, seed=4)
+    with TieredStore.open(path, "w", layout=LAYOUT, config=cfg) as w:
+        w.put_blocks("old", k[:4], v[:4], lm[:4])  # rows 0-3: shards 0 and 1, whole
+        w.put_blocks("new", k[4:], v[4:], lm[4:])
+    r = TieredStore.open(path, "r", config=cfg)
+    opened = r.generation
+    with TieredStore.open(path, "a", config=cfg) as w:
+        w.delete_stream("old")
+        w.flush()  # committed, then the chunks go: shards 0 and 1 are removed whole
+    with pytest.raises(StreamDeletedError, match=r"stream\(s\) \['old'\].*deleted it after this store was opened "
+                                                 rf"at generation {opened}.*reopen") as e:
+        r.get_layer([0, 1], 0)
+    assert e.value.streams == ["old"] and e.value.current > e.value.opened == opened
+    K, _ = r.get_layer([4, 5], 1)  # the other stream still reads
+    assert torch.equal(K, k[4:, 1])
+    r.close()
+    # chunks missing for a stream that is alive: the store is damaged, and says so
+    with TieredStore.open(path, "r", config=cfg) as r2:
+        for f in (path / "kv").iterdir():
+            if f.name.startswith("c.2."):
+                f.unlink()
+        with pytest.raises(CorruptBlockError, match=r"stream\(s\) \['new'\].*damaged"):
+            r2.get_layer([4], 0)
+
+
 # -- the seam: every file memory_store writes goes through the names the injector replaces ------------------
 
 _MUTATING_OS = {"open", "write", "writev", "pwrite", "pwritev", "fsync", "fdatasync", "replace", "rename", "unlink",

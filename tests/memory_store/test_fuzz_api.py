@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memory_store import StoreConfig, TieredStore
-from memory_store.errors import InvalidArgumentError, LayoutMismatchError, ShapeError, StoreError
+from memory_store.errors import FormatVersionError, InvalidArgumentError, LayoutMismatchError, ShapeError, StoreError
 from memory_store.writer_lock import LOCK_NAME
 
 CFG = StoreConfig(device="cpu", device_budget_bytes=2 * LAYOUT.block_bytes(), host_budget_bytes=2 * LAYOUT.block_bytes(),
@@ -248,9 +248,8 @@ def test_truncated_and_garbage_metadata_files(base, tmp_path_factory, data):
     shutil.copytree(path, copy)
     (copy / victim).write_bytes(new)
     CASES[f"corrupt {Path(victim).name}"] += 1
-    # (commit.json has no checksum: a flipped digit can make another valid record, which a writer would
-    # trust; here such a record is only read. A flipped key: test_a_writer_on_a_commit_record_missing_a_key)
-    for mode in ("r",) if (victim, how) == ("commit.json", "flip") else ("r", "a"):
+    # (commit.json carries a checksum: a flipped digit that makes another valid record is refused too)
+    for mode in ("r", "a"):
         try:
             with TieredStore.open(copy, mode, config=CFG) as s:
                 got = block_digests(s)
@@ -307,6 +306,23 @@ def test_a_writer_on_a_commit_record_missing_a_key(base, tmp_path):
     after = tree(copy)
     changed = sorted(k for k in files if k != "commit.json" and files[k] != after.get(k))
     assert not changed, f"a writer on a damaged commit record changed {changed}"
+
+
+def test_a_commit_record_altered_into_another_valid_one_is_refused_by_its_checksum(base, tmp_path):
+    import json
+
+    path, files, digests = base
+    copy = tmp_path / "s"
+    shutil.copytree(path, copy)
+    commit = copy / "commit.json"
+    rec = json.loads(commit.read_bytes())
+    assert rec["checksum"].startswith("crc32c:")
+    rec["n_rows"] -= 1  # another record that would parse and be trusted: one block fewer
+    commit.write_bytes(json.dumps(rec, sort_keys=True).encode())
+    for mode in ("r", "a"):
+        with pytest.raises(FormatVersionError, match="failed its checksum"):
+            TieredStore.open(copy, mode, config=CFG)
+    assert sorted(k for k in files if files[k] != tree(copy).get(k)) == ["commit.json"]  # nothing else touched
 
 
 def test_a_store_written_by_another_model(base):

@@ -344,3 +344,31 @@ def test_a_live_writer_renews_its_lease(s3_url, monkeypatch):
         s.flush()  # still its own: commits
     with TieredStore.open(s3_url, "r") as r:
         assert len(r) == 3
+
+
+def test_a_reader_on_an_old_commit_after_its_objects_were_pruned(s3_url):
+    """Segments superseded by a delete are kept for KEEP_COMMITS commits; a reader that opened before and
+    reads after that is told its stream was deleted (not "corrupt")."""
+    import dataclasses
+
+    from memory_store import StreamDeletedError
+
+    cfg = dataclasses.replace(CFG, shard_rows=2)
+    k, v, lm = make_blocks(6, seed=9)
+    with TieredStore.open(s3_url, "w", layout=LAYOUT, config=cfg) as w:
+        w.put_blocks("old", k[:4], v[:4], lm[:4])
+        w.put_blocks("new", k[4:], v[4:], lm[4:])
+    r = TieredStore.open(s3_url, "r", config=cfg)
+    with TieredStore.open(s3_url, "a", config=cfg) as w:
+        w.delete_stream("old")
+        w.flush()
+        K, _ = r.get_layer([0, 1], 0)  # still there for readers of the older records
+        assert torch.equal(K, k[:2, 0])
+        for g in range(KEEP_COMMITS + 1):
+            w.set_stream_meta("new", {"g": g})
+            w.flush()
+    with pytest.raises(StreamDeletedError, match=r"\['old'\].*reopen"):
+        r.get_layer([2, 3], 1)  # (shard 1: never read by this reader, its objects are gone now)
+    K, _ = r.get_layer([4, 5], 1)
+    assert torch.equal(K, k[4:, 1])
+    r.close()
