@@ -18,7 +18,8 @@ Figures (ratio = store throughput / baseline throughput, higher is better):
 --s3 (needs the dev extra: moto[server], s3fs) measures only the object-store figures, each beside
 the same figure on a local store in the same run: `s3_read_ms` (get_layer of `batch` random
 blocks, empty memory tiers, against a moto server on a loopback port: one GET per chunk) against
-`local_read_ms`, and `s3_write_mbps` (put_blocks + flush) against `local_write_mbps`. moto keeps
+`local_read_ms`, and `s3_write_mbps` (put_blocks + flush) against `local_write_mbps`; the S3 store
+in the sharded layout (segments, the default) and with one object per chunk (`s3_chunk_objects_*`). moto keeps
 objects in memory in this process, so these are protocol and request costs, not a real
 network's or bucket's.
 
@@ -181,10 +182,11 @@ def _moto_server():
     return server, endpoint
 
 
-def _read_and_write(where: str, layout: StoreLayout, k, v, lm, batch: int, repeats: int) -> dict[str, float]:
+def _read_and_write(where: str, layout: StoreLayout, k, v, lm, batch: int, repeats: int,
+                    shard_rows: int | None = 256) -> dict[str, float]:
     """Random get_layer of `batch` blocks (ms, median) and put_blocks + flush throughput (MB/s) of one store."""
     cfg = StoreConfig(device="cpu", device_budget_bytes=0, host_budget_bytes=0, save_index="never",
-                      index_backend="exact")
+                      index_backend="exact", shard_rows=shard_rows)
     t0 = time.perf_counter()
     with TieredStore.open(where, "w", layout=layout, config=cfg) as s:
         for i in range(0, k.shape[0], 32):
@@ -210,19 +212,24 @@ def run_s3(quick: bool) -> dict:
     server, endpoint = _moto_server()
     try:
         local = _read_and_write(os.path.join(work, "local"), layout, k, v, lm, batch, repeats)
-        s3 = _read_and_write("s3://folio-bench/store", layout, k, v, lm, batch, repeats)
+        s3 = _read_and_write("s3://folio-bench/store", layout, k, v, lm, batch, repeats)  # segments (default)
+        chunks = _read_and_write("s3://folio-bench/chunks", layout, k, v, lm, batch, repeats, shard_rows=None)
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
     figures = {"s3_read_ms": s3["read_ms"], "local_read_ms": local["read_ms"],
                "s3_read_vs_local": local["read_ms"] / s3["read_ms"],
                "s3_write_mbps": s3["write_mbps"], "local_write_mbps": local["write_mbps"],
-               "s3_write_vs_local": s3["write_mbps"] / local["write_mbps"]}
+               "s3_write_vs_local": s3["write_mbps"] / local["write_mbps"],
+               "s3_chunk_objects_read_ms": chunks["read_ms"], "s3_chunk_objects_write_mbps": chunks["write_mbps"],
+               "s3_segments_write_vs_chunk_objects": s3["write_mbps"] / chunks["write_mbps"]}
     meta = {"command": "python -m bench.store --s3" + (" --quick" if quick else ""), "quick": quick,
             "layout": layout.to_dict(), "blocks": n_blocks, "batch": batch, "endpoint": "moto (loopback)",
             "machine": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
-            "torch": torch.__version__, "notes": ["S3: one object per (block, layer) chunk; the local store is "
-                                                  "sharded (format 4)"]}
+            "torch": torch.__version__, "notes": ["S3 (s3_*): the sharded layout as segments (segments.py: one object "
+                                                  "per shard a write touches, an index object per shard at a flush); "
+                                                  "s3_chunk_objects_*: shard_rows=None, one object per (block, layer) "
+                                                  "chunk; the local store is sharded (format 4)"]}
     return {"figures": figures, "goals": {}, "meta": meta}
 
 
