@@ -372,3 +372,42 @@ def test_a_reader_on_an_old_commit_after_its_objects_were_pruned(s3_url):
     K, _ = r.get_layer([4, 5], 1)
     assert torch.equal(K, k[4:, 1])
     r.close()
+
+
+def test_writers_racing_for_the_lease_exactly_one_wins(s3_url):
+    """Eight contenders start together, for a free lease and for an expired one, 10 rounds each: the
+    server's conditional writes (If-None-Match: *, If-Match: etag) let exactly one through every time."""
+    import json as _json
+
+    from memory_store.object_store import Objects
+
+    rounds, contenders = 10, 8
+    won_counts = []
+    for r in range(2 * rounds):
+        url = f"{s3_url}-{r}"
+        store = open_url(url)
+        if r >= rounds:  # an expired lease left by a killed writer: a take-over race (If-Match)
+            assert Objects(store).create(LEASE_KEY, _json.dumps({"owner": "dead", "expires": 1.0}).encode())
+        barrier = threading.Barrier(contenders)
+        got: list = []
+        mu = threading.Lock()
+
+        def contend():
+            barrier.wait()
+            try:
+                lease = WriterLease.acquire(open_url(url), url, wait_s=0, ttl_s=30)
+            except StoreLockedError:
+                return
+            with mu:
+                got.append(lease)
+
+        threads = [threading.Thread(target=contend) for _ in range(contenders)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        won_counts.append(len(got))
+        assert len(got) == 1, f"round {r}: {len(got)} writers hold the lease"
+        assert read_lease(store)["owner"] == got[0].holder()["owner"]
+        got[0].release()
+    print(f"lease races: {len(won_counts)} rounds of {contenders} contenders, one winner in each")
