@@ -7,9 +7,11 @@ On-disk layout (a plain zarr v3 group that zarr-python opens and reads on its ow
                             V at [:, :, 1]; inner chunk (1, 1, 2, H, T, D): K and V of one (block,
                             layer), read with one preadv. A local store (format 4) groups
                             ROWS_PER_SHARD rows into one shard file (zarr's sharding_indexed codec,
-                            index at the end), appended to in place (see shards.py). Any other zarr
-                            store keeps one object per inner chunk (format 3's layout, also still read
-                            and appended to locally)
+                            index at the end), appended to in place (see shards.py). An object
+                            store (fsspec: S3, ...) shards them as immutable segment and index
+                            objects (segments.py; group attribute folio.shard_storage = "segments").
+                            A MemoryStore, or shard_rows=None, keeps one object per inner chunk
+                            (format 3's layout, also still read and appended to locally)
     landmarks/              (capacity, n_layers, n_kv_heads, head_dim), inner chunk (1, L, H, D),
                             sharded like kv
                             keys use zarr's "." separator (kv/c.<shard>.0.0.0.0.0): one directory
