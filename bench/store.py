@@ -160,28 +160,6 @@ def bench_write(layout: StoreLayout, k, v, lm, work: str, rounds: int, trials: i
             "dd_mbps_runs": [round(x / 1e6) for x in dd_bw], "write_sync_mode": sync_mode}
 
 
-def _moto_server():
-    """(server, endpoint) of a moto S3 server on a free loopback port, with a bucket 'folio-bench'."""
-    import socket
-
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    import logging
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # (one log line per request otherwise)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint})
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="folio-bench")
-    return server, endpoint
-
-
 def _read_and_write(where: str, layout: StoreLayout, k, v, lm, batch: int, repeats: int,
                     shard_rows: int | None = 256) -> dict[str, float]:
     """Random get_layer of `batch` blocks (ms, median) and put_blocks + flush throughput (MB/s) of one store."""
@@ -209,14 +187,13 @@ def run_s3(quick: bool) -> dict:
     n_blocks, batch, repeats = (128, 32, 3) if quick else (256, 64, 5)
     k, v, lm = (t.to(torch.bfloat16) for t in make_data(layout, n_blocks))
     work = tempfile.mkdtemp(prefix="folio-bench-s3-", dir=os.environ.get("FOLIO_BENCH_DIR", "/tmp"))
-    server, endpoint = _moto_server()
-    try:
+    from memory_store.testing.s3_server import moto_server
+
+    with moto_server("folio-bench"):
         local = _read_and_write(os.path.join(work, "local"), layout, k, v, lm, batch, repeats)
         s3 = _read_and_write("s3://folio-bench/store", layout, k, v, lm, batch, repeats)  # segments (default)
         chunks = _read_and_write("s3://folio-bench/chunks", layout, k, v, lm, batch, repeats, shard_rows=None)
-    finally:
-        server.stop()
-        shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
     figures = {"s3_read_ms": s3["read_ms"], "local_read_ms": local["read_ms"],
                "s3_read_vs_local": local["read_ms"] / s3["read_ms"],
                "s3_write_mbps": s3["write_mbps"], "local_write_mbps": local["write_mbps"],

@@ -6,13 +6,10 @@ appended to) copied to a bucket as they are (`aws s3 sync`, `fs.put`) open here 
 range GET (cached: committed bytes never change), and each chunk one more, all of a read
 gathered concurrently. This is what zarr's own sharding codec does on an fsspec store.
 
-Why only reads: a shard is appended to at every flush, and an object cannot be appended to.
-Writing shards to object storage would mean either rewriting a whole shard object at each
-flush that touched it (up to 256 rows uploaded again per flush, and an object replaced under
-its readers) or holding each shard's rows in the writer until all 256 are there (a flush
-would not be durable for them). So the writer on object storage keeps one object per chunk
-(format 3's layout, each written once), and the sharded layout reaches a bucket by copying a
-closed local store: ingest locally, serve from the bucket.
+Why only reads: these shard files are appended to in place at every flush, and an object cannot
+be appended to. A store created on object storage is sharded differently, as immutable segment
+and index objects that a writer can add to (segments.py); this module serves local stores
+copied to a bucket as they are: ingest locally, serve from the bucket.
 """
 
 from __future__ import annotations

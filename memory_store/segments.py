@@ -23,7 +23,9 @@ the last seal, and the commit record names each shard's newest index version
 
 Superseded index versions, and segments no index references any more (their rows deleted),
 are deleted KEEP_COMMITS commits after the commit that superseded them, so a reader on one of
-the last few records still finds everything it names. A writer that closes in between leaves
+the last few records still finds everything it names. A reader that loads a shard's index later
+than that (it opened long ago) reads the oldest newer index instead: indexes are cumulative and
+rows never rewritten, so it places the same chunks, less those of rows deleted since. A writer that closes in between leaves
 them as dead bytes (reclaimed by nothing: the price of not listing the store at every open).
 
 Plain zarr-python sees the arrays' metadata but none of these objects (its shard keys are
@@ -141,13 +143,34 @@ class _SegmentArray:
             if raw is None and self.writable:  # (a fresh index would drop every chunk the lost one named)
                 raise CorruptBlockError(f"{where} named by the commit record is missing: the store is damaged",
                                         block_id=no * self.S)
-            if raw is None:  # a reader: its chunks read as missing (the caller says why: reads.py)
+            if raw is None:  # a reader whose record is KEEP_COMMITS+ commits old: its index was pruned
+                raw = await self._newer_index(no, version)
+            if raw is None:  # no index at all: its chunks read as missing (the caller says why: reads.py)
                 sh = _Shard(version, [], np.full((self.entries, 3), EMPTY, dtype=np.uint64))
             else:
                 segments, entries = _decode_index(raw, self.entries, where, no * self.S)
                 sh = _Shard(version, segments, entries)
         self._shards[no] = sh
         return sh
+
+    async def _newer_index(self, no: int, version: int) -> bytes | None:
+        """The oldest index of shard `no` newer than `version` that is still there. Indexes are
+        cumulative and rows are never rewritten, so a newer one places every chunk the pruned one
+        did, except chunks of rows deleted since (EMPTY: the reader is told their stream was
+        deleted), and more rows, which a reader of the older record never asks for."""
+        for _ in range(3):  # (one pruned between the listing and the get: list again)
+            versions = []
+            async for key in self.store.list_prefix(f"{self.prefix(no)}/"):
+                m = _KEY.match(key.rsplit("/", 1)[-1])
+                if m and key.endswith(".idx") and int(m.group(1)) > version:
+                    versions.append(int(m.group(1)))
+            if not versions:
+                return None
+            for v in sorted(versions):
+                raw = await self._get(f"{self.prefix(no)}/v{v:010d}.idx")
+                if raw is not None:
+                    return raw
+        return None
 
     # -- writes ------------------------------------------------------------------------
     async def write(self, items: Sequence[tuple[int, int, Sequence[memoryview]]], version: int) -> None:

@@ -19,35 +19,12 @@ def s3_server():
     HTTP server answers other processes too). The endpoint and dummy credentials go into os.environ
     (AWS_ENDPOINT_URL...), where s3fs/botocore in this process and in children find them. Skips when
     moto[server] or s3fs is not installed (pip install -e '.[dev]')."""
-    import os
-    import socket
-
-    server_mod = pytest.importorskip("moto.server", reason="moto[server] not installed (dev extra)")
+    pytest.importorskip("moto.server", reason="moto[server] not installed (dev extra)")
     pytest.importorskip("s3fs", reason="s3fs not installed (dev extra)")
-    import boto3
+    from memory_store.testing.s3_server import moto_server
 
-    with socket.socket() as s:  # a free loopback port (the server binds it right after)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    import logging
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # (one log line per request otherwise)
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="folio-test")
-        yield {"endpoint_url": env["AWS_ENDPOINT_URL"], "bucket": "folio-test", "env": env}
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
+    with moto_server("folio-test") as s3:
+        yield s3
 
 
 @pytest.fixture

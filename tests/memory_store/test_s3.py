@@ -411,3 +411,26 @@ def test_writers_racing_for_the_lease_exactly_one_wins(s3_url):
         assert read_lease(store)["owner"] == got[0].holder()["owner"]
         got[0].release()
     print(f"lease races: {len(won_counts)} rounds of {contenders} contenders, one winner in each")
+
+
+def test_a_reader_whose_index_was_pruned_reads_a_newer_one(s3_url):
+    """The race the S3 soak found: a reader opens, the writer keeps appending to the same shard (each
+    flush a new index object) past KEEP_COMMITS, and only then the reader first reads that shard."""
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, shard_rows=64)
+    k, v, lm = make_blocks(2 + KEEP_COMMITS + 2, seed=12)
+    with TieredStore.open(s3_url, "w", layout=LAYOUT, config=cfg) as w:
+        w.put_blocks("a", k[:2], v[:2], lm[:2])
+    r = TieredStore.open(s3_url, "r", config=cfg)
+    mine = r.disk.read_commit().shards["kv"][0]  # the index version the reader's record names
+    with TieredStore.open(s3_url, "a", config=cfg) as w:
+        for i in range(2, k.shape[0]):
+            w.put_blocks(f"s{i}", k[i:i + 1], v[i:i + 1], lm[i:i + 1])
+            w.flush()
+    kept = sorted(key for key in _keys(s3_url, "kv/seg/0/") if key.endswith(".idx"))
+    assert f"kv/seg/0/v{mine:010d}.idx" not in kept and kept  # the reader's version is gone
+    K, V = r.get_layer([1, 0], 1)
+    assert torch.equal(K, k[[1, 0], 1]) and torch.equal(V, v[[1, 0], 1])
+    assert r.streams() == ["a"]  # still the state it opened
+    r.close()

@@ -13,14 +13,12 @@ The number of points tried is printed.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import subprocess
 import sys
 import textwrap
 
-import pytest
 import torch
 from _store_helpers import LAYOUT, make_blocks
 

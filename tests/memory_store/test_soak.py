@@ -13,6 +13,15 @@ def test_soak_writer_deleter_and_readers_nothing_inconsistent_nothing_lost(tmp_p
     assert r["flushes"] > 5 and r["streams_deleted"] > 0 and r["opens"] > 20 and r["blocks_read"] > 100, r
 
 
+def test_soak_on_the_s3_server(s3_url):
+    """The same on object storage: segments, the lease, commit objects, readers in other processes."""
+    r = run_soak(s3_url, 8.0, readers=3)
+    problems = r.pop("problems")
+    print(f"soak on S3: {r}")
+    assert not problems, "\n".join(problems[:10])
+    assert r["flushes"] > 3 and r["streams_deleted"] > 0 and r["opens"] > 5 and r["blocks_read"] > 30, r
+
+
 def test_a_reader_opening_across_a_delete_opens_the_newer_commit(tmp_path, monkeypatch):
     """The race the soak found, made deterministic: a reader reads commit g, then (before it rebuilds
     the index from the landmark chunks) the writer commits a delete and removes that stream's chunks.
