@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-k", type=int, default=None, help="retrieved blocks for the fine-tuned model (default 4, "
                                                             "as trained); the base keeps training-free defaults")
     ap.add_argument("--tuned-modes", default="retrieval,local", help="needle modes of the fine-tuned model")
-    ap.add_argument("--base-modes", default="retrieval,full,local", help="needle modes of the base model")
+    ap.add_argument("--base-modes", default="retrieval,full,local", help="needle modes of the base model "
+                    "('' skips its needle run)")
     ap.add_argument("--ppl-contexts", default="8192,32768,131072",
                     help="perplexity contexts for the fine-tuned model's retrieval ('' skips perplexity)")
     ap.add_argument("--ppl-tokens", type=int, default=512, help="scored tokens M")
@@ -154,8 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     tuned_rc = TrainingFreeConfig(top_k=args.top_k if args.top_k is not None else 4)
     grid = dict(lengths=lengths, depths=depths, trials=args.trials, formats=formats, seed=0)
     modes = lambda s: tuple(m.strip() for m in s.split(",") if m.strip())  # noqa: E731
-    runs = [("tuned", tuned, ttok, NeedleConfig(**grid, modes=modes(args.tuned_modes), retrieval=tuned_rc)),
-            ("base", base, btok, NeedleConfig(**grid, modes=modes(args.base_modes)))]
+    # an empty --tuned-modes / --base-modes skips that model's needle run (e.g. a base measured before)
+    runs = [(label, model, tok, NeedleConfig(**grid, modes=modes(m), **extra))
+            for label, model, tok, m, extra in (("tuned", tuned, ttok, args.tuned_modes, {"retrieval": tuned_rc}),
+                                                ("base", base, btok, args.base_modes, {}))
+            if modes(m)]
     long = _ints(args.long_lengths) if args.long_lengths else []
     if args.no_needle:
         runs = []
