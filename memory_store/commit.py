@@ -89,15 +89,15 @@ class CommitRecord:
             raise FormatVersionError(f"{where}: {COMMIT_KEY} is not valid JSON ({e})") from e
         if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
             raise FormatVersionError(f"{where}: {COMMIT_KEY} is not a {FORMAT_NAME!r} commit record")
-        if "checksum" in d:  # (records before it have none)
+        if d.get("format_version") not in READABLE_VERSIONS:
+            raise FormatVersionError(f"{where}: store format version {d.get('format_version')!r}; "
+                                     f"this code reads versions {list(READABLE_VERSIONS)}")
+        if "checksum" in d:  # (records before it have none; another version's are refused above)
             body = {k: v for k, v in d.items() if k != "checksum"}
             if d["checksum"] != _checksum(body):
                 raise FormatVersionError(f"{where}: {COMMIT_KEY} failed its checksum (stored {d['checksum']!r}, "
                                          f"computed {_checksum(body)!r}): the record was altered or damaged; "
                                          f"nothing is read from it")
-        if d.get("format_version") not in READABLE_VERSIONS:
-            raise FormatVersionError(f"{where}: store format version {d.get('format_version')!r}; "
-                                     f"this code reads versions {list(READABLE_VERSIONS)}")
         try:
             return cls(generation=int(d["generation"]), n_rows=int(d["n_rows"]),
                        layout=StoreLayout.from_dict(d["layout"]),

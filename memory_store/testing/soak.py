@@ -21,6 +21,7 @@ that drops it. At the end the parent reads the whole store back against the sche
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue
 import random
 import threading
@@ -49,7 +50,13 @@ def block_data(block_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return k[0], v[0], lm[0]
 
 
-def _writer(path: str, seconds: float, seed: int, acked, deleted_below, out) -> None:
+def _adopt(env: dict[str, str]) -> None:
+    """The parent's AWS_* settings (a forkserver started before them would not pass them on)."""
+    os.environ.update(env)
+
+
+def _writer(path: str, seconds: float, seed: int, acked, deleted_below, out, env: dict[str, str]) -> None:
+    _adopt(env)
     counts = {"puts": 0, "blocks_put": 0, "flushes": 0, "streams_deleted": 0, "blocks_deleted": 0}
     errors: list[str] = []
     try:
@@ -149,7 +156,8 @@ def _check_snapshot(r: TieredStore, acked: int, deleted_below, rng: random.Rando
             break
 
 
-def _reader(path: str, seconds: float, seed: int, acked, deleted_below, out) -> None:
+def _reader(path: str, seconds: float, seed: int, acked, deleted_below, out, env: dict[str, str]) -> None:
+    _adopt(env)
     counts = {"opens": 0, "empty_snapshots": 0, "blocks_read": 0, "raced_delete": 0}
     problems: list[str] = []
     rng = random.Random(seed)
@@ -198,8 +206,9 @@ def run_soak(path: str, seconds: float, *, readers: int = 4, seed: int = 0) -> d
     ctx.set_forkserver_preload(["torch", "memory_store", __name__])
     acked, deleted_below = ctx.Value("q", 0), ctx.Value("q", 0)
     out = ctx.Queue()
-    procs = [ctx.Process(target=_writer, args=(path, seconds, seed, acked, deleted_below, out))]
-    procs += [ctx.Process(target=_reader, args=(path, seconds, seed + 1 + i, acked, deleted_below, out))
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}  # (an S3 store's endpoint, credentials)
+    procs = [ctx.Process(target=_writer, args=(path, seconds, seed, acked, deleted_below, out, env))]
+    procs += [ctx.Process(target=_reader, args=(path, seconds, seed + 1 + i, acked, deleted_below, out, env))
               for i in range(readers)]
     t0 = time.monotonic()
     for p in procs:
