@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import crc32c
 from zarr.abc.store import Store
 
 from .errors import FormatVersionError, StoreIOError, StoreNotFoundError
@@ -113,8 +114,6 @@ class CommitRecord:
 
 def _checksum(d: dict[str, Any]) -> str:
     """crc32c of the record's canonical JSON (sorted keys), everything but the checksum itself."""
-    import crc32c
-
     return f"crc32c:{crc32c.crc32c(json.dumps(d, sort_keys=True).encode()):08x}"
 
 

@@ -266,9 +266,9 @@ class DiskTier(Tier):
         # store shards them as immutable segments and index objects (segments.py); a MemoryStore (one
         # process) keeps one object per chunk, as does shard_rows=None anywhere
         segments = is_object_store(store) and shard_rows is not None
-        local = (isinstance(store, LocalStore) or segments) and shard_rows is not None
+        sharded = (isinstance(store, LocalStore) or segments) and shard_rows is not None
         S = shard_rows or 1
-        cap = max(S, INITIAL_CAPACITY) if local else INITIAL_CAPACITY
+        cap = max(S, INITIAL_CAPACITY) if sharded else INITIAL_CAPACITY
         spec = {
             "kv": ((cap, L, 2, H, T, D), (1, 1, 2, H, T, D), layout.zarr_dtype, (S, L, 2, H, T, D)),
             "landmarks": ((cap, L, H, D), (1, L, H, D), layout.zarr_dtype, (S, L, H, D)),
@@ -277,7 +277,7 @@ class DiskTier(Tier):
         }
         for name, (shape, chunks, dtype, shards) in spec.items():
             group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=[Crc32cCodec()],
-                               shards=shards if local else None,
+                               shards=shards if sharded else None,
                                fill_value=0 if name != "block_stream" else -1,
                                chunk_key_encoding={"name": "default", "separator": "."})
         group.attrs["folio"] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "layout": layout.to_dict(),

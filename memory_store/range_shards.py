@@ -26,7 +26,7 @@ from .chunks import ChunkIO
 from .commit import Durability
 from .errors import CorruptBlockError, ReadOnlyError, StoreIOError
 from .layout import StoreLayout
-from .shards import CRC_BYTES, EMPTY, check_crc
+from .shards import CRC_BYTES, EMPTY, fill_checked
 
 __all__ = ["RangeShards"]
 
@@ -88,15 +88,7 @@ class _Ranges:
         for i, raw in zip(where, await asyncio.gather(*jobs), strict=True):
             row, sub, mvs = items[i]
             layer = sub if self.per_row > 1 else -1
-            key = f"{self.key(row // self.S)} chunk ({row % self.S}, {sub})"
-            size = sum(len(m) for m in mvs)
-            raw = raw or b""
-            if len(raw) == size + CRC_BYTES:
-                off = 0
-                for m in mvs:
-                    m[:] = raw[off:off + len(m)]
-                    off += len(m)
-            check_crc(key, mvs, raw[size:], len(raw) - size - CRC_BYTES, row, layer)
+            fill_checked(f"{self.key(row // self.S)} chunk ({row % self.S}, {sub})", mvs, raw or b"", row, layer)
             found[i] = True
 
 

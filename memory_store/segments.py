@@ -51,7 +51,7 @@ from .commit import Durability
 from .errors import CorruptBlockError, StoreIOError
 from .layout import StoreLayout
 from .object_store import KEEP_COMMITS
-from .shards import CRC_BYTES, EMPTY, check_crc
+from .shards import CRC_BYTES, EMPTY, fill_checked
 
 __all__ = ["SegmentShards", "SHARD_STORAGE"]
 
@@ -100,12 +100,11 @@ class _Shard:
 class _SegmentArray:
     """One array ("kv" or "landmarks") kept as segments and index objects (see the module docstring)."""
 
-    def __init__(self, store: Store, name: str, S: int, per_row: int, chunk_bytes: int,
-                 committed: dict[int, int], proto, where: str, writable: bool = False) -> None:
+    def __init__(self, store: Store, name: str, S: int, per_row: int, committed: dict[int, int], proto,
+                 where: str, writable: bool = False) -> None:
         self.store, self.name, self.S, self.per_row = store, name, S, per_row
         self.writable = writable
         self.entries = S * per_row
-        self.chunk_bytes = chunk_bytes  # incl. the crc
         self.committed = dict(committed)  # shard -> index version the last commit named
         self.where = where
         self._proto = proto
@@ -185,10 +184,8 @@ class _SegmentArray:
             seg = f"v{version:010d}-{self._seq}.bin"
             parts, off, placed = [], 0, []
             for row, sub, mvs in its:
-                c = 0
-                for mv in mvs:
-                    c = crc32c.crc32c(mv, c)
-                data = b"".join(bytes(mv) for mv in mvs) + c.to_bytes(CRC_BYTES, "little")
+                data = b"".join(mvs)
+                data += crc32c.crc32c(data).to_bytes(CRC_BYTES, "little")
                 parts.append(data)
                 placed.append(((row % self.S) * self.per_row + sub, off, len(data)))
                 off += len(data)
@@ -247,17 +244,10 @@ class _SegmentArray:
             jobs.append(self._get(key, RangeByteRequest(off, off + n)))
             where.append((i, key))
         for (i, key), raw in zip(where, await asyncio.gather(*jobs), strict=True):
-            row, sub, mvs = items[i]
-            layer = sub if self.per_row > 1 else -1
-            size = sum(len(m) for m in mvs)
             if raw is None:  # missing: the caller says why (a stream deleted under a reader, or damage)
                 continue
-            if len(raw) == size + CRC_BYTES:
-                off = 0
-                for m in mvs:
-                    m[:] = raw[off:off + len(m)]
-                    off += len(m)
-            check_crc(key, mvs, raw[size:], len(raw) - size - CRC_BYTES, row, layer)
+            row, sub, mvs = items[i]
+            fill_checked(key, mvs, raw, row, sub if self.per_row > 1 else -1)
             found[i] = True
 
 
@@ -267,11 +257,10 @@ class SegmentShards(ChunkIO):
     def __init__(self, store: Store, layout: StoreLayout, durability: Durability, where: str, *,
                  rows_per_shard: int, committed: dict[str, dict[int, int]], writable: bool) -> None:
         super().__init__(store, layout, durability, where)
-        L, H, T, D = layout.n_layers, layout.n_kv_heads, layout.block_len, layout.head_dim
-        self._kv = _SegmentArray(store, "kv", rows_per_shard, L, 2 * H * T * D * layout.itemsize + CRC_BYTES,
-                                 committed.get("kv", {}), self._proto, where, writable)
-        self._lm = _SegmentArray(store, "landmarks", rows_per_shard, 1, L * H * D * layout.itemsize + CRC_BYTES,
-                                 committed.get("landmarks", {}), self._proto, where, writable)
+        self._kv = _SegmentArray(store, "kv", rows_per_shard, layout.n_layers, committed.get("kv", {}), self._proto,
+                                 where, writable)
+        self._lm = _SegmentArray(store, "landmarks", rows_per_shard, 1, committed.get("landmarks", {}), self._proto,
+                                 where, writable)
         self._arrays = (self._kv, self._lm)
         self._mu = threading.Lock()  # the write-behind thread writes while readers read
         newest = max([0, *committed.get("kv", {}).values(), *committed.get("landmarks", {}).values()])

@@ -42,7 +42,7 @@ import numpy as np
 
 from .errors import CorruptBlockError, StoreError, StoreIOError
 
-__all__ = ["ShardSet", "check_crc", "check_shard_rows", "CRC_BYTES", "EMPTY"]
+__all__ = ["ShardSet", "check_crc", "check_shard_rows", "fill_checked", "CRC_BYTES", "EMPTY"]
 
 CRC_BYTES = 4
 EMPTY = np.uint64(2**64 - 1)  # zarr's marker of an absent chunk in a shard index
@@ -69,6 +69,18 @@ def check_crc(key: str, data: Sequence[memoryview], stored: bytes, extra: int, r
     if got != want:
         raise CorruptBlockError(f"{where}: chunk {key} failed its crc32c check (stored {want:#010x}, computed "
                                 f"{got:#010x})", block_id=row, layer=layer if layer >= 0 else None)
+
+
+def fill_checked(key: str, mvs: Sequence[memoryview], raw: bytes, row: int, layer: int) -> None:
+    """Copy a fetched chunk (its bytes, then its crc32c) into the caller's buffers `mvs` and check it:
+    CorruptBlockError (check_crc) when its size is not the layout's or its crc differs."""
+    size = sum(len(m) for m in mvs)
+    if len(raw) == size + CRC_BYTES:
+        off = 0
+        for m in mvs:
+            m[:] = raw[off:off + len(m)]
+            off += len(m)
+    check_crc(key, mvs, raw[size:], len(raw) - size - CRC_BYTES, row, layer)
 
 
 class _Shard:
