@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=2, help="haystacks per length")
     ap.add_argument("--top-k", type=int, default=None, help="retrieved blocks for the fine-tuned model (default 4, "
                                                             "as trained); the base keeps training-free defaults")
+    ap.add_argument("--sink-blocks", type=int, default=0, help="the fine-tuned model's attention sinks: its "
+                    "stream's first blocks, attended beside the top-k (RetrievalConfig.sink_blocks; default 0)")
     ap.add_argument("--tuned-modes", default="retrieval,local", help="needle modes of the fine-tuned model")
     ap.add_argument("--base-modes", default="retrieval,full,local", help="needle modes of the base model "
                     "('' skips its needle run)")
@@ -128,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.commands import load_model_arg
     from engine.needle import NeedleConfig, machine_info, run_needle
     from engine.perplexity import PerplexityConfig, run_perplexity
+    from engine.retrieval import RetrievalConfig
     from engine.training_free import TrainingFreeConfig
 
     if args.quick:
@@ -153,11 +156,13 @@ def main(argv: list[str] | None = None) -> int:
         (out / "finetune.json").write_text(json.dumps(result, indent=1) + "\n")
 
     tuned_rc = TrainingFreeConfig(top_k=args.top_k if args.top_k is not None else 4)
+    tuned_lm = RetrievalConfig(top_k=tuned_rc.top_k, sink_blocks=args.sink_blocks)  # its landmark retrieval
     grid = dict(lengths=lengths, depths=depths, trials=args.trials, formats=formats, seed=0)
     modes = lambda s: tuple(m.strip() for m in s.split(",") if m.strip())  # noqa: E731
     # an empty --tuned-modes / --base-modes skips that model's needle run (e.g. a base measured before)
     runs = [(label, model, tok, NeedleConfig(**grid, modes=modes(m), **extra))
-            for label, model, tok, m, extra in (("tuned", tuned, ttok, args.tuned_modes, {"retrieval": tuned_rc}),
+            for label, model, tok, m, extra in (("tuned", tuned, ttok, args.tuned_modes,
+                                                 {"retrieval": tuned_rc, "landmark": tuned_lm}),
                                                 ("base", base, btok, args.base_modes, {}))
             if modes(m)]
     long = _ints(args.long_lengths) if args.long_lengths else []
@@ -173,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         if long:
             lcfg = NeedleConfig(lengths=long, depths=[float(d) for d in args.long_depths.split(",")],
                                 trials=args.long_trials, formats=formats, seed=1, modes=("retrieval",),
-                                retrieval=cfg.retrieval)
+                                retrieval=cfg.retrieval, landmark=cfg.landmark)
             with torch.no_grad():
                 more = run_needle(model, tok, lcfg)
             res["trials"] += more["trials"]
@@ -186,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             pb = run_perplexity(base, btok, PerplexityConfig(**common, modes=("full",)))
             pt = run_perplexity(tuned, ttok, PerplexityConfig(**common, modes=("retrieval",),
-                                                              retrieval=tuned_rc))
+                                                              retrieval=tuned_rc, landmark=tuned_lm))
         same = ("scored_text_start", "scored_text_end")
         assert all(pb["document"][k] == pt["document"][k] for k in same), "the scored tokens differ"
         # the same M scored tokens (the documents end alike; the longer context reaches further back)

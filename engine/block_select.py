@@ -77,6 +77,18 @@ def choose_blocks(ids: torch.Tensor, scores: torch.Tensor, kk: int) -> torch.Ten
     return out
 
 
+def with_sinks(sel: torch.Tensor, sinks: Sequence[int], sink_blocks: int) -> torch.Tensor:
+    """A selection sel (..., Hkv, top_k) with the sink ids (present ones, fewer than
+    sink_blocks while the stream is short) added in every row: (..., Hkv, sink_blocks + top_k),
+    ascending, absent (-1) first, as `choose_blocks` lays a selection out."""
+    if sink_blocks == 0:
+        return sel
+    pad = torch.full((*sel.shape[:-1], sink_blocks), -1, dtype=torch.long)
+    if sinks:
+        pad[..., sink_blocks - len(sinks):] = torch.tensor(sinks, dtype=torch.long)
+    return torch.sort(torch.cat([pad, sel], dim=-1), dim=-1).values
+
+
 def gather_selected(store, layer: int, sel: torch.Tensor, device, promote: bool = True,
                      cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None):
     """The selected blocks of one layer with one store fetch for their union.

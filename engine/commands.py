@@ -90,12 +90,20 @@ def retrieval_config(args, cfg):
         rc.chunk_for(cfg)  # a chunk that is not a multiple of the window fails here, before any work
         return rc
     if cfg.landmarks:
-        if any(getattr(args, k, None) is not None for k in TRAINING_FREE_FLAGS):
-            raise ValueError("--sink-blocks/--block-key/--query-agg/--search-distance/--decode-reselect are for "
+        if any(getattr(args, k, None) is not None for k in TRAINING_FREE_FLAGS if k != "sink_blocks"):
+            raise ValueError("--block-key/--query-agg/--search-distance/--decode-reselect are for "
                              "models without landmarks; this one is landmark-trained")
-        given = {k: v for k, v in (("top_k", args.top_k), ("local_blocks", args.local_blocks)) if v is not None}
-        return RetrievalConfig(**given, positions=args.positions, selection=args.selection, chunk_len=args.chunk)
+        return landmark_config(args)
     return training_free_config(args)
+
+
+def landmark_config(args):
+    """RetrievalConfig (a landmark-trained model's retrieval) from the flags; None: its default."""
+    from engine.retrieval import RetrievalConfig
+
+    given = {k: getattr(args, k) for k in ("top_k", "local_blocks", "sink_blocks", "positions", "selection")
+             if getattr(args, k, None) is not None}
+    return RetrievalConfig(**given, chunk_len=getattr(args, "chunk", None))
 
 
 def store_where(args, where: str, mode: str):
@@ -305,7 +313,7 @@ def needle_config(args: argparse.Namespace) -> "NeedleConfig":
                         modes=tuple(_list(args.modes, str, "--modes")),
                         full_max_len=parse_context(args.full_max_len, arg="--full-max-len"),
                         full_beyond=tuple(_contexts(args.full_beyond, "--full-beyond")) if args.full_beyond else (),
-                        retrieval=training_free_config(args), seed=args.seed,
+                        retrieval=training_free_config(args), landmark=landmark_config(args), seed=args.seed,
                         text=tuple(_list(args.text, str, "--text")), max_new_tokens=args.max_new_tokens)
 
 
@@ -326,6 +334,7 @@ def perplexity_config(args: argparse.Namespace) -> "PerplexityConfig":
                             modes=tuple(_list(args.modes, str, "--modes")), scored_tokens=args.scored,
                             full_max_len=parse_context(args.full_max_len, arg="--full-max-len"),
                             local_max_len=local_max, retrieval=training_free_config(args),
+                            landmark=landmark_config(args),
                             texts=tuple(_list(args.text, str, "--text")) if args.text else None)
 
 

@@ -39,6 +39,7 @@ from engine.inference import chat_document, question_tokens
 from engine.model import LandmarkTransformer
 from engine.needle_answers import answers_from_store, answers_full
 from engine.tokenizer import Tokenizer
+from engine.retrieval import RetrievalConfig
 from engine.training_free import TrainingFreeConfig
 
 KEY_FORMATS = ("passkey", "word", "code")
@@ -240,6 +241,9 @@ class NeedleConfig:
     """...and for these longer lengths too, to show what happens past it."""
     retrieval: TrainingFreeConfig = field(default_factory=TrainingFreeConfig)
     """The `retrieval` mode's settings; `local` takes its window and chunk."""
+    landmark: RetrievalConfig | None = None
+    """A landmark-trained model's `retrieval` mode: its landmark retrieval (None:
+    `RetrievalConfig` defaults with `retrieval.top_k`, see `needle_answers.memory_config`)."""
     seed: int = 0
     text: tuple[str, ...] = ("austen:persuasion",)
     """Documents the haystack is cut from (cycled when shorter than a length)."""
@@ -262,6 +266,9 @@ class NeedleConfig:
         self.full_beyond = tuple(self.full_beyond)
         if not isinstance(self.retrieval, TrainingFreeConfig):
             raise ValueError(f"NeedleConfig.retrieval must be a TrainingFreeConfig, got {type(self.retrieval).__name__}")
+        if self.landmark is not None and not isinstance(self.landmark, RetrievalConfig):
+            raise ValueError(f"NeedleConfig.landmark must be None or a RetrievalConfig, got "
+                             f"{type(self.landmark).__name__}")
         self.text = (self.text,) if isinstance(self.text, str) else tuple(self.text)
         if not self.text:
             raise ValueError("NeedleConfig.text is empty: name at least one document (e.g. austen:persuasion)")
@@ -323,6 +330,8 @@ def run_needle(model: LandmarkTransformer, tok: Tokenizer, cfg: NeedleConfig, *,
                     answers = answers_full(model, tok, trials, cfg.max_new_tokens, done)
                 else:
                     rc = cfg.retrieval if mode == "retrieval" else cfg.local()
+                    if mode == "retrieval" and model.cfg.landmarks and cfg.landmark is not None:
+                        rc = cfg.landmark
                     answers = answers_from_store(model, tok, trials, rc, cfg.max_new_tokens, done)
                 for t, (answer, secs) in zip(trials, answers):
                     records.append({"length": n, "trial": trial, "mode": mode, "format": t.fmt, "depth": t.depth,

@@ -155,6 +155,7 @@ def run_passkey(model: LandmarkTransformer, pc: PasskeyConfig, *, progress: bool
     for n in pc.lengths:
         for depth in pc.depths:
             acc = {"retrieval": 0, "local": 0, "full": 0}
+            wrong: list[dict] = []  # the retrieval mode's wrong answers: what the model said
             full_ok = n <= pc.full_max_len and not own_memory
             t0 = time.perf_counter()
             for _ in range(pc.trials):
@@ -170,6 +171,8 @@ def run_passkey(model: LandmarkTransformer, pc: PasskeyConfig, *, progress: bool
                                                     gen=GenerateConfig(max_new_tokens=pc.key_digits + 2)))
                     store.close()
                 acc["retrieval"] += parse_answer(ans) == key
+                if parse_answer(ans) != key:
+                    wrong.append({"key": key, "answer": ans})
                 whole = torch.tensor(TOKENIZER.encode(doc + q))
                 if cfg.landmarks:
                     whole = insert_landmarks(whole, L, TOKENIZER.LANDMARK)
@@ -182,7 +185,7 @@ def run_passkey(model: LandmarkTransformer, pc: PasskeyConfig, *, progress: bool
             row = {"length": n, "depth": depth, "trials": pc.trials,
                    "retrieval": acc["retrieval"] / pc.trials, "local": acc["local"] / pc.trials,
                    "full": acc["full"] / pc.trials if full_ok else None,
-                   "seconds": time.perf_counter() - t0}
+                   "seconds": time.perf_counter() - t0, "wrong": wrong}
             rows.append(row)
             if log:
                 full = "   -" if row["full"] is None else f"{row['full']:.2f}"

@@ -36,6 +36,7 @@ from engine.inference import ingest, make_memory, open_store
 from engine.model import LandmarkTransformer
 from engine.needle import machine_info, write_json
 from engine.tokenizer import Tokenizer
+from engine.retrieval import RetrievalConfig
 from engine.training_free import TrainingFreeConfig
 
 MODES = ("full", "retrieval", "local")
@@ -65,6 +66,9 @@ class PerplexityConfig:
     """`local` runs for C up to this (None: every C); past its window it sees the same tokens."""
     retrieval: TrainingFreeConfig = field(default_factory=TrainingFreeConfig)
     """The `retrieval` mode's settings; `local` takes its window and chunk."""
+    landmark: RetrievalConfig | None = None
+    """A landmark-trained model's `retrieval` mode: its landmark retrieval (None:
+    `RetrievalConfig` defaults with `retrieval.top_k`, see `needle_answers.memory_config`)."""
     texts: tuple[str, ...] | None = None
     """Documents joined into one (the last one holds the scored tokens); None: `default_texts()`,
     as many of them as the longest context needs."""
@@ -86,6 +90,9 @@ class PerplexityConfig:
         if not isinstance(self.retrieval, TrainingFreeConfig):
             raise ValueError(f"PerplexityConfig.retrieval must be a TrainingFreeConfig, got "
                              f"{type(self.retrieval).__name__}")
+        if self.landmark is not None and not isinstance(self.landmark, RetrievalConfig):
+            raise ValueError(f"PerplexityConfig.landmark must be None or a RetrievalConfig, got "
+                             f"{type(self.landmark).__name__}")
         if self.texts is not None:
             self.texts = (self.texts,) if isinstance(self.texts, str) else tuple(self.texts)
             if not self.texts:
@@ -253,6 +260,8 @@ def run_perplexity(model: LandmarkTransformer, tok: Tokenizer, cfg: PerplexityCo
                 nll = score_full(model, seq, m, chunk=cfg.chunk)
             else:
                 rc = cfg.retrieval if mode == "retrieval" else cfg.local()
+                if mode == "retrieval" and model.cfg.landmarks and cfg.landmark is not None:
+                    rc = cfg.landmark
                 nll, ingest_tps = score_store(model, tok, seq, m, rc, Path(d) / f"store{i}")
             mean = float(nll.mean())
             result["rows"].append({"mode": mode, "context": c, "tokens": m, "nll": round(mean, 5),

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from engine.block_select import (check_store_layout, choose_blocks, gather_selected, mask_excluded, rotated_prefix,
-                                 stream_kv, to_store_layout)
+                                 stream_kv, to_store_layout, with_sinks)
 from engine.config import ModelConfig
 from engine.local_window import LocalWindow
 from engine.memory import BlockStore
@@ -59,6 +59,11 @@ class RetrievalConfig:
     """Blocks retrieved per layer and KV head (0 = local window only)."""
     local_blocks: int = 2
     """Complete blocks kept in the local window (attended directly, never retrieved)."""
+    sink_blocks: int = 0
+    """The stream's first blocks, attended by every query beside the top_k retrieved ones
+    (attention sinks; gated by their landmark scores like any retrieved block). A document's
+    opening (a chat template's first turn) can score high for every query and would otherwise
+    take the top_k slots the query's own blocks need. 0 = none."""
     positions: PositionMode = "stingy"
     """'stingy': retrieved blocks get positions in a short prefix before the local window;
     'true': they keep their positions in the stream."""
@@ -76,7 +81,7 @@ class RetrievalConfig:
     short windows of training)."""
 
     def __post_init__(self) -> None:
-        for name in ("top_k", "local_blocks"):
+        for name in ("top_k", "local_blocks", "sink_blocks"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"RetrievalConfig.{name}={v!r} is invalid: must be an int >= 0")
@@ -89,6 +94,11 @@ class RetrievalConfig:
             raise ValueError(f"RetrievalConfig.selection={self.selection!r} is invalid: one of {SELECTION_MODES}")
         if self.kernel not in KERNELS:
             raise ValueError(f"RetrievalConfig.kernel={self.kernel!r} is invalid: one of {KERNELS}")
+
+    @property
+    def slots(self) -> int:
+        """Retrieved-block slots of the key axis: the sinks and the top_k blocks."""
+        return self.sink_blocks + self.top_k
 
     def chunk_for(self, cfg) -> int:
         """The prefill chunk for a model config: chunk_len, or (None) max(block_len,
@@ -198,6 +208,7 @@ class RetrievalMemory:
         # per layer, the raw K/V of the last selection's blocks: a selection that changes in a
         # few blocks (consecutive decode steps) fetches only those
         self._ret_blocks: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(cfg.n_layers)]
+        self._sinks: list[int] | None = None  # sink_ids() once complete
         self.promote_reads = True  # False during one-query (decode) steps: see _fetch_rotated
         self.stats = RetrievalStats(per_layer_blocks=[0] * cfg.n_layers)
 
@@ -214,16 +225,21 @@ class RetrievalMemory:
 
     # -- selection -----------------------------------------------------------------------
     def select(self, layer: int, q: torch.Tensor, q_local_pos: torch.Tensor) -> torch.Tensor:
-        """Top-k block ids per KV head for these queries: (Hkv, top_k) int64, -1 = none.
+        """Top-k block ids per KV head for these queries, and the sinks (`sink_ids`): (Hkv,
+        sink_blocks + top_k) int64, -1 = none.
 
-        Always top_k wide (absent blocks first, masked in attention), so every memory with
+        Always that wide (absent blocks first, masked in attention), so every memory with
         the same config lays out the same key axis and a batch of them runs as one call.
         Ids are sorted ascending (store order = stream order) so the prefix is chronological.
         """
-        kk = self.rc.top_k
-        if kk == 0 or len(self.store) == 0:
-            return torch.full((self.cfg.n_kv_heads, kk), -1, dtype=torch.long)
+        kk, Hkv = self.rc.top_k, self.cfg.n_kv_heads
+        if self.rc.slots == 0 or len(self.store) == 0:
+            return torch.full((Hkv, self.rc.slots), -1, dtype=torch.long)
         exclude = self.window.stored_ids()
+        sinks = [i for i in self.sink_ids() if i not in exclude]
+        if kk == 0:
+            return with_sinks(torch.empty(Hkv, 0, dtype=torch.long), sinks, self.rc.sink_blocks)
+        exclude = exclude + sinks
         qs = _search_vectors(q, q_local_pos, self.cfg)[0]  # (T*G, Hkv, D)
         k_search = kk + len(exclude)  # the local window's stored blocks may take slots: ask for more
         if self.rc.selection == "chunk":
@@ -236,7 +252,24 @@ class RetrievalMemory:
         scores = mask_excluded(ids, scores, exclude)
         if ids.shape[0] > 1:  # per-query results: per head the distinct ids with the best max score
             ids, scores = aggregate_max(ids, scores, k_search)
-        return choose_blocks(ids, scores, kk)[0]  # (Hkv, kk)
+        return with_sinks(choose_blocks(ids, scores, kk)[0], sinks, self.rc.sink_blocks)  # (Hkv, slots)
+
+    def sink_ids(self) -> list[int]:
+        """The attention sinks' ids: the first `sink_blocks` stored blocks of the memory's own
+        stream, or (a memory that only reads, e.g. a question's) of the first stream it reads;
+        fewer while the stream is shorter, none without a named stream."""
+        sb = self.rc.sink_blocks
+        if sb == 0:
+            return []
+        if self._sinks is not None:
+            return self._sinks
+        stream = self.stream or (self.read_streams[0] if self.read_streams else None)
+        if stream is None:
+            return []
+        ids = [int(i) for i in self.store.stream_blocks(stream)[:sb]]
+        if len(ids) == sb:  # complete: stored blocks never change
+            self._sinks = ids
+        return ids
 
     def keys(self, layer: int, q: torch.Tensor, q_local: torch.Tensor) -> KeyGroup:
         """The retrieved blocks as a source's group: selected, fetched and rotated."""
@@ -301,7 +334,7 @@ class RetrievalMemory:
         # every layer's window has this length during a chunk (end_chunk extends them together)
         self.stats.count_window(layer, 2 * self.cfg.n_layers * k_loc[0].numel() * k_loc.element_size())
         q_local = torch.arange(n_before, n_before + T)
-        if self.rc.selection == "token" and self.rc.top_k > 0:
+        if self.rc.selection == "token" and self.rc.slots > 0:
             outs = [self._attend_once(layer, q[:, :, t:t + 1], k_loc, v_loc, q_local[t:t + 1])
                     for t in range(T)]
             return torch.cat(outs, dim=2)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from engine.block_select import choose_blocks, mask_excluded, rotated_prefix, to_store_layout
+from engine.block_select import choose_blocks, mask_excluded, rotated_prefix, to_store_layout, with_sinks
 from engine.memory import LaneBlockStore, lanes_store
 from engine.model import apply_rope, rope_cos_sin
 from engine.sources import KeyGroup, compose, grouped_attention, run_kernel
@@ -92,7 +92,7 @@ class BatchMemory:
         local window length, explicit streams to search, and no sources beyond the retrieval."""
         m0 = self.memories[0]
         return (len(self.memories) > 1 and self._one_lanes_store
-                and m0.rc.selection == "chunk" and m0.rc.positions == "stingy" and m0.rc.top_k > 0
+                and m0.rc.selection == "chunk" and m0.rc.positions == "stingy" and m0.rc.slots > 0
                 and all(m.rc == m0.rc and m.read_streams is not None and len(m.sources) == 1
                         and m.window.k[layer].shape[2] == m0.window.k[layer].shape[2] for m in self.memories))
 
@@ -111,11 +111,11 @@ class BatchMemory:
         else:  # training (no local blocks carried over): the window alone
             k_loc, v_loc = k.float(), v.float()
         # one rotation for every lane, at the untrimmed stingy positions (the same as each
-        # memory alone): local entry j at top_k*L + j, retrieved slots before it
-        cos, sin = self._rope(0, k_loc.shape[2], stingy_top=m0.rc.top_k)
+        # memory alone): local entry j at slots*L + j, retrieved slots (sinks + top_k) before it
+        cos, sin = self._rope(0, k_loc.shape[2], stingy_top=m0.rc.slots)
         k_loc = apply_rope(k_loc, cos, sin)
         q_rot = apply_rope(q.float(), cos[n_before:], sin[n_before:])  # (B, H, T, D)
-        sel = self._select_lanes(layer, q_rot)  # (B, Hkv, top_k), absent blocks (-1) first
+        sel = self._select_lanes(layer, q_rot)  # (B, Hkv, slots), absent blocks (-1) first
         # leading slots no lane and head fills carry no keys: dropped in _attend_rows (the real
         # blocks keep their positions, abutting the window). Lanes with no block at all (a
         # document's first window) stay in the same call, their prefix absent: a second call
@@ -135,32 +135,38 @@ class BatchMemory:
                           const_keys=inp.const_keys)
 
     def _select_lanes(self, layer: int, q_rot: torch.Tensor) -> torch.Tensor:
-        """`RetrievalMemory.select` of every lane: (B, Hkv, top_k) int64, -1 = none.
+        """`RetrievalMemory.select` of every lane: (B, Hkv, slots) int64, -1 = none.
 
-        q_rot (B, H, T, D): the queries rotated for attention (at top_k*L + their local
+        q_rot (B, H, T, D): the queries rotated for attention (at slots*L + their local
         index). The index holds pre-RoPE landmark keys; `select` scores R(n_before+i+1) q_i
         against them, the rotation to a landmark just before the local window. RoPE scores
         depend only on the distance, so the same scores are q_rot_i against every key rotated
-        to position top_k*L - 1: one small key map in the index instead of a second rotation
+        to position slots*L - 1: one small key map in the index instead of a second rotation
         of every query."""
         mems, m0 = self.memories, self.memories[0]
-        kk, cfg = m0.rc.top_k, m0.cfg
+        kk, cfg, sb = m0.rc.top_k, m0.cfg, m0.rc.sink_blocks
         if len(m0.store) == 0:
-            return torch.full((len(mems), cfg.n_kv_heads, kk), -1, dtype=torch.long)
+            return torch.full((len(mems), cfg.n_kv_heads, m0.rc.slots), -1, dtype=torch.long)
         excludes = [m.window.stored_ids() for m in mems]
+        sinks = [[i for i in m.sink_ids() if i not in e] for m, e in zip(mems, excludes)]
+        if kk == 0:
+            empty = torch.empty(cfg.n_kv_heads, 0, dtype=torch.long)
+            return torch.stack([with_sinks(empty, s, sb) for s in sinks])
+        excludes = [e + s for e, s in zip(excludes, sinks)]
         k_search = kk + max(len(e) for e in excludes)
         B, H, T, D = q_rot.shape
         Hkv = cfg.n_kv_heads
         qs = q_rot.reshape(B, Hkv, H // Hkv * T, D)  # each KV head's queries (its G heads' rows)
         ids, scores = m0.store.index.search_max_lanes(layer, qs, k_search, [m.read_streams for m in mems],
-                                                      key_map=_rope_key_map(kk * m0.L - 1, D, cfg.rope),
+                                                      key_map=_rope_key_map(m0.rc.slots * m0.L - 1, D, cfg.rope),
                                                       heads_first=True)
         for m in mems:
             m.stats.searches += 1
         ids, scores = ids.cpu(), scores.float().cpu()  # (B, Hkv, k')
         if any(excludes):
             scores = torch.stack([mask_excluded(ids[b], scores[b], e) for b, e in enumerate(excludes)])
-        return choose_blocks(ids, scores, kk)
+        sel = choose_blocks(ids, scores, kk)
+        return torch.stack([with_sinks(sel[b], s, sb) for b, s in enumerate(sinks)]) if sb else sel
 
     def _fetch_lanes(self, layer: int, sel: torch.Tensor):
         """`RetrievalMemory._fetch_rotated` (stingy) of every lane with one store gather.
@@ -178,7 +184,7 @@ class BatchMemory:
         for m, n in zip(self.memories, distinct.tolist()):
             if n:
                 m.stats.count_fetched(layer, n, m.store.layout)
-        first = (m0.rc.top_k - kk) * L  # trimmed slots: the real blocks keep their positions
+        first = (m0.rc.slots - kk) * L  # trimmed slots: the real blocks keep their positions
         cos, sin = self._rope(first, kk * L)
         return rotated_prefix(k_sel, v_sel, sel, cos, sin)
 

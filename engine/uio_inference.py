@@ -80,7 +80,7 @@ def composed_memory(model: LandmarkTransformer, store, kv: KV, rc: RetrievalConf
     tokens = StoredMemoryTokens(cfg, kv, _modules(model).uio.max_memories)
     mem = RetrievalMemory(cfg, store, stream=stream, retrieval=rc, persist=persist, read_streams=read_streams,
                           sources=[tokens])
-    tokens.first_position = lambda: int(mem.local_positions(rc.top_k * cfg.block_len, 1, 0)[0])
+    tokens.first_position = lambda: int(mem.local_positions(rc.slots * cfg.block_len, 1, 0)[0])
     return mem
 
 

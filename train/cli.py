@@ -37,7 +37,8 @@ def _training_free_args(g, *, common: bool) -> None:
                        help="prefill chunk in positions (default: landmark models, the window minus the local "
                             "blocks; otherwise 512)")
     g.add_argument("--sink-blocks", type=int, default=None,
-                   help="models without landmarks: the stream's first blocks, always attended (default 1)")
+                   help="the stream's first blocks, always attended beside the top-k (attention sinks; "
+                        "default 1 without landmarks, 0 with)")
     g.add_argument("--block-key", choices=("mean", "max-norm"), default=None,
                    help="models without landmarks: a block's index key from its keys (default mean)")
     g.add_argument("--query-agg", choices=("mean", "max"), default=None,

@@ -29,6 +29,9 @@ Synthetic sources take options in their spec, `name:key=value,...`:
 - `filler=prose` (passkey only): excerpts of the real training texts (Austen but the held-out
   novel, the addresses outside the held-out years) around the key instead of the generated
   sentences, so the model learns to find the key in ordinary prose.
+- `distractors=LO-HI` (passkey only): that many sentences with other numbers (a labelled
+  number, a numbered heading, a year, a price; never the key) at random places of the
+  filler, so the answer is the number the key sentence gives, not any number.
 - `max_keys=N`, `plain=F` (needles only): up to N keys per document (one asked, the others
   distractors), and the share F of documents that are the prose excerpt alone.
 - `chars=LO-HI`: this source's document lengths in characters (default: the run's
@@ -103,7 +106,8 @@ class SyntheticSource(DocumentSource):
 
     def __init__(self, kind: str, *, seed: int, chars: tuple[int, int], answer_weight: int = 1,
                  key_digits: tuple[int, int] | None = None, max_keys: int = 3, plain: float = 0.0,
-                 chat: tuple[str, str] | None = None, filler: str = "generator", stream: str = "") -> None:
+                 chat: tuple[str, str] | None = None, filler: str = "generator", stream: str = "",
+                 distractors: tuple[int, int] = (0, 0)) -> None:
         if kind not in self.KINDS:
             raise ValueError(f"kind={kind!r} is invalid: one of {self.KINDS}")
         if not isinstance(answer_weight, int) or isinstance(answer_weight, bool) or answer_weight < 1:
@@ -116,11 +120,14 @@ class SyntheticSource(DocumentSource):
                              f"training text around the key)")
         if not isinstance(max_keys, int) or max_keys < 1:
             raise ValueError(f"max_keys={max_keys!r} is invalid: an int >= 1")
+        if tuple(distractors) != (0, 0) and (kind != "passkey" or not 0 <= distractors[0] <= distractors[1]):
+            raise ValueError(f"distractors={distractors!r} is invalid: (lo, hi) with 0 <= lo <= hi, passkey only")
         if not 0.0 <= plain <= 1.0:
             raise ValueError(f"plain={plain!r} is invalid: a fraction in [0, 1]")
         self.kind, self.seed, self.chars = kind, seed, chars
         self.answer_weight, self.key_digits = answer_weight, key_digits
         self.max_keys, self.plain, self.chat, self.filler = max_keys, plain, chat, filler
+        self.distractors = tuple(distractors)
         self._hay = None
         # the name keys the data order, so the plain spec keeps the plain name; `stream` sets
         # apart the documents of a second source of the same kind (e.g. its own `chars`)
@@ -139,7 +146,8 @@ class SyntheticSource(DocumentSource):
                 if self._hay is None:
                     self._hay = ProseHay(("austen", "sotu"))
                 prose = self._hay
-            prompt, answer = passkey_prompt(rng, n, key_digits=self.key_digits, prose=prose)
+            prompt, answer = passkey_prompt(rng, n, key_digits=self.key_digits, prose=prose,
+                                            distractors=self.distractors)
             text = prompt + answer
             spans: tuple[tuple[int, int], ...] = ((len(prompt), len(text)),)
         elif self.kind == "repeat":
@@ -350,7 +358,7 @@ def stdlib_source(split: str = "train", *, seed: int = 0) -> FileSource:
     return FileSource([], seed=seed, name=name, root=stdlib_dir(), files=stdlib_files(split))
 
 
-_SYNTHETIC_OPTIONS = ("answer_weight", "key_digits", "max_keys", "plain", "filler", "chars")
+_SYNTHETIC_OPTIONS = ("answer_weight", "key_digits", "max_keys", "plain", "filler", "chars", "distractors")
 
 
 def parse_synthetic_spec(spec: str) -> tuple[str, dict] | None:
@@ -380,9 +388,12 @@ def parse_synthetic_spec(spec: str) -> tuple[str, dict] | None:
                 out[key] = (int(lo), int(hi if dash else lo))
                 if key == "chars" and not 1 <= out[key][0] <= out[key][1]:
                     raise ValueError
+                if key == "distractors" and not 0 <= out[key][0] <= out[key][1]:
+                    raise ValueError
         except ValueError:
             raise ValueError(f"data source {spec!r}: option {item!r} is invalid; allowed "
-                             f"answer_weight=N (int >= 1), key_digits=LO-HI and filler=generator|prose (passkey), "
+                             f"answer_weight=N (int >= 1), key_digits=LO-HI, filler=generator|prose and "
+                             f"distractors=LO-HI (passkey), "
                              f"max_keys=N and plain=F (needles), chars=LO-HI (1 <= LO <= HI)") from None
     return kind, out
 

@@ -337,7 +337,8 @@ def train(tcfg: TrainConfig, *, ds: DSOptions | None = None, resume: str | os.Pa
 
                 # one store per process; a resumed run reopens the one its checkpoint flushed
                 memory = StoreWindowMemory(mcfg, out_dir / "train_store" / f"rank{env.rank}",
-                                           top_k=tcfg.retrieval_top_k, window=tcfg.window,
+                                           top_k=tcfg.retrieval_top_k, sink_blocks=tcfg.retrieval_sink_blocks,
+                                           window=tcfg.window,
                                            fresh=step_dir is None, kernel=tcfg.attention_impl,
                                            device_budget_bytes=tcfg.store_device_budget_bytes,
                                            host_budget_bytes=tcfg.store_host_budget_bytes)

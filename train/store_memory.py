@@ -32,14 +32,14 @@ from train.windows import DocumentState, WindowMemory
 class StoreWindowMemory(WindowMemory):
     """Per-document store streams + retrieval attention for the training loop."""
 
-    def __init__(self, cfg: ModelConfig, store_dir: str | os.PathLike, *, top_k: int = 4,
+    def __init__(self, cfg: ModelConfig, store_dir: str | os.PathLike, *, top_k: int = 4, sink_blocks: int = 0,
                  window: int = 512, store_config=None, fresh: bool = True, kernel: str = "auto",
                  device_budget_bytes: int = 256 << 20, host_budget_bytes: int = 1 << 30):
         from memory_store import StoreConfig
 
         self.cfg = cfg
         # 'auto': vectorized, the training window's kernel
-        self.rc = RetrievalConfig(top_k=top_k, local_blocks=0, chunk_len=window,
+        self.rc = RetrievalConfig(top_k=top_k, sink_blocks=sink_blocks, local_blocks=0, chunk_len=window,
                                   kernel="vectorized" if kernel == "auto" else kernel)
         # no fsync on the hot path: durability is asked for at checkpoints only. Write-back: a
         # document's stream lives a few steps and is deleted when it ends, so its blocks stay in

@@ -79,14 +79,44 @@ def random_key(rng: random.Random, key_digits: tuple[int, int] | None = None) ->
     return rng.randint(10 ** (n - 1), 10 ** n - 1)
 
 
+_DISTRACTOR_LABELS = ("door code", "room number", "order number", "total", "score", "account number",
+                      "street number", "ticket number", "page")
+
+
+def distractor_sentence(rng: random.Random, key: int) -> str:
+    """A sentence holding numbers that are not the pass key (never the key, never the words
+    "pass key"): a labelled number, a numbered heading, a year, a count or a price. Real text
+    has numbers in it (section numbers, dates, figures); a model that answers with the first
+    number it finds fails there."""
+    def num(lo: int = 1, hi: int = 7) -> int:
+        while True:
+            n = random_key(rng, (lo, hi))
+            if n != key:
+                return n
+
+    kind = rng.randrange(6)
+    if kind == 0:
+        return f"The {rng.choice(_DISTRACTOR_LABELS)} is {num()}."
+    if kind == 1:
+        return f"{num(1, 2)}. {rng.choice(('Definitions', 'Conditions', 'Terms', 'Notes', 'Remarks'))}."
+    if kind == 2:
+        return f"In {rng.randrange(1700, 2030)} there were {num()} of them."
+    if kind == 3:
+        return f"Section {num(1, 3)} applies."
+    if kind == 4:
+        return f"It cost {num()} pounds and {num(1, 2)} pence."
+    return f"See item {num(1, 4)} and item {num(1, 4)}."
+
+
 def passkey_prompt(rng: random.Random, n_chars: int, *, depth: float | None = None,
                    key: int | None = None, key_digits: tuple[int, int] | None = None,
-                   prose=None) -> tuple[str, str]:
+                   prose=None, distractors: tuple[int, int] = (0, 0)) -> tuple[str, str]:
     """A passkey prompt of about `n_chars` characters and its answer.
 
     depth in [0, 1] places the key sentence that far into the filler (random if None);
-    key: the pass key (random if None, see `random_key` for key_digits). Returns
-    (prompt, answer) where the prompt ends with PASSKEY_QUESTION and the answer is " K.".
+    key: the pass key (random if None, see `random_key` for key_digits); distractors
+    (lo, hi): that many (uniform) `distractor_sentence`s at random places of the filler.
+    Returns (prompt, answer) where the prompt ends with PASSKEY_QUESTION and the answer is " K.".
     """
     if key is None:
         key = random_key(rng, key_digits)
@@ -106,9 +136,28 @@ def passkey_prompt(rng: random.Random, n_chars: int, *, depth: float | None = No
     else:
         before = filler(rng, int(budget * depth))
         after = filler(rng, budget - len(before))
+    n_dis = rng.randint(*distractors) if distractors[1] else 0
+    if n_dis:
+        before, after = _insert_sentences(rng, before, after, [distractor_sentence(rng, key) for _ in range(n_dis)])
     pieces = [PASSKEY_INTRO, before, needle, after, PASSKEY_QUESTION]
     prompt = " ".join(p for p in pieces if p)
     return prompt, f" {key}."
+
+
+def _insert_sentences(rng: random.Random, before: str, after: str, extra: list[str]) -> tuple[str, str]:
+    """Put each sentence of `extra` at a random sentence boundary of before + after (the key
+    sits between them): (before, after) with them inserted."""
+    parts = [[x.rstrip(".") for x in t.split(". ")] if t else [] for t in (before, after)]
+    for sent in extra:
+        side = parts[0] if (rng.random() < 0.5 and parts[0]) or not parts[1] else parts[1]
+        side.insert(rng.randint(0, len(side)), sent.rstrip("."))
+    out = []
+    for p in parts:
+        text = ". ".join(x for x in p if x)
+        if text and not text.endswith((".", "!", "?", '"')):
+            text += "."
+        out.append(text)
+    return out[0], out[1]
 
 
 def passkey_document(rng: random.Random, n_chars: int, *,

@@ -53,8 +53,11 @@ def test_landmark_flags_are_refused_for_the_other_kind(tmp_path, capsys):
     doc = tmp_path / "doc.txt"
     doc.write_text("some text " * 20)
     assert main(["ingest", "--model", "random:tiny", "--store", str(tmp_path / "s"), str(doc),
-                 "--sink-blocks", "1", "--no-progress"]) == 2
-    assert "--sink-blocks" in capsys.readouterr().err
+                 "--block-key", "mean", "--no-progress"]) == 2
+    assert "--block-key" in capsys.readouterr().err
+    # sinks apply to both kinds: a landmark model's ingest takes them
+    assert main(["ingest", "--model", "random:tiny", "--store", str(tmp_path / "s2"), str(doc),
+                 "--sink-blocks", "1", "--no-progress"]) == 0
     assert main(["eval", "passkey", "--model", str(tmp_path / "missing")]) == 2
     assert "no such directory or .gguf file" in capsys.readouterr().err
 

@@ -281,23 +281,23 @@ def test_cli_ingest_ask_inspect_eval(tmp_path, capsys):
     assert np.isfinite(1.0)
 
 
-@pytest.mark.parametrize("kernel", ["blockwise", "vectorized"])
-def test_batch_memory_matches_row_by_row(kernel):
-    """Two streams in one batch (one kernel call) == each stream alone."""
+@pytest.mark.parametrize("kernel,sinks", [("blockwise", 0), ("vectorized", 0), ("vectorized", 2)])
+def test_batch_memory_matches_row_by_row(kernel, sinks):
+    """Two streams in one batch (one kernel call) == each stream alone (also with sinks)."""
     from engine.retrieval import BatchMemory
 
     m = _model()
     g = torch.Generator().manual_seed(9)
-    docs = [insert_landmarks(torch.randint(0, 256, (112,), generator=g), 8, TOKENIZER.LANDMARK)
-            for _ in range(2)]  # 128 positions each: 2 windows of 64
-    rc = RetrievalConfig(top_k=2, local_blocks=0, chunk_len=64, kernel=kernel)
+    docs = [insert_landmarks(torch.randint(0, 256, (168,), generator=g), 8, TOKENIZER.LANDMARK)
+            for _ in range(2)]  # 192 positions each: 3 windows of 64
+    rc = RetrievalConfig(top_k=2, local_blocks=0, chunk_len=64, kernel=kernel, sink_blocks=sinks)
 
     def run(batched):
         store = _mem_store(m)
         mems = [RetrievalMemory(m.cfg, store, stream=f"d{i}", retrieval=rc) for i in range(2)]
         outs = []
         with torch.no_grad():
-            for w in range(2):
+            for w in range(3):
                 x = torch.stack([d[w * 64:(w + 1) * 64] for d in docs])  # (2, 64)
                 if batched:
                     assert BatchMemory(mems)._lanes_batchable(0)  # one search, fetch, rotation for both
@@ -312,6 +312,52 @@ def test_batch_memory_matches_row_by_row(kernel):
     b, _ = run(False)
     assert max_abs_diff(a, b) <= 1e-5
     assert all(mem.stats.blocks_fetched > 0 for mem in mems)
+
+
+def test_sink_blocks_are_always_selected_beside_the_top_k():
+    """sink_blocks: the stream's first stored blocks are in every selection (every head), the
+    top_k others are chosen among the rest; a reading memory (a question's) takes the sinks of
+    the stream it reads; none while they are in the local window."""
+    m = _model()
+    g = torch.Generator().manual_seed(3)
+    doc = torch.randint(0, 256, (300,), generator=g)
+    store = _mem_store(m)
+    rc = RetrievalConfig(top_k=2, sink_blocks=2, local_blocks=1)
+    seen = []
+
+    class Spy(RetrievalMemory):
+        def select(self, layer, q, q_local_pos):
+            sel = super().select(layer, q, q_local_pos)
+            seen.append((sel.clone(), [i for i in self.window.stored_ids()]))
+            return sel
+
+    with torch.no_grad():
+        mem = Spy(m.cfg, store, stream="doc", retrieval=rc)
+        x = insert_landmarks(doc, 8, TOKENIZER.LANDMARK)
+        for a in range(0, x.numel(), 24):
+            m(x[None, a:a + 24], memory=mem)
+            mem.end_chunk()
+    first = store.stream_blocks("doc")[:2].tolist()
+    assert mem.sink_ids() == first
+    late = [(sel, local) for sel, local in seen if (sel >= 0).sum(-1).min() == 4]
+    assert late, "no selection had both sinks and two retrieved blocks"
+    for sel, local in seen:
+        assert sel.shape == (m.cfg.n_kv_heads, 4)
+        for row in sel.tolist():
+            real = [i for i in row if i >= 0]
+            assert real == sorted(set(real)) and row == sorted(row)  # distinct, ascending, absent first
+            assert not set(real) & set(local)
+    # the sinks are there once stored, whatever the scores: every late selection holds both
+    for sel, _ in late:
+        assert all(set(first) <= set(row) for row in sel.tolist())
+    # a question's memory reads the stream's sinks; top_k=0 leaves the sinks alone
+    ask_mem = RetrievalMemory(m.cfg, store, stream=None, persist=False, read_streams=["doc"],
+                              retrieval=RetrievalConfig(top_k=0, sink_blocks=2))
+    q = torch.randn(1, m.cfg.n_heads, 3, m.cfg.head_dim)
+    assert ask_mem.select(0, q, torch.arange(3)).tolist() == [first] * m.cfg.n_kv_heads
+    assert RetrievalConfig(top_k=3, sink_blocks=2).slots == 5
+    with pytest.raises(ValueError, match="sink_blocks"):
+        RetrievalConfig(sink_blocks=-1)
 
 
 @pytest.mark.parametrize("top_k,restart", [(2, 0), (12, 0), (2, 1)])

@@ -33,6 +33,7 @@ def test_defaults_and_window():
     ("data_weights", (1.0,), "one weight per source"),
     ("synthetic_chars", (500, 100), "min <= max"),
     ("min_lr_ratio", 2.0, "[0, 1]"),
+    ("retrieval_sink_blocks", -1, "TrainConfig.retrieval_sink_blocks=-1"),
 ])
 def test_invalid_fields_name_field_and_value(field, value, needle):
     with pytest.raises(ValueError, match="is invalid") as e:

@@ -173,7 +173,7 @@ def test_a_source_of_its_own_lengths_draws_its_own_documents():
 
 @pytest.mark.parametrize("spec", ["passkey:answer_weight=0", "passkey:weight=3", "passkey:key_digits=x",
                                   "recall:key_digits=1-5", "passkey:answer_weight", "passkey:chars=9-3",
-                                  "needles:chars=0-10"])
+                                  "needles:chars=0-10", "passkey:distractors=4-2", "recall:distractors=1-2"])
 def test_bad_synthetic_options_are_value_errors_naming_the_spec(spec):
     with pytest.raises(ValueError, match="is invalid"):
         build_source(spec, seed=0)
@@ -195,3 +195,32 @@ def test_passkey_with_real_prose_filler_uses_training_text_only():
         assert probe not in held  # not the held-out novel
     with pytest.raises(ValueError, match="filler"):
         build_source("recall:filler=prose", seed=0)
+
+
+@pytest.mark.parametrize("filler", ["generator", "prose"])
+def test_passkey_distractors_hold_other_numbers_never_the_key(filler):
+    """distractors=LO-HI: sentences with numbers that are not the key, inside the filler; the
+    key sentence stays whole and once; the answer span is still the key."""
+    from train.tasks import distractor_sentence
+
+    rng = random.Random(0)
+    for _ in range(300):
+        key = rng.randrange(1, 10 ** 7)
+        sent = distractor_sentence(rng, key)
+        assert "pass key" not in sent and str(key) not in re.findall(r"\d+", sent)
+    src = build_source(f"passkey:answer_weight=8,key_digits=1-7,filler={filler},distractors=3-3", seed=0,
+                       synthetic_chars=(600, 1500))
+    plain = build_source(f"passkey:answer_weight=8,key_digits=1-7,filler={filler}", seed=0,
+                         synthetic_chars=(600, 1500))
+    more = 0
+    for i in range(8):
+        doc = src.document(i)
+        (a, b), = doc.answer_spans
+        key = doc.text[a:b].strip(" .")
+        assert doc.text.count(f"The pass key is {key}. Remember it. {key} is the pass key.") == 1
+        assert ".." not in doc.text and doc.text.endswith(PASSKEY_QUESTION + f" {key}.")
+        body = doc.text[len(PASSKEY_INTRO):a]
+        nums = [n for n in re.findall(r"\d+", body) if n != key]
+        more += len(nums) - len([n for n in re.findall(r"\d+", plain.document(i).text[len(PASSKEY_INTRO):])
+                                 if n != key])
+    assert more >= 8 * 3  # every document gained at least three sentences of other numbers

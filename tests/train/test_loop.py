@@ -149,6 +149,16 @@ def test_retrieval_training_resumes_exactly_and_pulls_blocks(tmp_path):
         f"max diff {max(abs(a - b) for a, b in zip(full.losses, resumed))}"
 
 
+def test_training_sinks_change_later_windows_only(tmp_path):
+    """retrieval_sink_blocks: the document's first blocks join later windows' attention: the
+    same first step as without (nothing stored), different later ones."""
+    kw = dict(max_steps=4, synthetic_chars=(900, 1400), retrieval=True, retrieval_top_k=1)
+    plain = train(_cfg(tmp_path / "p", **kw), ds=NO_OFFLOAD, progress=False)
+    sinks = train(_cfg(tmp_path / "s", retrieval_sink_blocks=1, **kw), ds=NO_OFFLOAD, progress=False)
+    assert sinks.losses[0] == pytest.approx(plain.losses[0], abs=1e-6)
+    assert any(abs(a - b) > 1e-5 for a, b in zip(sinks.losses[1:], plain.losses[1:]))
+
+
 def test_retrieval_changes_the_loss_of_later_windows(tmp_path):
     """The same data with and without retrieval: identical first step (nothing stored yet),
     different later steps (later windows attend to retrieved blocks)."""
