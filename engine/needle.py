@@ -37,7 +37,7 @@ import torch
 from engine import corpora
 from engine.inference import chat_document, question_tokens
 from engine.model import LandmarkTransformer
-from engine.needle_answers import answers_from_store, answers_full
+from engine.needle_answers import answers_from_store, answers_full, mode_config
 from engine.tokenizer import Tokenizer
 from engine.retrieval import RetrievalConfig
 from engine.training_free import TrainingFreeConfig
@@ -329,10 +329,8 @@ def run_needle(model: LandmarkTransformer, tok: Tokenizer, cfg: NeedleConfig, *,
                 if mode == "full":
                     answers = answers_full(model, tok, trials, cfg.max_new_tokens, done)
                 else:
-                    rc = cfg.retrieval if mode == "retrieval" else cfg.local()
-                    if mode == "retrieval" and model.cfg.landmarks and cfg.landmark is not None:
-                        rc = cfg.landmark
-                    answers = answers_from_store(model, tok, trials, rc, cfg.max_new_tokens, done)
+                    answers = answers_from_store(model, tok, trials, mode_config(cfg, mode, model.cfg),
+                                                 cfg.max_new_tokens, done)
                 for t, (answer, secs) in zip(trials, answers):
                     records.append({"length": n, "trial": trial, "mode": mode, "format": t.fmt, "depth": t.depth,
                                     "actual_depth": round(t.actual_depth, 4), "key": t.key, "answer": answer,

@@ -74,6 +74,17 @@ def answers_from_store(model: LandmarkTransformer, tok: Tokenizer, trials: Seque
     return [(a, s + trunk_s / len(trials)) for a, s in out]
 
 
+def mode_config(ecfg, mode: str, model_cfg):
+    """The config a store mode ('retrieval' or 'local') of an evaluation config (`NeedleConfig`,
+    `PerplexityConfig`: .retrieval, .landmark, .local()) runs with: a landmark-trained model's
+    `retrieval` takes ecfg.landmark when one is given (see `memory_config`)."""
+    if mode != "retrieval":
+        return ecfg.local()
+    if model_cfg.landmarks and ecfg.landmark is not None:
+        return ecfg.landmark
+    return ecfg.retrieval
+
+
 def memory_config(cfg, rc: TrainingFreeConfig):
     """The retrieval config a store mode uses: `rc` for a causal model; for a landmark-trained
     one its landmark retrieval with rc's top_k (0 = the local window alone), the window and

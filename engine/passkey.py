@@ -170,8 +170,9 @@ def run_passkey(model: LandmarkTransformer, pc: PasskeyConfig, *, progress: bool
                                                     retrieval=rc,
                                                     gen=GenerateConfig(max_new_tokens=pc.key_digits + 2)))
                     store.close()
-                acc["retrieval"] += parse_answer(ans) == key
-                if parse_answer(ans) != key:
+                right = parse_answer(ans) == key
+                acc["retrieval"] += right
+                if not right:
                     wrong.append({"key": key, "answer": ans})
                 whole = torch.tensor(TOKENIZER.encode(doc + q))
                 if cfg.landmarks:

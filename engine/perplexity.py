@@ -35,6 +35,7 @@ from engine import corpora
 from engine.inference import ingest, make_memory, open_store
 from engine.model import LandmarkTransformer
 from engine.needle import machine_info, write_json
+from engine.needle_answers import mode_config
 from engine.tokenizer import Tokenizer
 from engine.retrieval import RetrievalConfig
 from engine.training_free import TrainingFreeConfig
@@ -259,10 +260,8 @@ def run_perplexity(model: LandmarkTransformer, tok: Tokenizer, cfg: PerplexityCo
             if mode == "full":
                 nll = score_full(model, seq, m, chunk=cfg.chunk)
             else:
-                rc = cfg.retrieval if mode == "retrieval" else cfg.local()
-                if mode == "retrieval" and model.cfg.landmarks and cfg.landmark is not None:
-                    rc = cfg.landmark
-                nll, ingest_tps = score_store(model, tok, seq, m, rc, Path(d) / f"store{i}")
+                nll, ingest_tps = score_store(model, tok, seq, m, mode_config(cfg, mode, model.cfg),
+                                              Path(d) / f"store{i}")
             mean = float(nll.mean())
             result["rows"].append({"mode": mode, "context": c, "tokens": m, "nll": round(mean, 5),
                                    "ppl": round(math.exp(mean), 4), "seconds": round(time.perf_counter() - t0, 1),

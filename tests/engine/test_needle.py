@@ -234,3 +234,21 @@ def test_a_landmark_model_runs_its_own_retrieval_and_skips_full(source, tmp_path
                        text=SAMPLES, max_new_tokens=3, formats=("code",))
     result = run_needle(m, TOK, cfg, progress=False, source=source)
     assert sorted(r["mode"] for r in result["rows"]) == ["local", "retrieval"]
+
+
+def test_mode_config_gives_a_landmark_model_its_landmark_retrieval():
+    from engine.config import preset
+    from engine.needle import NeedleConfig
+    from engine.needle_answers import mode_config
+    from engine.retrieval import RetrievalConfig
+    from engine.training_free import TrainingFreeConfig
+
+    lm = RetrievalConfig(top_k=3, sink_blocks=2)
+    cfg = NeedleConfig(retrieval=TrainingFreeConfig(top_k=8), landmark=lm)
+    landmark, causal = preset("tiny"), preset("tiny", attention="causal")
+    assert mode_config(cfg, "retrieval", landmark) is lm
+    assert mode_config(cfg, "retrieval", causal) is cfg.retrieval
+    assert mode_config(cfg, "local", landmark).top_k == 0
+    assert mode_config(NeedleConfig(), "retrieval", landmark) is not None
+    with pytest.raises(ValueError, match="landmark must be None or a RetrievalConfig"):
+        NeedleConfig(landmark=TrainingFreeConfig())
