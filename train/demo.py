@@ -7,8 +7,8 @@
    tokens): each document is ingested into a block store, the question is asked with
    landmark retrieval, beside the same model on its local window only (and full
    attention where it fits). The model evaluated is the shipped checkpoint
-   `models/passkey-tiny` when present (a longer `folio train` run, see its README),
-   else the one just trained.
+   `models/passkey-tiny-prose` when present (longer `folio train` runs, on real prose
+   as well as the generator's filler; see its README), else the one just trained.
 3. The real model (SmolLM2-135M-Instruct, imported by `make model` into
    models/smollm2-135m): a State of the Union address is ingested into a store, two
    questions are asked through it with training-free retrieval, and the needle table runs
@@ -28,7 +28,7 @@ from train.config import train_preset
 from train.loop import DSOptions, TrainResult, train
 
 
-SHIPPED = Path(__file__).resolve().parent.parent / "models" / "passkey-tiny"
+SHIPPED = Path(__file__).resolve().parent.parent / "models" / "passkey-tiny-prose"
 REAL_MODEL = Path(__file__).resolve().parent.parent / "models" / "smollm2-135m"
 REAL_DOCUMENT = "sotu:1862-lincoln"  # a long address (~10k tokens); the sample stands in when not fetched
 REAL_QUESTIONS = ("Who is the author of this message, and to whom is it addressed?",

@@ -89,8 +89,9 @@ def test_sigterm_checkpoints_and_exits_143(tmp_path):
 
 
 def test_the_shipped_checkpoints_documented_commands_still_train(tmp_path):
-    """models/passkey-tiny/README.md's two commands, shortened: stage 1 (stopped early, as
-    the documented run stops at step 1250), export, stage 2 from that export with retrieval."""
+    """models/passkey-tiny/README.md's commands, shortened: stage 1 (stopped early, as the
+    documented run stops at step 1250), export, stage 2 from that export with retrieval, then
+    stages 3 and 3b on real prose, each from the previous stage's export."""
     from train.metrics import read_metrics
 
     s1, s2 = tmp_path / "s1", tmp_path / "s2"
@@ -105,6 +106,16 @@ def test_the_shipped_checkpoints_documented_commands_still_train(tmp_path):
     recs = read_metrics(s2 / "metrics.jsonl")
     assert len(recs) == 3 and all(r["loss"] == r["loss"] for r in recs)  # finite
     assert sum(sum(r["pulled_bytes"].values()) for r in recs) > 0  # stage 2 retrieves from the store
+    # stages 3 and 3b (real prose filler, then the mix with number distractors), each from the last export
+    prev = s2
+    for preset in ("passkey-tiny-prose", "passkey-tiny-prose-mix"):
+        assert main(["export", str(prev), "--out", str(prev / "export")]) == 0
+        out = tmp_path / preset
+        assert main(["train", "--preset", preset, "--init-from", str(prev / "export"), "--steps", "2",
+                     "--micro-batch", "2", "--out", str(out), *common]) == 0
+        recs = read_metrics(out / "metrics.jsonl")
+        assert len(recs) == 2 and all(r["loss"] == r["loss"] for r in recs)
+        prev = out
 
 
 @pytest.mark.parametrize("argv,conf", [
