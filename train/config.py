@@ -258,6 +258,12 @@ class TrainConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
+# What the passkey checkpoint's prose stages (3, 3b, 4 below) share: the 4-layer tiny model on
+# multi-window documents with retrieval from the store.
+_PROSE_STAGE: dict[str, Any] = dict(model="tiny", model_overrides={"n_layers": 4}, synthetic_chars=(150, 2500),
+                                    micro_batch=8, warmup_steps=50, min_lr_ratio=0.05, retrieval=True,
+                                    save_every=200, keep_checkpoints=2)
+
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # The demo: the tiny model on passkey mixed with the stdlib corpus, with retrieval from the
     # store (a model trained without it does not use retrieved blocks).
@@ -333,35 +339,29 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # Stage 3 of the passkey checkpoint: from the shipped models/passkey-tiny, keys hidden in real
     # training prose (filler=prose) mixed with the generator's filler, multi-window documents,
     # retrieval from the store; so the key is found in text that is not the generator's.
-    "passkey-tiny-prose": dict(model="tiny", model_overrides={"n_layers": 4},
+    "passkey-tiny-prose": dict(**_PROSE_STAGE,
                                data=("passkey:answer_weight=30,key_digits=1-7,filler=prose",
                                      "passkey:answer_weight=30,key_digits=1-5"), data_weights=(3.0, 1.0),
-                               synthetic_chars=(150, 2500), micro_batch=8, max_steps=2400, lr=5e-4,
-                               warmup_steps=50, min_lr_ratio=0.05, retrieval=True,
-                               init_from="models/passkey-tiny", save_every=200, keep_checkpoints=2, seed=1,
+                               max_steps=2400, lr=5e-4, init_from="models/passkey-tiny", seed=1,
                                out_dir="runs/passkey-tiny-prose"),
     # Stage 3b: from stage 3's export, 3000 more steps at a lower rate, a fifth of the prose
     # documents with up to two sentences holding other numbers (a light dose: stage 4's eight
     # distractors made the key's first digit go wrong), the generator's filler kept in the mix.
-    "passkey-tiny-prose-mix": dict(model="tiny", model_overrides={"n_layers": 4},
+    "passkey-tiny-prose-mix": dict(**_PROSE_STAGE,
                                    data=("passkey:answer_weight=30,key_digits=1-7,filler=prose",
                                          "passkey:answer_weight=30,key_digits=1-7,filler=prose,distractors=0-2",
                                          "passkey:answer_weight=30,key_digits=1-5"), data_weights=(3.0, 1.0, 1.0),
-                                   synthetic_chars=(150, 2500), micro_batch=8, max_steps=3000, lr=3e-4,
-                                   warmup_steps=50, min_lr_ratio=0.05, retrieval=True,
-                                   init_from="runs/passkey-tiny-prose/export", save_every=200,
-                                   keep_checkpoints=2, seed=3, out_dir="runs/passkey-tiny-prose-mix"),
+                                   max_steps=3000, lr=3e-4, init_from="runs/passkey-tiny-prose/export", seed=3,
+                                   out_dir="runs/passkey-tiny-prose-mix"),
     # Stage 4: from stage 3's export, sentences with other numbers (headings, labelled numbers,
     # years, prices) among the filler, so the answer is the number the key sentence gives and not
     # the first number the text holds (real documents have many).
-    "passkey-tiny-numbers": dict(model="tiny", model_overrides={"n_layers": 4},
+    "passkey-tiny-numbers": dict(**_PROSE_STAGE,
                                  data=("passkey:answer_weight=30,key_digits=1-7,filler=prose,distractors=0-8",
                                        "passkey:answer_weight=30,key_digits=1-7,distractors=0-8",
                                        "passkey:answer_weight=30,key_digits=1-5"), data_weights=(3.0, 1.0, 1.0),
-                                 synthetic_chars=(150, 2500), micro_batch=8, max_steps=1600, lr=3e-4,
-                                 warmup_steps=50, min_lr_ratio=0.05, retrieval=True,
-                                 init_from="runs/passkey-tiny-prose/export", save_every=200, keep_checkpoints=2,
-                                 seed=2, out_dir="runs/passkey-tiny-numbers"),
+                                 max_steps=1600, lr=3e-4, init_from="runs/passkey-tiny-prose/export", seed=2,
+                                 out_dir="runs/passkey-tiny-numbers"),
     # The ~25M-parameter model on the stdlib corpus with passkey, for a GPU.
     "small": dict(model="small", data=("passkey", "recall", "stdlib"), data_weights=(1.0, 1.0, 2.0),
                   micro_batch=8, grad_accum=4, max_steps=5000, lr=1e-3, warmup_steps=200,

@@ -89,9 +89,10 @@ def test_sigterm_checkpoints_and_exits_143(tmp_path):
 
 
 def test_the_shipped_checkpoints_documented_commands_still_train(tmp_path):
-    """models/passkey-tiny/README.md's commands, shortened: stage 1 (stopped early, as the
-    documented run stops at step 1250), export, stage 2 from that export with retrieval, then
-    stages 3 and 3b on real prose, each from the previous stage's export."""
+    """The commands of models/passkey-tiny/README.md and models/passkey-tiny-prose/README.md,
+    shortened: stage 1 (stopped early, as the documented run stops at step 1250), export, stage 2
+    from that export with retrieval, then stages 3 and 3b on real prose, each from the previous
+    stage's export."""
     from train.metrics import read_metrics
 
     s1, s2 = tmp_path / "s1", tmp_path / "s2"
