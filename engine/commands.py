@@ -90,8 +90,8 @@ def retrieval_config(args, cfg):
         rc.chunk_for(cfg)  # a chunk that is not a multiple of the window fails here, before any work
         return rc
     if cfg.landmarks:
-        if any(getattr(args, k, None) is not None for k in TRAINING_FREE_FLAGS if k != "sink_blocks"):
-            raise ValueError("--block-key/--query-agg/--search-distance/--decode-reselect are for "
+        if any(getattr(args, k, None) is not None for k in TRAINING_FREE_FLAGS if k not in ("sink_blocks", "decode_reselect")):
+            raise ValueError("--block-key/--query-agg/--search-distance are for "
                              "models without landmarks; this one is landmark-trained")
         return landmark_config(args)
     return training_free_config(args)
@@ -101,7 +101,8 @@ def landmark_config(args):
     """RetrievalConfig (a landmark-trained model's retrieval) from the flags; None: its default."""
     from engine.retrieval import RetrievalConfig
 
-    given = {k: getattr(args, k) for k in ("top_k", "local_blocks", "sink_blocks", "positions", "selection")
+    given = {k: getattr(args, k) for k in ("top_k", "local_blocks", "sink_blocks", "positions", "selection",
+                                           "decode_reselect")
              if getattr(args, k, None) is not None}
     return RetrievalConfig(**given, chunk_len=getattr(args, "chunk", None))
 

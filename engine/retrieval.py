@@ -75,12 +75,21 @@ class RetrievalConfig:
     window minus the local blocks (384 for a 512-position window and 2 blocks of 64), so the
     last query of a chunk sees exactly one training window of local positions; at least one
     block. See `chunk_for`."""
+    decode_reselect: int = 1
+    """Decode steps (forwards of at most two positions: a token and its landmark) between two
+    block selections of a layer: the prompt's chunk selection serves the next steps until this
+    many steps passed. 1 (default): every step selects by its own query. A model trained with
+    `TrainConfig.selection_before_answer` (its answers attend to the blocks the question chose)
+    matches it with a large value (the whole answer on the question's selection)."""
     kernel: RetrievalKernel = "blockwise"
     """Attention implementation over [retrieved + local]: 'blockwise' (memory linear in the
     keys; inference) or 'vectorized' (keeps the weights for the backward, faster for the
     short windows of training)."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.decode_reselect, int) or isinstance(self.decode_reselect, bool) or self.decode_reselect < 1:
+            raise ValueError(f"RetrievalConfig.decode_reselect={self.decode_reselect!r} is invalid: "
+                             f"must be an int >= 1 (steps)")
         for name in ("top_k", "local_blocks", "sink_blocks"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -209,6 +218,11 @@ class RetrievalMemory:
         # few blocks (consecutive decode steps) fetches only those
         self._ret_blocks: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(cfg.n_layers)]
         self._sinks: list[int] | None = None  # sink_ids() once complete
+        # per layer, the last chunk selection and the decode steps it has served (decode_reselect)
+        self._last_sel: list[tuple[torch.Tensor, int] | None] = [None] * cfg.n_layers
+        # training (`TrainConfig.selection_before_answer`): which of the chunk's queries select
+        # blocks, (T,) bool; None = all of them
+        self.query_keep: torch.Tensor | None = None
         self.promote_reads = True  # False during one-query (decode) steps: see _fetch_rotated
         self.stats = RetrievalStats(per_layer_blocks=[0] * cfg.n_layers)
 
@@ -240,7 +254,15 @@ class RetrievalMemory:
         if kk == 0:
             return with_sinks(torch.empty(Hkv, 0, dtype=torch.long), sinks, self.rc.sink_blocks)
         exclude = exclude + sinks
-        qs = _search_vectors(q, q_local_pos, self.cfg)[0]  # (T*G, Hkv, D)
+        n_q = int(q_local_pos.numel())
+        chunk = self.rc.selection == "chunk"
+        prev = self._last_sel[layer]
+        if chunk and n_q <= 2 and prev is not None and prev[1] < self.rc.decode_reselect:
+            self._last_sel[layer] = (prev[0], prev[1] + 1)  # a decode step keeps the last selection
+            return prev[0]
+        qs = _search_vectors(q, q_local_pos, self.cfg)[0]  # (T*G, Hkv, D), row g*T + t
+        if self.query_keep is not None and bool(self.query_keep.any()):
+            qs = qs[self.query_keep.to(qs.device).repeat(qs.shape[0] // n_q)]  # the answer's queries do not select
         k_search = kk + len(exclude)  # the local window's stored blocks may take slots: ask for more
         if self.rc.selection == "chunk":
             # max over the chunk's queries inside the index: one matmul per call, no per-query top-k
@@ -252,7 +274,10 @@ class RetrievalMemory:
         scores = mask_excluded(ids, scores, exclude)
         if ids.shape[0] > 1:  # per-query results: per head the distinct ids with the best max score
             ids, scores = aggregate_max(ids, scores, k_search)
-        return with_sinks(choose_blocks(ids, scores, kk)[0], sinks, self.rc.sink_blocks)  # (Hkv, slots)
+        sel = with_sinks(choose_blocks(ids, scores, kk)[0], sinks, self.rc.sink_blocks)  # (Hkv, slots)
+        if chunk:
+            self._last_sel[layer] = (sel, 1)
+        return sel
 
     def sink_ids(self) -> list[int]:
         """The attention sinks' ids: the first `sink_blocks` stored blocks of the memory's own

@@ -156,6 +156,9 @@ class BatchMemory:
         k_search = kk + max(len(e) for e in excludes)
         B, H, T, D = q_rot.shape
         Hkv = cfg.n_kv_heads
+        keep = [m.query_keep for m in mems]
+        if any(kp is not None for kp in keep):  # selection_before_answer: the answer's queries do not select
+            q_rot = masked_queries(q_rot, keep)
         qs = q_rot.reshape(B, Hkv, H // Hkv * T, D)  # each KV head's queries (its G heads' rows)
         ids, scores = m0.store.index.search_max_lanes(layer, qs, k_search, [m.read_streams for m in mems],
                                                       key_map=_rope_key_map(m0.rc.slots * m0.L - 1, D, cfg.rope),
@@ -187,6 +190,22 @@ class BatchMemory:
         first = (m0.rc.slots - kk) * L  # trimmed slots: the real blocks keep their positions
         cos, sin = self._rope(first, kk * L)
         return rotated_prefix(k_sel, v_sel, sel, cos, sin)
+
+
+def masked_queries(q_rot: torch.Tensor, keep: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """q_rot (B, H, T, D) with each lane's dropped queries (keep[b] (T,) False) replaced by its
+    first kept one, which leaves a max over the queries as over the kept ones alone (a lane
+    with None, or with none kept, keeps all)."""
+    rows = [kp is not None and bool(kp.any()) and not bool(kp.all()) for kp in keep]
+    if not any(rows):
+        return q_rot
+    out = q_rot.clone()
+    for b, (kp, r) in enumerate(zip(keep, rows)):
+        if r:
+            kp = kp.to(q_rot.device)
+            i = int(kp.nonzero()[0, 0])
+            out[b][:, ~kp] = q_rot[b][:, i:i + 1]
+    return out
 
 
 def end_chunks(memories: Sequence["RetrievalMemory"]) -> list[int]:

@@ -47,7 +47,8 @@ def _training_free_args(g, *, common: bool) -> None:
                    help="models without landmarks: rotate search queries by this distance (default: where the "
                         "retrieved blocks sit, (local_blocks + top_k/2) * block_len; 0 = unrotated)")
     g.add_argument("--decode-reselect", type=int, default=None,
-                   help="models without landmarks: decode steps between block selections (default 16)")
+                   help="decode steps between block selections (default 16 without landmarks; 1 with: "
+                        "every step selects, a large value keeps the question's selection for the answer)")
 
 
 def _retrieval_args(p: argparse.ArgumentParser) -> None:

@@ -88,6 +88,12 @@ class TrainConfig:
     retrieval_sink_blocks: int = 0
     """The document's first blocks, attended beside the top-k from its second window on
     (`RetrievalConfig.sink_blocks`; use the same at inference). 0 = none."""
+    selection_before_answer: bool = False
+    """With `retrieval`: a window's block selection uses only its queries before the first
+    answer token (the tokens weighted in the loss, e.g. a pass key's digits): the answer is
+    predicted from the blocks its question chose. Without it the chunk's max over every query
+    lets the answer's own digits find the key's block, which no query can at inference. Ask
+    with `RetrievalConfig.decode_reselect` large to match."""
     attention_impl: AttentionImpl = "auto"
     """Attention kernel of a training window: 'auto' (the model's choice: vectorized for a
     window), 'vectorized' or 'blockwise' (linear memory). `folio plan` picks one."""
@@ -140,6 +146,10 @@ class TrainConfig:
                 _fail("data_weights", self.data_weights, "weights >= 0 with a positive sum")
         if not isinstance(self.retrieval_top_k, int) or self.retrieval_top_k < 1:
             _fail("retrieval_top_k", self.retrieval_top_k, "an int >= 1")
+        if not isinstance(self.selection_before_answer, bool):
+            _fail("selection_before_answer", self.selection_before_answer, "a bool")
+        if self.selection_before_answer and not self.retrieval:
+            _fail("selection_before_answer", self.selection_before_answer, "False unless retrieval=True")
         if (not isinstance(self.retrieval_sink_blocks, int) or isinstance(self.retrieval_sink_blocks, bool)
                 or self.retrieval_sink_blocks < 0):
             _fail("retrieval_sink_blocks", self.retrieval_sink_blocks, "an int >= 0")
@@ -353,6 +363,26 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
                                          "passkey:answer_weight=30,key_digits=1-5"), data_weights=(3.0, 1.0, 1.0),
                                    max_steps=3000, lr=3e-4, init_from="runs/passkey-tiny-prose/export", seed=3,
                                    out_dir="runs/passkey-tiny-prose-mix"),
+    # Stage 5: from the shipped models/passkey-tiny-prose, the same mixture with each window's
+    # block selection made by its queries before the answer (selection_before_answer): the
+    # question must find the key's block, as at inference, instead of the answer's own digits.
+    "passkey-tiny-prose-causal": dict(**_PROSE_STAGE,
+                                      data=("passkey:answer_weight=30,key_digits=1-7,filler=prose",
+                                            "passkey:answer_weight=30,key_digits=1-7,filler=prose,distractors=0-2",
+                                            "passkey:answer_weight=30,key_digits=1-5"), data_weights=(3.0, 1.0, 1.0),
+                                      max_steps=2000, lr=3e-4, init_from="models/passkey-tiny-prose", seed=5,
+                                      selection_before_answer=True, out_dir="runs/passkey-tiny-prose-causal"),
+    # Stage 6: from stage 5's export, half the prose documents long (2k-16k characters: up to
+    # 250 blocks for the key's to stand out among, where stage 3's reach 40), answers still
+    # selected by the queries before them.
+    "passkey-tiny-prose-long": dict(**_PROSE_STAGE,
+                                    data=("passkey:answer_weight=30,key_digits=1-7,filler=prose",
+                                          "passkey:answer_weight=30,key_digits=1-7,filler=prose,chars=2000-16000",
+                                          "passkey:answer_weight=30,key_digits=1-7,filler=prose,distractors=0-2",
+                                          "passkey:answer_weight=30,key_digits=1-5"),
+                                    data_weights=(2.0, 2.0, 1.0, 1.0), max_steps=2000, lr=3e-4,
+                                    init_from="runs/passkey-tiny-prose-causal/export", seed=6,
+                                    selection_before_answer=True, out_dir="runs/passkey-tiny-prose-long"),
     # Stage 4: from stage 3's export, sentences with other numbers (headings, labelled numbers,
     # years, prices) among the filler, so the answer is the number the key sentence gives and not
     # the first number the text holds (real documents have many).

@@ -22,11 +22,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from engine.config import ModelConfig
 from engine.inference import open_store, store_layout_for
 from engine.retrieval import RetrievalConfig, RetrievalMemory
 from engine.retrieval_lanes import BatchMemory, end_chunks
-from train.windows import DocumentState, WindowMemory
+from train.windows import DocumentState, WindowMemory, unpack_targets
 
 
 class StoreWindowMemory(WindowMemory):
@@ -89,3 +91,29 @@ class StoreWindowMemory(WindowMemory):
         self._fetched = 0
         host, disk = d.get("host_to_device", 0), d.get("disk_to_device", 0)
         return {"device": max(0, fetched - host - disk), "host": host, "disk": disk}
+
+
+def queries_before_answer(targets: torch.Tensor) -> torch.Tensor | None:
+    """(B, T) packed targets (`train.windows.pack_targets`) -> (B, T) bool: the queries before
+    each row's first answer token (a target weighted > 1), whose input holds none of the
+    answer. The query predicting the first answer token is kept; the ones reading it and
+    everything after are not. None when no target is weighted (every query selects)."""
+    _, weights = unpack_targets(targets)
+    if weights is None:
+        return None
+    answer = (weights > 1).to(torch.int32)  # target t = input t+1
+    seen = torch.cumsum(answer, dim=1)  # answers among targets 0..t
+    keep = torch.ones_like(answer, dtype=torch.bool)
+    keep[:, 1:] = seen[:, :-1] == 0  # input t holds an answer token iff target t-1.. did
+    return keep
+
+
+def set_query_keep(memory: Any, targets: torch.Tensor) -> None:
+    """`TrainConfig.selection_before_answer`: this step's lanes select blocks with their queries
+    before the answer only (`RetrievalMemory.query_keep`). memory: what `for_step` returned (a
+    `BatchMemory` of the lanes' retrieval memories; anything else is left alone)."""
+    if not isinstance(memory, BatchMemory):
+        return
+    keep = queries_before_answer(targets.cpu())
+    for b, m in enumerate(memory.memories):
+        m.query_keep = None if keep is None else keep[b]

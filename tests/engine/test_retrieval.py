@@ -360,12 +360,55 @@ def test_sink_blocks_are_always_selected_beside_the_top_k():
         RetrievalConfig(sink_blocks=-1)
 
 
-@pytest.mark.parametrize("top_k,restart", [(2, 0), (12, 0), (2, 1)])
-def test_batch_memory_with_lanes_at_different_depths_matches_row_by_row(top_k, restart):
+def test_decode_reselect_keeps_the_prompts_selection_and_query_keep_drops_queries():
+    """decode_reselect=R: a decode step (<= 2 positions) reuses the layer's last chunk selection
+    until R steps passed (1, the default: every step selects by its own query); query_keep (the
+    training option selection_before_answer) selects with the kept queries alone."""
+    m = _model()
+    g = torch.Generator().manual_seed(5)
+    store = _mem_store(m)
+    ingest(m, store, "doc", torch.randint(0, 256, (400,), generator=g).tolist(), progress=False)
+    H, D = m.cfg.n_heads, m.cfg.head_dim
+    q = 10 * torch.randn(1, H, 9, D, generator=g)  # a 3-query question, then 6 decode steps
+
+    def selections(rc, pieces, keep=None):
+        mem = RetrievalMemory(m.cfg, store, stream=None, persist=False, read_streams=["doc"], retrieval=rc)
+        mem.query_keep = keep
+        out = []
+        for a, b in pieces:
+            out.append(mem.select(1, q[:, :, a:b], torch.arange(a, b)))
+        return out, mem
+
+    steps = [(0, 3)] + [(i, i + 1) for i in range(3, 9)]
+    every, mem1 = selections(RetrievalConfig(top_k=2, local_blocks=1), steps)
+    for i, (a, b) in enumerate(steps[1:], 1):  # the default: a step's own query alone
+        assert torch.equal(every[i], selections(RetrievalConfig(top_k=2, local_blocks=1), [(a, b)])[0][0])
+    assert any(not torch.equal(every[0], e) for e in every[1:]), "no decode step chose other blocks"
+    kept, mem3 = selections(RetrievalConfig(top_k=2, local_blocks=1, decode_reselect=3), steps)
+    # steps 1, 2 reuse the question's; step 3 selects by its own query; 4, 5 reuse it; 6 selects
+    assert [torch.equal(kept[i], kept[0]) for i in (1, 2)] == [True, True]
+    assert torch.equal(kept[3], every[3]) and torch.equal(kept[4], every[3]) and torch.equal(kept[5], every[3])
+    assert torch.equal(kept[6], every[6])
+    assert mem3.stats.searches == 3 and mem1.stats.searches == 7
+    # query_keep: the same choice as a chunk of the kept queries alone
+    keep = torch.tensor([True, True, False, True, False])
+    masked, _ = selections(RetrievalConfig(top_k=2, local_blocks=1), [(0, 5)], keep=keep)
+    mem = RetrievalMemory(m.cfg, store, stream=None, persist=False, read_streams=["doc"],
+                          retrieval=RetrievalConfig(top_k=2, local_blocks=1))
+    alone = mem.select(1, q[:, :, [0, 1, 3]], torch.tensor([0, 1, 3]))
+    assert torch.equal(masked[0], alone)
+    assert not torch.equal(masked[0], selections(RetrievalConfig(top_k=2, local_blocks=1), [(0, 5)])[0][0])
+    with pytest.raises(ValueError, match="decode_reselect"):
+        RetrievalConfig(decode_reselect=0)
+
+
+@pytest.mark.parametrize("top_k,restart,mask", [(2, 0, False), (12, 0, False), (2, 1, False), (2, 0, True)])
+def test_batch_memory_with_lanes_at_different_depths_matches_row_by_row(top_k, restart, mask):
     """Training lanes: one lane starts a new document when the other has earlier windows
     (the lane without blocks stays in the one kernel call, its prefix absent), and with
     top_k=12 some lanes have fewer blocks than top_k (the empty leading slots are dropped).
-    Outputs and the model's gradients equal each lane run alone."""
+    Outputs and the model's gradients equal each lane run alone; also when one lane selects
+    with its first queries only (query_keep, the training option selection_before_answer)."""
     from engine.retrieval import BatchMemory
 
     g = torch.Generator().manual_seed(11)
@@ -390,6 +433,8 @@ def test_batch_memory_with_lanes_at_different_depths_matches_row_by_row(top_k, r
                 store.delete_stream(f"d{restart}")
                 mems[restart] = RetrievalMemory(m.cfg, store, stream="next", retrieval=rc)
             x = torch.stack([docs[0][w * 64:(w + 1) * 64], docs[1][w * 64:(w + 1) * 64]])
+            if mask:
+                mems[0].query_keep = torch.arange(64) < 20
             if batched:
                 out = m(x, memory=BatchMemory(mems))
             else:
@@ -532,3 +577,24 @@ def test_landmarked_stream_pieces_equal_landmarking_everything(n_tail, n_new, ch
         assert torch.equal(s[(end // 8) * 8:end], want[(end // 8) * 8:end])
         with pytest.raises(ValueError, match="already released"):
             s.slice(0, 1)
+
+
+def test_landmark_probe_finds_the_key_sentences_blocks_when_every_block_is_selected():
+    """bench.landmark_probe: with top_k above the stored blocks every forward's selection holds
+    the key sentence's blocks (its block arithmetic points at stored blocks), and the shipped
+    checkpoint answers a short held-out-prose pass key."""
+    from pathlib import Path
+
+    from bench.landmark_probe import probe
+    from engine.checkpoint import load_model
+
+    root = Path(__file__).resolve().parents[2]
+    model = load_model(root / "models" / "passkey-tiny-prose")
+    text = (root / "engine" / "samples" / "austen-persuasion.txt").read_text()
+    out = probe(model, text, 1200, 2, RetrievalConfig(top_k=64), log=lambda *_: None)
+    assert out["summary"]["trials"] == 2
+    for row in out["rows"]:
+        assert len(row["hit_fraction"]) >= 2  # the prompt and at least one decode step
+        assert all(f == 1.0 for f in row["hit_fraction"])
+    # with the default top-4 at this length the shipped model answers (512-2k: 1.00 in BENCHMARKS)
+    assert probe(model, text, 1200, 1, RetrievalConfig(), log=lambda *_: None)["summary"]["accuracy"] == 1.0

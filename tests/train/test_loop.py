@@ -159,6 +159,35 @@ def test_training_sinks_change_later_windows_only(tmp_path):
     assert any(abs(a - b) > 1e-5 for a, b in zip(sinks.losses[1:], plain.losses[1:]))
 
 
+def test_selection_before_answer_masks_the_answers_queries(tmp_path, monkeypatch):
+    """selection_before_answer: the lanes' retrieval memories get every step's query mask (the
+    queries reading answer tokens dropped; what the mask does to a selection is tested in
+    tests/engine/test_retrieval.py). Refused without retrieval."""
+    import train.loop as loop
+
+    kw = dict(max_steps=6, synthetic_chars=(300, 500), retrieval=True, retrieval_top_k=1,
+              data=("passkey:answer_weight=30",))
+    masks = []
+    real = loop.set_query_keep
+
+    def spy(mem, targets):
+        real(mem, targets)
+        masks.extend(m.query_keep for m in mem.memories)
+
+    plain = train(_cfg(tmp_path / "p", **kw), ds=NO_OFFLOAD, progress=False)
+    monkeypatch.setattr(loop, "set_query_keep", spy)
+    causal = train(_cfg(tmp_path / "c", selection_before_answer=True, **kw), ds=NO_OFFLOAD, progress=False)
+    assert len(masks) == 6 * 2  # every step, both lanes
+    assert any(m is not None and not bool(m.all()) for m in masks)  # some window held an answer
+    for m in masks:  # a prefix of the window: the queries up to the one predicting the answer
+        if m is not None:
+            n = int(m.sum())
+            assert m[:n].all() and not m[n:].any()
+    assert len(causal.losses) == len(plain.losses) == 6
+    with pytest.raises(ValueError, match="selection_before_answer"):
+        _cfg(tmp_path / "x", selection_before_answer=True)
+
+
 def test_retrieval_changes_the_loss_of_later_windows(tmp_path):
     """The same data with and without retrieval: identical first step (nothing stored yet),
     different later steps (later windows attend to retrieved blocks)."""

@@ -1,0 +1,15 @@
+
+
+def test_queries_before_answer_keeps_the_question_and_drops_the_answers_readers():
+    """selection_before_answer's mask: the query predicting the first answer token selects;
+    the ones whose input is an answer token (and all after) do not; no weights: None."""
+    import torch
+
+    from train.store_memory import queries_before_answer
+    from train.windows import pack_targets
+
+    t = torch.tensor([[5, 6, 7, 8, 9, 10], [1, 2, 3, 4, 5, 6]])
+    w = torch.tensor([[1, 1, 30, 30, 1, 1], [1, 1, 1, 1, 1, 30]])
+    keep = queries_before_answer(pack_targets(t, w))
+    assert keep.tolist() == [[True, True, True, False, False, False], [True] * 6]
+    assert queries_before_answer(pack_targets(t, torch.ones_like(t))) is None
