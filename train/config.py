@@ -306,7 +306,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
                      window_len=128, micro_batch=2, max_steps=400, lr=2e-3, warmup_steps=30, save_every=100,
                      out_dir="runs/uio-tiny"),
     # The passkey checkpoint models/passkey-tiny/ (see its README), in two stages; stages 3 and
-    # 3b below continue it into the shipped models/passkey-tiny-prose/.
+    # 3b below continue it into the shipped models/passkey-tiny-prose/ (5 and 6: measured after).
     # Stage 1: a 4-layer tiny model learns to copy the key on one-window passkey documents
     # whose answer tokens weigh 30x in the loss (keys of 1..5 digits); the checkpoint used
     # is the one at step 1250 (`--stop-after 1250`).
@@ -363,18 +363,19 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
                                          "passkey:answer_weight=30,key_digits=1-5"), data_weights=(3.0, 1.0, 1.0),
                                    max_steps=3000, lr=3e-4, init_from="runs/passkey-tiny-prose/export", seed=3,
                                    out_dir="runs/passkey-tiny-prose-mix"),
-    # Stage 5: from the shipped models/passkey-tiny-prose, the same mixture with each window's
-    # block selection made by its queries before the answer (selection_before_answer): the
-    # question must find the key's block, as at inference, instead of the answer's own digits.
+    # Stage 5 (measured, not shipped: BENCHMARKS.md): from the shipped models/passkey-tiny-prose,
+    # the same mixture with each window's block selection made by its queries before the answer
+    # (selection_before_answer): the answer's own digits no longer find the key's block for it
+    # (a leak of the chunk max: no query can at inference).
     "passkey-tiny-prose-causal": dict(**_PROSE_STAGE,
                                       data=("passkey:answer_weight=30,key_digits=1-7,filler=prose",
                                             "passkey:answer_weight=30,key_digits=1-7,filler=prose,distractors=0-2",
                                             "passkey:answer_weight=30,key_digits=1-5"), data_weights=(3.0, 1.0, 1.0),
                                       max_steps=2000, lr=3e-4, init_from="models/passkey-tiny-prose", seed=5,
                                       selection_before_answer=True, out_dir="runs/passkey-tiny-prose-causal"),
-    # Stage 6: from stage 5's export, half the prose documents long (2k-16k characters: up to
-    # 250 blocks for the key's to stand out among, where stage 3's reach 40), answers still
-    # selected by the queries before them.
+    # Stage 6 (measured, not shipped: BENCHMARKS.md): from stage 5's export, half the prose
+    # documents long (2k-16k characters: up to 250 blocks for the key's to stand out among,
+    # where stage 3's reach 40), answers still selected by the queries before them.
     "passkey-tiny-prose-long": dict(**_PROSE_STAGE,
                                     data=("passkey:answer_weight=30,key_digits=1-7,filler=prose",
                                           "passkey:answer_weight=30,key_digits=1-7,filler=prose,chars=2000-16000",
