@@ -104,7 +104,7 @@ def queries_before_answer(targets: torch.Tensor) -> torch.Tensor | None:
     answer = (weights > 1).to(torch.int32)  # target t = input t+1
     seen = torch.cumsum(answer, dim=1)  # answers among targets 0..t
     keep = torch.ones_like(answer, dtype=torch.bool)
-    keep[:, 1:] = seen[:, :-1] == 0  # input t holds an answer token iff target t-1.. did
+    keep[:, 1:] = seen[:, :-1] == 0  # input t is (or follows) an answer token iff a target before t was one
     return keep
 
 

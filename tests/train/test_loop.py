@@ -174,7 +174,6 @@ def test_selection_before_answer_masks_the_answers_queries(tmp_path, monkeypatch
         real(mem, targets)
         masks.extend(m.query_keep for m in mem.memories)
 
-    plain = train(_cfg(tmp_path / "p", **kw), ds=NO_OFFLOAD, progress=False)
     monkeypatch.setattr(loop, "set_query_keep", spy)
     causal = train(_cfg(tmp_path / "c", selection_before_answer=True, **kw), ds=NO_OFFLOAD, progress=False)
     assert len(masks) == 6 * 2  # every step, both lanes
@@ -183,7 +182,7 @@ def test_selection_before_answer_masks_the_answers_queries(tmp_path, monkeypatch
         if m is not None:
             n = int(m.sum())
             assert m[:n].all() and not m[n:].any()
-    assert len(causal.losses) == len(plain.losses) == 6
+    assert len(causal.losses) == 6 and all(x == x for x in causal.losses)  # finite
     with pytest.raises(ValueError, match="selection_before_answer"):
         _cfg(tmp_path / "x", selection_before_answer=True)
 
