@@ -264,7 +264,7 @@ class RetrievalMemory:
         if self.query_keep is not None and bool(self.query_keep.any()):
             qs = qs[self.query_keep.to(qs.device).repeat(qs.shape[0] // n_q)]  # the answer's queries do not select
         k_search = kk + len(exclude)  # the local window's stored blocks may take slots: ask for more
-        if self.rc.selection == "chunk":
+        if chunk:
             # max over the chunk's queries inside the index: one matmul per call, no per-query top-k
             ids, scores = self.store.index.search_max(layer, qs, k_search, streams=self.read_streams)
         else:

@@ -268,11 +268,16 @@ class TrainConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-# What the passkey checkpoint's prose stages (3, 3b, 4 below) share: the 4-layer tiny model on
-# multi-window documents with retrieval from the store.
+# What the passkey checkpoint's prose stages (3, 3b, 4, 5, 6 below) share: the 4-layer tiny model
+# on multi-window documents with retrieval from the store.
 _PROSE_STAGE: dict[str, Any] = dict(model="tiny", model_overrides={"n_layers": 4}, synthetic_chars=(150, 2500),
                                     micro_batch=8, warmup_steps=50, min_lr_ratio=0.05, retrieval=True,
                                     save_every=200, keep_checkpoints=2)
+# The data of stages 3b and 5: keys in real prose, a fifth of those documents with up to two
+# number-bearing distractor sentences, and the generator's filler.
+_PROSE_MIX: dict[str, Any] = dict(data=("passkey:answer_weight=30,key_digits=1-7,filler=prose",
+                                        "passkey:answer_weight=30,key_digits=1-7,filler=prose,distractors=0-2",
+                                        "passkey:answer_weight=30,key_digits=1-5"), data_weights=(3.0, 1.0, 1.0))
 
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # The demo: the tiny model on passkey mixed with the stdlib corpus, with retrieval from the
@@ -357,22 +362,16 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # Stage 3b: from stage 3's export, 3000 more steps at a lower rate, a fifth of the prose
     # documents with up to two sentences holding other numbers (a light dose: stage 4's eight
     # distractors made the key's first digit go wrong), the generator's filler kept in the mix.
-    "passkey-tiny-prose-mix": dict(**_PROSE_STAGE,
-                                   data=("passkey:answer_weight=30,key_digits=1-7,filler=prose",
-                                         "passkey:answer_weight=30,key_digits=1-7,filler=prose,distractors=0-2",
-                                         "passkey:answer_weight=30,key_digits=1-5"), data_weights=(3.0, 1.0, 1.0),
-                                   max_steps=3000, lr=3e-4, init_from="runs/passkey-tiny-prose/export", seed=3,
+    "passkey-tiny-prose-mix": dict(**_PROSE_STAGE, **_PROSE_MIX, max_steps=3000, lr=3e-4,
+                                   init_from="runs/passkey-tiny-prose/export", seed=3,
                                    out_dir="runs/passkey-tiny-prose-mix"),
     # Stage 5 (measured, not shipped: BENCHMARKS.md): from the shipped models/passkey-tiny-prose,
     # the same mixture with each window's block selection made by its queries before the answer
     # (selection_before_answer): the answer's own digits no longer find the key's block for it
     # (a leak of the chunk max: no query can at inference).
-    "passkey-tiny-prose-causal": dict(**_PROSE_STAGE,
-                                      data=("passkey:answer_weight=30,key_digits=1-7,filler=prose",
-                                            "passkey:answer_weight=30,key_digits=1-7,filler=prose,distractors=0-2",
-                                            "passkey:answer_weight=30,key_digits=1-5"), data_weights=(3.0, 1.0, 1.0),
-                                      max_steps=2000, lr=3e-4, init_from="models/passkey-tiny-prose", seed=5,
-                                      selection_before_answer=True, out_dir="runs/passkey-tiny-prose-causal"),
+    "passkey-tiny-prose-causal": dict(**_PROSE_STAGE, **_PROSE_MIX, max_steps=2000, lr=3e-4,
+                                      init_from="models/passkey-tiny-prose", seed=5, selection_before_answer=True,
+                                      out_dir="runs/passkey-tiny-prose-causal"),
     # Stage 6 (measured, not shipped: BENCHMARKS.md): from stage 5's export, half the prose
     # documents long (2k-16k characters: up to 250 blocks for the key's to stand out among,
     # where stage 3's reach 40), answers still selected by the queries before them.
