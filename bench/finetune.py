@@ -1,6 +1,6 @@
 """The landmark fine-tune against its base model, on the same held-out trials in one run.
 
-    python -m bench.finetune [--quick] [--out DIR] [--tuned models/smollm2-135m-landmark] [--base models/smollm2-135m]
+    python -m bench.finetune [--quick] [--out DIR] [--tuned models/smollm2-135m-landmark-decode] [--base models/smollm2-135m]
                              [--lengths 4096,8192,32768] [--trials 2] [--ppl-contexts 8192,32768,131072]
 
 Needle: keys hidden in the held-out novel (Persuasion), the evaluation's own needle
@@ -29,7 +29,7 @@ from pathlib import Path
 from bench import RUNS
 
 RESULTS = RUNS
-DEFAULT_TUNED = Path("models/smollm2-135m-landmark")
+DEFAULT_TUNED = Path("models/smollm2-135m-landmark-decode")
 DEFAULT_BASE = Path("models/smollm2-135m")
 
 

@@ -223,6 +223,9 @@ class RetrievalMemory:
         # training (`TrainConfig.selection_before_answer`): which of the chunk's queries select
         # blocks, (T,) bool; None = all of them
         self.query_keep: torch.Tensor | None = None
+        # training (`TrainConfig.answer_token_selection`): chunk rows (local indices, (n,) int64)
+        # whose output is recomputed with their own query's selection, as a decode step's is
+        self.token_rows: torch.Tensor | None = None
         self.promote_reads = True  # False during one-query (decode) steps: see _fetch_rotated
         self.stats = RetrievalStats(per_layer_blocks=[0] * cfg.n_layers)
 
@@ -363,7 +366,25 @@ class RetrievalMemory:
             outs = [self._attend_once(layer, q[:, :, t:t + 1], k_loc, v_loc, q_local[t:t + 1])
                     for t in range(T)]
             return torch.cat(outs, dim=2)
-        return self._attend_once(layer, q, k_loc, v_loc, q_local)
+        return self.with_token_rows(layer, q, k_loc, v_loc, self._attend_once(layer, q, k_loc, v_loc, q_local))
+
+    def with_token_rows(self, layer: int, q: torch.Tensor, k_loc: torch.Tensor, v_loc: torch.Tensor,
+                        out: torch.Tensor) -> torch.Tensor:
+        """`out` (1, H, T, D) of the chunk with the rows in `token_rows` replaced: each row's
+        attention recomputed over the blocks its own query selects (query_keep ignored), the
+        local window k_loc, v_loc (1, Hkv, n_loc, D; pre-RoPE, the chunk last) as the chunk saw
+        it — what a decode step at that position attends to. No token_rows: out unchanged."""
+        rows = self.token_rows
+        if rows is None or rows.numel() == 0 or self.rc.slots == 0 or self.rc.selection == "token":
+            return out
+        n_before = k_loc.shape[2] - q.shape[2]
+        keep, self.query_keep = self.query_keep, None
+        try:
+            outs = [self._attend_once(layer, q[:, :, t:t + 1], k_loc, v_loc, torch.tensor([n_before + t]))
+                    for t in rows.tolist()]
+        finally:
+            self.query_keep = keep
+        return out.index_copy(2, rows.to(out.device), torch.cat(outs, dim=2).to(out.dtype))
 
     def prepare_chunk(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> KernelInputs:
         """`attend` up to the kernel call (chunk selection): for batching memories."""

@@ -67,6 +67,24 @@ class BatchMemory:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if q.shape[0] != len(self.memories):
             raise ValueError(f"batch of {q.shape[0]} rows but {len(self.memories)} memories")
+        return self._with_token_rows(layer, q, k, v, self._attend_batch(layer, q, k, v))
+
+    def _with_token_rows(self, layer, q, k, v, out: torch.Tensor) -> torch.Tensor:
+        """`RetrievalMemory.with_token_rows` of every lane that has token rows (training's
+        `answer_token_selection`), row by row: each such query selects its own blocks."""
+        if all(m.token_rows is None or m.token_rows.numel() == 0 for m in self.memories):
+            return out
+        rows = []
+        for b, m in enumerate(self.memories):
+            o = out[b:b + 1]
+            if m.token_rows is not None and m.token_rows.numel():
+                k_loc = torch.cat([m.window.k[layer], k[b:b + 1].float()], dim=2)
+                v_loc = torch.cat([m.window.v[layer], v[b:b + 1].float()], dim=2)
+                o = m.with_token_rows(layer, q[b:b + 1], k_loc, v_loc, o)
+            rows.append(o)
+        return torch.cat(rows, dim=0)
+
+    def _attend_batch(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self._lanes_batchable(layer):
             return self._attend_lanes(layer, q, k, v)
         if any(m.rc.selection != "chunk" for m in self.memories):

@@ -94,6 +94,13 @@ class TrainConfig:
     predicted from the blocks its question chose. Without it the chunk's max over every query
     lets the answer's own digits find the key's block, which no query can at inference. Ask
     with `RetrievalConfig.decode_reselect` large to match."""
+    answer_token_selection: bool = False
+    """With `retrieval`: each query reading an answer token and predicting the next one (an
+    answer's second token on) attends to the blocks it selects itself, as a decode step does
+    at inference (`RetrievalConfig.decode_reselect` = 1, the default), instead of the window's
+    one selection. Usually with `selection_before_answer` (the first answer token is predicted
+    from the question's selection, as at inference). Costs one small attention call per such
+    query and layer."""
     attention_impl: AttentionImpl = "auto"
     """Attention kernel of a training window: 'auto' (the model's choice: vectorized for a
     window), 'vectorized' or 'blockwise' (linear memory). `folio plan` picks one."""
@@ -150,6 +157,10 @@ class TrainConfig:
             _fail("selection_before_answer", self.selection_before_answer, "a bool")
         if self.selection_before_answer and not self.retrieval:
             _fail("selection_before_answer", self.selection_before_answer, "False unless retrieval=True")
+        if not isinstance(self.answer_token_selection, bool):
+            _fail("answer_token_selection", self.answer_token_selection, "a bool")
+        if self.answer_token_selection and not self.retrieval:
+            _fail("answer_token_selection", self.answer_token_selection, "False unless retrieval=True")
         if (not isinstance(self.retrieval_sink_blocks, int) or isinstance(self.retrieval_sink_blocks, bool)
                 or self.retrieval_sink_blocks < 0):
             _fail("retrieval_sink_blocks", self.retrieval_sink_blocks, "an int >= 0")
@@ -278,6 +289,20 @@ _PROSE_STAGE: dict[str, Any] = dict(model="tiny", model_overrides={"n_layers": 4
 _PROSE_MIX: dict[str, Any] = dict(data=("passkey:answer_weight=30,key_digits=1-7,filler=prose",
                                         "passkey:answer_weight=30,key_digits=1-7,filler=prose,distractors=0-2",
                                         "passkey:answer_weight=30,key_digits=1-5"), data_weights=(3.0, 1.0, 1.0))
+# The data of stages 6 and 7: half the prose documents long (2k-16k characters).
+_PROSE_LONG_MIX: dict[str, Any] = dict(
+    data=("passkey:answer_weight=30,key_digits=1-7,filler=prose",
+          "passkey:answer_weight=30,key_digits=1-7,filler=prose,chars=2000-16000",
+          "passkey:answer_weight=30,key_digits=1-7,filler=prose,distractors=0-2",
+          "passkey:answer_weight=30,key_digits=1-5"), data_weights=(2.0, 2.0, 1.0, 1.0))
+
+# What every SmolLM2 landmark stage shares: the imported model as a landmark model (its window
+# 512: a landmark model's window is the one it was trained on, and retrieval's default prefill
+# chunk and local window follow from it), LoRA r 8, retrieval of 4 blocks from the store.
+_SMOL_STAGE: dict[str, Any] = dict(model="init", model_overrides={"attention": "landmark", "max_seq_len": 512},
+                                   synthetic_chars=(1200, 7000), window_len=512, micro_batch=2, grad_accum=1,
+                                   min_lr_ratio=0.1, save_every=20, keep_checkpoints=2, retrieval=True,
+                                   retrieval_top_k=4, lora_rank=8, lora_alpha=16.0, precision="fp32")
 
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # The demo: the tiny model on passkey mixed with the stdlib corpus, with retrieval from the
@@ -330,27 +355,24 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # attention projections and the landmark row, on retrieval tasks hidden in real prose
     # (train/prose_tasks.py) with retrieval of earlier windows from the store. Block 64 and
     # window 512 as the paper's LLaMA fine-tune.
-    "smollm2-landmark": dict(model="init", init_from="models/smollm2-135m",
-                             # max_seq_len: a landmark model's window is the one it was trained on
-                             # (retrieval's default prefill chunk and local window follow from it)
-                             model_overrides={"attention": "landmark", "max_seq_len": 512},
+    "smollm2-landmark": dict(**_SMOL_STAGE, init_from="models/smollm2-135m",
                              data=("needles:answer_weight=8,max_keys=3,plain=0.1",),
-                             synthetic_chars=(1200, 7000), window_len=512, micro_batch=2, grad_accum=1,
-                             max_steps=900, lr=1e-3, warmup_steps=20, min_lr_ratio=0.1, save_every=20,
-                             keep_checkpoints=2, retrieval=True, retrieval_top_k=4, lora_rank=8,
-                             lora_alpha=16.0, precision="fp32", out_dir="runs/smollm2-landmark"),
+                             max_steps=900, lr=1e-3, warmup_steps=20, out_dir="runs/smollm2-landmark"),
     # Stage 2 of the SmolLM2 fine-tune: continues the shipped adapter (models/smollm2-135m-landmark)
     # with a second needles source of long documents (up to ~6k tokens, 12 windows), so keys are
     # retrieved from many windows back, as the 8k-32k evaluations ask.
-    "smollm2-landmark-long": dict(model="init", init_from="models/smollm2-135m-landmark",
-                                  model_overrides={"attention": "landmark", "max_seq_len": 512},
+    "smollm2-landmark-long": dict(**_SMOL_STAGE, init_from="models/smollm2-135m-landmark",
                                   data=("needles:answer_weight=8,max_keys=3,plain=0.1",
                                         "needles:answer_weight=8,max_keys=3,chars=7000-24000"),
-                                  data_weights=(3.0, 1.0), synthetic_chars=(1200, 7000), window_len=512,
-                                  micro_batch=2, grad_accum=1, max_steps=600, lr=5e-4, warmup_steps=10,
-                                  min_lr_ratio=0.1, save_every=20, keep_checkpoints=2, retrieval=True,
-                                  retrieval_top_k=4, lora_rank=8, lora_alpha=16.0, precision="fp32", seed=1,
+                                  data_weights=(3.0, 1.0), max_steps=600, lr=5e-4, warmup_steps=10, seed=1,
                                   out_dir="runs/smollm2-landmark-long"),
+    # Stage 2b: the shipped adapter continued with each answer trained the way it is asked: the
+    # window's blocks chosen by the queries before the answer, each later answer token from the
+    # blocks its own query selects (selection_before_answer, answer_token_selection).
+    "smollm2-landmark-decode": dict(**_SMOL_STAGE, init_from="models/smollm2-135m-landmark",
+                                    data=("needles:answer_weight=8,max_keys=3,plain=0.1",),
+                                    max_steps=300, lr=5e-4, warmup_steps=10, seed=2, selection_before_answer=True,
+                                    answer_token_selection=True, out_dir="runs/smollm2-landmark-decode"),
     # Stage 3 of the passkey checkpoint: from the shipped models/passkey-tiny, keys hidden in real
     # training prose (filler=prose) mixed with the generator's filler, multi-window documents,
     # retrieval from the store; so the key is found in text that is not the generator's.
@@ -375,14 +397,16 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # Stage 6 (measured, not shipped: BENCHMARKS.md): from stage 5's export, half the prose
     # documents long (2k-16k characters: up to 250 blocks for the key's to stand out among,
     # where stage 3's reach 40), answers still selected by the queries before them.
-    "passkey-tiny-prose-long": dict(**_PROSE_STAGE,
-                                    data=("passkey:answer_weight=30,key_digits=1-7,filler=prose",
-                                          "passkey:answer_weight=30,key_digits=1-7,filler=prose,chars=2000-16000",
-                                          "passkey:answer_weight=30,key_digits=1-7,filler=prose,distractors=0-2",
-                                          "passkey:answer_weight=30,key_digits=1-5"),
-                                    data_weights=(2.0, 2.0, 1.0, 1.0), max_steps=2000, lr=3e-4,
+    "passkey-tiny-prose-long": dict(**_PROSE_STAGE, **_PROSE_LONG_MIX, max_steps=2000, lr=3e-4,
                                     init_from="runs/passkey-tiny-prose-causal/export", seed=6,
                                     selection_before_answer=True, out_dir="runs/passkey-tiny-prose-long"),
+    # Stage 7 (measured, not shipped: BENCHMARKS.md): from stage 6's export, the same data, each answer token after the first predicted
+    # from the blocks its own query selects (answer_token_selection), as every decode step at
+    # inference does; stages 5-6 trained the whole answer on the question's selection.
+    "passkey-tiny-prose-decode": dict(**_PROSE_STAGE, **_PROSE_LONG_MIX, max_steps=1500, lr=2e-4,
+                                      init_from="runs/passkey-tiny-prose-long/export", seed=7,
+                                      selection_before_answer=True, answer_token_selection=True,
+                                      out_dir="runs/passkey-tiny-prose-decode"),
     # Stage 4: from stage 3's export, sentences with other numbers (headings, labelled numbers,
     # years, prices) among the filler, so the answer is the number the key sentence gives and not
     # the first number the text holds (real documents have many).

@@ -34,8 +34,8 @@ REAL_DOCUMENT = "sotu:1862-lincoln"  # a long address (~10k tokens); the sample 
 REAL_QUESTIONS = ("Who is the author of this message, and to whom is it addressed?",
                   "What does the message propose about slavery?")
 REAL_NEEDLE_LENGTHS = (4096, 8192)
-# the shipped landmark fine-tune of SmolLM2 (a LoRA adapter on models/smollm2-135m)
-TUNED_MODEL = Path(__file__).resolve().parent.parent / "models" / "smollm2-135m-landmark"
+# the shipped landmark fine-tune of SmolLM2 (a LoRA adapter on models/smollm2-135m; stage 2b)
+TUNED_MODEL = Path(__file__).resolve().parent.parent / "models" / "smollm2-135m-landmark-decode"
 DEMO_LENGTHS = (512, 4096, 32768, 262144, 1048576)
 ALL_DEPTHS_UP_TO = 32768  # beyond: the middle depth only (the 15-minute budget)
 

@@ -39,7 +39,7 @@ from train.checkpoint import CHECKPOINTS, check_model_matches, config_diff, find
 from train.config import TrainConfig
 from train.data import DocumentMixer, DocumentSource, build_source
 from train.evaluate import evaluate_loss
-from train.store_memory import set_query_keep
+from train.store_memory import set_query_keep, set_token_rows
 from train.errors import CheckpointError, TrainError
 from train.metrics import MetricsLog, Progress, plot_loss
 from train.process_state import StopFlag, gather, rng_state, seed_all, set_rng_state
@@ -463,6 +463,8 @@ class _Runner:
                     mem = self.batcher.memory.for_step(batch.lanes)
                     if tcfg.selection_before_answer:
                         set_query_keep(mem, batch.targets)
+                    if tcfg.answer_token_selection:
+                        set_token_rows(mem, batch.targets)
                     loss = engine(batch.tokens.to(device), batch.targets.to(device), memory=mem)
                     engine.backward(loss)
                     engine.step()

@@ -117,3 +117,35 @@ def set_query_keep(memory: Any, targets: torch.Tensor) -> None:
     keep = queries_before_answer(targets.cpu())
     for b, m in enumerate(memory.memories):
         m.query_keep = None if keep is None else keep[b]
+
+
+MAX_TOKEN_ROWS = 32
+"""`answer_rows` keeps at most this many rows per lane (the first): each costs an attention call per layer."""
+
+
+def answer_rows(targets: torch.Tensor) -> list[torch.Tensor | None]:
+    """(B, T) packed targets -> per row, the positions (int64, ascending) whose input is an
+    answer token and whose target is one too: the queries that, at inference, are decode
+    steps writing the answer's second token on (`TrainConfig.answer_token_selection`). At most
+    `MAX_TOKEN_ROWS` per row; None for a row without any (or unweighted targets)."""
+    _, weights = unpack_targets(targets)
+    if weights is None:
+        return [None] * targets.shape[0]
+    answer = weights > 1  # target t is an answer token
+    reads = torch.zeros_like(answer)
+    reads[:, 1:] = answer[:, :-1]  # input t (= target t-1) is an answer token
+    out = []
+    for row in (answer & reads):
+        idx = row.nonzero()[:, 0][:MAX_TOKEN_ROWS]
+        out.append(idx if idx.numel() else None)
+    return out
+
+
+def set_token_rows(memory: Any, targets: torch.Tensor) -> None:
+    """`TrainConfig.answer_token_selection`: this step's lanes recompute their answer queries'
+    rows with each query's own block selection (`RetrievalMemory.token_rows`). memory: what
+    `for_step` returned; anything but a `BatchMemory` is left alone."""
+    if not isinstance(memory, BatchMemory):
+        return
+    for m, rows in zip(memory.memories, answer_rows(targets.cpu())):
+        m.token_rows = rows

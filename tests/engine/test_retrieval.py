@@ -1,5 +1,6 @@
 """Retrieval attention, ingest, ask/generate, passkey harness and the engine CLI."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -402,13 +403,15 @@ def test_decode_reselect_keeps_the_prompts_selection_and_query_keep_drops_querie
         RetrievalConfig(decode_reselect=0)
 
 
-@pytest.mark.parametrize("top_k,restart,mask", [(2, 0, False), (12, 0, False), (2, 1, False), (2, 0, True)])
+@pytest.mark.parametrize("top_k,restart,mask", [(2, 0, False), (12, 0, False), (2, 1, False), (2, 0, True),
+                                                (2, 0, "rows")])
 def test_batch_memory_with_lanes_at_different_depths_matches_row_by_row(top_k, restart, mask):
     """Training lanes: one lane starts a new document when the other has earlier windows
     (the lane without blocks stays in the one kernel call, its prefix absent), and with
     top_k=12 some lanes have fewer blocks than top_k (the empty leading slots are dropped).
     Outputs and the model's gradients equal each lane run alone; also when one lane selects
-    with its first queries only (query_keep, the training option selection_before_answer)."""
+    with its first queries only (query_keep, the training option selection_before_answer),
+    and with it some rows by their own queries (token_rows, answer_token_selection)."""
     from engine.retrieval import BatchMemory
 
     g = torch.Generator().manual_seed(11)
@@ -435,6 +438,8 @@ def test_batch_memory_with_lanes_at_different_depths_matches_row_by_row(top_k, r
             x = torch.stack([docs[0][w * 64:(w + 1) * 64], docs[1][w * 64:(w + 1) * 64]])
             if mask:
                 mems[0].query_keep = torch.arange(64) < 20
+            if mask == "rows":
+                mems[0].token_rows = torch.tensor([20, 21, 40])
             if batched:
                 out = m(x, memory=BatchMemory(mems))
             else:
@@ -455,6 +460,36 @@ def test_batch_memory_with_lanes_at_different_depths_matches_row_by_row(top_k, r
     assert calls == [([0, 1], 0)] * 2 + [([0, 1], kk)] * 2 + [([0, 1], min(top_k, 16))] * 2
     assert max_abs_diff(a, b) <= 1e-5
     assert ga.keys() == gb.keys() and all(max_abs_diff(ga[n], gb[n]) <= 1e-5 for n in ga)
+
+
+def test_token_rows_attend_over_their_own_selection_like_a_decode_step():
+    """token_rows (training's answer_token_selection): those rows of a chunk's output are
+    what the row alone gets when it selects its own blocks and sees the chunk up to itself
+    (a decode step at that position); every other row is the chunk's output unchanged."""
+    m = _model()
+    g = torch.Generator().manual_seed(9)
+    store = _mem_store(m)
+    ingest(m, store, "doc", torch.randint(0, 256, (400,), generator=g).tolist(), progress=False)
+    H, Hkv, D = m.cfg.n_heads, m.cfg.n_kv_heads, m.cfg.head_dim
+    q = 10 * torch.randn(1, H, 20, D, generator=g)
+    k, v = torch.randn(1, Hkv, 20, D, generator=g), torch.randn(1, Hkv, 20, D, generator=g)
+    rc = RetrievalConfig(top_k=1, local_blocks=0, kernel="vectorized")
+
+    def attend(rows=None, keep=None, upto=20, selection="chunk"):
+        mem = RetrievalMemory(m.cfg, store, stream=None, persist=False, read_streams=["doc"],
+                              retrieval=dataclasses.replace(rc, selection=selection))
+        mem.token_rows, mem.query_keep = rows, keep
+        return mem.attend(1, q[:, :, :upto], k[:, :, :upto], v[:, :, :upto])
+
+    keep = torch.arange(20) < 5
+    plain = attend(keep=keep)
+    spliced = attend(rows=torch.tensor([7, 13]), keep=keep)
+    others = [t for t in range(20) if t not in (7, 13)]
+    assert torch.equal(spliced[:, :, others], plain[:, :, others])
+    for t in (7, 13):  # the row alone, by its own query, over the chunk up to itself
+        alone = attend(upto=t + 1, selection="token")[:, :, t]
+        assert max_abs_diff(spliced[:, :, t], alone) <= 1e-5
+    assert max_abs_diff(spliced[:, :, [7, 13]], plain[:, :, [7, 13]]) > 1e-3, "no row changed its blocks"
 
 
 def test_whole_chunk_put_equals_the_general_end_chunk():

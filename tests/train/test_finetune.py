@@ -299,10 +299,12 @@ def test_full_finetune_from_a_pretrained_model(tmp_path, pretrained):
 
 
 @pytest.mark.slow
-def test_smollm2_landmark_preset_trains_a_few_steps(tmp_path):
+@pytest.mark.parametrize("name", ["smollm2-landmark", "smollm2-landmark-decode"])
+def test_smollm2_landmark_preset_trains_a_few_steps(tmp_path, name):
+    """The shipped adapters' two commands (stage 1, and stage 2b from stage 1's adapter)."""
     if not Path("models/smollm2-135m/config.json").is_file():
         pytest.skip("models/smollm2-135m is made by `make model`")
-    tcfg = train_preset("smollm2-landmark", max_steps=2, warmup_steps=1, save_every=0, out_dir=str(tmp_path / "s"))
+    tcfg = train_preset(name, max_steps=2, warmup_steps=1, save_every=0, out_dir=str(tmp_path / "s"))
     res = train(tcfg, ds=DSOptions(), progress=False)
     assert len(res.losses) == 2 and all(0 < l < 20 for l in res.losses)
     assert (res.checkpoint / "adapter.safetensors").stat().st_size < 10 << 20
@@ -366,10 +368,12 @@ def test_two_process_lora_run(tmp_path, pretrained):
     load_model(ck)
 
 
-def test_the_shipped_adapter_loads_on_its_base():
-    """models/smollm2-135m-landmark (committed, a few MB) on models/smollm2-135m (`make model`)."""
+@pytest.mark.parametrize("name", ["smollm2-135m-landmark", "smollm2-135m-landmark-decode"])
+def test_the_shipped_adapter_loads_on_its_base(name):
+    """models/smollm2-135m-landmark and its stage 2b (committed, a few MB each) on
+    models/smollm2-135m (`make model`)."""
     root = Path(__file__).resolve().parents[2]
-    tuned_dir, base_dir = root / "models" / "smollm2-135m-landmark", root / "models" / "smollm2-135m"
+    tuned_dir, base_dir = root / "models" / name, root / "models" / "smollm2-135m"
     if not (tuned_dir / "adapter_config.json").is_file():
         pytest.skip("no shipped adapter in this checkout")
     if not (base_dir / "config.json").is_file():

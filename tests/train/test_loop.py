@@ -167,24 +167,35 @@ def test_selection_before_answer_masks_the_answers_queries(tmp_path, monkeypatch
 
     kw = dict(max_steps=6, synthetic_chars=(300, 500), retrieval=True, retrieval_top_k=1,
               data=("passkey:answer_weight=30",))
-    masks = []
-    real = loop.set_query_keep
+    masks, rows = [], []
+    real, real_rows = loop.set_query_keep, loop.set_token_rows
 
     def spy(mem, targets):
         real(mem, targets)
         masks.extend(m.query_keep for m in mem.memories)
 
+    def spy_rows(mem, targets):
+        real_rows(mem, targets)
+        rows.extend(m.token_rows for m in mem.memories)
+
     monkeypatch.setattr(loop, "set_query_keep", spy)
-    causal = train(_cfg(tmp_path / "c", selection_before_answer=True, **kw), ds=NO_OFFLOAD, progress=False)
-    assert len(masks) == 6 * 2  # every step, both lanes
+    monkeypatch.setattr(loop, "set_token_rows", spy_rows)
+    causal = train(_cfg(tmp_path / "c", selection_before_answer=True, answer_token_selection=True, **kw),
+                   ds=NO_OFFLOAD, progress=False)
+    assert len(masks) == 6 * 2 and len(rows) == 6 * 2  # every step, both lanes
     assert any(m is not None and not bool(m.all()) for m in masks)  # some window held an answer
-    for m in masks:  # a prefix of the window: the queries up to the one predicting the answer
+    for m, r in zip(masks, rows):  # a prefix of the window: the queries up to the one predicting the answer
         if m is not None:
             n = int(m.sum())
             assert m[:n].all() and not m[n:].any()
+        if r is not None:  # the answer's readers: after that prefix
+            assert m is not None and int(r.min()) >= int(m.sum())
+    assert any(r is not None for r in rows)
     assert len(causal.losses) == 6 and all(x == x for x in causal.losses)  # finite
     with pytest.raises(ValueError, match="selection_before_answer"):
         _cfg(tmp_path / "x", selection_before_answer=True)
+    with pytest.raises(ValueError, match="answer_token_selection"):
+        _cfg(tmp_path / "x", answer_token_selection=True)
 
 
 def test_retrieval_changes_the_loss_of_later_windows(tmp_path):
