@@ -299,12 +299,17 @@ def test_full_finetune_from_a_pretrained_model(tmp_path, pretrained):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["smollm2-landmark", "smollm2-landmark-decode"])
-def test_smollm2_landmark_preset_trains_a_few_steps(tmp_path, name):
-    """The shipped adapters' two commands (stage 1, and stage 2b from stage 1's adapter)."""
+def test_smollm2_landmark_preset_trains_a_few_steps(tmp_path):
+    """The shipped adapter's command, stage 2b (from stage 1's committed adapter), trains; stage
+    1's preset is the same LoRA run from the imported base (one training test for both: the
+    suite's time)."""
     if not Path("models/smollm2-135m/config.json").is_file():
         pytest.skip("models/smollm2-135m is made by `make model`")
-    tcfg = train_preset(name, max_steps=2, warmup_steps=1, save_every=0, out_dir=str(tmp_path / "s"))
+    stage1 = train_preset("smollm2-landmark")
+    tcfg = train_preset("smollm2-landmark-decode", max_steps=2, warmup_steps=1, save_every=0,
+                        out_dir=str(tmp_path / "s"))
+    assert stage1.init_from == "models/smollm2-135m" and tcfg.init_from == "models/smollm2-135m-landmark"
+    assert (stage1.lora_rank, stage1.window_len, stage1.retrieval) == (tcfg.lora_rank, tcfg.window_len, tcfg.retrieval)
     res = train(tcfg, ds=DSOptions(), progress=False)
     assert len(res.losses) == 2 and all(0 < l < 20 for l in res.losses)
     assert (res.checkpoint / "adapter.safetensors").stat().st_size < 10 << 20
