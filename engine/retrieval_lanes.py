@@ -10,7 +10,7 @@ as each memory alone (tested). `end_chunks` commits the lanes' chunks with one s
 
 The lanes read their memories through public members only: `window` (engine/local_window.py),
 `stats`, `rc`, `store`, `read_streams`, `local_positions`, `whole_chunk_pending`,
-`end_whole_chunk`.
+`end_whole_chunk`, and the training hooks `query_keep`, `token_rows`, `with_token_rows`.
 
 Shapes: B lanes, H query heads, Hkv KV heads, T chunk positions, D head dim, L block_len,
 kk retrieved blocks per head.
