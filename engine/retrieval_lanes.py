@@ -72,14 +72,13 @@ class BatchMemory:
     def _with_token_rows(self, layer, q, k, v, out: torch.Tensor) -> torch.Tensor:
         """`RetrievalMemory.with_token_rows` of every lane that has token rows (training's
         `answer_token_selection`), row by row: each such query selects its own blocks."""
-        if all(m.token_rows is None or m.token_rows.numel() == 0 for m in self.memories):
+        if all(m.token_rows is None for m in self.memories):
             return out
         rows = []
         for b, m in enumerate(self.memories):
             o = out[b:b + 1]
-            if m.token_rows is not None and m.token_rows.numel():
-                k_loc = torch.cat([m.window.k[layer], k[b:b + 1].float()], dim=2)
-                v_loc = torch.cat([m.window.v[layer], v[b:b + 1].float()], dim=2)
+            if m.token_rows is not None:  # the lane's window as its chunk saw it (pending: this chunk already)
+                k_loc, v_loc = m.window.with_chunk(layer, k[b:b + 1], v[b:b + 1])
                 o = m.with_token_rows(layer, q[b:b + 1], k_loc, v_loc, o)
             rows.append(o)
         return torch.cat(rows, dim=0)

@@ -279,7 +279,7 @@ class TrainConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-# What the passkey checkpoint's prose stages (3, 3b, 4, 5, 6 below) share: the 4-layer tiny model
+# What the passkey checkpoint's prose stages (3, 3b, 4, 5, 6, 7 below) share: the 4-layer tiny model
 # on multi-window documents with retrieval from the store.
 _PROSE_STAGE: dict[str, Any] = dict(model="tiny", model_overrides={"n_layers": 4}, synthetic_chars=(150, 2500),
                                     micro_batch=8, warmup_steps=50, min_lr_ratio=0.05, retrieval=True,
@@ -400,9 +400,10 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "passkey-tiny-prose-long": dict(**_PROSE_STAGE, **_PROSE_LONG_MIX, max_steps=2000, lr=3e-4,
                                     init_from="runs/passkey-tiny-prose-causal/export", seed=6,
                                     selection_before_answer=True, out_dir="runs/passkey-tiny-prose-long"),
-    # Stage 7 (measured, not shipped: BENCHMARKS.md): from stage 6's export, the same data, each answer token after the first predicted
-    # from the blocks its own query selects (answer_token_selection), as every decode step at
-    # inference does; stages 5-6 trained the whole answer on the question's selection.
+    # Stage 7 (measured, not shipped: BENCHMARKS.md): from stage 6's export, the same data,
+    # each answer token after the first predicted from the blocks its own query selects
+    # (answer_token_selection), as every decode step at inference does; stages 5-6 trained the
+    # whole answer on the question's selection.
     "passkey-tiny-prose-decode": dict(**_PROSE_STAGE, **_PROSE_LONG_MIX, max_steps=1500, lr=2e-4,
                                       init_from="runs/passkey-tiny-prose-long/export", seed=7,
                                       selection_before_answer=True, answer_token_selection=True,
