@@ -8,7 +8,9 @@ queries recorded per layer, and every rule scores the stored blocks (sinks and t
 excluded) from the stored pre-RoPE keys: which fraction of layers (any KV head) and of (layer,
 KV head) pairs put the needle's block in their top 8. Rules: max or mean over the question's
 queries (and query heads), of the block's mean key, of its best key (max_k), or of a
-logsumexp over its keys; `rot1024`: the query rotated to distance 1024 first.
+logsumexp over its keys, of the mean of its 4 best keys (top4_k), or of Quest's upper bound
+(arXiv 2406.10774: per channel the block's min/max key, q . centre + |q| . half-range);
+`rot1024`: the query rotated to distance 1024 first.
 """
 import torch, shutil, sys, json, random
 from engine.commands import load_model_arg
@@ -47,7 +49,7 @@ for trial, depth in enumerate([0.1, 0.3, 0.5, 0.7, 0.9]):
     tail = store.get_stream_meta("doc").get("tail", [])
     model(torch.tensor([tail + qids]), memory=mem)
     bids = store.stream_blocks("doc")
-    excl = set(mem.sink_ids) | {i for i in mem.local_ids if i is not None}
+    excl = set(mem.sink_ids) | set(mem.window.stored_ids())
     cand = [i for i in bids.tolist() if i not in excl]
     target = {int(bids[b]) for b in nblocks if b < len(bids)} & set(cand)
     if not target:
@@ -66,7 +68,13 @@ for trial, depth in enumerate([0.1, 0.3, 0.5, 0.7, 0.9]):
         cos, sin = rope_cos_sin(torch.tensor([1024]), D, model.cfg.rope)
         qr = apply_rope(qg, cos, sin)
         s_rot = torch.einsum("hqd,nhd->hqn", qr, kmean)
+        s_allrot = torch.einsum("hqd,nhld->hqnl", qr, K)  # (Hkv, GT, n, L)
+        centre, half = (K.amax(2) + K.amin(2)) / 2, (K.amax(2) - K.amin(2)) / 2  # (n, Hkv, D)
+        s_quest = (torch.einsum("hqd,nhd->hqn", qr, centre) + torch.einsum("hqd,nhd->hqn", qr.abs(), half))
         variants = {"max_q mean_k": s_mean.amax(1), "mean_q mean_k": s_mean.mean(1),
+                    "mean_q max_k rot1024": s_allrot.amax(3).mean(1),
+                    "mean_q top4_k rot1024": s_allrot.topk(4, dim=3).values.mean(3).mean(1),
+                    "mean_q quest rot1024": s_quest.mean(1), "max_q quest rot1024": s_quest.amax(1),
                     "max_q max_k": s_all.amax(3).amax(1), "mean_q max_k": s_all.amax(3).mean(1),
                     "mean_q lse_k": torch.logsumexp(s_all / D**0.5, 3).mean(1),
                     "max_q mean_k rot1024": s_rot.amax(1), "mean_q mean_k rot1024": s_rot.mean(1)}

@@ -4,7 +4,9 @@ The same final M tokens of one long document are scored given the C tokens befor
 for each context length C and mode:
 
 - `full`: the model's own causal attention over the C + M tokens (a KV cache, prefilled in
-  chunks), for C up to `full_max_len`;
+  chunks), for C up to `full_max_len`; when C + M passes `full_max_len` (the trained range),
+  a sliding window of C positions instead (each chunk of scored tokens run afresh over the C
+  tokens ending at it: a scored token sees C - chunk + 1 to C tokens; the row's `full_window`);
 - `retrieval`: the C context tokens ingested into a temporary store (`ingest`), then the M
   tokens run through a memory that continues that stream (its sinks, its last blocks as the
   window, its unfinished tail re-run first, as `generate` continues a stream), chunk by chunk;
@@ -145,20 +147,35 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[..., :-1].float(), targets, reduction="none").double()
 
 
-def score_full(model: LandmarkTransformer, seq: Sequence[int], m: int, *, chunk: int = 1024) -> torch.Tensor:
-    """NLL (m,) of the last m tokens of `seq` under full causal attention over all of it."""
+def score_full(model: LandmarkTransformer, seq: Sequence[int], m: int, *, chunk: int = 1024,
+               window: int | None = None) -> torch.Tensor:
+    """NLL (m,) of the last m tokens of `seq` under full causal attention.
+
+    window None: over all of `seq` (one KV cache; the last scored token sees len(seq) - 1
+    tokens). window W: a sliding window of W positions, so no position passes W (the model's
+    trained range): the scored tokens go in chunks of `chunk`, each run afresh over the W
+    tokens ending at its last input, so a scored token sees between W - chunk + 1 and W
+    tokens (always ending just before it)."""
     dev = model.tok_emb.weight.device
     x = torch.tensor(seq, dtype=torch.long)
     n = x.numel()
-    cache = model.new_cache(1, n)
     first = n - m - 1  # logits from this position on predict the scored tokens
-    for a in range(0, first, chunk):
-        model(x[None, a:min(a + chunk, first)].to(dev), cache=cache)
+    if window is not None and window < 1:
+        raise ValueError(f"score_full: window={window!r} is invalid: None or an int >= 1")
+    if window is None or n - 1 <= window:
+        spans = [(0, first, n - 1)]  # (input start, first scored input, input end)
+    else:
+        step = min(chunk, window)
+        spans = [(max(0, min(a + step, n - 1) - window), a, min(a + step, n - 1)) for a in range(first, n - 1, step)]
     out = []
-    for a in range(first, n - 1, chunk):
-        b = min(a + chunk, n - 1)
-        logits = model(x[None, a:b].to(dev), cache=cache)[0]  # (b - a, V)
-        out.append(_nll(logits, x[a + 1:b + 1].to(dev)))
+    for s0, a0, end in spans:
+        cache = model.new_cache(1, end - s0)
+        for a in range(s0, a0, chunk):
+            model(x[None, a:min(a + chunk, a0)].to(dev), cache=cache)
+        for a in range(a0, end, chunk):
+            b = min(a + chunk, end)
+            logits = model(x[None, a:b].to(dev), cache=cache)[0]  # (b - a, V)
+            out.append(_nll(logits, x[a + 1:b + 1].to(dev)))
     return torch.cat(out).cpu()
 
 
@@ -257,8 +274,11 @@ def run_perplexity(model: LandmarkTransformer, tok: Tokenizer, cfg: PerplexityCo
             seq = ids[len(ids) - c - m:]
             t0 = time.perf_counter()
             ingest_tps = None
+            window = None
             if mode == "full":
-                nll = score_full(model, seq, m, chunk=cfg.chunk)
+                # C + M past the trained range: a sliding window of C positions (see score_full)
+                window = c if c + m > cfg.full_max_len else None
+                nll = score_full(model, seq, m, chunk=cfg.chunk, window=window)
             else:
                 nll, ingest_tps = score_store(model, tok, seq, m, mode_config(cfg, mode, model.cfg),
                                               Path(d) / f"store{i}")
@@ -266,6 +286,7 @@ def run_perplexity(model: LandmarkTransformer, tok: Tokenizer, cfg: PerplexityCo
             result["rows"].append({"mode": mode, "context": c, "tokens": m, "nll": round(mean, 5),
                                    "ppl": round(math.exp(mean), 4), "seconds": round(time.perf_counter() - t0, 1),
                                    "ingest_tokens_per_s": None if ingest_tps is None else round(ingest_tps, 1),
+                                   "full_window": window,
                                    "nll_tokens": [round(float(v), 4) for v in nll]})
             result["seconds"] = round(time.perf_counter() - t_start, 1)
             if bar is not None:
@@ -315,6 +336,10 @@ def format_table(result: dict) -> str:
                 deltas.append(f"{mean:+.3f}±{se:.3f}")
             line += " " + ", ".join(deltas) + " |"
         lines.append(line)
+    slid = [f"{r['context']:,}" for r in rows if r["mode"] == "full" and r.get("full_window")]
+    if slid:
+        lines.append(f"\nfull at C = {', '.join(slid)}: C + M passes the trained range, so a sliding window of C "
+                     f"positions (each scored token sees C - chunk + 1 to C tokens)")
     return "\n".join(lines)
 
 

@@ -373,6 +373,14 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
                                     data=("needles:answer_weight=8,max_keys=3,plain=0.1",),
                                     max_steps=300, lr=5e-4, warmup_steps=10, seed=2, selection_before_answer=True,
                                     answer_token_selection=True, out_dir="runs/smollm2-landmark-decode"),
+    # Stage 2c: stage 2b continued the same way with a third of its documents long (7,000-24,000
+    # characters, up to 12 windows), so the answer is trained from keys many windows back.
+    "smollm2-landmark-decode-long": dict(**_SMOL_STAGE, init_from="models/smollm2-135m-landmark-decode",
+                                         data=("needles:answer_weight=8,max_keys=3,plain=0.1",
+                                               "needles:answer_weight=8,max_keys=3,chars=7000-24000"),
+                                         data_weights=(2.0, 1.0), max_steps=300, lr=3e-4, warmup_steps=10,
+                                         seed=3, selection_before_answer=True, answer_token_selection=True,
+                                         out_dir="runs/smollm2-landmark-decode-long"),
     # Stage 3 of the passkey checkpoint: from the shipped models/passkey-tiny, keys hidden in real
     # training prose (filler=prose) mixed with the generator's filler, multi-window documents,
     # retrieval from the store; so the key is found in text that is not the generator's.

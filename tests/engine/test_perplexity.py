@@ -54,6 +54,36 @@ def test_full_scoring_is_one_forward():
     assert (got - want).abs().max() < 1e-4
 
 
+def test_full_scoring_past_the_trained_range_slides_a_window_of_c_positions():
+    m = _model()
+    ids, _ = build_document(TOK, 300, TEXTS)
+    seq = torch.tensor(ids[-300:])
+    n, scored, window, chunk = 300, 100, 150, 40
+    with torch.no_grad():
+        got = score_full(m, seq.tolist(), scored, chunk=chunk, window=window)
+        whole = score_full(m, seq.tolist(), scored, chunk=chunk)
+        assert got.shape == whole.shape == (scored,)
+        first = n - scored  # the first scored token's index in seq
+        for j in (0, 17, 39, 40, 61, 99):
+            t = first + j
+            end = min(first - 1 + (j // chunk + 1) * chunk, n - 1)  # its chunk's input end
+            seen = t - (end - window)  # tokens before it in its window
+            assert window - chunk + 1 <= seen <= window
+            logits = m(seq[None, t - seen:t])[0, -1]
+            want = torch.nn.functional.cross_entropy(logits[None, :-1], seq[t:t + 1]).double()
+            assert abs(float(got[j]) - float(want)) < 1e-4, (j, seen)
+    assert (got - whole).abs().max() > 1e-3  # the window cut what the whole sequence sees
+    with pytest.raises(ValueError, match="window"):
+        score_full(m, seq.tolist(), scored, window=0)
+
+
+def test_run_marks_the_sliding_full_window():
+    m = _model()
+    cfg = PerplexityConfig(contexts=[96, 160], scored_tokens=64, full_max_len=200, modes=("full",), texts=TEXTS)
+    rows = {r["context"]: r for r in run_perplexity(m, TOK, cfg, progress=False)["rows"]}
+    assert rows[96]["full_window"] is None and rows[160]["full_window"] == 160  # 96 + 64 fits in 200, 160 + 64 not
+
+
 def test_run_rows_local_differs_and_outputs(tmp_path):
     m = _model()
     local = PerplexityConfig(contexts=[128, 320], scored_tokens=48, full_max_len=200, local_max_len=None,
