@@ -375,6 +375,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
                                     answer_token_selection=True, out_dir="runs/smollm2-landmark-decode"),
     # Stage 2c: stage 2b continued the same way with a third of its documents long (7,000-24,000
     # characters, up to 12 windows), so the answer is trained from keys many windows back.
+    # Measured (BENCHMARKS.md): no better than stage 2b; not shipped.
     "smollm2-landmark-decode-long": dict(**_SMOL_STAGE, init_from="models/smollm2-135m-landmark-decode",
                                          data=("needles:answer_weight=8,max_keys=3,plain=0.1",
                                                "needles:answer_weight=8,max_keys=3,chars=7000-24000"),
