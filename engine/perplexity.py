@@ -165,8 +165,10 @@ def score_full(model: LandmarkTransformer, seq: Sequence[int], m: int, *, chunk:
     if window is None or n - 1 <= window:
         spans = [(0, first, n - 1)]  # (input start, first scored input, input end)
     else:
-        step = min(chunk, window)
-        spans = [(max(0, min(a + step, n - 1) - window), a, min(a + step, n - 1)) for a in range(first, n - 1, step)]
+        step, spans = min(chunk, window), []
+        for a in range(first, n - 1, step):
+            end = min(a + step, n - 1)
+            spans.append((max(0, end - window), a, end))
     out = []
     for s0, a0, end in spans:
         cache = model.new_cache(1, end - s0)

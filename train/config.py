@@ -304,6 +304,13 @@ _SMOL_STAGE: dict[str, Any] = dict(model="init", model_overrides={"attention": "
                                    min_lr_ratio=0.1, save_every=20, keep_checkpoints=2, retrieval=True,
                                    retrieval_top_k=4, lora_rank=8, lora_alpha=16.0, precision="fp32")
 
+# The SmolLM2 stages' needles sources (train/prose_tasks.py): stage 1's mix, and long documents
+# (7,000-24,000 characters, up to 12 windows) that the long stages add.
+_SMOL_NEEDLES = "needles:answer_weight=8,max_keys=3,plain=0.1"
+_SMOL_LONG_NEEDLES = "needles:answer_weight=8,max_keys=3,chars=7000-24000"
+# Stages 2b and 2c: each answer trained the way it is asked (see the stage 2b comment).
+_SMOL_DECODE: dict[str, Any] = dict(selection_before_answer=True, answer_token_selection=True)
+
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # The demo: the tiny model on passkey mixed with the stdlib corpus, with retrieval from the
     # store (a model trained without it does not use retrieved blocks).
@@ -356,32 +363,29 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # (train/prose_tasks.py) with retrieval of earlier windows from the store. Block 64 and
     # window 512 as the paper's LLaMA fine-tune.
     "smollm2-landmark": dict(**_SMOL_STAGE, init_from="models/smollm2-135m",
-                             data=("needles:answer_weight=8,max_keys=3,plain=0.1",),
+                             data=(_SMOL_NEEDLES,),
                              max_steps=900, lr=1e-3, warmup_steps=20, out_dir="runs/smollm2-landmark"),
     # Stage 2 of the SmolLM2 fine-tune: continues the shipped adapter (models/smollm2-135m-landmark)
     # with a second needles source of long documents (up to ~6k tokens, 12 windows), so keys are
     # retrieved from many windows back, as the 8k-32k evaluations ask.
     "smollm2-landmark-long": dict(**_SMOL_STAGE, init_from="models/smollm2-135m-landmark",
-                                  data=("needles:answer_weight=8,max_keys=3,plain=0.1",
-                                        "needles:answer_weight=8,max_keys=3,chars=7000-24000"),
+                                  data=(_SMOL_NEEDLES, _SMOL_LONG_NEEDLES),
                                   data_weights=(3.0, 1.0), max_steps=600, lr=5e-4, warmup_steps=10, seed=1,
                                   out_dir="runs/smollm2-landmark-long"),
     # Stage 2b: the shipped adapter continued with each answer trained the way it is asked: the
     # window's blocks chosen by the queries before the answer, each later answer token from the
     # blocks its own query selects (selection_before_answer, answer_token_selection).
     "smollm2-landmark-decode": dict(**_SMOL_STAGE, init_from="models/smollm2-135m-landmark",
-                                    data=("needles:answer_weight=8,max_keys=3,plain=0.1",),
-                                    max_steps=300, lr=5e-4, warmup_steps=10, seed=2, selection_before_answer=True,
-                                    answer_token_selection=True, out_dir="runs/smollm2-landmark-decode"),
+                                    data=(_SMOL_NEEDLES,),
+                                    **_SMOL_DECODE, max_steps=300, lr=5e-4, warmup_steps=10, seed=2,
+                                    out_dir="runs/smollm2-landmark-decode"),
     # Stage 2c: stage 2b continued the same way with a third of its documents long (7,000-24,000
     # characters, up to 12 windows), so the answer is trained from keys many windows back.
     # Measured (BENCHMARKS.md): no better than stage 2b; not shipped.
     "smollm2-landmark-decode-long": dict(**_SMOL_STAGE, init_from="models/smollm2-135m-landmark-decode",
-                                         data=("needles:answer_weight=8,max_keys=3,plain=0.1",
-                                               "needles:answer_weight=8,max_keys=3,chars=7000-24000"),
-                                         data_weights=(2.0, 1.0), max_steps=300, lr=3e-4, warmup_steps=10,
-                                         seed=3, selection_before_answer=True, answer_token_selection=True,
-                                         out_dir="runs/smollm2-landmark-decode-long"),
+                                         data=(_SMOL_NEEDLES, _SMOL_LONG_NEEDLES),
+                                         **_SMOL_DECODE, data_weights=(2.0, 1.0), max_steps=300, lr=3e-4,
+                                         warmup_steps=10, seed=3, out_dir="runs/smollm2-landmark-decode-long"),
     # Stage 3 of the passkey checkpoint: from the shipped models/passkey-tiny, keys hidden in real
     # training prose (filler=prose) mixed with the generator's filler, multi-window documents,
     # retrieval from the store; so the key is found in text that is not the generator's.
