@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from engine.commands import load_model_arg
     from engine.needle import NeedleConfig, machine_info, run_needle
-    from engine.perplexity import PerplexityConfig, run_perplexity
+    from engine.perplexity import PerplexityConfig, paired_delta, run_perplexity
     from engine.retrieval import RetrievalConfig
     from engine.training_free import TrainingFreeConfig
 
@@ -201,22 +201,28 @@ def main(argv: list[str] | None = None) -> int:
                                 "tuned_retrieval": [{k: r[k] for k in ("context", "nll", "ppl", "seconds")}
                                                     for r in pt["rows"]],
                                 "document": pb["document"]}
-        for r in result["perplexity"]["tuned_retrieval"]:
+        for r, row in zip(result["perplexity"]["tuned_retrieval"], pt["rows"]):
             r["ppl_vs_base_full"] = round(r["ppl"] / ref["ppl"], 4)
+            # paired over the same tokens: mean per-token NLL difference and its standard error
+            r["delta_nll_vs_base_full"], r["delta_nll_se"] = (round(x, 5) for x in paired_delta(row, ref))
     save()
-    md = ["## Needle (held-out prose, evaluation phrasing; accuracy (trials))", "", needle_table(result["needle_rows"])]
+    md = []
+    if result["needle_rows"]:
+        md += ["## Needle (held-out prose, evaluation phrasing; accuracy (trials))", "", needle_table(result["needle_rows"])]
     if result["perplexity"]:
         p = result["perplexity"]
         md += ["", f"## Perplexity of the last {args.ppl_tokens} tokens (held-out text)", "",
-               "| system | context | perplexity | vs base full |", "|---|---:|---:|---:|",
-               f"| base full | {p['base_full']['context']:,} | {p['base_full']['ppl']:.3f} | 1.000 |"]
-        md += [f"| tuned retrieval | {r['context']:,} | {r['ppl']:.3f} | {r['ppl_vs_base_full']:.3f} |"
-               for r in p["tuned_retrieval"]]
+               "| system | context | perplexity | vs base full | Δnll/token vs base full (± s.e.) |",
+               "|---|---:|---:|---:|---:|",
+               f"| base full | {p['base_full']['context']:,} | {p['base_full']['ppl']:.3f} | 1.000 | - |"]
+        md += [f"| tuned retrieval | {r['context']:,} | {r['ppl']:.3f} | {r['ppl_vs_base_full']:.3f} | "
+               f"{r['delta_nll_vs_base_full']:+.3f} ± {r['delta_nll_se']:.3f} |" for r in p["tuned_retrieval"]]
     (out / "finetune.md").write_text("\n".join(md) + "\n")
-    plot(result["needle_rows"], out / "finetune.png")
+    wrote = [out / "finetune.json", out / "finetune.md"]
+    if result["needle_rows"]:  # --no-needle: nothing to plot
+        wrote.append(plot(result["needle_rows"], out / "finetune.png"))
     print("\n".join(md))
-    print(f"wrote {out / 'finetune.json'}, {out / 'finetune.md'}, {out / 'finetune.png'} "
-          f"({time.perf_counter() - t0:.0f} s)")
+    print(f"wrote {', '.join(map(str, wrote))} ({time.perf_counter() - t0:.0f} s)")
     return 0
 
 

@@ -136,6 +136,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.folio_landmark_fwd.restype = it
     lib.folio_landmark_bwd.argtypes = [vp, vp, vp, vp, vp, lg, lg, lg, lg, lg, lg, lg, it]
     lib.folio_landmark_bwd.restype = it
+    lib.folio_max_dot.argtypes = [vp, vp, vp, lg, lg, lg, lg, lg, lg, lg, it]
+    lib.folio_max_dot.restype = it
     return lib
 
 
@@ -193,3 +195,48 @@ def landmark_backward(lib: ctypes.CDLL, dp: torch.Tensor, p: torch.Tensor, g: to
     lib.folio_landmark_bwd(_ptr(dp), _ptr(p), _ptr(g), _ptr(delta), _ptr(present),
                            present.shape[1] if present is not None else 0,
                            n_mat, R, C, Kc // L, L, p0, torch.get_num_threads())
+
+
+def max_scores(queries: torch.Tensor, keys: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """best[b, n] = max over q of queries[b, q] . keys[b, n] without writing the (N x Q) scores.
+
+    queries (B, Q, D), keys (B, N, D): float32 on the CPU, each batch's rows contiguous
+    (batches may be strided: a key tile of a larger tensor is read in place). out: None or
+    a (B, N) float32 tensor whose rows are contiguous. Returns out (B, N), or None when the
+    kernel does not apply (disabled, unbuilt, another device or dtype, Q or N zero): the
+    caller then runs its torch path, which computes the same up to float rounding.
+    Registered with the landmark index (memory_store/index.py) when this module loads.
+    """
+    if (queries.device.type != "cpu" or keys.device.type != "cpu" or queries.dtype != torch.float32
+            or keys.dtype != torch.float32 or queries.ndim != 3 or keys.ndim != 3):
+        return None
+    B, Q, D = queries.shape
+    N = keys.shape[1]
+    if Q == 0 or N == 0 or keys.shape[0] != B or keys.shape[2] != D:
+        return None
+    lib = get()
+    if lib is None:
+        return None
+    if queries.stride(2) != 1 or queries.stride(1) != D:
+        queries = queries.contiguous()
+    if keys.stride(2) != 1 or keys.stride(1) != D:
+        keys = keys.contiguous()
+    if out is None:
+        out = torch.empty(B, N, dtype=torch.float32)
+    elif out.shape != (B, N) or out.dtype != torch.float32 or out.device.type != "cpu" or (N > 1 and out.stride(1) != 1):
+        raise ValueError(f"max_scores: out of shape {tuple(out.shape)} {out.dtype} on {out.device}, expected a "
+                         f"({B}, {N}) float32 CPU tensor with contiguous rows")
+    rc = lib.folio_max_dot(_ptr(queries), _ptr(keys), _ptr(out), B, Q, N, D, queries.stride(0), keys.stride(0),
+                           out.stride(0), torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("folio_max_dot: out of memory for its key-tile scratch")
+    return out
+
+
+def _register() -> None:
+    from memory_store import max_scores as _ms  # engine imports memory_store (downward), never the reverse
+
+    _ms.set_kernel(max_scores)
+
+
+_register()

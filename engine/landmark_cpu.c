@@ -17,6 +17,9 @@
  * mass). Backward, in place: dP -> dS, the gradient wrt the raw scores, given P, g and
  * delta = rowsum(dO * O) (n_mat * R). See the comments in engine/attention.py for the
  * formulas; the per-block maximum is always subtracted before exp.
+ *
+ * The third, folio_max_dot (at the end), is the landmark index's exact max-aggregated
+ * search (memory_store/max_scores.py), registered there by engine/cpu_kernels.py.
  */
 #include <float.h>
 #include <math.h>
@@ -167,4 +170,89 @@ int folio_landmark_bwd(float *dp, const float *p, const float *g, const float *d
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long r = 0; r < rows; r++) bwd_rows(&a, r);
     return 0;
+}
+
+/* ---- Max-aggregated dot products (the landmark index's exact search_max) ----------------
+ *
+ * best[b, n] = max over q of <queries[b, q, :], keys[b, n, :]>, for n_b batches (KV heads,
+ * or lanes x heads) of Q queries and N keys of D floats. Within a batch the queries and the
+ * keys are contiguous rows of D floats; batches are q_bs / k_bs / o_bs floats apart (so a
+ * key tile of a larger matrix is read in place). torch computes the same as a bmm of the
+ * (N x Q) scores followed by a max over Q; this never writes the scores. Keys are taken in
+ * tiles of MD_TILE = 4 vectors of 16, transposed into (D, MD_TILE) scratch, and two queries
+ * at a time are scored against the whole tile: 8 vector accumulators written with gcc's
+ * vector extensions, so that they stay in registers (the plain loop over the tile's 64
+ * lanes kept them in memory and ran at about half the speed; clang and gcc on any target
+ * lower the 16-float vectors to what the CPU has). The running max is kept per lane. Jobs
+ * (batch, tile) are split over `threads` OpenMP threads. Returns 0, or -1 if scratch memory
+ * ran out. */
+typedef float md_v16 __attribute__((vector_size(64)));
+typedef int md_i16 __attribute__((vector_size(64)));
+#define MD_NV 4
+#define MD_TILE (16 * MD_NV)
+
+static inline md_v16 md_max(md_v16 a, md_v16 b) {
+    const md_i16 m = a > b;
+    return (md_v16)(((md_i16)a & m) | ((md_i16)b & ~m));
+}
+
+static void max_dot_tile(const float *restrict q, const float *restrict k, float *restrict best,
+                         long Q, long D, long nk, md_v16 *restrict kt) {
+    float *ktf = (float *)kt;
+    for (long d = 0; d < D; d++)
+        for (long j = 0; j < MD_TILE; j++) ktf[d * MD_TILE + j] = j < nk ? k[j * D + d] : 0.0f;
+    md_v16 m[MD_NV];
+    for (int v = 0; v < MD_NV; v++) m[v] = (md_v16){0} - FLT_MAX;
+    long i = 0;
+    for (; i + 1 < Q; i += 2) {
+        const float *q0 = q + i * D, *q1 = q0 + D;
+        md_v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+        for (long d = 0; d < D; d++) {
+            const float a = q0[d], b = q1[d];
+            const md_v16 *kr = kt + d * MD_NV;
+            a0 += a * kr[0]; a1 += a * kr[1]; a2 += a * kr[2]; a3 += a * kr[3];
+            b0 += b * kr[0]; b1 += b * kr[1]; b2 += b * kr[2]; b3 += b * kr[3];
+        }
+        m[0] = md_max(m[0], md_max(a0, b0));
+        m[1] = md_max(m[1], md_max(a1, b1));
+        m[2] = md_max(m[2], md_max(a2, b2));
+        m[3] = md_max(m[3], md_max(a3, b3));
+    }
+    if (i < Q) {
+        const float *q0 = q + i * D;
+        md_v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        for (long d = 0; d < D; d++) {
+            const float a = q0[d];
+            const md_v16 *kr = kt + d * MD_NV;
+            a0 += a * kr[0]; a1 += a * kr[1]; a2 += a * kr[2]; a3 += a * kr[3];
+        }
+        m[0] = md_max(m[0], a0);
+        m[1] = md_max(m[1], a1);
+        m[2] = md_max(m[2], a2);
+        m[3] = md_max(m[3], a3);
+    }
+    const float *mf = (const float *)m;
+    for (long j = 0; j < nk; j++) best[j] = mf[j];
+}
+
+int folio_max_dot(const float *q, const float *k, float *best, long n_b, long Q, long N, long D,
+                  long q_bs, long k_bs, long o_bs, int threads) {
+    const long tiles = (N + MD_TILE - 1) / MD_TILE, jobs = n_b * tiles;
+    int failed = 0;
+    if (N <= 0 || Q <= 0) return 0;
+    if (threads < 1 || jobs < 2 || Q * N * D < (1L << 16)) threads = 1;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        md_v16 *kt = (md_v16 *)aligned_alloc(64, sizeof(float) * MD_TILE * (size_t)D);
+        if (!kt) failed = 1;
+#pragma omp for schedule(static)
+        for (long jb = 0; jb < jobs; jb++) {
+            if (!kt) continue;
+            const long b = jb / tiles, n0 = (jb % tiles) * MD_TILE;
+            const long nk = N - n0 < MD_TILE ? N - n0 : MD_TILE;
+            max_dot_tile(q + b * q_bs, k + b * k_bs + n0 * D, best + b * o_bs + n0, Q, D, nk, kt);
+        }
+        free(kt);
+    }
+    return failed ? -1 : 0;
 }

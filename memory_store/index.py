@@ -31,7 +31,8 @@ import torch
 from .errors import LandmarkIndexError, ShapeError, UnknownBlockError
 from .index_backends import FAISS_BACKENDS, AnnParams, FaissBackend
 from .index_io import IndexPersistence
-from .index_lanes import _MAX_CHUNK_ELEMS, LanesSearch
+from .index_lanes import LanesSearch
+from .max_scores import max_scores
 
 __all__ = ["LandmarkIndex", "aggregate_max", "AnnParams", "BACKENDS", "AUTO_APPROX_BACKEND", "DEFAULT_EXACT_THRESHOLD"]
 
@@ -381,14 +382,9 @@ class LandmarkIndex(LanesSearch, IndexPersistence):
                 # Q rows; faster on CPU than (H, N, D) x (H, D, Q), whose output is too narrow
                 best = torch.matmul(q.transpose(0, 1), keys.transpose(1, 2)).amax(dim=1)  # (H, N)
             else:
-                qt = q.permute(1, 2, 0).contiguous()  # (H, D, Q)
-                # key tiles small enough that the (H, C, Q) scores stay in cache for the max:
-                # faster on CPU than one big matmul followed by a strided reduction
-                chunk = max(64, _MAX_CHUNK_ELEMS // max(1, qt.shape[2] * self.n_kv_heads))
+                # the fused CPU kernel where registered, else key tiles of a bmm (max_scores.py)
                 best = torch.empty(self.n_kv_heads, m, dtype=torch.float32, device=self.device)
-                for start in range(0, m, chunk):
-                    s = torch.bmm(keys[:, start:start + chunk], qt)  # (H, C, Q)
-                    best[:, start:start + s.shape[1]] = s.amax(dim=2)
+                max_scores(q.transpose(0, 1).contiguous(), keys, best)  # queries (H, Q, D)
             k_eff = min(int(k), m)
             top_s, top_i = best.topk(k_eff, dim=-1)  # (H, k')
             out_ids = torch.full((1, self.n_kv_heads, int(k)), -1, dtype=torch.int64, device=self.device)

@@ -13,11 +13,9 @@ import numpy as np
 import torch
 
 from .errors import LandmarkIndexError, ShapeError
+from .max_scores import max_scores
 
 __all__ = ["LanesSearch"]
-
-_MAX_CHUNK_ELEMS = 1 << 20  # scores per key tile (cache-sized; GPUs do not mind)
-
 
 class LanesSearch:
     """search_max_lanes and the cached lane layout it scores over."""
@@ -73,14 +71,10 @@ class LanesSearch:
             keys = self._keys[layer].index_select(1, rows_t).view(H, B, m, -1).transpose(0, 1).reshape(B * H, m, -1)
             if key_map is not None:
                 keys = keys @ key_map.to(self.device, torch.float32)
-            # (B*H, D, Q): a view of head-major queries (bmm reads the transpose as it is)
-            qt = queries.detach().to(self.device, torch.float32).transpose(1, 2).reshape(B * H, n_q, -1).transpose(1, 2)
+            q_rows = queries.detach().to(self.device, torch.float32).transpose(1, 2).reshape(B * H, n_q, -1)  # (B*H, Q, D)
             best = torch.empty(B * H, m, dtype=torch.float32, device=self.device)  # past a lane's keys: unused
-            for lo, hi, n_keys in groups:
-                chunk = max(64, _MAX_CHUNK_ELEMS // max(1, (hi - lo) * n_q))
-                for start in range(0, n_keys, chunk):
-                    end = min(n_keys, start + chunk)
-                    best[lo:hi, start:end] = torch.bmm(keys[lo:hi, start:end], qt[lo:hi]).amax(dim=2)  # (rows, C)
+            for lo, hi, n_keys in groups:  # the fused CPU kernel where registered, else bmm tiles (max_scores.py)
+                max_scores(q_rows[lo:hi], keys[lo:hi, :n_keys], best[lo:hi, :n_keys])
             best = best.view(B, H, m)
             ids = self._device_ids()
             kc = min(k, m)

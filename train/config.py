@@ -421,6 +421,12 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
                                       init_from="runs/passkey-tiny-prose-long/export", seed=7,
                                       selection_before_answer=True, answer_token_selection=True,
                                       out_dir="runs/passkey-tiny-prose-decode"),
+    # Stage 8: stages 5 and 6 in one run from the shipped models/passkey-tiny-prose: the long mix
+    # (half the prose documents 2k-16k characters) with the answer on the question's selection,
+    # 3000 steps down to a low rate.
+    "passkey-tiny-prose-long1": dict(**_PROSE_STAGE, **_PROSE_LONG_MIX, max_steps=3000, lr=3e-4,
+                                     init_from="models/passkey-tiny-prose", seed=8,
+                                     selection_before_answer=True, out_dir="runs/passkey-tiny-prose-long1"),
     # Stage 4: from stage 3's export, sentences with other numbers (headings, labelled numbers,
     # years, prices) among the filler, so the answer is the number the key sentence gives and not
     # the first number the text holds (real documents have many).

@@ -157,3 +157,49 @@ def test_the_temp_dir_fallback_refuses_a_directory_others_can_write(fresh, monke
     planted.chmod(0o777)  # anyone could have put a library there
     with pytest.raises(RuntimeError, match="not a private directory"):
         cpu_kernels.build()
+
+
+@pytest.mark.parametrize("shape", [
+    # B, Q, N, D: a 1M ingest's chunk (2 KV heads, 768 queries), SmolLM2's head_dim, odd sizes
+    # (N not a multiple of the 64-key tile, odd Q, D not a multiple of the vector width)
+    (2, 768, 1000, 32), (3, 100, 257, 64), (1, 1, 1, 8), (4, 7, 130, 13), (2, 2, 64, 16),
+])
+def test_max_scores_equals_the_matmul_and_max(shape, monkeypatch):
+    """folio_max_dot: best[b, n] = max_q q[b, q] . k[b, n], the bmm + amax of the torch path."""
+    require_fused_kernels(monkeypatch)
+    B, Q, N, D = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    q, k = torch.randn(B, Q, D, generator=g), torch.randn(B, N, D, generator=g)
+    got = cpu_kernels.max_scores(q, k)
+    want = torch.bmm(k, q.transpose(1, 2)).amax(dim=2)
+    assert got.shape == (B, N)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), f"max diff {(got - want).abs().max():.3e}"
+    # strided batches read in place: a key tile of a larger tensor, written into a view of a larger output
+    big = torch.randn(B, N + 50, D, generator=g)
+    out = torch.full((B, N + 9), 7.0)
+    assert cpu_kernels.max_scores(q, big[:, 20:20 + N], out[:, 3:3 + N]) is not None
+    assert torch.allclose(out[:, 3:3 + N], torch.bmm(big[:, 20:20 + N], q.transpose(1, 2)).amax(dim=2), atol=1e-5)
+    assert (out[:, :3] == 7).all() and (out[:, 3 + N:] == 7).all()  # nothing written outside the view
+
+
+def test_max_scores_declines_what_it_does_not_handle(monkeypatch):
+    """Another dtype, no queries or keys, or the kernels off: None (the caller's torch path runs)."""
+    require_fused_kernels(monkeypatch)
+    q, k = torch.randn(2, 5, 8), torch.randn(2, 9, 8)
+    assert cpu_kernels.max_scores(q.double(), k.double()) is None
+    assert cpu_kernels.max_scores(q[:, :0], k) is None and cpu_kernels.max_scores(q, k[:, :0]) is None
+    with pytest.raises(ValueError, match="out of shape"):
+        cpu_kernels.max_scores(q, k, torch.empty(2, 8))
+    monkeypatch.setenv("FOLIO_CPU_KERNELS", "0")
+    cpu_kernels.reset()
+    try:
+        assert cpu_kernels.max_scores(q, k) is None
+    finally:
+        cpu_kernels.reset()
+
+
+def test_the_index_uses_the_registered_kernel():
+    """Loading engine.cpu_kernels registers max_scores with the landmark index (memory_store)."""
+    from memory_store import max_scores as ms
+
+    assert ms.kernel() is cpu_kernels.max_scores

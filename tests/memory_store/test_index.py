@@ -309,13 +309,31 @@ def test_auto_falls_back_to_exact_when_measured_recall_is_low():
     assert recall(raw.numpy(), ref_topk(keys, ids, 0, q, 10)[0]) < 0.95
 
 
+@pytest.fixture(params=["torch-one-tile", "torch-64-key-tiles", "kernel"])
+def scores_impl(request, monkeypatch):
+    """How exact search_max scores many queries (memory_store/max_scores.py): the torch path in
+    one key tile or in tiles of 64 keys (a tile boundary inside every stream), or the fused
+    CPU kernel (engine/cpu_kernels.py; its calls are counted in the list yielded)."""
+    from memory_store import max_scores as ms
+
+    if request.param == "kernel":
+        from engine import cpu_kernels
+
+        if cpu_kernels.get() is None:
+            pytest.skip("no working C compiler: the fused kernel is not built")
+        calls: list[int] = []
+        monkeypatch.setattr(ms, "_kernel", lambda *a: calls.append(1) or cpu_kernels.max_scores(*a))
+        return calls
+    monkeypatch.setattr(ms, "_kernel", None)
+    if request.param == "torch-64-key-tiles":
+        monkeypatch.setattr(ms, "_MAX_CHUNK_ELEMS", 1)
+    return None
+
+
 @pytest.mark.parametrize("n_q", [24, 3], ids=["many-queries", "decode-few-queries"])
-@pytest.mark.parametrize("tiled", [False, True], ids=["one-tile", "64-key-tiles"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_search_max_equals_aggregating_per_query_results(backend, tiled, n_q, monkeypatch):
+def test_search_max_equals_aggregating_per_query_results(backend, scores_impl, n_q):
     """search_max == per-query top-k, then per head the k distinct ids with the best max score."""
-    if tiled:  # the exact path scores key tiles of 64 (a tile boundary inside every stream)
-        monkeypatch.setattr("memory_store.index._MAX_CHUNK_ELEMS", 1)
     ix, ids, keys = filled(backend)
     q = torch.from_numpy(data(n_q, seed=8)[:, 1])
     for streams in (None, ["b"]):
@@ -334,15 +352,14 @@ def test_search_max_equals_aggregating_per_query_results(backend, tiled, n_q, mo
             assert got_i.tolist() == want_i.tolist() or backend not in ("exact", "flat", "auto")
     got_i, got_s = ix.search_max(0, q, 5, streams=["nope"])
     assert (got_i == -1).all() and torch.isinf(got_s).all()
+    if scores_impl is not None and backend in ("exact", "auto"):
+        assert bool(scores_impl) == (n_q > 16)  # many queries go through the kernel; a decode step's do not
 
 
-@pytest.mark.parametrize("tiled", [False, True], ids=["one-tile", "64-key-tiles"])
 @pytest.mark.parametrize("backend", ["exact", "flat"])
-def test_search_max_lanes_equals_search_max_per_lane(backend, tiled, monkeypatch):
+def test_search_max_lanes_equals_search_max_per_lane(backend, scores_impl, monkeypatch):
     """Each lane of the batched search == search_max over that lane's own streams alone:
     lanes over one stream, both, a missing one, and one with too few keys for k."""
-    if tiled:
-        monkeypatch.setattr("memory_store.index_lanes._MAX_CHUNK_ELEMS", 1)
     ix, ids, keys = filled(backend)
     ix.add("c", np.array([99_999, 99_998]), data(2, seed=5))  # 2 keys < k
     lanes = [["a"], ["b"], ["nope"], ["a", "b"], ["c"]]  # lengths far apart: scored lane by lane
@@ -361,6 +378,8 @@ def test_search_max_lanes_equals_search_max_per_lane(backend, tiled, monkeypatch
             assert sim_i[b].tolist() == want_i[0].tolist(), (layer, streams)
             assert torch.allclose(sim_s[b], want_s[0], atol=1e-5)
     assert (got_i[2] == -1).all() and (got_i[4, :, 2:] == -1).all() and (got_i[4, :, :2] >= 0).all()
+    if scores_impl is not None and backend == "exact":
+        assert scores_impl  # the lanes were scored by the kernel (flat: by faiss)
     # a key map M scores q . (k @ M): the same as search_max with the queries q @ M^T
     M = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(3)))[0]
     for layer in range(L):
