@@ -10,7 +10,9 @@ KV head) pairs put the needle's block in their top 8. Rules: max or mean over th
 queries (and query heads), of the block's mean key, of its best key (max_k), or of a
 logsumexp over its keys, of the mean of its 4 best keys (top4_k), or of Quest's upper bound
 (arXiv 2406.10774: per channel the block's min/max key, q . centre + |q| . half-range);
-`rot1024`: the query rotated to distance 1024 first.
+`rot1024`: the query rotated to distance 1024 first. The `global` rows: one selection shared by
+every layer (z-scores summed or maxed over all (layer, KV head) pairs, or their top-8 votes):
+1 when the needle's block is in that top 8.
 """
 import torch, shutil, sys, json, random
 from engine.commands import load_model_arg
@@ -55,6 +57,7 @@ for trial, depth in enumerate([0.1, 0.3, 0.5, 0.7, 0.9]):
     if not target:
         print("needle in local/sink", depth); continue
     out = {}
+    glob = {}  # rule -> per layer (Hkv, n) z-scored block scores, for the cross-layer rules
     for layer in range(model.cfg.n_layers):
         K, _ = store.get_layer(cand, layer)  # (n, Hkv, L, D)
         K = K.float()
@@ -80,10 +83,22 @@ for trial, depth in enumerate([0.1, 0.3, 0.5, 0.7, 0.9]):
                     "max_q mean_k rot1024": s_rot.amax(1), "mean_q mean_k rot1024": s_rot.mean(1)}
         ti = [cand.index(t) for t in target]
         for name, sc in variants.items():
+            z = (sc - sc.mean(-1, keepdim=True)) / sc.std(-1, keepdim=True).clamp(min=1e-6)  # (Hkv, n)
+            glob.setdefault(name, []).append(z)
             top = sc.topk(8, dim=-1).indices  # (Hkv, 8)
             hit = [bool(any(t in top[h].tolist() for t in ti)) for h in range(Hkv)]
             out.setdefault(name, []).append(hit)
     summ = {n: (sum(any(h) for h in v) / len(v), sum(sum(h) for h in v) / (len(v) * len(v[0]))) for n, v in out.items()}
+    # one selection shared by every layer: the needle's block in the top 8 of the z-scores summed
+    # (or maxed) over all (layer, KV head) pairs, or of the votes of their top-8 lists (1 / 0)
+    for name in ("mean_q mean_k rot1024", "max_q mean_k rot1024", "mean_q max_k rot1024"):
+        zs = torch.stack(glob[name])  # (layers, Hkv, n)
+        votes = torch.zeros(zs.shape[-1])
+        for t in zs.reshape(-1, zs.shape[-1]).topk(8, dim=-1).indices:
+            votes[t] += 1
+        for agg, g in (("sum_z", zs.sum((0, 1))), ("max_z", zs.amax((0, 1))), ("votes", votes)):
+            top = g.topk(8).indices.tolist()
+            summ[f"global {agg} {name}"] = (float(any(t in top for t in ti)), float("nan"))
     res.append(summ)
     print(depth, {n: f"{a:.2f}/{b:.2f}" for n, (a, b) in summ.items()}, flush=True)
     store.close()

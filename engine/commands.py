@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from engine.needle import NeedleConfig
     from engine.perplexity import PerplexityConfig
 
-TRAINING_FREE_FLAGS = ("sink_blocks", "block_key", "query_agg", "search_distance", "decode_reselect")
+TRAINING_FREE_FLAGS = ("sink_blocks", "block_key", "query_agg", "search_distance", "decode_reselect",
+                       "question_selection")
 """The flags of training-free retrieval alone (train/cli.py adds them; landmark models refuse them)."""
 
 
@@ -91,7 +92,7 @@ def retrieval_config(args, cfg):
         return rc
     if cfg.landmarks:
         if any(getattr(args, k, None) is not None for k in TRAINING_FREE_FLAGS if k not in ("sink_blocks", "decode_reselect")):
-            raise ValueError("--block-key/--query-agg/--search-distance are for "
+            raise ValueError("--block-key/--query-agg/--search-distance/--question-selection are for "
                              "models without landmarks; this one is landmark-trained")
         return landmark_config(args)
     return training_free_config(args)

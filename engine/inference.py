@@ -318,8 +318,14 @@ def generate(model: LandmarkTransformer, store, prompt: Sequence[int] | torch.Te
         seq = torch.tensor([tok.bos_id if tok.bos_id is not None else 0])
     logits = None
     chunk_len = rc.chunk_for(cfg)
+    scoring = getattr(mem, "wants_scoring_pass", False)  # training-free question_selection='shared'
     for a in range(0, seq.numel(), chunk_len):
-        logits = model(seq[None, a:a + chunk_len].to(dev), memory=mem)
+        chunk = seq[None, a:a + chunk_len].to(dev)
+        if scoring:  # pick the blocks every layer shares, then run the chunk on them
+            mem.begin_scoring()
+            model(chunk, memory=mem)
+            mem.finish_scoring()
+        logits = model(chunk, memory=mem)
         mem.end_chunk()
     yield from _decode(model, mem, logits, gc, tok, on_text)
 

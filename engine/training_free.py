@@ -68,7 +68,20 @@ class TrainingFreeConfig:
     local window plus half the retrieved span, (local_blocks + top_k / 2) * block_len; 0 =
     unrotated."""
 
+    question_selection: Literal["layer", "shared"] = "layer"
+    """How a question (the prompt of `generate`) picks its blocks. 'layer': each layer and KV
+    head its own top_k, as during ingest. 'shared': one set of top_k blocks for every layer and
+    head, from a scoring pass over the prompt: each (layer, KV head) scores every stored block,
+    the scores are standardised per (layer, head) (z-scores over the candidate blocks), and the
+    blocks with the highest z in any (layer, head) are kept; the prompt then runs again on them
+    and the answer keeps them. Costs a second forward over the prompt. In SmolLM2 a needle's
+    block stands out in a few heads only (bench/selection_probe.py), so each layer's own top-k
+    mostly misses it while the best z over all heads finds it."""
+
     def __post_init__(self) -> None:
+        if self.question_selection not in ("layer", "shared"):
+            raise ValueError(f"TrainingFreeConfig.question_selection={self.question_selection!r} is invalid: "
+                             f"'layer' or 'shared'")
         for name in ("top_k", "local_blocks", "sink_blocks"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -153,6 +166,37 @@ class TrainingFreeMemory:
         self._rot: list[_Rotated | None] = [None] * nl
         self._steps = [0] * nl  # per layer, decode steps served by its current selection
         self.stats = RetrievalStats(per_layer_blocks=[0] * nl)
+        # question_selection='shared': the blocks every layer and head attend (Hkv, top_k), and
+        # during a scoring pass each candidate block's best z-score so far
+        self.shared: torch.Tensor | None = None
+        self._best_z: dict[int, float] | None = None
+
+    @property
+    def wants_scoring_pass(self) -> bool:
+        """Whether `generate` runs a scoring pass over each prompt chunk first (see
+        `TrainingFreeConfig.question_selection`)."""
+        return self.rc.question_selection == "shared" and self.rc.top_k > 0
+
+    def begin_scoring(self) -> None:
+        """Start a scoring pass: the next forward selects per layer as usual and records every
+        (layer, KV head)'s z-scores; nothing of it is kept (`finish_scoring`)."""
+        self.shared, self._best_z = None, {}
+
+    def finish_scoring(self) -> torch.Tensor:
+        """End a scoring pass: the shared selection (Hkv, top_k), ascending ids, absent (-1) first;
+        the pass's pending chunk and rotated buffers are dropped, so the chunk runs again."""
+        best = self._best_z or {}
+        self._best_z = None
+        kk, Hkv = self.rc.top_k, self.cfg.n_kv_heads
+        top = sorted(sorted(best, key=lambda i: -best[i])[:kk])
+        row = torch.full((kk,), -1, dtype=torch.long)
+        if top:
+            row[kk - len(top):] = torch.tensor(top, dtype=torch.long)
+        self.shared = row[None].expand(Hkv, kk).clone()
+        self.window.pending = [None] * self.cfg.n_layers
+        self._rot = [None] * self.cfg.n_layers
+        self._steps = [0] * self.cfg.n_layers
+        return self.shared
 
     @property
     def local_first_block(self) -> int:
@@ -195,6 +239,8 @@ class TrainingFreeMemory:
         kk, Hkv = self.rc.top_k, self.cfg.n_kv_heads
         if kk == 0 or len(self.store) == 0:
             return torch.full((Hkv, kk), -1, dtype=torch.long)
+        if self.shared is not None and self._best_z is None:
+            return self.shared  # question_selection='shared': the scoring pass chose for every layer
         _, H, T, D = q.shape
         qf = q.float()
         dist = self.rc.distance_for(self.cfg)
@@ -205,10 +251,31 @@ class TrainingFreeMemory:
         if self.rc.query_agg == "mean":  # the mean score over queries is the mean query's score
             qs = qs.mean(dim=0, keepdim=True)  # (1, Hkv, D)
         exclude = self.sink_ids + self.window.stored_ids()
-        ids, scores = self.store.index.search_max(layer, qs, kk + len(exclude), streams=self.read_streams)
+        # a scoring pass needs every block's score (the z-scores' mean and spread): all of them
+        k_search = len(self.store) if self._best_z is not None else kk + len(exclude)
+        ids, scores = self.store.index.search_max(layer, qs, k_search, streams=self.read_streams)
         self.stats.searches += 1
-        ids, scores = ids.cpu(), scores.float().cpu()
-        return choose_blocks(ids, mask_excluded(ids, scores, exclude), kk)[0]
+        ids, scores = ids.cpu(), mask_excluded(ids.cpu(), scores.float().cpu(), exclude)
+        if self._best_z is not None:
+            self._record_z(ids[0], scores[0], kk)
+        return choose_blocks(ids, scores, kk)[0]
+
+    def _record_z(self, ids: torch.Tensor, scores: torch.Tensor, kk: int) -> None:
+        """Scoring pass: per KV head, the z-scores of its top kk candidates (ids, scores (Hkv, n),
+        excluded ones -inf) kept as each block's best over the (layer, head) pairs seen."""
+        for h in range(ids.shape[0]):
+            ok = torch.isfinite(scores[h]) & (ids[h] >= 0)
+            if int(ok.sum()) < 2:
+                continue
+            s, i = scores[h][ok].double(), ids[h][ok]
+            sd = float(s.std())
+            if not sd > 0:
+                continue
+            z = (s - s.mean()) / sd
+            zt, at = z.topk(min(kk, z.numel()))
+            for zz, b in zip(zt.tolist(), i[at].tolist()):
+                if zz > self._best_z.get(b, float("-inf")):
+                    self._best_z[b] = zz
 
     def _fetch(self, layer: int, sel: torch.Tensor, promote: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of the selected blocks, (1, Hkv, kk*L, D) float32 pre-RoPE, zeros where absent.

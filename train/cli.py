@@ -46,6 +46,10 @@ def _training_free_args(g, *, common: bool) -> None:
     g.add_argument("--search-distance", type=int, default=None,
                    help="models without landmarks: rotate search queries by this distance (default: where the "
                         "retrieved blocks sit, (local_blocks + top_k/2) * block_len; 0 = unrotated)")
+    g.add_argument("--question-selection", choices=("layer", "shared"), default=None,
+                   help="models without landmarks: a question's blocks chosen per layer and KV head (default "
+                        "layer) or one set shared by every layer, the blocks with the best z-score in any head "
+                        "(shared; a second forward over the question)")
     g.add_argument("--decode-reselect", type=int, default=None,
                    help="decode steps between block selections (default 16 without landmarks; 1 with: "
                         "every step selects, a large value keeps the question's selection for the answer)")

@@ -197,3 +197,87 @@ def test_decode_reselect_every_step_searches_every_step(tmp_path):
     with pytest.raises(ValueError, match="decode_reselect"):
         TrainingFreeConfig(decode_reselect=0)
     store.close()
+
+
+def test_shared_question_selection_is_the_best_z_over_every_layer_and_head():
+    """The scoring pass keeps, per block, its best z-score over the (layer, KV head) pairs (each
+    standardised over its own candidates) and shares the top_k of them with every head."""
+    from types import SimpleNamespace
+
+    rc = TrainingFreeConfig(top_k=2, question_selection="shared")
+    mem = TrainingFreeMemory.__new__(TrainingFreeMemory)  # the scoring bookkeeping alone
+    mem.rc, mem.cfg = rc, SimpleNamespace(n_kv_heads=2, n_layers=3)
+    mem.window = SimpleNamespace(pending=[1, 2, 3])
+    mem.begin_scoring()
+    ninf = float("-inf")
+    ids = torch.tensor([[10, 11, 12, 13, 14], [10, 11, 12, 13, 14]])
+    # layer A: head 0 flat but for 12, head 1 spread evenly (no block stands out); 14 excluded
+    mem._record_z(ids, torch.tensor([[0.0, 0.1, 5.0, 0.0, ninf], [1.0, 2.0, 3.0, 4.0, ninf]]), 2)
+    # layer B: block 10 is head 1's outlier; head 0 has one candidate only (no spread: skipped)
+    mem._record_z(ids, torch.tensor([[ninf, ninf, ninf, 9.0, ninf], [8.0, 0.0, 0.2, 0.1, 0.0]]), 2)
+    z = dict(mem._best_z)
+    sel = mem.finish_scoring()
+    s = torch.tensor([8.0, 0.0, 0.2, 0.1, 0.0], dtype=torch.float64)
+    assert z[10] == pytest.approx(float((8.0 - s.mean()) / s.std()))
+    assert sel.tolist() == [[10, 12], [10, 12]]  # the two outliers, ascending, for both heads
+    assert mem.window.pending == [None] * 3 and mem._best_z is None
+    with pytest.raises(ValueError, match="question_selection"):
+        TrainingFreeConfig(question_selection="global")
+
+
+def test_shared_question_selection_runs_the_question_again_on_the_shared_blocks(tmp_path):
+    """generate with question_selection='shared': one scoring pass per prompt chunk, then every
+    layer and head attends the same blocks, and the answer equals that of a memory that was
+    simply given those blocks (the scoring pass leaves nothing behind)."""
+    m = _model()
+    store = open_store(tmp_path / "s", m.cfg, "a")
+    ingest(m, store, "doc", _tokens(20 * L))
+    question, gen = _tokens(11, seed=5), GenerateConfig(max_new_tokens=6)
+    rc = TrainingFreeConfig(top_k=3, local_blocks=2, question_selection="shared")
+    seen: dict = {"shared": [], "selected": []}
+    real_finish, real_select = TrainingFreeMemory.finish_scoring, TrainingFreeMemory.select
+
+    def finish(self):
+        seen["shared"].append(real_finish(self).clone())
+        return self.shared
+
+    def select(self, layer, q):
+        sel = real_select(self, layer, q)
+        if self._best_z is None:
+            seen["selected"].append(sel.clone())
+        return sel
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(TrainingFreeMemory, "finish_scoring", finish)
+    mp.setattr(TrainingFreeMemory, "select", select)
+    with torch.no_grad():
+        got = list(generate(m, store, question, streams=["doc"], retrieval=rc, gen=gen))
+    mp.undo()
+    assert len(seen["shared"]) == 1  # one prompt chunk: one scoring pass
+    shared = seen["shared"][0]
+    assert (shared >= 0).all() and (shared == shared[0]).all()  # the same blocks for every head
+    assert seen["selected"] and all(torch.equal(s, shared) for s in seen["selected"])  # every layer, every step
+
+    class Given(TrainingFreeMemory):  # the reference: those blocks handed over, no scoring pass
+        def select(self, layer, q):
+            return shared
+
+    import engine.inference as inference
+
+    mp.setattr(inference, "make_memory", lambda cfg, st, **kw: Given(cfg, st, stream=kw["stream"],
+                                                                       retrieval=kw["retrieval"], persist=kw["persist"],
+                                                                       read_streams=kw["read_streams"]))
+    with torch.no_grad():
+        want = list(generate(m, store, question, streams=["doc"],
+                             retrieval=TrainingFreeConfig(top_k=3, local_blocks=2), gen=gen))
+    mp.undo()
+    assert got == want
+    seen["selected"].clear()  # per layer (the default), heads and layers choose differently here
+    mp.setattr(TrainingFreeMemory, "select", select)
+    with torch.no_grad():
+        list(generate(m, store, question, streams=["doc"], retrieval=TrainingFreeConfig(top_k=3, local_blocks=2),
+                      gen=gen))
+    mp.undo()
+    firsts = seen["selected"][:m.cfg.n_layers]  # the question chunk's selection of each layer
+    assert any(not (s == s[0]).all() for s in firsts) or any(not torch.equal(s, firsts[0]) for s in firsts)
+    store.close()
