@@ -423,7 +423,8 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
                                       out_dir="runs/passkey-tiny-prose-decode"),
     # Stage 8: stages 5 and 6 in one run from the shipped models/passkey-tiny-prose: the long mix
     # (half the prose documents 2k-16k characters) with the answer on the question's selection,
-    # 3000 steps down to a low rate.
+    # 3000 steps down to a low rate. Measured (BENCHMARKS.md): better at 128k, worse at 8k and on
+    # the GPL-3 filler than the shipped checkpoint; not shipped.
     "passkey-tiny-prose-long1": dict(**_PROSE_STAGE, **_PROSE_LONG_MIX, max_steps=3000, lr=3e-4,
                                      init_from="models/passkey-tiny-prose", seed=8,
                                      selection_before_answer=True, out_dir="runs/passkey-tiny-prose-long1"),
