@@ -205,7 +205,7 @@ def max_scores(queries: torch.Tensor, keys: torch.Tensor, out: torch.Tensor | No
     a (B, N) float32 tensor whose rows are contiguous. Returns out (B, N), or None when the
     kernel does not apply (disabled, unbuilt, another device or dtype, Q or N zero): the
     caller then runs its torch path, which computes the same up to float rounding.
-    Registered with the landmark index (memory_store/index.py) when this module loads.
+    Registered with the landmark index (memory_store/max_scores.py) when this module loads.
     """
     if (queries.device.type != "cpu" or keys.device.type != "cpu" or queries.dtype != torch.float32
             or keys.dtype != torch.float32 or queries.ndim != 3 or keys.ndim != 3):

@@ -5,7 +5,7 @@ best score over the chunk) reduce a (keys x queries) score matrix with a max. In
 is a batched matmul per key tile followed by a max over the tile's scores: at a 1M-token
 ingest of the tiny model (16k blocks, 768 queries per chunk) that product was 40% of the
 ingest's time. A fused CPU kernel (engine/landmark_cpu.c, `folio_max_dot`) computes the
-same without writing the scores, about 2.5x faster on this machine; engine/cpu_kernels.py
+same without writing the scores, 1.3-1.5x faster on this machine (bench/search_max.py); engine/cpu_kernels.py
 registers it here when it loads (memory_store imports nothing from engine: nothing
 imports upward). Without it (no C compiler, FOLIO_CPU_KERNELS=0, a GPU, another dtype)
 the torch path runs; the two agree up to float rounding (tested).
