@@ -239,7 +239,7 @@ class TrainingFreeMemory:
         kk, Hkv = self.rc.top_k, self.cfg.n_kv_heads
         if kk == 0 or len(self.store) == 0:
             return torch.full((Hkv, kk), -1, dtype=torch.long)
-        if self.shared is not None and self._best_z is None:
+        if self.shared is not None:  # (a scoring pass clears it until it ends)
             return self.shared  # question_selection='shared': the scoring pass chose for every layer
         _, H, T, D = q.shape
         qf = q.float()
@@ -255,7 +255,8 @@ class TrainingFreeMemory:
         k_search = len(self.store) if self._best_z is not None else kk + len(exclude)
         ids, scores = self.store.index.search_max(layer, qs, k_search, streams=self.read_streams)
         self.stats.searches += 1
-        ids, scores = ids.cpu(), mask_excluded(ids.cpu(), scores.float().cpu(), exclude)
+        ids = ids.cpu()
+        scores = mask_excluded(ids, scores.float().cpu(), exclude)
         if self._best_z is not None:
             self._record_z(ids[0], scores[0], kk)
         return choose_blocks(ids, scores, kk)[0]

@@ -17,6 +17,7 @@ from .max_scores import max_scores
 
 __all__ = ["LanesSearch"]
 
+
 class LanesSearch:
     """search_max_lanes and the cached lane layout it scores over."""
 
